@@ -1,0 +1,87 @@
+"""Official PyTorch CVNet checkpoints -> Flax variables, without torch.
+
+    python -m scvnet_jax.convert CVPR2022_CVNet_R50.pyth converted/cvnet_r50
+
+reads a `.pyth`/`.pth` file (zip or legacy `torch.save` format; `{"model_state": sd}` or a
+bare state dict), detects the depth, checks every key and shape, and writes a model
+directory (orbax checkpoint + config.json) that `scvnet_jax.load` reads back.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from scvnet_jax.convert import mapping
+from scvnet_jax.convert.model_dir import (is_model_dir, load_model_dir, read_config,
+                                         save_model_dir)
+from scvnet_jax.convert.torch_file import CheckpointError, load_torch_file
+
+__all__ = ["CheckpointError", "load_torch_file", "read_official", "read_checkpoint",
+           "convert", "save_model_dir", "load_model_dir", "main"]
+
+
+def read_official(path, *, depth: int | None = None):
+    """(arch, variables) from an official PyTorch checkpoint file.
+
+    The architecture is read off the state dict; `depth`, if given, overrides the detected
+    depth, so an R50 file asked to load as R101 fails with the list of missing keys.
+    """
+    from scvnet_jax.models.cvnet import abstract_variables
+
+    source = os.fspath(path)
+    sd = mapping.strip_wrappers(load_torch_file(source), source)
+    arch = mapping.infer_arch(sd, source)
+    if depth is not None:
+        arch["depth"] = int(depth)
+    try:
+        expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
+    except KeyError:
+        raise CheckpointError(f"depth {arch['depth']} is not a supported ResNet depth "
+                              "(50, 101, 152)") from None
+    mapping.check_state_dict(sd, expected, source, arch)
+    return arch, mapping.state_dict_to_variables(sd)
+
+
+def read_checkpoint(path, *, depth: int | None = None):
+    """(arch, variables) from an official checkpoint file or a converted model directory."""
+    if is_model_dir(path):
+        return load_model_dir(path, depth=depth)
+    if Path(path).is_dir():
+        raise CheckpointError(f"{path}: a directory without config.json; expected a "
+                              "directory written by `python -m scvnet_jax.convert`")
+    return read_official(path, depth=depth)
+
+
+def convert(in_path, out_dir, *, depth: int | None = None, overwrite: bool = False) -> Path:
+    """Converts an official checkpoint into a model directory; returns its path."""
+    arch, variables = read_official(in_path, depth=depth)
+    meta = {"source": os.path.basename(os.fspath(in_path)),
+            "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return save_model_dir(out_dir, arch, variables, meta=meta, overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m scvnet_jax.convert",
+        description="Convert an official CVNet PyTorch checkpoint (.pyth/.pth, zip or legacy "
+                    "format) into a scvnet_jax model directory (orbax checkpoint + "
+                    "config.json). torch is not needed and no code from the file is run.")
+    parser.add_argument("input", help="official checkpoint, e.g. CVPR2022_CVNet_R50.pyth")
+    parser.add_argument("output", help="model directory to create")
+    parser.add_argument("--depth", type=int, choices=(50, 101, 152), default=None,
+                        help="expected ResNet depth (default: detected from the checkpoint)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUTPUT if it exists and is not empty")
+    args = parser.parse_args(argv)
+    try:
+        out = convert(args.input, args.output, depth=args.depth, overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    arch = read_config(out)["arch"]
+    print(f"wrote {out}: CVNet-R{arch['depth']} "
+          f"({', '.join(f'{k}={v}' for k, v in arch.items())})")
+    return 0

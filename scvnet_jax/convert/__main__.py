@@ -1,0 +1,5 @@
+import sys
+
+from scvnet_jax.convert import main
+
+sys.exit(main())
