@@ -1,0 +1,111 @@
+"""The revisited Oxford/Paris evaluation protocol (Radenovic et al., CVPR 2018).
+
+`compute_map` has the exact semantics of revisitop's `compute_map` (trapezoidal AP, junk
+images removed from the ranking, the mP@k definition with k clipped to the last positive,
+queries without positives skipped) and reproduces its floating-point results bit for bit:
+every sum is accumulated in the same order as the reference loop.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+SETTINGS = ("E", "M", "H")
+
+
+def _ap_from_positions(pos: np.ndarray, nres: int) -> float:
+    """Trapezoidal average precision from 0-based (junk-adjusted) positions of positives."""
+    if pos.size == 0:
+        return 0.0
+    rank = pos.astype(np.float64)
+    j = np.arange(pos.size, dtype=np.float64)
+    p0 = np.divide(j, rank, out=np.ones_like(rank), where=pos != 0)
+    p1 = (j + 1.0) / (rank + 1.0)
+    terms = (p0 + p1) * (1.0 / nres) / 2.0
+    return float(np.add.accumulate(terms)[-1])  # sequential, as `ap += term`
+
+
+def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = ()):
+    """mAP and mean precision@k of `ranks` (n_db, n_q) against [{'ok': .., 'junk': ..}].
+
+    Returns (map, aps, pr, prs) like revisitop: aps (nq,) and prs (nq, len(kappas)) are NaN
+    for queries without positives, which are excluded from the means.
+    """
+    ranks = np.asarray(ranks)
+    nq = len(gnd)
+    if ranks.ndim != 2 or ranks.shape[1] != nq:
+        raise ValueError(f"ranks must be (n_db, n_queries={nq}), got shape {ranks.shape}")
+    aps = np.zeros(nq)
+    prs = np.zeros((nq, len(kappas)))
+    total_ap, pr, nempty = 0.0, np.zeros(len(kappas)), 0
+    for i in range(nq):
+        ok = np.asarray(gnd[i]["ok"], dtype=np.int64).ravel()
+        if ok.size == 0:
+            aps[i] = np.nan
+            prs[i, :] = np.nan
+            nempty += 1
+            continue
+        junk = np.asarray(gnd[i].get("junk", ()), dtype=np.int64).ravel()
+        col = ranks[:, i]
+        pos = np.flatnonzero(np.isin(col, ok))
+        junk_pos = np.flatnonzero(np.isin(col, junk))
+        pos = pos - np.searchsorted(junk_pos, pos, side="left")
+        ap = _ap_from_positions(pos, ok.size)
+        total_ap = total_ap + ap
+        aps[i] = ap
+        pos1 = pos + 1
+        for j, kappa in enumerate(kappas):
+            if pos1.size == 0:
+                prs[i, j] = 0.0
+                continue
+            kq = min(int(pos1.max()), int(kappa))
+            prs[i, j] = (pos1 <= kq).sum() / kq
+        pr = pr + prs[i, :]
+    count = nq - nempty
+    if count == 0:
+        return float("nan"), aps, np.full(len(kappas), np.nan), prs
+    return total_ap / count, aps, pr / count, prs
+
+
+def setting_gnd(gnd: Sequence[Mapping], setting: str) -> list[dict]:
+    """revisitop's positives/junk for a setting: E (easy vs junk+hard), M (easy+hard vs
+    junk) or H (hard vs junk+easy)."""
+    def cat(q, *names):
+        return np.concatenate([np.asarray(q.get(n, ()), dtype=np.int64).ravel() for n in names])
+
+    spec = {"E": (("easy",), ("junk", "hard")), "M": (("easy", "hard"), ("junk",)),
+            "H": (("hard",), ("junk", "easy"))}
+    if setting not in spec:
+        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    ok, junk = spec[setting]
+    return [{"ok": cat(q, *ok), "junk": cat(q, *junk)} for q in gnd]
+
+
+def revisitop(ranks, gnd, ks: Sequence[int] = (1, 5, 10)):
+    """Revisited-protocol mAP for Easy, Medium, Hard and mP@ks.
+
+    Args:
+      ranks: (n_db, n_q) database indices per query, best first; or a sequence of three such
+        arrays (one per setting E, M, H, as the official CVNet reranking yields).
+      gnd: per-query dicts with 'easy', 'hard', 'junk' (revisitop's `cfg['gnd']`), or the
+        whole revisitop config dict holding them under 'gnd'.
+      ks: the k of mP@k.
+    Returns:
+      (mapE, mapM, mapH, mpk): mAPs as fractions in [0, 1] and mpk, (3, len(ks)) mean
+      precisions with rows E, M, H.
+    """
+    if isinstance(gnd, Mapping):
+        gnd = gnd["gnd"]
+    if isinstance(ranks, np.ndarray) and ranks.ndim == 2:
+        per_setting = [ranks] * 3
+    else:
+        per_setting = list(ranks)
+        if len(per_setting) != 3:
+            raise ValueError("ranks must be one (n_db, n_q) array or three of them (E, M, H)")
+    maps, mpk = [], []
+    for setting, r in zip(SETTINGS, per_setting):
+        m, _, pr, _ = compute_map(np.asarray(r), setting_gnd(gnd, setting), list(ks))
+        maps.append(m)
+        mpk.append(pr)
+    return maps[0], maps[1], maps[2], np.stack(mpk)
