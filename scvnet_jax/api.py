@@ -1,0 +1,132 @@
+"""The user-facing model: `scvnet_jax.load(...)` returns a `RetrievalModel`.
+
+Every method is a jitted call of the Flax module's method of the same name. The jit
+cache is keyed by the module (architecture, dtype, precision), the method, its static
+options and the input shapes, and is shared by all models of the same architecture: a
+second batch of the same shape never recompiles, and two models loaded from different
+files of the same architecture share compiled code.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from scvnet_jax.models import cvnet
+
+
+@partial(jax.jit, static_argnames=("module", "method", "options"))
+def _apply(module: cvnet.CVNet, method: str, options: tuple, variables, *args):
+    return module.apply(variables, *args, method=method, **dict(options))
+
+
+def _images(x, name: str = "images") -> jax.Array:
+    x = jnp.asarray(x)
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
+                         f"channels; got shape {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{name} must be float (normalised with scvnet_jax.data.normalize), "
+                         f"got {x.dtype}")
+    return x
+
+
+class RetrievalModel:
+    """A CVNet (and SuperGlobal) model with its weights.
+
+    Images are NHWC float arrays in BGR order, normalised the official way
+    (`scvnet_jax.data.normalize`): (pixel/255 - mean) / std.
+
+    Attributes:
+      module: the Flax `CVNet` module (usable with plain `init`/`apply`).
+      variables: {'params': ..., 'batch_stats': ...} on the default device.
+      arch: dict(depth, width, reduction_dim, corr_dim).
+    """
+
+    def __init__(self, module: cvnet.CVNet, variables, source: str | None = None):
+        self.module = module
+        self.variables = jax.device_put(variables)
+        self.source = source
+
+    @property
+    def arch(self) -> dict:
+        m = self.module
+        return dict(depth=m.depth, width=m.width, reduction_dim=m.reduction_dim,
+                    corr_dim=m.corr_dim)
+
+    @property
+    def depth(self) -> int:
+        return self.module.depth
+
+    def __repr__(self) -> str:
+        return (f"RetrievalModel(R{self.depth}, dtype={jnp.dtype(self.module.dtype).name}, "
+                f"source={self.source!r})")
+
+    def _call(self, method: str, *args, **options):
+        return _apply(self.module, method, tuple(sorted(options.items())), self.variables, *args)
+
+    def global_descriptor(self, images) -> jax.Array:
+        """CVNet-Global descriptor, L2-normalised -> (B, reduction_dim)."""
+        return self._call("global_descriptor", _images(images))
+
+    def local_features(self, images) -> jax.Array:
+        """Last stage-3 block before its ReLU -> (B, h, w, 1024) for the official models."""
+        return self._call("local_features", _images(images))
+
+    def correlation(self, query_features, key_features) -> jax.Array:
+        """Cross-scale 4-D correlation -> (B, hq, wq, hk, wk, 9)."""
+        return self._call("correlation", jnp.asarray(query_features), jnp.asarray(key_features))
+
+    def verification_score(self, query_images, key_images) -> jax.Array:
+        """CVNet-Rerank score in [0, 1] for pairs (query_images[b], key_images[b]) -> (B,)."""
+        return self._call("verification_score", _images(query_images, "query_images"),
+                          _images(key_images, "key_images"))
+
+    def verification_score_from_features(self, query_features, key_features) -> jax.Array:
+        """Scores from `local_features` outputs; a query batch of 1 is paired with every key."""
+        return self._call("verification_score_from_features", jnp.asarray(query_features),
+                          jnp.asarray(key_features))
+
+    def superglobal_descriptor(self, images, scales: int | Sequence[float] = 3,
+                               rgem: bool = True, sgem: bool = True, relup: bool = True,
+                               gemp: bool = True, official_quirk: bool = True) -> jax.Array:
+        """SuperGlobal descriptor -> (B, reduction_dim), not re-normalised (as official).
+
+        scales: 1, 3 or 5 (official scale lists) or a tuple of factors.
+        rgem / sgem / relup / gemp: Regional-GeM, Scale-GeM, ReLU+, GeM+ (p=4.6; off uses the
+          checkpoint's learned GeM p).
+        official_quirk: clamp stage-1 inner activations at 0.014 even with relup=False, as
+          the official code does.
+        """
+        scales = scales if isinstance(scales, int) else tuple(float(s) for s in scales)
+        return self._call("superglobal_descriptor", _images(images), scales=scales, rgem=rgem,
+                          sgem=sgem, relup=relup, gemp=gemp, official_quirk=official_quirk)
+
+
+def load(path, *, depth: int | None = None, dtype=jnp.float32,
+         precision="auto") -> RetrievalModel:
+    """Loads an official CVNet checkpoint (`.pyth`/`.pth`) or a converted model directory.
+
+    Args:
+      path: the file or directory.
+      depth: expected ResNet depth; by default it is read from the checkpoint.
+      dtype: computation dtype of the backbone (float32 for parity; bfloat16 is faster on
+        GPUs/TPUs).
+      precision: "auto" (float32-exact convs/matmuls for float32 models), or any
+        jax.lax.Precision value.
+    """
+    module, variables = cvnet.load(path, depth=depth, dtype=dtype, precision=precision)
+    return RetrievalModel(module, variables, source=str(path))
+
+
+def create(depth: int = 50, *, width: int = 64, reduction_dim: int = 2048,
+           corr_dim: int = 256, seed: int = 0, dtype=jnp.float32,
+           precision="auto") -> RetrievalModel:
+    """A randomly initialised model (e.g. a baseline, or the start of training)."""
+    arch = dict(depth=depth, width=width, reduction_dim=reduction_dim, corr_dim=corr_dim)
+    module = cvnet.CVNet(**arch, dtype=dtype, precision=cvnet.resolve_precision(dtype, precision))
+    variables = jax.tree.map(np.asarray, cvnet.init(arch, seed))
+    return RetrievalModel(module, variables, source=f"random(seed={seed})")
