@@ -1,0 +1,87 @@
+"""The public model API: small images, batching, jit caching, input validation."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import scvnet_jax as sj
+from scvnet_jax import api
+from scvnet_jax.models import ops
+
+
+@pytest.fixture(scope="module")
+def model(official_checkpoint):
+    return sj.load(official_checkpoint(50))
+
+
+def _images(b, h, w, seed=0):
+    rng = np.random.default_rng(seed)
+    return sj.data.normalize(rng.integers(0, 256, (b, h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("hw", [(32, 32), (48, 80), (96, 96)])
+def test_small_images_give_finite_outputs(model, hw):
+    """Down to 32x32 every descriptor is finite. At these sizes the official SuperGlobal
+    crashes: its Regional-GeM reflection padding needs a stage-4 map of >= 3 x 3."""
+    x = _images(2, *hw)
+    g = np.asarray(model.global_descriptor(x))
+    sg = np.asarray(model.superglobal_descriptor(x, scales=3, rgem=True, sgem=True, relup=True))
+    s = np.asarray(model.verification_score(x, x[::-1]))
+    assert g.shape == sg.shape == (2, 2048) and s.shape == (2,)
+    assert np.isfinite(g).all() and np.isfinite(sg).all() and np.isfinite(s).all()
+    np.testing.assert_allclose(np.linalg.norm(g, axis=1), 1.0, rtol=1e-5)
+    assert ((0 <= s) & (s <= 1)).all()
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 7])
+def test_reflect_padding_rule(size):
+    """Maps of >= 3 pixels are padded exactly like torch.nn.ReflectionPad2d(2) (mirror
+    without repeating the edge); smaller ones repeat the reflection (2 px: b a b a b a)
+    or replicate (1 px)."""
+    x = np.arange(size * (size + 1), dtype=np.float32).reshape(1, size, size + 1, 1)
+    got = np.asarray(ops.reflect_pad_hw(x, 2))
+    assert got.shape == (1, size + 4, size + 5, 1)
+    rows = np.array([abs(i) if i < size else 2 * (size - 1) - i for i in range(-2, size + 2)])
+    if size >= 3:  # the official (PyTorch) definition
+        cols = np.array([abs(j) if j <= size else 2 * size - j for j in range(-2, size + 3)])
+        np.testing.assert_array_equal(got[0, :, :, 0], x[0, rows][:, cols, 0])
+    assert np.isfinite(got).all()
+    assert set(np.unique(got)) <= set(np.unique(x))
+
+
+def test_batching_matches_single_images(model):
+    x = _images(3, 64, 96, seed=1)
+    batch = np.asarray(model.global_descriptor(x))
+    single = np.concatenate([np.asarray(model.global_descriptor(x[i:i + 1])) for i in range(3)])
+    np.testing.assert_allclose(batch, single, atol=1e-6)
+    fq = model.local_features(x[:1])
+    fk = model.local_features(x)
+    broadcast = np.asarray(model.verification_score_from_features(fq, fk))
+    paired = np.asarray(model.verification_score(np.repeat(x[:1], 3, 0), x))
+    np.testing.assert_allclose(broadcast, paired, atol=1e-6)
+
+
+def test_same_shapes_do_not_recompile(model, official_checkpoint):
+    x = _images(2, 64, 64, seed=2)
+    model.global_descriptor(x)
+    n = api._apply._cache_size()
+    model.global_descriptor(_images(2, 64, 64, seed=3))          # new values, same shape
+    sj.load(official_checkpoint(50)).global_descriptor(x)        # another model, same arch
+    assert api._apply._cache_size() == n
+    model.global_descriptor(_images(2, 64, 72))                   # a new shape compiles once
+    assert api._apply._cache_size() == n + 1
+
+
+def test_input_validation(model):
+    with pytest.raises(ValueError, match="NHWC with 3 channels"):
+        model.global_descriptor(np.zeros((64, 64, 3), np.float32))
+    with pytest.raises(ValueError, match="must be float"):
+        model.global_descriptor(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_normalize_matches_official_prepare_im():
+    im = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    ref = im.astype(np.float32).transpose(2, 0, 1) / 255.0       # official _prepare_im
+    for c, (m, s) in enumerate(zip([0.406, 0.456, 0.485], [0.225, 0.224, 0.229])):
+        ref[c] = (ref[c] - m) / s
+    np.testing.assert_allclose(sj.data.normalize(im), ref.transpose(1, 2, 0), atol=1e-6)
