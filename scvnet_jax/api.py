@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax.models import cvnet
+from scvnet_jax.models.resnet import stage_valid
 
 
 @partial(jax.jit, static_argnames=("module", "method", "options"))
-def _apply(module: cvnet.CVNet, method: str, options: tuple, variables, *args):
-    return module.apply(variables, *args, method=method, **dict(options))
+def _apply(module: cvnet.CVNet, method: str, options: tuple, variables, *args, **arrays):
+    return module.apply(variables, *args, method=method, **dict(options), **arrays)
 
 
 def _images(x, name: str = "images") -> jax.Array:
@@ -39,6 +40,11 @@ class RetrievalModel:
 
     Images are NHWC float arrays in BGR order, normalised the official way
     (`scvnet_jax.data.normalize`): (pixel/255 - mean) / std.
+
+    Images of different sizes can share a batch: pad them at the bottom/right to one size
+    (`scvnet_jax.data.batching`) and pass `valid`, the (B, 2) valid (h, w) of each; the
+    results equal those of the unpadded images (to float rounding), and one compilation
+    serves every image that fits the padded size.
 
     Attributes:
       module: the Flax `CVNet` module (usable with plain `init`/`apply`).
@@ -65,16 +71,23 @@ class RetrievalModel:
         return (f"RetrievalModel(R{self.depth}, dtype={jnp.dtype(self.module.dtype).name}, "
                 f"source={self.source!r})")
 
-    def _call(self, method: str, *args, **options):
-        return _apply(self.module, method, tuple(sorted(options.items())), self.variables, *args)
+    def _call(self, method: str, *args, arrays=None, **options):
+        return _apply(self.module, method, tuple(sorted(options.items())), self.variables, *args,
+                      **(arrays or {}))
 
-    def global_descriptor(self, images) -> jax.Array:
+    def global_descriptor(self, images, valid=None) -> jax.Array:
         """CVNet-Global descriptor, L2-normalised -> (B, reduction_dim)."""
-        return self._call("global_descriptor", _images(images))
+        return self._call("global_descriptor", _images(images), arrays=_valid(valid, images))
 
-    def local_features(self, images) -> jax.Array:
-        """Last stage-3 block before its ReLU -> (B, h, w, 1024) for the official models."""
-        return self._call("local_features", _images(images))
+    def local_features(self, images, valid=None) -> jax.Array:
+        """Last stage-3 block before its ReLU -> (B, h, w, 1024) for the official models.
+        For a padded batch the features are valid on `feature_valid(valid)`, zero elsewhere."""
+        return self._call("local_features", _images(images), arrays=_valid(valid, images))
+
+    @staticmethod
+    def feature_valid(valid) -> np.ndarray:
+        """Valid (h, w) of `local_features` for images of valid size `valid` (B, 2)."""
+        return np.asarray(stage_valid(np.asarray(valid, np.int64), 3), np.int32)
 
     def correlation(self, query_features, key_features) -> jax.Array:
         """Cross-scale 4-D correlation -> (B, hq, wq, hk, wk, 9)."""
@@ -85,14 +98,27 @@ class RetrievalModel:
         return self._call("verification_score", _images(query_images, "query_images"),
                           _images(key_images, "key_images"))
 
-    def verification_score_from_features(self, query_features, key_features) -> jax.Array:
-        """Scores from `local_features` outputs; a query batch of 1 is paired with every key."""
-        return self._call("verification_score_from_features", jnp.asarray(query_features),
-                          jnp.asarray(key_features))
+    def verification_score_from_features(self, query_features, key_features,
+                                         valid_q=None, valid_k=None) -> jax.Array:
+        """Scores from `local_features` outputs; a query batch of 1 is paired with every key.
+
+        valid_q / valid_k: (Bq, 2) / (Bk, 2) valid feature sizes (`feature_valid`) of padded
+        feature batches, or None for unpadded ones.
+        """
+        fq, fk = jnp.asarray(query_features), jnp.asarray(key_features)
+        if valid_q is None and valid_k is None:
+            return self._call("verification_score_from_features", fq, fk)
+        b = fk.shape[0]
+        vq = np.asarray(valid_q if valid_q is not None else [fq.shape[1:3]], np.int32)
+        vk = np.asarray(valid_k if valid_k is not None else [fk.shape[1:3]] * b, np.int32)
+        vq = np.broadcast_to(vq, (b, 2)) if vq.shape[0] == 1 else vq
+        plans = cvnet.correlation_plans(vq, vk, fq.shape[1:3], fk.shape[1:3])
+        return self._call("verification_score_from_features", fq, fk, arrays={"plans": plans})
 
     def superglobal_descriptor(self, images, scales: int | Sequence[float] = 3,
                                rgem: bool = True, sgem: bool = True, relup: bool = True,
-                               gemp: bool = True, official_quirk: bool = True) -> jax.Array:
+                               gemp: bool = True, official_quirk: bool = True,
+                               valid=None) -> jax.Array:
         """SuperGlobal descriptor -> (B, reduction_dim), not re-normalised (as official).
 
         scales: 1, 3 or 5 (official scale lists) or a tuple of factors.
@@ -102,8 +128,23 @@ class RetrievalModel:
           the official code does.
         """
         scales = scales if isinstance(scales, int) else tuple(float(s) for s in scales)
-        return self._call("superglobal_descriptor", _images(images), scales=scales, rgem=rgem,
-                          sgem=sgem, relup=relup, gemp=gemp, official_quirk=official_quirk)
+        images = _images(images)
+        arrays = None
+        if valid is not None:
+            arrays = {"plans": cvnet.superglobal_plans(valid, images.shape[1:3], scales)}
+        return self._call("superglobal_descriptor", images, arrays=arrays, scales=scales,
+                          rgem=rgem, sgem=sgem, relup=relup, gemp=gemp,
+                          official_quirk=official_quirk)
+
+
+def _valid(valid, images):
+    if valid is None:
+        return None
+    valid = np.asarray(valid, np.int32)
+    if valid.shape != (np.shape(images)[0], 2):
+        raise ValueError(f"valid must be (batch, 2) = ({np.shape(images)[0]}, 2), got "
+                         f"{valid.shape}")
+    return {"valid": valid}
 
 
 def load(path, *, depth: int | None = None, dtype=jnp.float32,

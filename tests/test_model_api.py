@@ -85,3 +85,37 @@ def test_normalize_matches_official_prepare_im():
     for c, (m, s) in enumerate(zip([0.406, 0.456, 0.485], [0.225, 0.224, 0.229])):
         ref[c] = (ref[c] - m) / s
     np.testing.assert_allclose(sj.data.normalize(im), ref.transpose(1, 2, 0), atol=1e-6)
+
+
+def test_padded_batches_equal_unpadded_images(model):
+    """Images of different sizes padded into one bucket (with junk in the padding) give the
+    results of each image alone: global, SuperGlobal, local features and rerank scores."""
+    from scvnet_jax.data import batching
+
+    rng = np.random.default_rng(5)
+    sizes = [(97, 130), (128, 96), (70, 64)]
+    images = [rng.normal(size=(h, w, 3)).astype(np.float32) for h, w in sizes]
+    batch = batching.pad_stack(images, 3, (128, 192))
+    batch.images[0, 97:] = 7.0   # the padding's content must not matter
+    batch.images[2, :, 64:] = -3.0
+    single = lambda f: np.concatenate([np.asarray(f(im[None])) for im in images])
+
+    np.testing.assert_allclose(model.global_descriptor(batch.images, batch.valid),
+                               single(model.global_descriptor), atol=1e-6)
+    np.testing.assert_allclose(model.superglobal_descriptor(batch.images, valid=batch.valid),
+                               single(model.superglobal_descriptor), atol=1e-6)
+    feats = np.asarray(model.local_features(batch.images, batch.valid))
+    fvalid = model.feature_valid(batch.valid)
+    alone = [np.asarray(model.local_features(im[None]))[0] for im in images]
+    for f, (h, w), a in zip(feats, fvalid, alone):
+        assert a.shape[:2] == (h, w)
+        np.testing.assert_allclose(f[:h, :w], a, atol=1e-4)
+        assert not f[h:].any() and not f[:, w:].any()
+    pairs = [(0, 1), (2, 0), (1, 2)]
+    fq = np.stack([feats[i] for i, _ in pairs])
+    fk = np.stack([feats[j] for _, j in pairs])
+    got = model.verification_score_from_features(fq, fk, fvalid[[i for i, _ in pairs]],
+                                                 fvalid[[j for _, j in pairs]])
+    want = [float(model.verification_score_from_features(alone[i][None], alone[j][None])[0])
+            for i, j in pairs]
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -17,13 +17,14 @@ from __future__ import annotations
 import collections
 import io
 import os
-import pickle
 import struct
 import zipfile
 import zlib
 from typing import Any
 
 import numpy as np
+
+from scvnet_jax.safe_pickle import RestrictedUnpickler
 
 
 class CheckpointError(ValueError):
@@ -142,24 +143,14 @@ _ALLOWED_GLOBALS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(RestrictedUnpickler):
     """Resolves only `_ALLOWED_GLOBALS`; storages come from `storage_for(key, dtype, numel)`."""
 
     def __init__(self, file, storage_for, source: str):
-        super().__init__(file)
+        super().__init__(file, _ALLOWED_GLOBALS, source, CheckpointError,
+                         "tensor data (OrderedDict, torch._utils._rebuild_*, torch.*Storage)")
         self._storage_for = storage_for
         self._source = source
-
-    def find_class(self, module: str, name: str):
-        try:
-            return _ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise CheckpointError(
-                f"{self._source}: refusing to load the global '{module}.{name}' from the "
-                "checkpoint's pickle. Only tensor data (OrderedDict, torch._utils._rebuild_*, "
-                "torch.*Storage) is allowed; this file tries to create or call something else, "
-                "so it is either not a plain weights file or it was crafted to run code."
-            ) from None
 
     def persistent_load(self, pid: Any):
         if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"

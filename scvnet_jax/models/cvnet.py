@@ -17,14 +17,15 @@ All methods take NHWC float arrays, normalised the official way (BGR, mean/std i
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from scvnet_jax.models import ops
-from scvnet_jax.models.resnet import RELU, ResNet, superglobal_activations
+from scvnet_jax.models.resnet import RELU, ResNet, stage_valid, superglobal_activations
 
 Dtype = Any
 Precision = Any
@@ -39,7 +40,9 @@ class CenterPivotConv4d(nn.Module):
     subset of key positions (`conv1`) plus a 2-D conv over the key dims at a strided subset
     of query positions (`conv2`).
 
-    Input and output are (B, ha, wa, hb, wb, C), channels last.
+    Input and output are (B, ha, wa, hb, wb, C), channels last. The input must be zero
+    outside its valid region when the batch is padded; the output is valid on
+    `valid_after(valid4, stride)`.
     """
     features: int
     kernel: int
@@ -67,16 +70,45 @@ class CenterPivotConv4d(nn.Module):
         return y1 + y2
 
 
+class GroupNorm(nn.Module):
+    """GroupNorm over all non-batch axes (PyTorch's nn.GroupNorm for any rank), with
+    statistics over the valid region only when `valid` (B, n_spatial) is given."""
+    num_groups: int = 4
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x, valid=None):
+        c = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (c,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (c,), jnp.float32)
+        n_spatial = x.ndim - 2
+        g = x.reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
+        axes = tuple(range(1, 1 + n_spatial)) + (x.ndim,)
+        if valid is None:
+            mean = jnp.mean(g, axis=axes, keepdims=True)
+            var = jnp.mean(jnp.square(g - mean), axis=axes, keepdims=True)
+        else:
+            m = ops.valid_mask(valid, x.shape[1:1 + n_spatial])[..., None]  # (B, *sp, 1, 1)
+            count = (jnp.prod(valid, axis=1) * (c // self.num_groups)).astype(x.dtype)
+            count = count.reshape((-1,) + (1,) * (g.ndim - 1))
+            mean = jnp.sum(jnp.where(m, g, 0.0), axis=axes, keepdims=True) / count
+            var = jnp.sum(jnp.where(m, jnp.square(g - mean), 0.0), axis=axes,
+                          keepdims=True) / count
+        y = ((g - mean) / jnp.sqrt(var + self.epsilon)).reshape(x.shape)
+        return y * scale + bias
+
+
 class CVLearner(nn.Module):
     """Four blocks of (center-pivot 4-D conv, GroupNorm(4), ReLU), mean pooling, 2-layer MLP.
 
     Names mirror the official nn.Sequential indices: `block2_3` is `block2.3`, `mlp_2` is
-    `mlp.2`; the ReLUs take the indices in between.
+    `mlp.2`; the ReLUs take the indices in between. `valid4` (B, 4) gives the valid
+    (ha, wa, hb, wb) of a padded correlation batch (zero outside it), or None.
     """
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, corr):
+    def __call__(self, corr, valid4=None):
         # (out channels, kernel, stride) of each layer of each block.
         blocks = {
             1: ((16, 5, 2),),
@@ -88,10 +120,11 @@ class CVLearner(nn.Module):
         for b, layers in blocks.items():
             for i, (ch, k, s) in enumerate(layers):
                 x = CenterPivotConv4d(ch, k, s, self.precision, name=f"block{b}_{3 * i}")(x)
-                x = nn.GroupNorm(num_groups=4, epsilon=1e-5, use_fast_variance=False,
-                                 name=f"block{b}_{3 * i + 1}")(x)
-                x = nn.relu(x)
-        x = jnp.mean(x, axis=(1, 2, 3, 4))
+                if valid4 is not None and s != 1:
+                    valid4 = ops.valid_after(valid4, s)
+                x = GroupNorm(4, 1e-5, name=f"block{b}_{3 * i + 1}")(x, valid4)
+                x = ops.mask_valid(nn.relu(x), valid4, n_spatial=4)
+        x = ops.mean_valid(x, valid4, n_spatial=4)
         x = nn.relu(nn.Dense(128, precision=self.precision, name="mlp_0")(x))
         return nn.Dense(2, precision=self.precision, name="mlp_2")(x)
 
@@ -123,16 +156,20 @@ class CVNet(nn.Module):
         self.cv_learner = CVLearner(self.precision)
 
     # -- CVNet-Global -------------------------------------------------------------------
-    def global_descriptor(self, x, train: bool = False):
+    # `valid` arguments: (B, 2) int32 valid (h, w) of each image of a batch padded at the
+    # bottom/right (see ops.py); results then equal those of the unpadded images.
+
+    def global_descriptor(self, x, train: bool = False, valid=None):
         """CVNet-Global: L2-normalised head.fc(GeM_p(stage-4)) -> (B, reduction_dim)."""
-        return ops.l2_normalize(self.encoder_q(x, train))
+        return ops.l2_normalize(self.encoder_q(x, train, valid))
 
     # -- CVNet-Rerank -------------------------------------------------------------------
-    def local_features(self, x, train: bool = False):
-        """Last stage-3 block before its ReLU -> (B, h/16, w/16, 16*width), float32."""
-        return self.encoder_q.layer3(x, train)
+    def local_features(self, x, train: bool = False, valid=None):
+        """Last stage-3 block before its ReLU -> (B, h/16, w/16, 16*width), float32; for a
+        padded batch, valid on `stage_valid(valid, 3)` and zero elsewhere."""
+        return self.encoder_q.layer3(x, train, valid)
 
-    def correlation(self, fq, fk):
+    def correlation(self, fq, fk, plans: "CorrelationPlans | None" = None):
         """Cross-scale correlation of local features -> (B, hq, wq, hk, wk, 9), channels last.
 
         For each area scale s in (0.25, 0.5, 1.0) both maps are resized (bilinear,
@@ -140,33 +177,50 @@ class CVNet(nn.Module):
         `conv2ds[s]`; every (query scale, key scale) pair gives a cosine-similarity 4-D
         tensor, resized back to the full (hq, wq, hk, wk) grid; the 9 are stacked query-scale
         major and clamped at 0. Channel i*3+j equals the official `corr[:, i*3+j]`.
+
+        For padded feature batches pass `plans` (`correlation_plans`): the result is then
+        zero outside each pair's valid (hq, wq, hk, wk).
         """
         fq, fk = fq.astype(jnp.float32), fk.astype(jnp.float32)
         (_, hq, wq, _), (_, hk, wk, _) = fq.shape, fk.shape
-        qs, ks = [], []
-        for scale, conv in zip(CORR_SCALES, self.conv2ds):
-            qs.append(conv(ops.resize_bilinear(fq, ops.corr_scale_size(hq, wq, scale), True)))
-            ks.append(conv(ops.resize_bilinear(fk, ops.corr_scale_size(hk, wk, scale), True)))
+
+        def scaled(f, i, side):
+            conv = self.conv2ds[i]
+            if plans is None:
+                h, w = f.shape[1:3]
+                return conv(ops.resize_bilinear(f, ops.corr_scale_size(h, w, CORR_SCALES[i]), True))
+            ph, pw, valid = getattr(plans, side)[i]
+            f = ops.resize_by_plan(ops.resize_by_plan(f, 1, ph), 2, pw)
+            return ops.mask_valid(conv(f), valid)
+
+        qs = [scaled(fq, i, "query") for i in range(len(CORR_SCALES))]
+        ks = [scaled(fk, i, "key") for i in range(len(CORR_SCALES))]
         corrs = []
-        for q in qs:
+        for i, q in enumerate(qs):
             qn = jnp.sqrt(jnp.sum(q * q, axis=-1))
-            for k in ks:
+            for j, k in enumerate(ks):
                 kn = jnp.sqrt(jnp.sum(k * k, axis=-1))
                 dots = jnp.einsum("bijc,bklc->bijkl", q, k, precision=self.precision)
                 corr = dots / (qn[:, :, :, None, None] * kn[:, None, None, :, :] + 1e-8)
-                corrs.append(ops.resize_bilinear(corr, (hq, wq, hk, wk), True, axes=(1, 2, 3, 4)))
+                if plans is None:
+                    corr = ops.resize_bilinear(corr, (hq, wq, hk, wk), True, axes=(1, 2, 3, 4))
+                else:
+                    for axis, plan in zip((1, 2, 3, 4), plans.query_back[i] + plans.key_back[j]):
+                        corr = ops.resize_by_plan(corr, axis, plan)
+                corrs.append(corr)
         return jnp.maximum(jnp.stack(corrs, axis=-1), 0.0)
 
-    def verification_logits(self, fq, fk):
+    def verification_logits(self, fq, fk, plans: "CorrelationPlans | None" = None):
         """CVLearner logits (B, 2) for pairs of local feature maps."""
-        return self.cv_learner(self.correlation(fq, fk))
+        valid4 = None if plans is None else plans.valid4
+        return self.cv_learner(self.correlation(fq, fk, plans), valid4)
 
-    def verification_score_from_features(self, fq, fk):
+    def verification_score_from_features(self, fq, fk, plans: "CorrelationPlans | None" = None):
         """CVNet-Rerank score in [0, 1] (softmax[:, 1]) from local features; fq may have
         batch 1 and is then broadcast against every fk."""
         if fq.shape[0] == 1 and fk.shape[0] != 1:
             fq = jnp.broadcast_to(fq, (fk.shape[0],) + fq.shape[1:])
-        return jax.nn.softmax(self.verification_logits(fq, fk), axis=-1)[:, 1]
+        return jax.nn.softmax(self.verification_logits(fq, fk, plans), axis=-1)[:, 1]
 
     def verification_score(self, xq, xk):
         """CVNet-Rerank score in [0, 1] for image pairs (xq[b], xk[b]) -> (B,)."""
@@ -175,21 +229,22 @@ class CVNet(nn.Module):
 
     # -- SuperGlobal --------------------------------------------------------------------
     def superglobal_single_scale(self, x, rgem: bool = True, gemp: bool = True,
-                                 relup: bool = True, official_quirk: bool = True):
+                                 relup: bool = True, official_quirk: bool = True, valid=None):
         """SuperGlobal descriptor of one scale: head.fc(normalize(GeM+(R-GeM(s4))))."""
         act = superglobal_activations(relup, official_quirk)
-        x4 = self.encoder_q.trunk(x, act).astype(jnp.float32)
+        x4 = self.encoder_q.trunk(x, act, valid=valid).astype(jnp.float32)
+        v4 = stage_valid(valid, 4)
         if rgem:
-            x4 = ops.regional_gem(x4)
+            x4 = ops.regional_gem(x4, valid=v4)
         if gemp:
-            pooled = ops.gem(x4, GEMP_P, GEMP_EPS)
+            pooled = ops.gem(x4, GEMP_P, GEMP_EPS, v4)
         else:  # the learned GeM of the checkpoint
-            pooled = self.encoder_q.head.pool(x4)
+            pooled = self.encoder_q.head.pool(x4, v4)
         return self.encoder_q.head.fc(ops.l2_normalize(pooled))
 
     def superglobal_descriptor(self, x, scales: int | Sequence[float] = 3, rgem: bool = True,
                                sgem: bool = True, relup: bool = True, gemp: bool = True,
-                               official_quirk: bool = True):
+                               official_quirk: bool = True, plans: "tuple | None" = None):
         """SuperGlobal descriptor -> (B, reduction_dim), *not* re-normalised (as official).
 
         Each scale resizes the input (bilinear, align_corners=False, no antialiasing) to
@@ -197,13 +252,19 @@ class CVNet(nn.Module):
         S-GeM (`sgem`) is the element-wise max of the L2-normalised per-scale descriptors;
         without it the per-scale descriptors are averaged. `official_quirk` keeps the
         official clamp of stage-1 inner activations at 0.014 when ReLU+ is off.
+        For a padded batch pass `plans = superglobal_plans(valid, x.shape[1:3], scales)`.
         """
-        factors = SUPERGLOBAL_SCALES[scales] if isinstance(scales, int) else tuple(scales)
+        factors = superglobal_factors(scales)
         h, w = x.shape[1:3]
         descs = []
-        for s in factors:
-            xs = ops.resize_bilinear(x, ops.scaled_size(h, w, s), align_corners=False)
-            descs.append(self.superglobal_single_scale(xs, rgem, gemp, relup, official_quirk))
+        for i, s in enumerate(factors):
+            if plans is None:
+                xs, valid = ops.resize_bilinear(x, ops.scaled_size(h, w, s), False), None
+            else:
+                ph, pw, valid = plans[i]
+                xs = ops.resize_by_plan(ops.resize_by_plan(x, 1, ph), 2, pw)
+            descs.append(self.superglobal_single_scale(xs, rgem, gemp, relup, official_quirk,
+                                                       valid))
         stacked = jnp.stack(descs, 0)
         if sgem:
             return jnp.max(ops.l2_normalize(stacked), axis=0)
@@ -214,6 +275,57 @@ class CVNet(nn.Module):
         g = self.global_descriptor(xq, train)
         return g, self.verification_logits(self.local_features(xq, train),
                                            self.local_features(xk, train))
+
+
+def superglobal_factors(scales) -> tuple[float, ...]:
+    return SUPERGLOBAL_SCALES[scales] if isinstance(scales, int) else tuple(scales)
+
+
+def superglobal_plans(valid, bucket_hw, scales) -> tuple:
+    """Host-side resize plans for `superglobal_descriptor` on a padded batch: per scale,
+    (AxisPlan h, AxisPlan w, valid (B, 2)) from each image's valid (h, w) to
+    (int(h*s), int(w*s)), inside the bucket (int(H*s), int(W*s))."""
+    valid = np.asarray(valid, np.int64)
+    plans = []
+    for s in superglobal_factors(scales):
+        out = np.array([ops.scaled_size(int(h), int(w), s) for h, w in valid], np.int64)
+        bh, bw = ops.scaled_size(int(bucket_hw[0]), int(bucket_hw[1]), s)
+        plans.append((ops.axis_plan(valid[:, 0], out[:, 0], bh, False),
+                      ops.axis_plan(valid[:, 1], out[:, 1], bw, False), out.astype(np.int32)))
+    return tuple(plans)
+
+
+class CorrelationPlans(NamedTuple):
+    """Host-side plans for `correlation` on padded local-feature batches.
+
+    query / key: per area scale, (AxisPlan h, AxisPlan w, scaled valid (B, 2));
+    query_back / key_back: per area scale, the (h, w) AxisPlans resizing the scaled
+    correlation back to the full valid size; valid4: (B, 4) valid (hq, wq, hk, wk).
+    """
+    query: tuple
+    key: tuple
+    query_back: tuple
+    key_back: tuple
+    valid4: Any
+
+
+def correlation_plans(valid_q, valid_k, bucket_q, bucket_k) -> CorrelationPlans:
+    """Plans for pairs (query b, key b) of local features with valid sizes valid_q[b],
+    valid_k[b] (B, 2) inside feature buckets bucket_q, bucket_k (h, w)."""
+    out = {}
+    for side, valid, bucket in (("query", valid_q, bucket_q), ("key", valid_k, bucket_k)):
+        valid = np.asarray(valid, np.int64)
+        fwd, back = [], []
+        for scale in CORR_SCALES:
+            sv = np.array([ops.corr_scale_size(int(h), int(w), scale) for h, w in valid])
+            bh, bw = ops.corr_scale_size(int(bucket[0]), int(bucket[1]), scale)
+            fwd.append((ops.axis_plan(valid[:, 0], sv[:, 0], bh, True),
+                        ops.axis_plan(valid[:, 1], sv[:, 1], bw, True), sv.astype(np.int32)))
+            back.append((ops.axis_plan(sv[:, 0], valid[:, 0], int(bucket[0]), True),
+                         ops.axis_plan(sv[:, 1], valid[:, 1], int(bucket[1]), True)))
+        out[side], out[side + "_back"] = tuple(fwd), tuple(back)
+    valid4 = np.concatenate([np.asarray(valid_q), np.asarray(valid_k)], 1).astype(np.int32)
+    return CorrelationPlans(out["query"], out["key"], out["query_back"], out["key_back"], valid4)
 
 
 def arch_kwargs(arch) -> dict:

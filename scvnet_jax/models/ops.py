@@ -7,7 +7,7 @@ All sizes are static Python integers, so these functions trace once per input sh
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,10 +66,11 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     return x / jnp.maximum(norm, eps)
 
 
-def gem(x: jax.Array, p, eps: float) -> jax.Array:
-    """Generalised-mean pooling over H, W of NHWC `x`: mean(clamp(x, eps)^p)^(1/p) -> (B, C)."""
+def gem(x: jax.Array, p, eps: float, valid=None) -> jax.Array:
+    """Generalised-mean pooling over H, W of NHWC `x`: mean(clamp(x, eps)^p)^(1/p) -> (B, C).
+    With `valid` ((B, 2) sizes of a padded batch) the mean covers each valid region."""
     x = jnp.power(jnp.maximum(x, eps), p)
-    return jnp.power(jnp.mean(x, axis=(1, 2)), 1.0 / p)
+    return jnp.power(mean_valid(x, valid), 1.0 / p)
 
 
 def reflect_pad_hw(x: jax.Array, pad: int) -> jax.Array:
@@ -84,13 +85,16 @@ def reflect_pad_hw(x: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="reflect")
 
 
-def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5) -> jax.Array:
+def regional_gem(x: jax.Array, p: float = 2.5, size: int = 5, valid=None) -> jax.Array:
     """SuperGlobal's Regional-GeM: 0.5 * LpPool_{size x size, stride 1}(reflect-pad(x)) / size^(2/p) + 0.5 * x.
 
-    `x` is a non-negative NHWC stage-4 map; the result has the same shape.
+    `x` is a non-negative NHWC stage-4 map; the result has the same shape. With `valid`,
+    the reflection is about each item's valid region of a padded batch.
     """
     nominator = (size ** 2) ** (1.0 / p)
-    y = reflect_pad_hw(x / nominator, (size - 1) // 2)
+    pad = (size - 1) // 2
+    y = reflect_pad_hw(x / nominator, pad) if valid is None else reflect_pad_valid(
+        x / nominator, pad, valid)
     pooled = jax.lax.reduce_window(jnp.power(y, p), jnp.array(0, y.dtype), jax.lax.add,
                                    (1, size, size, 1), (1, 1, 1, 1), "VALID")
     return 0.5 * jnp.power(pooled, 1.0 / p) + 0.5 * x
@@ -105,3 +109,97 @@ def corr_scale_size(h: int, w: int, area_scale: float) -> tuple[int, int]:
     """Feature-map size at an area scale in CVNet's correlation: Python round(h * sqrt(s))."""
     r = math.sqrt(area_scale)
     return max(1, round(h * r)), max(1, round(w * r))
+
+
+# -- Ragged batches ------------------------------------------------------------------------
+# Images of different sizes are batched by padding them (bottom/right) to a common bucket
+# size and carrying each one's valid (h, w) as a (B, 2) int32 array. Every spatial op then
+# behaves as on the unpadded image: the padded area is zeroed before each spatial conv (so
+# it acts exactly like the conv's own zero padding), pooling and normalisation statistics
+# use the valid area only, and resizes follow per-image plans computed on the host.
+
+
+def valid_after(valid, stride: int = 2):
+    """Valid size after a conv/pool with odd kernel k, padding k//2 and `stride`:
+    (v + 2*(k//2) - k)//stride + 1 = (v - 1)//stride + 1. Works on ints and arrays."""
+    return (valid - 1) // stride + 1
+
+
+def valid_mask(valid, shape: Sequence[int]) -> jax.Array:
+    """(B, *shape, 1) bool: True inside each item's valid region. `valid` is (B, len(shape))."""
+    mask = None
+    for axis, n in enumerate(shape):
+        iota_shape = [1] * len(shape)
+        iota_shape[axis] = n
+        iota = jnp.arange(n).reshape(iota_shape)
+        m = iota[None] < valid[:, axis].reshape((-1,) + (1,) * len(shape))
+        mask = m if mask is None else mask & m
+    return mask[..., None]
+
+
+def mask_valid(x: jax.Array, valid, n_spatial: int = 2) -> jax.Array:
+    """Zeroes everything outside the valid region (no-op when `valid` is None)."""
+    if valid is None:
+        return x
+    return jnp.where(valid_mask(valid, x.shape[1:1 + n_spatial]), x, jnp.zeros((), x.dtype))
+
+
+def mean_valid(x: jax.Array, valid, n_spatial: int = 2) -> jax.Array:
+    """Mean over the spatial axes 1..n_spatial, over the valid region only -> (B, C)."""
+    axes = tuple(range(1, 1 + n_spatial))
+    if valid is None:
+        return jnp.mean(x, axis=axes)
+    total = jnp.sum(mask_valid(x, valid, n_spatial), axis=axes)
+    count = jnp.prod(valid, axis=1).astype(x.dtype)[:, None]
+    return total / count
+
+
+class AxisPlan(NamedTuple):
+    """Per-item bilinear taps along one axis: out[b, i] = x[b, i0]*w0 + x[b, i1]*w1, with
+    zero weights past each item's output size. Arrays are (B, n_out_bucket)."""
+    i0: Any
+    i1: Any
+    w0: Any
+    w1: Any
+
+
+def axis_plan(n_in, n_out, n_out_bucket: int, align_corners: bool) -> AxisPlan:
+    """Host-side (NumPy, float64) plan resizing each item from n_in[b] to n_out[b] samples,
+    the same taps `resize_axis` uses for a single size."""
+    n_in, n_out = np.asarray(n_in).reshape(-1), np.asarray(n_out).reshape(-1)
+    shape = (n_in.size, n_out_bucket)
+    i0, i1 = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    w0, w1 = np.zeros(shape, np.float32), np.zeros(shape, np.float32)
+    for b, (ni, no) in enumerate(zip(n_in, n_out)):
+        a0, a1, b0, b1 = _linear_taps(int(ni), int(no), align_corners)
+        i0[b, :no], i1[b, :no], w0[b, :no], w1[b, :no] = a0, a1, b0, b1
+    return AxisPlan(i0, i1, w0, w1)
+
+
+def resize_by_plan(x: jax.Array, axis: int, plan: AxisPlan) -> jax.Array:
+    """Applies an `AxisPlan` along `axis` of a batched array."""
+    shape = [1] * x.ndim
+    shape[0], shape[axis] = plan.i0.shape
+    take = lambda idx: jnp.take_along_axis(x, jnp.reshape(idx, shape), axis=axis)
+    w0 = jnp.reshape(plan.w0, shape).astype(x.dtype)
+    w1 = jnp.reshape(plan.w1, shape).astype(x.dtype)
+    return take(plan.i0) * w0 + take(plan.i1) * w1
+
+
+def reflect_index(i, n):
+    """NumPy 'reflect' index of position i in a length-n axis (repeats for small n)."""
+    period = jnp.maximum(2 * (n - 1), 1)
+    m = jnp.mod(i, period)
+    return jnp.where(n <= 1, 0, jnp.where(m < n, m, period - m))
+
+
+def reflect_pad_valid(x: jax.Array, pad: int, valid) -> jax.Array:
+    """`reflect_pad_hw` about each item's valid region of a padded batch."""
+    for axis in (1, 2):
+        n_out = x.shape[axis] + 2 * pad
+        pos = jnp.arange(n_out)[None, :] - pad
+        idx = reflect_index(pos, valid[:, axis - 1][:, None])       # (B, n_out)
+        shape = [1] * x.ndim
+        shape[0], shape[axis] = idx.shape
+        x = jnp.take_along_axis(x, idx.reshape(shape), axis=axis)
+    return x

@@ -64,6 +64,17 @@ def superglobal_activations(relup: bool, official_quirk: bool = True) -> Activat
                        s1_inner=floor if (official_quirk or relup) else 0.0)
 
 
+def stage_valid(valid, stage: int):
+    """Valid size of the output of stage `stage` (0 = stem, 1..4 = s1..s4) of an input
+    whose valid size is `valid`; None stays None. Works on ints and arrays."""
+    if valid is None:
+        return None
+    v = ops.valid_after(ops.valid_after(valid))  # stem conv and max-pool, both stride 2
+    for s in range(2, stage + 1):
+        v = ops.valid_after(v)
+    return v
+
+
 def _conv(features: int, kernel: int, stride: int, name: str, dtype, precision, use_bias=False):
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
@@ -85,11 +96,11 @@ class BottleneckTransform(nn.Module):
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x, inner_floor: float = 0.0, train: bool = False):
+    def __call__(self, x, inner_floor: float = 0.0, train: bool = False, valid=None):
         d, p = self.dtype, self.precision
         x = _conv(self.w_b, 1, 1, "a", d, p)(x)
         x = jnp.maximum(_bn(train, "a_bn", d)(x), inner_floor)
-        x = _conv(self.w_b, 3, self.stride, "b", d, p)(x)
+        x = _conv(self.w_b, 3, self.stride, "b", d, p)(ops.mask_valid(x, valid))
         x = jnp.maximum(_bn(train, "b_bn", d)(x), inner_floor)
         x = _conv(self.w_out, 1, 1, "c", d, p)(x)
         return _bn(train, "c_bn", d)(x)
@@ -99,7 +110,8 @@ class ResBlock(nn.Module):
     """`b{i}`: x + f(x), with a projection (`proj`, `bn`) when the shape changes.
 
     Returns the sum *before* the block's activation, which the stage applies; CVNet's local
-    features are this pre-activation output of the last stage-3 block.
+    features are this pre-activation output of the last stage-3 block. `valid`: (B, 2)
+    valid input sizes of a padded batch (see ops.py), or None.
     """
     w_in: int
     w_out: int
@@ -109,10 +121,10 @@ class ResBlock(nn.Module):
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x, inner_floor: float = 0.0, train: bool = False):
+    def __call__(self, x, inner_floor: float = 0.0, train: bool = False, valid=None):
         d, p = self.dtype, self.precision
         fx = BottleneckTransform(self.w_b, self.w_out, self.stride, d, p, name="f")(
-            x, inner_floor, train)
+            x, inner_floor, train, valid)
         if self.w_in != self.w_out or self.stride != 1:
             x = _bn(train, "bn", d)(_conv(self.w_out, 1, self.stride, "proj", d, p)(x))
         return x + fx
@@ -130,12 +142,14 @@ class ResStage(nn.Module):
 
     @nn.compact
     def __call__(self, x, inner_floor: float = 0.0, out_floor: float = 0.0,
-                 train: bool = False, last_preact: bool = False):
+                 train: bool = False, last_preact: bool = False, valid=None):
         for i in range(self.depth):
-            block = ResBlock(self.w_in if i == 0 else self.w_out, self.w_out,
-                             self.stride if i == 0 else 1, self.w_b, self.dtype, self.precision,
-                             name=f"b{i + 1}")
-            x = block(x, inner_floor, train)
+            stride = self.stride if i == 0 else 1
+            block = ResBlock(self.w_in if i == 0 else self.w_out, self.w_out, stride, self.w_b,
+                             self.dtype, self.precision, name=f"b{i + 1}")
+            x = block(x, inner_floor, train, valid)
+            if valid is not None and stride != 1:
+                valid = ops.valid_after(valid, stride)
             if last_preact and i == self.depth - 1:
                 return x
             x = jnp.maximum(x, out_floor)
@@ -149,9 +163,11 @@ class ResStem(nn.Module):
     precision: Precision = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = _conv(self.width, 7, 2, "conv", self.dtype, self.precision)(x)
+    def __call__(self, x, train: bool = False, valid=None):
+        x = _conv(self.width, 7, 2, "conv", self.dtype, self.precision)(ops.mask_valid(x, valid))
         x = nn.relu(_bn(train, "bn", self.dtype)(x))
+        if valid is not None:  # >= 0 after the ReLU, so zeros pad like max-pool's -inf
+            x = ops.mask_valid(x, ops.valid_after(valid, 2))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 
 
@@ -161,9 +177,9 @@ class GeM(nn.Module):
     eps: float = 1e-6
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, valid=None):
         p = self.param("p", nn.initializers.constant(self.init_p), (1,), jnp.float32)
-        return ops.gem(x.astype(jnp.float32), p, self.eps)
+        return ops.gem(x.astype(jnp.float32), p, self.eps, valid)
 
 
 class GlobalHead(nn.Module):
@@ -175,8 +191,8 @@ class GlobalHead(nn.Module):
         self.pool = GeM()
         self.fc = nn.Dense(self.reduction_dim, precision=self.precision)
 
-    def __call__(self, x):
-        return self.fc(self.pool(x))
+    def __call__(self, x, valid=None):
+        return self.fc(self.pool(x, valid))
 
 
 class ResNet(nn.Module):
@@ -210,21 +226,27 @@ class ResNet(nn.Module):
     def local_dim(self) -> int:
         return 16 * self.width
 
-    def trunk(self, x, act: Activations = RELU, train: bool = False):
-        """Stem and stages 1-4 -> the stage-4 map (B, h/32, w/32, 32*width), after its ReLU."""
-        x = self.stem(x.astype(self.dtype), train)
-        x = self.s1(x, act.s1_inner, act.block_out, train)
-        x = self.s2(x, 0.0, act.block_out, train)
-        x = self.s3(x, 0.0, act.block_out, train)
-        return self.s4(x, 0.0, 0.0, train)
+    def _stages(self, x, act: Activations, train: bool, valid, last: int, last_preact=False):
+        x = self.stem(x.astype(self.dtype), train, valid)
+        stages = (self.s1, self.s2, self.s3, self.s4)[:last]
+        for i, stage in enumerate(stages, start=1):
+            v = stage_valid(valid, i - 1)
+            inner = act.s1_inner if i == 1 else 0.0
+            out = act.block_out if i < 4 else 0.0
+            x = stage(x, inner, out, train, last_preact and i == last, v)
+        return x
 
-    def layer3(self, x, train: bool = False):
-        """CVNet's local features: the last stage-3 block's output before its ReLU (float32)."""
-        x = self.stem(x.astype(self.dtype), train)
-        x = self.s1(x, train=train)
-        x = self.s2(x, train=train)
-        return self.s3(x, train=train, last_preact=True).astype(jnp.float32)
+    def trunk(self, x, act: Activations = RELU, train: bool = False, valid=None):
+        """Stem and stages 1-4 -> the stage-4 map (B, h/32, w/32, 32*width), after its ReLU.
+        With `valid` (a padded batch, see ops.py) the map is valid on `stage_valid(valid, 4)`."""
+        return self._stages(x, act, train, valid, 4)
 
-    def __call__(self, x, train: bool = False):
+    def layer3(self, x, train: bool = False, valid=None):
+        """CVNet's local features: the last stage-3 block's output before its ReLU (float32),
+        zero outside `stage_valid(valid, 3)` for a padded batch."""
+        x = self._stages(x, RELU, train, valid, 3, last_preact=True).astype(jnp.float32)
+        return ops.mask_valid(x, stage_valid(valid, 3))
+
+    def __call__(self, x, train: bool = False, valid=None):
         """CVNet-Global before normalisation: head.fc(GeM_p(s4)) -> (B, reduction_dim)."""
-        return self.head(self.trunk(x, RELU, train))
+        return self.head(self.trunk(x, RELU, train, valid), stage_valid(valid, 4))

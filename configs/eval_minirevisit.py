@@ -1,0 +1,31 @@
+"""The official pipelines on ../shared/minirevisit (60 real photographs, 6 queries), CPU-sized.
+
+Command (weights: the R50 parity checkpoint, seed 0, random but deterministic):
+
+    python ../shared/parity/make_checkpoint.py ../shared/parity/cvnet_r50_keys.json 0 r50_seed0.pyth
+    python eval.py --config configs/eval_minirevisit.py --weights r50_seed0.pyth
+
+Expected result (about 5 minutes on 2 CPU cores; mAP E / M / H, percent), identical to the
+official CVNet and SuperGlobal test scripts on the same folder (tests/test_eval.py):
+
+    cvnet_global        74.71  70.39  68.74
+    cvnet_rerank        43.50  43.55  25.28   (top-10, official protocol)
+    superglobal_global  74.07  68.44  67.12
+    superglobal_rerank  59.20  61.65  57.59
+
+The images are small and all of different sizes, so coarse size buckets (fewer
+compilations, more padding) are faster here than the default.
+"""
+from pathlib import Path
+
+from scvnet_jax.evaluation.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.dataset = "roxford5k"
+    c.data_dir = str(Path(__file__).resolve().parents[2] / "shared" / "minirevisit")
+    c.cvnet.topk = 10
+    c.bucket = 256
+    c.feature_bucket = 16
+    return c

@@ -1,0 +1,59 @@
+"""Results as a printed table, `results.json` and `results_ranks.npz`, written atomically."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from scvnet_jax.evaluation.cache import atomic_save_npz, atomic_write_bytes
+from scvnet_jax.evaluation.pipelines import PipelineResult
+
+
+def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "") -> str:
+    """One block per pipeline: rows E, M, H; mAP and mP@k in percent."""
+    head = f"{'':4}{'mAP':>8}" + "".join(f"{f'mP@{k}':>8}" for k in ks)
+    lines = [title] if title else []
+    for r in results:
+        lines.append(f"{r.name} (protocol: {r.protocol})")
+        lines.append(head)
+        for s in ("E", "M", "H"):
+            lines.append(f"{s:4}{100 * r.mAP[s]:8.2f}" + "".join(f"{100 * v:8.2f}"
+                                                              for v in r.mpk[s]))
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_json(results: Sequence[PipelineResult], ks: Sequence[int], meta: dict,
+            extra: dict | None = None) -> dict:
+    """{"<pipeline>": {"mAP": {E, M, H}, "mP@k": {E: [..], ..}, "ks": [..], "protocol": ..,
+    **meta, **extra[pipeline]}} with fractions in [0, 1]."""
+    extra = extra or {}
+    return {r.name: {"mAP": r.mAP, "mP@k": r.mpk, "ks": list(ks), "protocol": r.protocol,
+                     **meta, **extra.get(r.name, {})} for r in results}
+
+
+def ranks_arrays(results: Sequence[PipelineResult]) -> dict[str, np.ndarray]:
+    """`<pipeline>` or `<pipeline>_E/_M/_H` -> (n_db, n_queries) int64."""
+    out = {}
+    for r in results:
+        for setting, ranks in r.ranks.items():
+            out[f"{r.name}_{setting}" if setting else r.name] = np.asarray(ranks, np.int64)
+    return out
+
+
+def ranks_path(output: Path) -> Path:
+    output = Path(output)
+    return output.with_name(f"{output.stem}_ranks.npz")
+
+
+def write(results: Sequence[PipelineResult], ks, meta: dict, output,
+          extra: dict | None = None) -> tuple[Path, Path]:
+    """Writes results.json and, beside it, <stem>_ranks.npz; each atomically."""
+    output = Path(output)
+    rp = ranks_path(output)
+    atomic_save_npz(rp, **ranks_arrays(results))
+    text = json.dumps(to_json(results, ks, meta, extra), indent=2) + "\n"
+    atomic_write_bytes(output, text.encode())
+    return output, rp
