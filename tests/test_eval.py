@@ -232,3 +232,32 @@ def test_help():
     for flag in ("--dataset", "--data_dir", "--weights", "--pipelines", "--topk", "--protocol",
                  "--distractors", "--output", "--save_visuals", "--cache_dir", "--bucket"):
         assert flag in out.stdout
+
+
+def test_distractors_extend_the_database(tmp_path, weights):
+    """--distractors appends images to the database: rankings then cover them, and the
+    labelled part is unchanged (a distractor is always a negative)."""
+    root = tmp_path / "data" / "roxford5k"
+    (root / "jpg").mkdir(parents=True)
+    gnd = pickle.loads((MINIREVISIT / "roxford5k" / "gnd_roxford5k.pkl").read_bytes())
+    keep = list(range(10))  # astronaut_* and chelsea_*: the first two queries' images
+    small = {"imlist": [gnd["imlist"][i] for i in keep], "qimlist": gnd["qimlist"][:2],
+             "gnd": gnd["gnd"][:2]}
+    for name in small["imlist"] + small["qimlist"]:
+        shutil.copy(MINIREVISIT / "roxford5k" / "jpg" / f"{name}.jpg", root / "jpg")
+    (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(small))
+    dis_dir = tmp_path / "r1m"
+    (dis_dir / "jpg").mkdir(parents=True)
+    names = gnd["imlist"][10:13]
+    for name in names:
+        shutil.copy(MINIREVISIT / "roxford5k" / "jpg" / f"{name}.jpg", dis_dir / "jpg")
+    (dis_dir / "revisitop1m.txt").write_text("".join(f"jpg/{n}.jpg\n" for n in names))
+    out = tmp_path / "results.json"
+    assert run_eval("--config", CONFIG, "--data_dir", tmp_path / "data", "--weights", weights,
+                    "--pipelines", "cvnet_global", "--distractors",
+                    dis_dir / "revisitop1m.txt", "--output", out, "--cache_dir", "") == 0
+    res = json.loads(out.read_text())["cvnet_global"]
+    assert res["dataset"] == "roxford5k+R1M" and res["n_db"] == 13
+    with np.load(tmp_path / "results_ranks.npz") as z:
+        ranks = z["cvnet_global"]
+    assert ranks.shape == (13, 2) and sorted(ranks[:, 0]) == list(range(13))

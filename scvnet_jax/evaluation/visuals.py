@@ -57,8 +57,8 @@ def query_grid(query_ref: ImageRef, db_refs: Sequence[ImageRef], gnd_q: dict,
     side = THUMB + 2 * BORDER
     q = _thumb(read_image(query_ref), COLORS_BGR["query"])
     out_rows = []
-    for title, ranking in rows:
-        tiles = [_text_tile([title], side), q, np.full((side, BORDER * 2, 3), 255, np.uint8)]
+    for row_title, ranking in rows:
+        tiles = [_text_tile([row_title], side), q, np.full((side, BORDER * 2, 3), 255, np.uint8)]
         for d in ranking[:topn]:
             d = int(d)
             if d not in cache:
