@@ -93,6 +93,11 @@ class RetrievalModel:
         """Cross-scale 4-D correlation -> (B, hq, wq, hk, wk, 9)."""
         return self._call("correlation", jnp.asarray(query_features), jnp.asarray(key_features))
 
+    def verification_logits(self, query_features, key_features) -> jax.Array:
+        """CVLearner logits (B, 2) for pairs of unpadded local feature maps."""
+        return self._call("verification_logits", jnp.asarray(query_features),
+                          jnp.asarray(key_features))
+
     def verification_score(self, query_images, key_images) -> jax.Array:
         """CVNet-Rerank score in [0, 1] for pairs (query_images[b], key_images[b]) -> (B,)."""
         return self._call("verification_score", _images(query_images, "query_images"),

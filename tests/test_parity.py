@@ -73,8 +73,8 @@ def check_model_key(model, fx, key):
         corr = model.correlation(model.local_features(x[0]), model.local_features(x[1]))
         _close(np.moveaxis(np.asarray(corr), -1, 1), fx[key], TOL_CORR, key)
     elif key == "cvnet_logits_q0k1":
-        logits = model._call("verification_logits", model.local_features(x[0]),
-                             model.local_features(x[1]))
+        logits = model.verification_logits(model.local_features(x[0]),
+                                           model.local_features(x[1]))
         _close(logits, fx[key], TOL_LOGITS, key)
     elif key == "cvnet_score_q0k1":
         _close(model.verification_score(x[0], x[1]), fx[key], TOL_SCORE, key)
