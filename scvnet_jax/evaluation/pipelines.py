@@ -67,8 +67,7 @@ class Context:
             out = []
             for split, refs in (("db", self.db_refs), ("query", self.query_refs)):
                 cache = self.cache(f"{family}-{split}", {
-                    "spec": repr(spec), "images": list_fingerprint(
-                        f"{r.path}|{r.bbx}" for r in refs)}, self.cfg.chunk_size)
+                    "spec": repr(spec), "images": refs_fingerprint(refs)}, self.cfg.chunk_size)
                 out.append(extract.extract(
                     self.model, refs, spec, batch_size=self.cfg.batch_size,
                     bucket=self.cfg.bucket, cache=cache, workers=self.cfg.workers,
@@ -83,6 +82,11 @@ class Context:
             sim, ranks = _search(jnp.asarray(X), jnp.asarray(Q))
             self._global[family] = (np.asarray(sim), np.asarray(ranks).astype(np.int64))
         return self._global[family]
+
+
+def refs_fingerprint(refs) -> str:
+    """Identifies an image list (files and query boxes) in cache keys."""
+    return list_fingerprint(f"{r.path}|{r.bbx}" for r in refs)
 
 
 @jax.jit
@@ -112,9 +116,8 @@ def cvnet_rerank(ctx: Context) -> PipelineResult:
         candidates = rerank.cvnet.blind_candidates(ranks, cfg.topk)
     else:
         raise InputError(f"protocol must be 'official' or 'blind', got {cfg.protocol!r}")
-    cache = ctx.cache("cvnet-scores", {
-        "db": list_fingerprint(r.path for r in ctx.db_refs),
-        "query": list_fingerprint(f"{r.path}|{r.bbx}" for r in ctx.query_refs)}, 1)
+    cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
+                                       "query": refs_fingerprint(ctx.query_refs)}, 1)
     scores = extract.verification_scores(
         ctx.model, ctx.query_refs, ctx.db_refs, candidates, batch_size=ctx.cfg.batch_size,
         bucket=ctx.cfg.bucket, feature_bucket=ctx.cfg.feature_bucket, cache=cache,
