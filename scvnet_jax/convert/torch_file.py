@@ -157,7 +157,7 @@ class _RestrictedUnpickler(RestrictedUnpickler):
                 and isinstance(pid[1], _StorageType)):
             raise CheckpointError(f"{self._source}: unexpected persistent id {pid!r:.80} "
                                   "(expected a torch storage record)")
-        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+        storage_type, key, numel = pid[1], str(pid[2]), pid[4]  # pid[3]: device, ignored
         root = self._storage_for(key, storage_type.dtype, numel)
         view = pid[5] if len(pid) > 5 else None
         if view is not None:  # legacy views: (view_key, offset, view_size)

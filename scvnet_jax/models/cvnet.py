@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax.models import ops
-from scvnet_jax.models.resnet import RELU, ResNet, stage_valid, superglobal_activations
+from scvnet_jax.models.resnet import ResNet, stage_valid, superglobal_activations
 
 Dtype = Any
 Precision = Any
@@ -285,14 +285,8 @@ def superglobal_plans(valid, bucket_hw, scales) -> tuple:
     """Host-side resize plans for `superglobal_descriptor` on a padded batch: per scale,
     (AxisPlan h, AxisPlan w, valid (B, 2)) from each image's valid (h, w) to
     (int(h*s), int(w*s)), inside the bucket (int(H*s), int(W*s))."""
-    valid = np.asarray(valid, np.int64)
-    plans = []
-    for s in superglobal_factors(scales):
-        out = np.array([ops.scaled_size(int(h), int(w), s) for h, w in valid], np.int64)
-        bh, bw = ops.scaled_size(int(bucket_hw[0]), int(bucket_hw[1]), s)
-        plans.append((ops.axis_plan(valid[:, 0], out[:, 0], bh, False),
-                      ops.axis_plan(valid[:, 1], out[:, 1], bw, False), out.astype(np.int32)))
-    return tuple(plans)
+    return tuple(ops.scale_plan(valid, bucket_hw, functools.partial(ops.scaled_size, scale=s),
+                                False) for s in superglobal_factors(scales))
 
 
 class CorrelationPlans(NamedTuple):
@@ -317,10 +311,9 @@ def correlation_plans(valid_q, valid_k, bucket_q, bucket_k) -> CorrelationPlans:
         valid = np.asarray(valid, np.int64)
         fwd, back = [], []
         for scale in CORR_SCALES:
-            sv = np.array([ops.corr_scale_size(int(h), int(w), scale) for h, w in valid])
-            bh, bw = ops.corr_scale_size(int(bucket[0]), int(bucket[1]), scale)
-            fwd.append((ops.axis_plan(valid[:, 0], sv[:, 0], bh, True),
-                        ops.axis_plan(valid[:, 1], sv[:, 1], bw, True), sv.astype(np.int32)))
+            size_fn = functools.partial(ops.corr_scale_size, area_scale=scale)
+            fwd.append(ops.scale_plan(valid, bucket, size_fn, True))
+            sv = fwd[-1][2]
             back.append((ops.axis_plan(sv[:, 0], valid[:, 0], int(bucket[0]), True),
                          ops.axis_plan(sv[:, 1], valid[:, 1], int(bucket[1]), True)))
         out[side], out[side + "_back"] = tuple(fwd), tuple(back)

@@ -176,6 +176,16 @@ def axis_plan(n_in, n_out, n_out_bucket: int, align_corners: bool) -> AxisPlan:
     return AxisPlan(i0, i1, w0, w1)
 
 
+def scale_plan(valid, bucket_hw, size_fn, align_corners: bool):
+    """Host-side plan resizing each item of a padded batch from its valid (h, w) to
+    size_fn(h, w), inside the bucket size_fn(H, W) -> (AxisPlan h, AxisPlan w, out (B, 2))."""
+    valid = np.asarray(valid, np.int64)
+    out = np.array([size_fn(int(h), int(w)) for h, w in valid], np.int64).reshape(-1, 2)
+    bh, bw = size_fn(int(bucket_hw[0]), int(bucket_hw[1]))
+    return (axis_plan(valid[:, 0], out[:, 0], bh, align_corners),
+            axis_plan(valid[:, 1], out[:, 1], bw, align_corners), out.astype(np.int32))
+
+
 def resize_by_plan(x: jax.Array, axis: int, plan: AxisPlan) -> jax.Array:
     """Applies an `AxisPlan` along `axis` of a batched array."""
     shape = [1] * x.ndim
