@@ -1,0 +1,94 @@
+"""Throughput of the stage-1 train step (encoder fwd+bwd, momentum encoder fwd, CurricularFace
+over all classes, contrastive loss against the queue, optimizer, EMA), on synthetic batches:
+the data pipeline is not timed.
+
+    python benchmarks/train_step.py                                  # configs/cvnet_r50.py
+    python benchmarks/train_step.py --batch_per_device 32 --dtype bfloat16 --json out.json
+    python benchmarks/train_step.py --config configs/demo.py
+
+Uses every local device (data-parallel, as train.py does) and the config's model, image
+size and number of classes (GLDv2-clean: 81,313). Prints images/s in total and per device
+and the step time, after one compiled warm-up step.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import platform
+import time
+
+import jax
+import numpy as np
+
+
+def load_config(path: str):
+    spec = importlib.util.spec_from_file_location("cfg", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cvnet_r50.py")
+    p.add_argument("--batch_per_device", type=int, default=None,
+                   help="default: the config's batch_size / device count")
+    p.add_argument("--image_size", type=int, default=None, help="default: the config's")
+    p.add_argument("--num_classes", type=int, default=81313,
+                   help="classifier size (GLDv2-clean: 81313; the demo: 46)")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
+    p.add_argument("--steps", type=int, default=5, help="timed steps")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    from scvnet_jax.training import trainer
+
+    cfg = load_config(args.config)
+    n = jax.device_count()
+    cfg.batch_size = args.batch_per_device * n if args.batch_per_device else cfg.batch_size
+    cfg.batch_size -= cfg.batch_size % n
+    cfg.data.image_size = args.image_size or cfg.data.image_size
+    if args.dtype:
+        cfg.model.dtype = args.dtype
+    cfg.loss.queue_size = max(cfg.batch_size, cfg.loss.queue_size // cfg.batch_size
+                              * cfg.batch_size)
+    mesh = trainer.make_mesh()
+    step, _, batch_sh, init, _ = trainer.compile_step(cfg, mesh, args.num_classes)
+    state = init(jax.random.PRNGKey(0), None)
+    rng = np.random.default_rng(0)
+    b, s = cfg.batch_size, cfg.data.image_size
+    batch = trainer.global_batch(dict(
+        image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+        positive=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
+        label=rng.integers(0, args.num_classes, b).astype(np.int32)), batch_sh)
+    dev = jax.devices()[0]
+    print(f"device: {n} x {dev.device_kind} ({jax.default_backend()}); host: "
+          f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
+    print(f"R{cfg.model.depth} width {cfg.model.width}, {s}x{s}, {cfg.model.dtype}, global "
+          f"batch {b} ({b // n}/device), {args.num_classes} classes, queue {cfg.loss.queue_size}")
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    print(f"compile: {time.perf_counter() - t0:.1f} s")
+    state, m = compiled(state, batch)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        state, m = compiled(state, batch)
+        jax.block_until_ready((state, m))
+        times.append(time.perf_counter() - t0)
+    st = float(np.median(times))
+    res = dict(device=dev.device_kind, devices=n, depth=cfg.model.depth, width=cfg.model.width,
+               image_size=s, dtype=cfg.model.dtype, global_batch=b, num_classes=args.num_classes,
+               step_time_s=st, images_per_s=b / st, images_per_s_per_device=b / st / n)
+    print(f"step time {st * 1000:.0f} ms (median of {args.steps}); {b / st:.2f} images/s, "
+          f"{b / st / n:.2f} images/s per device")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

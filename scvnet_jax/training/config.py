@@ -1,0 +1,66 @@
+"""Default training settings (ml_collections); configs/*.py start from these, and any field
+can be overridden on the command line (`--config.optimizer.lr=0.01`).
+
+Field names other tools rely on: `total_steps`, `checkpoint_every_steps`, `batch_size`
+(global, over all devices and processes), `seed`, and the workdir's `metrics.jsonl`.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.stage = 1                      # 1: CVNet-Global (this config); 2: CVNet-Rerank
+    c.seed = 0
+    c.total_steps = 1000
+    c.batch_size = 128               # global
+    c.checkpoint_every_steps = 1000
+    c.keep_checkpoints = 3
+    c.log_every_steps = 50
+    c.init_from = ""                 # official .pyth/.pth or converted model dir: encoder init
+    c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = "gldv2_clean"      # a builder of scvnet_jax.data.builders
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.split = "train"
+    c.data.image_size = 512
+    c.data.positive = "same_class"   # momentum-encoder input: "same_class" or "same_image"
+    c.data.threads = 16              # decode/augment threads per process
+    c.data.prefetch = 32             # batches buffered ahead... per thread pool
+    c.data.workers = 0               # extra grain worker processes (0 = threads only)
+    c.data.augment = ml_collections.ConfigDict(dict(
+        area=(0.25, 1.0), aspect=(3 / 4, 4 / 3), hflip=0.5, brightness=0.3, contrast=0.3,
+        saturation=0.3, color_p=0.8, grayscale=0.0))
+
+    c.model = ml_collections.ConfigDict()
+    c.model.depth = 50
+    c.model.width = 64
+    c.model.reduction_dim = 2048
+    c.model.corr_dim = 256           # only shapes the (untrained) rerank head of W/model
+    c.model.dtype = "float32"        # "bfloat16": bf16 activations, float32 parameters
+    c.model.precision = ""           # "" = backend default; "highest" = exact float32
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.lambda_cls = 1.0
+    c.loss.lambda_con = 1.0
+    c.loss.cls_scale = 30.0          # CurricularFace s
+    c.loss.cls_margin = 0.15         # CurricularFace m
+    c.loss.temperature = 0.1         # contrastive
+    c.loss.queue_size = 8192         # momentum descriptors kept (a multiple of batch_size)
+    c.loss.momentum = 0.999          # EMA coefficient of the momentum encoder
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"
+    c.optimizer.lr = 0.01
+    c.optimizer.momentum = 0.9
+    c.optimizer.nesterov = False
+    c.optimizer.b1 = 0.9
+    c.optimizer.b2 = 0.999
+    c.optimizer.weight_decay = 1e-4  # conv/dense kernels only
+    c.optimizer.schedule = "cosine"  # after linear warmup: "cosine" or "constant"
+    c.optimizer.warmup_steps = 100
+    c.optimizer.final_lr_fraction = 0.0
+    c.optimizer.clip_norm = 10.0     # global gradient norm; 0 = off
+    return c
