@@ -12,7 +12,7 @@ Hardware: any JAX backend; the global batch (128) is split over all devices and 
 (one GPU, an 8-GPU box, or a TPU pod slice with --distributed on every host).
 Expected time: steps x batch / (images/s). benchmarks/train_step.py measures images/s per
 device for this config; it was not measured on an accelerator yet (the machine this was
-written on has none). On a 2-core CPU it runs at 0.35 images/s, i.e. not a CPU job.
+written on has none). On a 2-core CPU it runs at 0.16 images/s (batch 4): not a CPU job.
 Expected result: the target is the CVNet-Global R50 of the paper (Lee et al., CVPR 2022,
 Table 3, ROxford5k/RParis6k Medium and Hard mAP); this recipe has not yet been run to the
 end, so that result is not reproduced here.

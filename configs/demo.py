@@ -1,0 +1,48 @@
+"""Stage 1 on the demo set, CPU-sized: a width-16 ResNet-50 (1/16 of the standard FLOPs)
+trained from scratch on 96x96 crops of 72 instance classes (tiles of 11 scikit-image
+photographs, 12 views each; no download, see scvnet_jax/data/demo.py), then scored on the
+held-out demo benchmark (30 instances from 6 other photographs).
+
+Command:
+
+    python train.py --config configs/demo.py --workdir runs/demo
+
+Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 0.4-0.5 s per step,
+about 10 minutes in all (1200 steps; the demo set is built on first use in ~3 s, the step
+compiles in ~20-30 s).
+Expected result (mAP % on the demo benchmark, cvnet_global pipeline; tests/test_train.py):
+
+                      Easy  Medium  Hard
+    initialisation    63.8    47.9   19.8    (--config.total_steps=0)
+    after 1200 steps  67.7    53.6   24.6
+
+Loss (lambda_cls x CurricularFace + lambda_con x contrastive) falls from ~12.7 to ~6.6;
+classification accuracy on the training batches reaches ~60%. The margin is real but
+noisy: the same run with Flax's one-pass BatchNorm variance reached 77.5 / 59.4 / 24.2.
+"""
+from scvnet_jax.training.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.total_steps = 1200
+    c.batch_size = 32
+    c.checkpoint_every_steps = 200
+    c.log_every_steps = 10
+    c.data.name = "demo_landmarks"       # built on first use
+    c.data.data_dir = "~/tensorflow_datasets"
+    c.data.image_size = 96
+    c.data.threads = 4
+    c.data.prefetch = 4
+    c.data.augment.area = (0.3, 1.0)
+    c.model.depth = 50
+    c.model.width = 16
+    c.model.reduction_dim = 256
+    c.model.corr_dim = 64
+    c.loss.queue_size = 1024
+    c.loss.momentum = 0.99               # a short run: a faster-moving momentum encoder
+    c.optimizer.name = "adamw"           # from scratch, small batch: AdamW is the robust choice
+    c.optimizer.lr = 2e-3
+    c.optimizer.weight_decay = 0.05
+    c.optimizer.warmup_steps = 30
+    return c
