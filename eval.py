@@ -17,7 +17,6 @@ Protocols (CVNet reranking only; the other pipelines never look at labels):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import sys
 import time
@@ -71,10 +70,8 @@ def build_config(args):
     from scvnet_jax.evaluation.config import default_config
 
     if args.config:
-        spec = importlib.util.spec_from_file_location("eval_config", args.config)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        cfg = module.get_config()
+        from scvnet_jax.config_files import load_config
+        cfg = load_config(args.config)
     else:
         cfg = default_config()
     for name in ("dataset", "data_dir", "weights", "distractors", "distractors_dir", "output",

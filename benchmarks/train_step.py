@@ -13,20 +13,12 @@ and the step time, after one compiled warm-up step.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import platform
 import time
 
 import jax
 import numpy as np
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("cfg", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
 
 
 def main(argv=None):
@@ -43,6 +35,7 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
+    from scvnet_jax.config_files import load_config
     from scvnet_jax.training import trainer
 
     cfg = load_config(args.config)

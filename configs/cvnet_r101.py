@@ -15,13 +15,10 @@ Table 3); not yet reproduced by this recipe.
 Everything else (data, losses, optimizer and where each number comes from) is
 configs/cvnet_r50.py with depth 101.
 """
-import importlib.util
 from pathlib import Path
 
-_spec = importlib.util.spec_from_file_location("cvnet_r50", Path(__file__).with_name("cvnet_r50.py"))
-_r50 = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_r50)
+from scvnet_jax.config_files import load_config
 
 
 def get_config():
-    return _r50.get_config(depth=101)
+    return load_config(Path(__file__).with_name("cvnet_r50.py"), depth=101)

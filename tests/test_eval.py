@@ -2,7 +2,6 @@
 output formats, caching and resume after SIGKILL, result grids, and bad input."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pickle
@@ -16,16 +15,14 @@ import numpy as np
 import pytest
 
 from conftest import MINIREVISIT, REPO
+from scvnet_jax.config_files import load_module
 
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
 CONFIG = REPO / "configs" / "eval_minirevisit.py"
 
 
 def _eval_module():
-    spec = importlib.util.spec_from_file_location("eval_script", REPO / "eval.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_module(REPO / "eval.py")
 
 
 def run_eval(*args) -> int:
