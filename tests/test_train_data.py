@@ -39,7 +39,8 @@ def test_demo_benchmark_is_deterministic_and_loads(tmp_path):
 
 def test_demo_photo_hash_is_checked(monkeypatch):
     with pytest.raises(InputError, match="SHA-256"):
-        demo.read_photo("astronaut.png", "0" * 16)
+        demo.read_photo("astronaut.png",
+                        demo.BENCHMARK_PHOTOS["astronaut.png"]._replace(sha="0" * 16))
 
 
 @pytest.fixture(scope="module")

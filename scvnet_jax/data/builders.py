@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from scvnet_jax.data import demo
-from scvnet_jax.data.revisitop import InputError
+from scvnet_jax.data.revisitop import InputError, first_few
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -145,13 +145,11 @@ class Gldv2Clean(tfds.core.GeneratorBasedBuilder):
         manual = Path(dl_manager.manual_dir)
         rows = read_gldv2_csv(manual / "train_clean.csv")
         train_dir = manual / "train"
-        missing = [i for _, ids in rows for i in ids
-                   if not gldv2_image_path(train_dir, i).is_file()]
+        paths = (gldv2_image_path(train_dir, i) for _, ids in rows for i in ids)
+        missing = [p for p in paths if not p.is_file()]
         if missing:
-            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-            examples = ", ".join(str(gldv2_image_path(train_dir, i)) for i in missing[:3])
             raise InputError(f"{len(missing)} image file(s) listed in train_clean.csv are "
-                             f"missing: {examples}{more}")
+                             f"missing: {first_few(missing)}")
         self.info.metadata["landmark_ids"] = [lid for lid, _ in rows]
         return {"train": self._generate_examples(rows, train_dir)}
 

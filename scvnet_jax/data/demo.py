@@ -23,33 +23,39 @@ import math
 import pickle
 from importlib import resources
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
 from scvnet_jax.data.revisitop import InputError
 
-# name -> (first 16 hex digits of the file's SHA-256, tile grid rows x cols)
+
+class Photo(NamedTuple):
+    sha: str                   # first 16 hex digits of the file's SHA-256
+    shape: tuple[int, int]     # (height, width)
+    grid: tuple[int, int]      # tiles: rows x cols
+
+
 TRAIN_PHOTOS = {
-    "hubble_deep_field.jpg": ("3a19c5dd8a927a93", (3, 3)),
-    "ihc.png": ("f8dd1aa387ddd1f4", (3, 3)),
-    "motorcycle_left.png": ("db18e9c415761740", (3, 4)),
-    "motorcycle_right.png": ("5fc913ae870e42a4", (3, 4)),
-    "retina.jpg": ("38a07f36f27f095e", (3, 3)),
-    "moon.png": ("78739619d11f7eb9", (3, 3)),
-    "page.png": ("341a6f0a61557662", (1, 2)),
-    "text.png": ("bd84aa3a6e3c9887", (1, 3)),
-    "brick.png": ("7966caf324f6ba84", (2, 2)),
-    "cell.png": ("8d23a7fb81f7cc87", (3, 3)),
-    "clock_motion.png": ("f029226b28b642e8", (2, 3)),
+    "hubble_deep_field.jpg": Photo("3a19c5dd8a927a93", (872, 1000), (3, 3)),
+    "ihc.png": Photo("f8dd1aa387ddd1f4", (512, 512), (3, 3)),
+    "motorcycle_left.png": Photo("db18e9c415761740", (500, 741), (3, 4)),
+    "motorcycle_right.png": Photo("5fc913ae870e42a4", (500, 741), (3, 4)),
+    "retina.jpg": Photo("38a07f36f27f095e", (1411, 1411), (3, 3)),
+    "moon.png": Photo("78739619d11f7eb9", (512, 512), (3, 3)),
+    "page.png": Photo("341a6f0a61557662", (191, 384), (1, 2)),
+    "text.png": Photo("bd84aa3a6e3c9887", (172, 448), (1, 3)),
+    "brick.png": Photo("7966caf324f6ba84", (512, 512), (2, 2)),
+    "cell.png": Photo("8d23a7fb81f7cc87", (660, 550), (3, 3)),
+    "clock_motion.png": Photo("f029226b28b642e8", (300, 400), (2, 3)),
 }
 BENCHMARK_PHOTOS = {
-    "astronaut.png": ("88431cd9653ccd53", (2, 2)),
-    "chelsea.png": ("596aa1e7cb875eb7", (2, 3)),
-    "coffee.png": ("cc02f8ca188b167c", (2, 3)),
-    "rocket.jpg": ("c2dd0de7c538df8d", (2, 3)),
-    "camera.png": ("b0793d2adda0fa6a", (2, 2)),
-    "coins.png": ("f8d773fc9cfa6f4d", (2, 2)),
+    "astronaut.png": Photo("88431cd9653ccd53", (512, 512), (2, 2)),
+    "chelsea.png": Photo("596aa1e7cb875eb7", (300, 451), (2, 3)),
+    "coffee.png": Photo("cc02f8ca188b167c", (400, 600), (2, 3)),
+    "rocket.jpg": Photo("c2dd0de7c538df8d", (427, 640), (2, 3)),
+    "camera.png": Photo("b0793d2adda0fa6a", (512, 512), (2, 2)),
+    "coins.png": Photo("f8d773fc9cfa6f4d", (303, 384), (2, 2)),
 }
 # Photographs of one scene from several viewpoints: their tiles are the same instances.
 SAME_SCENE = {"motorcycle_right.png": "motorcycle_left.png"}
@@ -90,7 +96,7 @@ def photo_path(name: str) -> Path:
     return Path(str(resources.files("skimage") / "data" / name))
 
 
-def read_photo(name: str, expected_sha: str) -> np.ndarray:
+def read_photo(name: str, photo: Photo) -> np.ndarray:
     """One scikit-image photograph as BGR uint8, checked against its recorded hash."""
     import cv2
 
@@ -101,8 +107,8 @@ def read_photo(name: str, expected_sha: str) -> np.ndarray:
         raise InputError(f"{path}: the demo photograph {name} is missing from scikit-image "
                          f"({e}); install the version pinned in pyproject.toml") from None
     sha = hashlib.sha256(data).hexdigest()[:16]
-    if sha != expected_sha:
-        raise InputError(f"{path}: SHA-256 {sha}..., expected {expected_sha}...: this "
+    if sha != photo.sha:
+        raise InputError(f"{path}: SHA-256 {sha}..., expected {photo.sha}...: this "
                          "scikit-image ships a different photograph, so the demo data would "
                          "differ from the documented one; install the pinned version")
     im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
@@ -121,29 +127,17 @@ class Instance:
 def instances(photos: dict) -> list[Instance]:
     """The tiles of `photos` (TRAIN_PHOTOS or BENCHMARK_PHOTOS), in a fixed order."""
     out = []
-    for name, (_, (rows, cols)) in photos.items():
+    for name, photo in photos.items():
         if name in SAME_SCENE:
             continue
         views = (name,) + tuple(k for k, v in SAME_SCENE.items() if v == name and k in photos)
-        h, w = _photo_shape(name)
+        (h, w), (rows, cols) = photo.shape, photo.grid
         th, tw = h // rows, w // cols
         for r in range(rows):
             for c in range(cols):
                 out.append(Instance(f"{name.split('.')[0]}_r{r}c{c}", views,
                                     (r * th, c * tw, (r + 1) * th, (c + 1) * tw)))
     return out
-
-
-_SHAPES = {"hubble_deep_field.jpg": (872, 1000), "ihc.png": (512, 512),
-           "motorcycle_left.png": (500, 741), "motorcycle_right.png": (500, 741),
-           "retina.jpg": (1411, 1411), "moon.png": (512, 512), "page.png": (191, 384),
-           "text.png": (172, 448), "brick.png": (512, 512), "cell.png": (660, 550), "clock_motion.png": (300, 400),
-           "astronaut.png": (512, 512), "chelsea.png": (300, 451), "coffee.png": (400, 600),
-           "rocket.jpg": (427, 640), "camera.png": (512, 512), "coins.png": (303, 384)}
-
-
-def _photo_shape(name: str) -> tuple[int, int]:
-    return _SHAPES[name]
 
 
 def make_view(photo: np.ndarray, box, strength: Strength, rng: np.random.Generator,
@@ -196,7 +190,7 @@ def photometric(im: np.ndarray, s: Strength, rng: np.random.Generator) -> np.nda
 
 
 def _photos(table: dict) -> dict[str, np.ndarray]:
-    return {name: read_photo(name, sha) for name, (sha, _) in table.items()}
+    return {name: read_photo(name, photo) for name, photo in table.items()}
 
 
 def _encode(im: np.ndarray) -> bytes:

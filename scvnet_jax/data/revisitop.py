@@ -148,13 +148,17 @@ def read_distractor_list(list_file, image_dir=None) -> list[ImageRef]:
     return [ImageRef(str(base / n)) for n in names]
 
 
+def first_few(items: Sequence, n: int = 3) -> str:
+    """'a, b, c (and 7 more)': the first `n` items of a list for an error message."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return ", ".join(str(i) for i in items[:n]) + more
+
+
 def check_files_exist(refs: Sequence[ImageRef], what: str) -> None:
     """Fails early, naming the first missing files, before any work is done."""
     missing = [r.path for r in refs if not Path(r.path).is_file()]
     if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise InputError(f"{len(missing)} {what} image(s) missing: {', '.join(missing[:3])}"
-                         f"{more}")
+        raise InputError(f"{len(missing)} {what} image(s) missing: {first_few(missing)}")
 
 
 def read_image(ref: ImageRef) -> np.ndarray:
