@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from scvnet_jax.config_files import load_module
 from scvnet_jax.training import losses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,11 +98,7 @@ def test_curricular_gradient_ignores_t_and_is_finite():
 # --- configs ---------------------------------------------------------------------------
 
 def _load_config(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, REPO / "configs" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(REPO / "configs" / f"{name}.py")
 
 
 @pytest.mark.parametrize("name", ["cvnet_r50", "cvnet_r101", "demo"])
@@ -115,15 +112,17 @@ def test_configs_document_command_and_have_contract_fields(name):
     assert "Hardware" in doc and "Expected" in doc
 
 
+# a few-second stage-1 model for the mechanics tests (in-process and as train.py flags)
+TINY_OVERRIDES = {"model.width": 8, "model.reduction_dim": 32, "model.corr_dim": 16,
+                  "data.image_size": 64, "batch_size": 16, "loss.queue_size": 32,
+                  "optimizer.warmup_steps": 2}
+TINY = [f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()] + ["--config.log_every_steps=2"]
+
+
 def tiny_config(**over):
-    """A few-second stage-1 config for the mechanics tests."""
+    """configs/demo.py with TINY_OVERRIDES, then `over` ({"a.b": value})."""
     cfg = _load_config("demo").get_config()
-    cfg.model.width, cfg.model.reduction_dim, cfg.model.corr_dim = 8, 32, 16
-    cfg.data.image_size = 64
-    cfg.batch_size = 16
-    cfg.loss.queue_size = 32
-    cfg.optimizer.warmup_steps = 2
-    for k, v in over.items():
+    for k, v in {**TINY_OVERRIDES, **over}.items():
         node = cfg
         *path, last = k.split(".")
         for p in path:
@@ -219,11 +218,6 @@ def run_train(workdir, *overrides, data_dir, timeout=1200, wait=True):
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, cwd=REPO)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=timeout)
-
-
-TINY = ["--config.model.width=8", "--config.model.reduction_dim=32", "--config.model.corr_dim=16",
-        "--config.data.image_size=64", "--config.batch_size=16", "--config.loss.queue_size=32",
-        "--config.optimizer.warmup_steps=2", "--config.log_every_steps=2"]
 
 
 def test_train_help():

@@ -90,12 +90,11 @@ def optimizer(cfg) -> optax.GradientTransformation:
 def init_state(cfg, num_classes: int, rng, encoder_variables=None) -> TrainState:
     """A fresh state; `encoder_variables` ({'params', 'batch_stats'} of a ResNet, e.g. from an
     official checkpoint) replaces the random encoder."""
-    model = encoder(cfg)
     k_enc, k_cls = jax.random.split(rng)
-    s = cfg.data.image_size
-    variables = model.init(k_enc, jnp.zeros((1, s, s, 3), jnp.float32))
-    if encoder_variables is not None:
-        variables = encoder_variables
+    variables = encoder_variables
+    if variables is None:
+        s = cfg.data.image_size
+        variables = encoder(cfg).init(k_enc, jnp.zeros((1, s, s, 3), jnp.float32))
     d = cfg.model.reduction_dim
     kernel = 0.01 * jax.random.normal(k_cls, (d, num_classes), jnp.float32)
     params = {"encoder": variables["params"], "classifier": {"kernel": kernel}}
