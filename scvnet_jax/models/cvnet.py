@@ -197,9 +197,9 @@ class CVNet(nn.Module):
         ks = [scaled(fk, i, "key") for i in range(len(CORR_SCALES))]
         corrs = []
         for i, q in enumerate(qs):
-            qn = jnp.sqrt(jnp.sum(q * q, axis=-1))
+            qn = ops.norm(q)
             for j, k in enumerate(ks):
-                kn = jnp.sqrt(jnp.sum(k * k, axis=-1))
+                kn = ops.norm(k)
                 dots = jnp.einsum("bijc,bklc->bijkl", q, k, precision=self.precision)
                 corr = dots / (qn[:, :, :, None, None] * kn[:, None, None, :, :] + 1e-8)
                 if plans is None:

@@ -60,10 +60,18 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool,
     return x
 
 
+def norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
+    """||x||_2 along `axis` with PyTorch's gradient at 0 (zero, where sqrt's is infinite and
+    gives NaN): all-zero vectors occur in training (Hide-and-Seek, padding). The value is
+    exactly jnp.sqrt(sum(x^2))."""
+    s = jnp.sum(jnp.square(x), axis=axis, keepdims=keepdims)
+    nz = s > 0
+    return jnp.where(nz, jnp.sqrt(jnp.where(nz, s, 1.0)), 0.0)
+
+
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """`torch.nn.functional.normalize`: x / max(||x||_2, eps)."""
-    norm = jnp.sqrt(jnp.sum(jnp.square(x), axis=axis, keepdims=True))
-    return x / jnp.maximum(norm, eps)
+    return x / jnp.maximum(norm(x, axis, keepdims=True), eps)
 
 
 def gem(x: jax.Array, p, eps: float, valid=None) -> jax.Array:
