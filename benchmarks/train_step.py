@@ -1,14 +1,18 @@
-"""Throughput of the stage-1 train step (encoder fwd+bwd, momentum encoder fwd, CurricularFace
-over all classes, contrastive loss against the queue, optimizer, EMA), on synthetic batches:
-the data pipeline is not timed.
+"""Throughput of the train step, on synthetic batches (the data pipeline is not timed).
+
+Stage 1 (images/s): encoder fwd+bwd, momentum encoder fwd, CurricularFace over all classes,
+contrastive loss against the queue, optimizer, EMA. Stage 2 (pairs/s): frozen-backbone local
+features of both images, Hide-and-Seek, cross-scale correlation, CVLearner fwd+bwd, optimizer.
 
     python benchmarks/train_step.py                                  # configs/cvnet_r50.py
     python benchmarks/train_step.py --batch_per_device 32 --dtype bfloat16 --json out.json
     python benchmarks/train_step.py --config configs/demo.py
+    python benchmarks/train_step.py --config configs/cvnet_r50_rerank.py   # stage 2
+    python benchmarks/train_step.py --config configs/demo_rerank.py
 
 Uses every local device (data-parallel, as train.py does) and the config's model, image
-size and number of classes (GLDv2-clean: 81,313). Prints images/s in total and per device
-and the step time, after one compiled warm-up step.
+size and (stage 1) number of classes (GLDv2-clean: 81,313). Prints the rate in total and
+per device and the step time, after one compiled warm-up step.
 """
 from __future__ import annotations
 
@@ -45,22 +49,36 @@ def main(argv=None):
     cfg.data.image_size = args.image_size or cfg.data.image_size
     if args.dtype:
         cfg.model.dtype = args.dtype
-    cfg.loss.queue_size = max(cfg.batch_size, cfg.loss.queue_size // cfg.batch_size
-                              * cfg.batch_size)
     mesh = trainer.make_mesh()
-    step, _, batch_sh, init, _ = trainer.compile_step(cfg, mesh, args.num_classes)
-    state = init(jax.random.PRNGKey(0), None)
     rng = np.random.default_rng(0)
     b, s = cfg.batch_size, cfg.data.image_size
-    batch = trainer.global_batch(dict(
-        image=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-        positive=rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8),
-        label=rng.integers(0, args.num_classes, b).astype(np.int32)), batch_sh)
+    images = lambda: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)  # noqa: E731
+    stage = int(cfg.stage)
+    if stage == 2:
+        from scvnet_jax.models import cvnet
+        step, _, batch_sh, init, _ = trainer.compile_rerank_step(cfg, mesh)
+        arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim", "corr_dim")}
+        state = init(jax.random.PRNGKey(0), cvnet.init(arch))
+        batch = trainer.global_batch(dict(
+            query=images(), candidate=images(), label=rng.integers(0, 2, b).astype(np.int32),
+            hard=rng.random(b) < 0.5), batch_sh)
+        what, unit = f"{b} pairs ({b // n}/device)", "pairs"
+    else:
+        cfg.loss.queue_size = max(cfg.batch_size, cfg.loss.queue_size // cfg.batch_size
+                                  * cfg.batch_size)
+        step, _, batch_sh, init, _ = trainer.compile_step(cfg, mesh, args.num_classes)
+        state = init(jax.random.PRNGKey(0), None)
+        batch = trainer.global_batch(dict(
+            image=images(), positive=images(),
+            label=rng.integers(0, args.num_classes, b).astype(np.int32)), batch_sh)
+        what = (f"{b} images ({b // n}/device), {args.num_classes} classes, queue "
+                f"{cfg.loss.queue_size}")
+        unit = "images"
     dev = jax.devices()[0]
     print(f"device: {n} x {dev.device_kind} ({jax.default_backend()}); host: "
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
-    print(f"R{cfg.model.depth} width {cfg.model.width}, {s}x{s}, {cfg.model.dtype}, global "
-          f"batch {b} ({b // n}/device), {args.num_classes} classes, queue {cfg.loss.queue_size}")
+    print(f"stage {stage}: R{cfg.model.depth} width {cfg.model.width}, {s}x{s}, "
+          f"{cfg.model.dtype}, global batch {what}")
     t0 = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")
@@ -73,11 +91,13 @@ def main(argv=None):
         jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t0)
     st = float(np.median(times))
-    res = dict(device=dev.device_kind, devices=n, depth=cfg.model.depth, width=cfg.model.width,
-               image_size=s, dtype=cfg.model.dtype, global_batch=b, num_classes=args.num_classes,
-               step_time_s=st, images_per_s=b / st, images_per_s_per_device=b / st / n)
-    print(f"step time {st * 1000:.0f} ms (median of {args.steps}); {b / st:.2f} images/s, "
-          f"{b / st / n:.2f} images/s per device")
+    res = dict(device=dev.device_kind, devices=n, stage=stage, depth=cfg.model.depth,
+               width=cfg.model.width, image_size=s, dtype=cfg.model.dtype, global_batch=b,
+               step_time_s=st, **{f"{unit}_per_s": b / st, f"{unit}_per_s_per_device": b / st / n})
+    if stage == 1:
+        res["num_classes"] = args.num_classes
+    print(f"step time {st * 1000:.0f} ms (median of {args.steps}); {b / st:.2f} {unit}/s, "
+          f"{b / st / n:.2f} {unit}/s per device")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -210,8 +210,8 @@ def test_sharded_step_equals_single_device():
 
 # --- the command line: demo run, resume, NaN --------------------------------------------
 
-def run_train(workdir, *overrides, data_dir, timeout=1200, wait=True):
-    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / "configs/demo.py"),
+def run_train(workdir, *overrides, data_dir, timeout=1200, wait=True, config="demo"):
+    cmd = [sys.executable, str(REPO / "train.py"), "--config", str(REPO / f"configs/{config}.py"),
            "--workdir", str(workdir), "--noprogress", f"--config.data.data_dir={data_dir}",
            *overrides]
     if not wait:

@@ -11,14 +11,15 @@ import ml_collections
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = 1                      # 1: CVNet-Global (this config); 2: CVNet-Rerank
+    c.stage = 1                      # 1: CVNet-Global; 2: CVNet-Rerank (see c.rerank)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128               # global
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.init_from = ""                 # official .pyth/.pth or converted model dir: encoder init
+    c.init_from = ""                 # official .pyth/.pth or model dir: stage 1 encoder init;
+                                     # stage 2: the (stage-1) model whose backbone is frozen
     c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
 
     c.data = ml_collections.ConfigDict()
@@ -50,6 +51,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.temperature = 0.1         # contrastive
     c.loss.queue_size = 8192         # momentum descriptors kept (a multiple of batch_size)
     c.loss.momentum = 0.999          # EMA coefficient of the momentum encoder
+
+    # Stage 2 (CVNet-Rerank) only: pairs, curricula, hard-negative bank.
+    c.rerank = ml_collections.ConfigDict()
+    c.rerank.head_init = "random"    # conv2ds + CVLearner: "random" or "checkpoint" (init_from's)
+    c.rerank.positive_fraction = 0.5 # P(candidate is another image of the query's landmark)
+    c.rerank.hard_ratio = (0.0, 0.5) # P(a negative is hard), ramped start -> end
+    c.rerank.hide_prob = (0.0, 0.3)  # Hide-and-Seek P(feature cell hidden), ramped start -> end
+    c.rerank.hide_cell = 1           # side of a hidden block, in feature cells
+    c.rerank.curriculum_steps = 0    # length of both ramps (0 = total_steps)
+    c.rerank.bank_k = 20             # hard negatives kept per image (top-ranked other landmarks)
+    c.rerank.bank_refresh_steps = 0  # rebuild the bank (augmented views) every N steps; 0 = once
+    c.rerank.bank_batch_size = 64    # images per batch while building the bank (global)
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"

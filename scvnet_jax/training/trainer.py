@@ -1,4 +1,6 @@
-"""The training loop: data-parallel `jax.jit` on a device mesh, orbax checkpoints, logging.
+"""The training loop of both stages: data-parallel `jax.jit` on a device mesh, orbax
+checkpoints, logging. What differs between the stages (state, step, data, export) is a
+*task*: `Stage1Task` (CVNet-Global) or `Stage2Task` (CVNet-Rerank), chosen by cfg.stage.
 
 Sharding (flax examples/gemma style, no pmap): a 1-D mesh `('data',)` over every device of
 every process; the global batch is split along 'data' (each process feeds its own slice,
@@ -6,8 +8,9 @@ assembled with `jax.make_array_from_process_local_data`); the train state is rep
 donated to the step. One compiled program serves the whole run.
 
 Checkpoints (`W/checkpoints/<step>/`, orbax CheckpointManager, async, keep-N): the whole
-train state (parameters, BatchNorm statistics, momentum encoder, optimizer state, queue,
-CurricularFace t, step) and the grain iterator state, so a restarted run continues the
+train state (stage 1: parameters, BatchNorm statistics, momentum encoder, optimizer
+state, queue, CurricularFace t, step; stage 2: head, optimizer state, frozen backbone, step)
+and the grain iterator state, so a restarted run continues the
 same data stream. Restarting with the same command resumes from the newest checkpoint;
 SIGTERM (preemption) saves one and exits. A NaN/Inf loss (or parameters) stops the run
 before it is checkpointed, so the newest checkpoint is always a good one.
@@ -15,6 +18,7 @@ before it is checkpointed, so the newest checkpoint is always a good one.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
@@ -26,7 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from scvnet_jax.data import training as data_lib
 from scvnet_jax.data.revisitop import InputError
-from scvnet_jax.training import stage1
+from scvnet_jax.training import stage1, stage2
 from scvnet_jax.training.logging import MetricsWriter
 
 EXIT_NONFINITE = 3
@@ -55,6 +59,21 @@ def compile_step(cfg, mesh: Mesh, num_classes: int):
                    out_shardings=(state_sh, repl), donate_argnums=0)
     init = jax.jit(lambda k, enc: stage1.init_state(cfg, num_classes, k, enc),
                    out_shardings=state_sh)
+    return step, state_sh, batch_sh, init, abstract
+
+
+def compile_rerank_step(cfg, mesh: Mesh):
+    """Stage 2: (jitted step, state shardings, batch sharding, jitted init(rng, CVNet
+    variables), abstract state)."""
+    from scvnet_jax.models import cvnet
+
+    arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim", "corr_dim")}
+    abstract = jax.eval_shape(lambda k, v: stage2.init_state(cfg, k, v),
+                              jax.random.PRNGKey(0), cvnet.abstract_variables(arch))
+    state_sh, batch_sh, repl = shardings(mesh, abstract)
+    step = jax.jit(stage2.make_train_step(cfg), in_shardings=(state_sh, batch_sh),
+                   out_shardings=(state_sh, repl), donate_argnums=0)
+    init = jax.jit(lambda k, v: stage2.init_state(cfg, k, v), out_shardings=state_sh)
     return step, state_sh, batch_sh, init, abstract
 
 
@@ -164,37 +183,202 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+class Stage1Task:
+    """Stage 1 (CVNet-Global): encoder + CurricularFace + momentum contrastive loss."""
+    name = "stage 1 (CVNet-Global)"
+    bar_keys = (("loss", "loss"), ("loss_cls", "cls"), ("loss_con", "con"), ("lr", "lr"))
+
+    def __init__(self, cfg, ts, mesh):
+        self.cfg, self.ts, self.mesh = cfg, ts, mesh
+        (self.step_fn, self.state_sh, self.batch_sh, self._init,
+         self.abstract) = compile_step(cfg, mesh, ts.num_classes)
+
+    def initial_state(self):
+        return self._init(jax.random.PRNGKey(self.cfg.seed), init_encoder_variables(self.cfg))
+
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def needs_new_iterator(self, step: int) -> bool:
+        return False
+
+    def iterator(self, step: int, state, data_state=None):
+        cfg = self.cfg
+        ds = data_lib.dataset(self.ts, augment_of(cfg), global_batch=cfg.batch_size,
+                              seed=cfg.seed, positive=cfg.data.positive,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+        return _iterator(cfg, ds, data_state)
+
+    def export(self, workdir: Path, state, step: int) -> Path:
+        return export_model(workdir, self.cfg, state, step)
+
+
+class Stage2Task:
+    """Stage 2 (CVNet-Rerank): frozen backbone, conv2ds + CVLearner trained on pairs; hard
+    negatives from a bank of the backbone's global descriptors (W/hard_negatives/)."""
+    name = "stage 2 (CVNet-Rerank)"
+    bar_keys = (("loss", "loss"), ("accuracy", "acc"), ("hard_negative_accuracy", "hard acc"),
+                ("hide_prob", "hide"), ("lr", "lr"))
+
+    def __init__(self, cfg, ts, mesh):
+        self.cfg, self.ts, self.mesh = cfg, ts, mesh
+        self.workdir: Path | None = None
+        self.version = None
+        self.arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim",
+                                                     "corr_dim")}
+        self._checkpoint = None
+        (self.step_fn, self.state_sh, self.batch_sh, self._init,
+         self.abstract) = compile_rerank_step(cfg, mesh)
+        repl = NamedSharding(mesh, P())
+        self._describe = jax.jit(stage2.make_descriptor_fn(cfg),
+                                 in_shardings=(self.state_sh.backbone, self.batch_sh),
+                                 out_shardings=repl)
+
+    def checkpoint_variables(self):
+        if self._checkpoint is None:
+            from scvnet_jax import convert
+            arch, v = convert.read_checkpoint(self.cfg.init_from)
+            if arch != self.arch:
+                raise InputError(f"{self.cfg.init_from}: holds a model with {arch}, but the "
+                                 f"config asks for {self.arch} (set --config.model.* to match)")
+            self._checkpoint = v
+        return self._checkpoint
+
+    def initial_state(self):
+        return self._init(jax.random.PRNGKey(self.cfg.seed), self.checkpoint_variables())
+
+    def batch_size(self) -> int:
+        return self.cfg.batch_size
+
+    def needs_new_iterator(self, step: int) -> bool:
+        return stage2.bank_version(self.cfg, step) != self.version
+
+    def iterator(self, step: int, state, data_state=None):
+        cfg = self.cfg
+        version = stage2.bank_version(cfg, step)
+        table = self.hard_negatives(version, state)
+        r = cfg.rerank
+        sampling = data_lib.PairSampling(
+            positive_fraction=float(r.positive_fraction), hard_ratio=tuple(r.hard_ratio),
+            curriculum_steps=int(r.curriculum_steps or cfg.total_steps))
+        ds = data_lib.rerank_dataset(self.ts, augment_of(cfg), sampling, table,
+                                     global_batch=cfg.batch_size, seed=cfg.seed,
+                                     process_index=jax.process_index(),
+                                     process_count=jax.process_count())
+        self.version = version
+        return _iterator(cfg, ds, data_state)
+
+    def hard_negatives(self, version: int, state) -> Path:
+        """W/hard_negatives/v<version>.npy: (N, bank_k) int32, built once per version (on
+        every process, identically) and reused on resume."""
+        cfg = self.cfg
+        path = self.workdir / "hard_negatives" / f"v{version}.npy"
+        n, k = self.ts.num_examples, int(cfg.rerank.bank_k)
+        if path.is_file():
+            t = np.load(path, mmap_mode="r")
+            if t.shape == (n, k) and t.dtype == np.int32:
+                return path
+        t0 = time.perf_counter()
+        desc = self.descriptor_bank(version, state)
+        labels = np.repeat(np.arange(self.ts.num_classes, dtype=np.int32),
+                           np.diff(self.ts.class_offsets))
+        table = stage2.hard_negative_table(desc, labels, k)
+        if jax.process_index() == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
+            np.save(tmp, table)
+            os.replace(tmp, path)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"hard_negatives_v{version}")
+        print(f"hard-negative bank v{version}: {n} descriptors, top-{k} other-landmark "
+              f"neighbours, {time.perf_counter() - t0:.1f} s")
+        return path
+
+    def descriptor_bank(self, version: int, state) -> np.ndarray:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        gb = int(cfg.rerank.bank_batch_size)
+        gb -= gb % jax.device_count()
+        gb = max(gb, jax.device_count())
+        ds = data_lib.bank_dataset(self.ts, augment_of(cfg), version=version, global_batch=gb,
+                                   seed=cfg.seed, process_index=jax.process_index(),
+                                   process_count=jax.process_count())
+        n = self.ts.num_examples
+        out = np.zeros((n, cfg.model.reduction_dim), np.float32)
+        it = data_lib.iterator(ds, threads=cfg.data.threads, prefetch=cfg.data.prefetch)
+        with tqdm(total=n, unit="img", desc=f"bank v{version}", dynamic_ncols=True,
+                  disable=jax.process_index() != 0) as bar:
+            for i, local in enumerate(it):
+                b = global_batch({"image": local["image"]}, self.batch_sh)
+                d = np.asarray(self._describe(state.backbone, b["image"]))
+                lo = i * gb
+                take = min(gb, n - lo)
+                out[lo:lo + take] = d[:take]
+                bar.update(take)
+        return out
+
+    def export(self, workdir: Path, state, step: int) -> Path:
+        from scvnet_jax.convert import model_dir
+
+        v = jax.tree.map(np.asarray, jax.device_get(stage2.variables(state)))
+        meta = {"trained_by": "scvnet_jax train.py, stage 2 (CVNet-Rerank)", "step": int(step),
+                "backbone": f"frozen, from {self.cfg.init_from}", "data": self.cfg.data.name}
+        return model_dir.save_model_dir(workdir / "model", self.arch, v, meta=meta,
+                                        overwrite=True)
+
+
+TASKS = {1: Stage1Task, 2: Stage2Task}
+
+
+def augment_of(cfg) -> data_lib.Augment:
+    return data_lib.Augment.from_config({**cfg.data.augment, "size": cfg.data.image_size})
+
+
+def _iterator(cfg, ds, data_state):
+    it = data_lib.iterator(ds, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
+                           workers=cfg.data.workers)
+    if data_state is not None:
+        it.set_state(data_state)
+    return it
+
+
+def make_task(cfg, ts, mesh):
+    if int(cfg.stage) not in TASKS:
+        raise ValueError(f"stage must be 1 (CVNet-Global) or 2 (CVNet-Rerank), got {cfg.stage}")
+    return TASKS[int(cfg.stage)](cfg, ts, mesh)
+
+
 def train(cfg, workdir, *, progress: bool = True) -> int:
     """Runs (or resumes) training in `workdir`; returns the exit status (0 = done)."""
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    stage1.check_config(cfg)
+    if int(cfg.stage) == 2:
+        stage2.check_config(cfg)         # before building or reading any data
+    else:
+        stage1.check_config(cfg)
     ts = training_set(cfg)
     mesh = make_mesh()
-    step_fn, state_sh, batch_sh, init_fn, abstract = compile_step(cfg, mesh, ts.num_classes)
-    ds = data_lib.dataset(ts, data_lib.Augment.from_config(
-        {**cfg.data.augment, "size": cfg.data.image_size}), global_batch=cfg.batch_size,
-        seed=cfg.seed, positive=cfg.data.positive, process_index=jax.process_index(),
-        process_count=jax.process_count())
-    it = data_lib.iterator(ds, threads=cfg.data.threads, prefetch=cfg.data.prefetch,
-                           workers=cfg.data.workers)
+    task = make_task(cfg, ts, mesh)
+    task.workdir = workdir
     mngr = checkpoint_manager(workdir, cfg)
     writer = MetricsWriter(workdir, enabled=lead)
     start = mngr.latest_step()
+    data_state = None
     if start is not None:
-        state, data_state = restore(mngr, start, abstract, state_sh)
-        it.set_state(data_state)
+        state, data_state = restore(mngr, start, task.abstract, task.state_sh)
         writer.truncate_after(start)
         print(f"resumed from {workdir / 'checkpoints' / str(start)} (step {start})")
     else:
         start = 0
-        enc = init_encoder_variables(cfg)
-        state = init_fn(jax.random.PRNGKey(cfg.seed), enc)
+        state = task.initial_state()
         if lead:
             (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=2) + "\n")
     if lead:
-        print(f"{jax.device_count()} device(s) ({jax.devices()[0].platform}), "
+        print(f"{task.name}: {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
               f"{jax.process_count()} process(es); global batch {cfg.batch_size}; "
               f"{ts.name}: {ts.num_examples} images, {ts.num_classes} classes")
 
@@ -203,20 +387,21 @@ def train(cfg, workdir, *, progress: bool = True) -> int:
     status = 0
     try:
         if start < total:
-            batch = global_batch(next(it), batch_sh)
+            it = task.iterator(start, state, data_state)
+            batch = global_batch(next(it), task.batch_sh)
             t0 = time.perf_counter()
-            compiled = step_fn.lower(state, batch).compile()
+            compiled = task.step_fn.lower(state, batch).compile()
             if lead:
                 print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
-            status, state = _loop(cfg, compiled, state, batch, it, batch_sh, mngr, writer,
-                                  start, preempt, lead, progress and lead)
+            status, state = _loop(cfg, task, compiled, state, batch, it, mngr, writer, start,
+                                  preempt, lead, progress and lead)
         elif total == 0:
             print("total_steps=0: exporting the initialisation (a random-init baseline)")
         else:
             print(f"already trained: step {start} >= total_steps {total}")
         if status == 0 and int(state.step) >= total and lead:
-            out = export_model(workdir, cfg, state, int(state.step))
-            print(f"model (stage-1 {cfg.export}) written to {out}")
+            out = task.export(workdir, state, int(state.step))
+            print(f"model ({task.name}) written to {out}")
     finally:
         mngr.wait_until_finished()
         mngr.close()
@@ -225,7 +410,7 @@ def train(cfg, workdir, *, progress: bool = True) -> int:
     return status
 
 
-def _loop(cfg, step_fn, state, batch, it, batch_sh, mngr, writer, start, preempt, lead,
+def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, lead,
           progress):
     """Steps from `start` to cfg.total_steps -> (exit status, last state)."""
     from tqdm import tqdm
@@ -254,11 +439,13 @@ def _loop(cfg, step_fn, state, batch, it, batch_sh, mngr, writer, start, preempt
                 dt = (now - t_last) / max(len(window), 1)
                 rec = {k: float(np.mean([h[k] for h in host])) for k in host[0]
                        if k != "finite"}
-                rec.update(step_time=dt, images_per_sec=cfg.batch_size / dt)
+                rate = "pairs_per_sec" if int(cfg.stage) == 2 else "images_per_sec"
+                rec.update({"step_time": dt, rate: cfg.batch_size / dt})
                 writer.write(step, rec)
-                bar.set_postfix_str(f"loss {_fmt(rec['loss'])} cls {_fmt(rec['loss_cls'])} "
-                                    f"con {_fmt(rec['loss_con'])} lr {_fmt(rec['lr'])} "
-                                    f"{rec['images_per_sec']:.1f} img/s {dt * 1000:.0f} ms/step")
+                bar.set_postfix_str(" ".join(f"{label} {_fmt(rec[k])}"
+                                             for k, label in task.bar_keys)
+                                    + f" {rec[rate]:.1f} {rate.split('_')[0]}/s "
+                                    f"{dt * 1000:.0f} ms/step")
                 if not progress and lead:
                     print(f"step {step}: " + json.dumps({k: round(v, 5) for k, v in
                                                           rec.items()}), flush=True)
@@ -269,7 +456,9 @@ def _loop(cfg, step_fn, state, batch, it, batch_sh, mngr, writer, start, preempt
                       "resume", file=sys.stderr)
                 return 0, state
             if step < total:
-                batch = global_batch(next(it), batch_sh)
+                if task.needs_new_iterator(step):   # stage 2: a refreshed descriptor bank
+                    it = task.iterator(step, state, it.get_state())
+                batch = global_batch(next(it), task.batch_sh)
     except NonFiniteLoss as e:
         bar.close()
         print(f"error: {e}", file=sys.stderr)
@@ -286,9 +475,10 @@ def _check_finite(metrics: dict, step: int, mngr) -> None:
     good = mngr.latest_step()
     where = (f"the last good checkpoint is step {good} in {mngr.directory}" if good is not None
              else "no checkpoint was written yet")
+    terms = ", ".join(f"{k}={h[k]}" for k in ("loss", "loss_cls", "loss_con", "grad_norm")
+                      if k in h)
     raise NonFiniteLoss(
-        f"non-finite training state at step {step} (loss={h['loss']}, loss_cls="
-        f"{h['loss_cls']}, loss_con={h['loss_con']}, grad_norm={h['grad_norm']}); stopped "
+        f"non-finite training state at step {step} ({terms}); stopped "
         f"without saving it; {where}. Lower --config.optimizer.lr or set "
         "--config.optimizer.clip_norm, then rerun to resume from that checkpoint.")
 

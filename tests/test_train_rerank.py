@@ -1,0 +1,193 @@
+"""Stage-2 training (CVNet-Rerank): hard-negative mining against brute force, Hide-and-Seek,
+the pair sampler and its curriculum, the zero-vector gradient, resume, and a shortened demo
+run whose trained head must improve on the global ranking it reranks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from test_train import REPO, TINY_OVERRIDES, _restore_params, run_train
+
+
+# --- the pieces --------------------------------------------------------------------------
+
+def test_hard_negative_table_matches_brute_force():
+    from scvnet_jax.training.stage2 import hard_negative_table
+
+    rng = np.random.default_rng(0)
+    desc = rng.normal(size=(53, 8)).astype(np.float32)
+    desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+    labels = np.repeat(np.arange(9), [1, 7, 6, 6, 6, 6, 6, 6, 9]).astype(np.int32)
+    table = hard_negative_table(desc, labels, k=5, max_block=7 * 53)   # several blocks + pad
+    sim = desc.astype(np.float64) @ desc.T.astype(np.float64)
+    for i in range(len(desc)):
+        others = np.flatnonzero(labels != labels[i])
+        want = others[np.argsort(-sim[i, others], kind="stable")[:5]]
+        np.testing.assert_array_equal(table[i], want)
+    # fewer other-landmark images than k: padded with -1
+    small = hard_negative_table(desc[:8], labels[:8], k=10)
+    assert (small[0, :7] >= 0).all() and (small[0, 7:] == -1).all()   # class 0: one image
+    assert set(small[1][small[1] >= 0]) == {0}
+
+
+def test_hide_and_seek():
+    from scvnet_jax.training.stage2 import hide_and_seek
+
+    f = jnp.ones((4, 7, 5, 3))
+    key = jax.random.PRNGKey(0)
+    np.testing.assert_array_equal(hide_and_seek(f, 0.0, key), f)
+    np.testing.assert_array_equal(hide_and_seek(f, 1.0, key), 0 * f)
+    h = np.asarray(hide_and_seek(jnp.ones((64, 8, 8, 2)), 0.3, key, cell=2))
+    assert (h[..., 0] == h[..., 1]).all()             # a cell hides all its channels
+    blocks = h[..., 0].reshape(64, 4, 2, 4, 2)
+    assert (blocks == blocks[:, :, :1, :, :1]).all()  # 2x2 blocks hide together
+    assert 0.2 < 1 - h.mean() < 0.4
+
+
+def test_norm_has_a_zero_gradient_at_zero():
+    """All-zero feature vectors (hidden cells) must not turn the gradient into NaN."""
+    from scvnet_jax.models import ops
+
+    x = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+    np.testing.assert_array_equal(ops.norm(x), [0.0, 5.0])
+    g = jax.grad(lambda v: ops.norm(v).sum())(x)
+    np.testing.assert_allclose(g, [[0.0, 0.0], [0.6, 0.8]])
+
+
+def test_pair_sampler_labels_and_curriculum(tmp_path):
+    from scvnet_jax.data import builders, training as data_lib
+
+    builders.prepare("demo", str(tmp_path))
+    ts = data_lib.open_training_set("demo_landmarks", str(tmp_path))
+    labels = np.repeat(np.arange(ts.num_classes), np.diff(ts.class_offsets))
+    n = ts.num_examples
+    # a table whose "hard" negatives are recognisable: image i -> the 3 images after its class
+    table = np.stack([(ts.class_offsets[labels[i] + 1] + np.arange(3)) % n for i in range(n)])
+    np.save(tmp_path / "table.npy", table.astype(np.int32))
+    aug = data_lib.Augment(size=32)
+    sampling = data_lib.PairSampling(positive_fraction=0.5, hard_ratio=(0.0, 1.0),
+                                     curriculum_steps=10, local_batch=4)
+    t = data_lib.RerankPairTransform(ts, aug, sampling, tmp_path / "table.npy")
+    import pickle
+    t = pickle.loads(pickle.dumps(t))                 # grain workers receive a copy
+    calls = []
+
+    def fake_record(i):                                # no decoding; remembers what was read
+        calls.append(int(i))
+        return np.full((40, 50, 3), i % 256, np.uint8), int(labels[i])
+
+    t._record = fake_record
+    hard_by_step = {}
+    for step in (0, 10):
+        stats = []
+        for k in range(400):
+            rng = np.random.default_rng(k)
+            idx = int(rng.integers(0, n))
+            out = t.random_map((step * 4 + k % 4, idx), np.random.default_rng(1000 + k))
+            assert out["query"].shape == (32, 32, 3) and out["candidate"].dtype == np.uint8
+            stats.append((int(out["label"]), bool(out["hard"])))
+        labs = np.array([s[0] for s in stats])
+        assert 0.4 < labs.mean() < 0.6
+        hard_by_step[step] = np.mean([h for lab, h in stats if lab == 0])
+        assert not any(h for lab, h in stats if lab == 1)
+    assert hard_by_step[0] == 0.0 and hard_by_step[10] == 1.0      # the ramp's two ends
+
+    # positives share the query's landmark; negatives never do; hard ones come from the table
+    seen = {"pos": 0, "neg": 0, "hard": 0}
+    for k in range(300):
+        calls.clear()
+        idx = int(np.random.default_rng(k).integers(0, n))
+        out = t.random_map((40 + k, idx), np.random.default_rng(k))
+        q, c = calls[0], calls[-1]
+        assert q == idx
+        if out["label"] == 1:
+            seen["pos"] += 1
+            assert labels[c] == labels[q]
+        else:
+            seen["neg"] += 1
+            assert labels[c] != labels[q]
+            if out["hard"]:
+                seen["hard"] += 1
+                assert c in table[q]
+    assert min(seen.values()) > 50, seen
+
+
+# --- the command line --------------------------------------------------------------------
+
+TINY_MODEL = {k: v for k, v in TINY_OVERRIDES.items() if k.startswith("model.")}
+TINY2 = ([f"--config.{k}={v}" for k, v in TINY_MODEL.items()]
+         + ["--config.data.image_size=64", "--config.batch_size=8", "--config.log_every_steps=2",
+            "--config.rerank.bank_refresh_steps=8", "--config.rerank.bank_k=4"])
+
+
+def run_rerank(workdir, *overrides, data_dir, wait=True, timeout=1200):
+    return run_train(workdir, *overrides, data_dir=data_dir, wait=wait, timeout=timeout,
+                     config="demo_rerank")
+
+
+@pytest.fixture(scope="module")
+def tiny_stage1(tmp_path_factory):
+    """A tiny stage-1 model (its initialisation) and the demo training set."""
+    root = tmp_path_factory.mktemp("stage1")
+    r = run_train(root / "w", *[f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()],
+                  "--config.total_steps=0", data_dir=root / "tfds")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return root / "w" / "model", root / "tfds"
+
+
+def test_stage2_needs_a_stage1_model(tmp_path):
+    r = run_rerank(tmp_path / "w", "--config.init_from=", data_dir=tmp_path / "tfds")
+    assert r.returncode == 2
+    assert "stage 2 needs --config.init_from" in r.stderr
+
+
+@pytest.mark.slow
+def test_stage2_sigkill_resume_is_exact_and_backbone_stays_frozen(tmp_path, tiny_stage1):
+    model, data = tiny_stage1
+    steps = ["--config.total_steps=20", "--config.checkpoint_every_steps=5",
+             f"--config.init_from={model}"]
+    full = run_rerank(tmp_path / "full", *TINY2, *steps, data_dir=data)
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "full" / "hard_negatives").iterdir()) == [
+        "v0.npy", "v1.npy", "v2.npy"]
+
+    work = tmp_path / "killed"
+    proc = run_rerank(work, *TINY2, *steps, data_dir=data, wait=False)
+    ckpt = work / "checkpoints" / "10"     # past the first bank refresh (step 8)
+    deadline = time.time() + 600
+    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    resumed = run_rerank(work, *TINY2, *steps, data_dir=data)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _restore_params(tmp_path / "full", 20), _restore_params(work, 20)
+    for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(p))
+
+    import scvnet_jax as sj
+    before, after = sj.load(model).variables, sj.load(tmp_path / "full" / "model").variables
+    for c in ("params", "batch_stats"):       # backbone frozen, head trained
+        for x, y in zip(jax.tree.leaves(before[c]["encoder_q"]),
+                        jax.tree.leaves(after[c]["encoder_q"])):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    changed = [not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(
+        jax.tree.leaves(before["params"]["cv_learner"]),
+        jax.tree.leaves(after["params"]["cv_learner"]))]
+    assert all(changed)
+    recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == list(range(2, 21, 2))
+    assert recs[0]["hide_prob"] < recs[-1]["hide_prob"]
+    assert all(np.isfinite(r["loss"]) and "pairs_per_sec" in r for r in recs)
