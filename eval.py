@@ -1,5 +1,6 @@
 """Evaluate CVNet / SuperGlobal retrieval on the revisited Oxford and Paris benchmarks.
 
+    python eval.py --dataset demo          # the bundled demo model and benchmark, no download
     python eval.py --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
 
 DATA follows the revisitop layout: DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/.
@@ -22,6 +23,8 @@ import sys
 import time
 
 USAGE_EXAMPLES = """examples:
+  python eval.py --dataset demo
+  python eval.py --dataset demo --weights random
   python eval.py --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
   python eval.py --config configs/eval_minirevisit.py --weights r50.pyth --topk 10
   python eval.py --dataset rparis6k --data_dir DATA --weights converted/cvnet_r101 \\
@@ -38,10 +41,16 @@ def parse_args(argv):
     a = p.add_argument
     a("--config", help="a config file with get_config() (e.g. configs/eval_revisitop.py); "
                        "the flags below override its fields")
-    a("--dataset", choices=("roxford5k", "rparis6k"), help="benchmark (default: roxford5k)")
-    a("--data_dir", help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/")
-    a("--weights", help="official CVNet checkpoint (.pyth/.pth) or a directory written by "
-                        "`python -m scvnet_jax.convert`")
+    a("--dataset", choices=("roxford5k", "rparis6k", "demo"),
+      help="benchmark (default: roxford5k); 'demo' = the demo benchmark (generated from "
+           "photographs shipped with scikit-image) with the bundled demo model")
+    a("--data_dir", help="folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ "
+                         "(demo: default <cache_dir>/demo_benchmark, built on first use)")
+    a("--weights", help="official CVNet checkpoint (.pyth/.pth), a model directory (written by "
+                        "`python -m scvnet_jax.convert` or train.py), or 'random': an "
+                        "untrained model of the default model's shape (demo: the bundled "
+                        "demo model's; else the official R50's), seed 0. Default for demo: "
+                        "the bundled demo model")
     a("--pipelines", help="comma list of " + ", ".join(PIPELINES) + " (default: all four)")
     a("--topk", type=int, help="CVNet rerank depth (default: 100)")
     a("--protocol", choices=("official", "blind"),
@@ -67,11 +76,13 @@ def parse_args(argv):
 
 
 def build_config(args):
-    from scvnet_jax.evaluation.config import default_config
+    from scvnet_jax.evaluation.config import default_config, demo_config
 
     if args.config:
         from scvnet_jax.config_files import load_config
         cfg = load_config(args.config)
+    elif args.dataset == "demo":
+        cfg = demo_config()
     else:
         cfg = default_config()
     for name in ("dataset", "data_dir", "weights", "distractors", "distractors_dir", "output",
@@ -89,6 +100,23 @@ def build_config(args):
     return cfg
 
 
+OFFICIAL_R50 = dict(depth=50, width=64, reduction_dim=2048, corr_dim=256)
+
+
+def load_model(weights: str, dataset: str, dtype):
+    """The model to evaluate; 'random' = untrained, shaped like the dataset's default model."""
+    import scvnet_jax as sj
+
+    if weights != "random":
+        return sj.load(weights, dtype=dtype)
+    if dataset == "demo":
+        from scvnet_jax.convert import model_dir
+        arch = model_dir.read_config(sj.demo_model_path())["arch"]
+    else:
+        arch = OFFICIAL_R50
+    return sj.create(**arch, seed=0, dtype=dtype)
+
+
 def run(cfg) -> int:
     import jax.numpy as jnp
 
@@ -96,12 +124,20 @@ def run(cfg) -> int:
     from scvnet_jax.data.revisitop import InputError, load_dataset, read_distractor_list
     from scvnet_jax.evaluation import pipelines, report, visuals
 
+    if cfg.dataset == "demo":
+        from scvnet_jax.data import demo
+        from scvnet_jax.evaluation.config import default_cache_dir
+        if not cfg.data_dir:
+            cfg.data_dir = os.path.join(cfg.cache_dir or default_cache_dir(), "demo_benchmark")
+        demo.build_benchmark(cfg.data_dir)    # a few seconds, once
+        if not cfg.weights:
+            cfg.weights = str(sj.demo_model_path())
     if not cfg.data_dir:
         raise InputError("--data_dir is required (the folder holding "
                          f"{cfg.dataset}/gnd_{cfg.dataset}.pkl)")
     if not cfg.weights:
         raise sj.CheckpointError("--weights is required (an official .pyth/.pth or a converted "
-                                 "model directory)")
+                                 "model directory, or 'random')")
     t0 = time.time()
     import jax
     if cfg.cache_dir and not jax.config.jax_compilation_cache_dir:
@@ -111,7 +147,7 @@ def run(cfg) -> int:
     dataset = load_dataset(cfg.data_dir, cfg.dataset)
     distractors = (read_distractor_list(cfg.distractors, cfg.distractors_dir or None)
                    if cfg.distractors else None)
-    model = sj.load(cfg.weights, dtype=jnp.dtype(cfg.dtype))
+    model = load_model(cfg.weights, cfg.dataset, jnp.dtype(cfg.dtype))
     n_db = dataset.n_db + len(distractors or [])
     print(f"{dataset.name}: {dataset.n_queries} queries, {n_db} database images"
           f"{f' ({len(distractors)} distractors)' if distractors else ''}; "

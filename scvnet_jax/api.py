@@ -9,6 +9,7 @@ files of the same architecture share compiled code.
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -166,6 +167,15 @@ def load(path, *, depth: int | None = None, dtype=jnp.float32,
     """
     module, variables = cvnet.load(path, depth=depth, dtype=dtype, precision=precision)
     return RetrievalModel(module, variables, source=str(path))
+
+
+DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
+
+
+def demo_model_path() -> Path:
+    """The bundled demo model (a width-16 ResNet-50 CVNet trained by configs/demo.py and
+    configs/demo_rerank.py on the demo set): `sj.load(sj.demo_model_path())`."""
+    return DEMO_MODEL
 
 
 def create(depth: int = 50, *, width: int = 64, reduction_dim: int = 2048,

@@ -101,7 +101,8 @@ def _load_config(name):
     return load_module(REPO / "configs" / f"{name}.py")
 
 
-@pytest.mark.parametrize("name", ["cvnet_r50", "cvnet_r101", "demo"])
+@pytest.mark.parametrize("name", ["cvnet_r50", "cvnet_r101", "demo", "cvnet_r50_rerank",
+                                  "demo_rerank"])
 def test_configs_document_command_and_have_contract_fields(name):
     mod = _load_config(name)
     cfg = mod.get_config()

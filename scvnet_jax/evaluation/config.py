@@ -46,3 +46,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.chunk_size = 256       # images per cached chunk
     c.workers = 4            # image-decoding threads
     return c
+
+
+def demo_config() -> ml_collections.ConfigDict:
+    """`python eval.py --dataset demo`: the bundled demo model on the demo benchmark (30
+    queries, 210 database images of 160 px, generated on first use into the cache folder)."""
+    c = default_config()
+    c.dataset = "demo"
+    c.data_dir = ""          # "" = <cache_dir>/demo_benchmark (built there on first use)
+    c.weights = ""           # "" = the bundled demo model (scvnet_jax/assets/demo_model)
+    c.bucket = 256           # every demo image fits one 256 x 256 bucket: few compilations
+    c.feature_bucket = 16
+    c.batch_size = 16
+    return c
