@@ -12,11 +12,15 @@ def _readme():
     return (REPO / "README.md").read_text()
 
 
-def test_ci_runs_the_readme_setup_commands():
-    setup = re.search(r"## Set up.*?```bash\n(.*?)```", _readme(), re.S).group(1)
-    ci = (REPO / ".ci" / "run").read_text()
-    for line in setup.strip().splitlines():
-        assert line in ci.splitlines(), f".ci/run does not run the README's {line!r}"
+def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
+    readme = _readme()
+    setup = re.search(r"## Set up.*?```bash\n(.*?)```", readme, re.S)
+    assert re.search(r"^## (.*)$", readme, re.M).group(1) == "Set up"   # the first section
+    demo, tests = setup.group(1).strip().splitlines()
+    assert "pip install -e ." in demo and demo.endswith("python eval.py --dataset demo")
+    assert 'pip install -e ".[test]"' in tests and tests.endswith("python -m pytest -q")
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert tests in ci, f".ci/run does not run the README's {tests!r} verbatim"
 
 
 def test_api_tour_output_matches_readme(official_checkpoint):
