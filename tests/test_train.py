@@ -234,6 +234,24 @@ def _restore_params(workdir, step):
     return ocp.StandardCheckpointer().restore(path)
 
 
+def kill_at_checkpoint(proc, ckpt: Path) -> None:
+    """SIGKILLs a train.py process as soon as checkpoint directory `ckpt` appears."""
+    deadline = time.time() + 600
+    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+def assert_same_checkpoint(workdir_a, workdir_b, step: int) -> None:
+    """Every leaf of the two runs' train states at `step` is bit-identical."""
+    a, b = _restore_params(workdir_a, step), _restore_params(workdir_b, step)
+    for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(p))
+
+
 @pytest.mark.slow
 def test_sigkill_resume_ends_with_the_same_parameters(tmp_path):
     data = tmp_path / "tfds"
@@ -243,22 +261,13 @@ def test_sigkill_resume_ends_with_the_same_parameters(tmp_path):
 
     work = tmp_path / "killed"
     proc = run_train(work, *TINY, *steps, data_dir=data, wait=False)
-    ckpt = work / "checkpoints" / "6"
-    deadline = time.time() + 600
-    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_checkpoint(proc, work / "checkpoints" / "6")
     assert not (work / "checkpoints" / "24").exists()
 
     resumed = run_train(work, *TINY, *steps, data_dir=data)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a, b = _restore_params(tmp_path / "full", 24), _restore_params(work, 24)
-    for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                      err_msg=jax.tree_util.keystr(p))
+    assert_same_checkpoint(tmp_path / "full", work, 24)
     # metrics.jsonl: one record per logged step, none duplicated by the restart
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(2, 25, 2))

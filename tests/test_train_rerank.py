@@ -4,18 +4,13 @@ run whose trained head must improve on the global ranking it reranks."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import sys
-import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import REPO, TINY_OVERRIDES, _restore_params, run_train
+from test_train import TINY_OVERRIDES, assert_same_checkpoint, kill_at_checkpoint, run_train
 
 
 # --- the pieces --------------------------------------------------------------------------
@@ -162,20 +157,11 @@ def test_stage2_sigkill_resume_is_exact_and_backbone_stays_frozen(tmp_path, tiny
 
     work = tmp_path / "killed"
     proc = run_rerank(work, *TINY2, *steps, data_dir=data, wait=False)
-    ckpt = work / "checkpoints" / "10"     # past the first bank refresh (step 8)
-    deadline = time.time() + 600
-    while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    kill_at_checkpoint(proc, work / "checkpoints" / "10")   # past the bank refresh at 8
     resumed = run_rerank(work, *TINY2, *steps, data_dir=data)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a, b = _restore_params(tmp_path / "full", 20), _restore_params(work, 20)
-    for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                      err_msg=jax.tree_util.keystr(p))
+    assert_same_checkpoint(tmp_path / "full", work, 20)
 
     import scvnet_jax as sj
     before, after = sj.load(model).variables, sj.load(tmp_path / "full" / "model").variables
