@@ -73,6 +73,20 @@ def query_grid(query_ref: ImageRef, db_refs: Sequence[ImageRef], gnd_q: dict,
     return np.concatenate(out_rows + [legend], axis=0)
 
 
+def hits_row(query: np.ndarray, hits: Sequence[tuple[np.ndarray, str]],
+             title: str = "") -> np.ndarray:
+    """BGR image for unlabelled search results: the query (blue border), then each hit
+    (grey border) with its caption (e.g. the score) underneath."""
+    side = THUMB + 2 * BORDER
+    tiles = [_thumb(query, COLORS_BGR["query"])] + [_thumb(im, COLORS_BGR["junk"])
+                                                    for im, _ in hits]
+    captions = [title or "query"] + [c for _, c in hits]
+    cols = [np.concatenate([t, _text_tile([c], 36, side)], axis=0)
+            for t, c in zip(tiles, captions)]
+    gap = np.full((side + 36, BORDER * 2, 3), 255, np.uint8)
+    return np.concatenate([cols[0], gap] + cols[1:], axis=1)
+
+
 def save_all(out_dir, results: Sequence[PipelineResult], query_refs, db_refs, gnd, names,
              topn: int = 10) -> list[Path]:
     """Writes <out_dir>/<query name>.png for every query; official-protocol CVNet rerank
