@@ -100,20 +100,16 @@ def build_config(args):
     return cfg
 
 
-OFFICIAL_R50 = dict(depth=50, width=64, reduction_dim=2048, corr_dim=256)
-
-
 def load_model(weights: str, dataset: str, dtype):
     """The model to evaluate; 'random' = untrained, shaped like the dataset's default model."""
     import scvnet_jax as sj
 
     if weights != "random":
         return sj.load(weights, dtype=dtype)
+    arch = {}                    # sj.create's defaults: the official R50
     if dataset == "demo":
         from scvnet_jax.convert import model_dir
         arch = model_dir.read_config(sj.demo_model_path())["arch"]
-    else:
-        arch = OFFICIAL_R50
     return sj.create(**arch, seed=0, dtype=dtype)
 
 

@@ -57,8 +57,7 @@ def main(argv=None):
     if stage == 2:
         from scvnet_jax.models import cvnet
         step, _, batch_sh, init, _ = trainer.compile_rerank_step(cfg, mesh)
-        arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim", "corr_dim")}
-        state = init(jax.random.PRNGKey(0), cvnet.init(arch))
+        state = init(jax.random.PRNGKey(0), cvnet.init(cvnet.arch_kwargs(cfg.model)))
         batch = trainer.global_batch(dict(
             query=images(), candidate=images(), label=rng.integers(0, 2, b).astype(np.int32),
             hard=rng.random(b) < 0.5), batch_sh)

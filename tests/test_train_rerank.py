@@ -63,7 +63,7 @@ def test_pair_sampler_labels_and_curriculum(tmp_path):
 
     builders.prepare("demo", str(tmp_path))
     ts = data_lib.open_training_set("demo_landmarks", str(tmp_path))
-    labels = np.repeat(np.arange(ts.num_classes), np.diff(ts.class_offsets))
+    labels = ts.labels()
     n = ts.num_examples
     # a table whose "hard" negatives are recognisable: image i -> the 3 images after its class
     table = np.stack([(ts.class_offsets[labels[i] + 1] + np.arange(3)) % n for i in range(n)])

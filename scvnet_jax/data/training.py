@@ -104,6 +104,10 @@ class TrainingSet:
     num_classes: int
     class_offsets: np.ndarray     # (num_classes + 1,)
 
+    def labels(self) -> np.ndarray:
+        """(num_examples,) int32: each example's class (examples are sorted by class)."""
+        return np.repeat(np.arange(self.num_classes, dtype=np.int32), np.diff(self.class_offsets))
+
     def source(self):
         import tensorflow_datasets as tfds
 

@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scvnet_jax.data.training import linear_ramp
 from scvnet_jax.models.cvnet import CORR_SCALES, CVNet
 from scvnet_jax.training import stage1
 
@@ -63,11 +62,9 @@ def init_state(cfg, rng, checkpoint_variables) -> RerankState:
                 "batch_stats": checkpoint_variables["batch_stats"]["encoder_q"]}
     if cfg.rerank.head_init == "checkpoint":
         head = {k: p[k] for k in HEAD}
-    else:
-        s = 64
-        x = jnp.zeros((1, s, s, 3), jnp.float32)
-        fresh = model(cfg).init(rng, x, x)["params"]
-        head = {k: fresh[k] for k in HEAD}
+    else:   # initialises only the head: verification_logits touches nothing else
+        f = jnp.zeros((1, 8, 8, 16 * cfg.model.width), jnp.float32)
+        head = model(cfg).init(rng, f, f, method=CVNet.verification_logits)["params"]
     return RerankState(step=jnp.zeros((), jnp.int32), params=head,
                        opt_state=stage1.optimizer(cfg).init(head), backbone=backbone)
 
@@ -82,13 +79,9 @@ def hide_and_seek(f, prob, rng, cell: int = 1):
     return f * keep[..., None].astype(f.dtype)
 
 
-def curriculum(cfg, step) -> dict:
-    """The stage-2 curricula at `step` (host-side floats): hard-negative ratio and
-    Hide-and-Seek probability, each ramped linearly over cfg.rerank.curriculum_steps."""
-    r = cfg.rerank
-    n = int(r.curriculum_steps or cfg.total_steps)
-    return {"hard_ratio": linear_ramp(*r.hard_ratio, n, step),
-            "hide_prob": linear_ramp(*r.hide_prob, n, step)}
+def curriculum_steps(cfg) -> int:
+    """Length of both curriculum ramps (hard-negative ratio, Hide-and-Seek probability)."""
+    return int(cfg.rerank.curriculum_steps or cfg.total_steps)
 
 
 def make_train_step(cfg) -> Callable[[RerankState, dict], tuple[RerankState, dict]]:
@@ -99,7 +92,7 @@ def make_train_step(cfg) -> Callable[[RerankState, dict], tuple[RerankState, dic
     lr = stage1.learning_rate(cfg)
     dtype = stage1.dtype_of(cfg.model.dtype)
     r = cfg.rerank
-    n_ramp = int(r.curriculum_steps or cfg.total_steps)
+    n_ramp = curriculum_steps(cfg)
     h0, h1 = (float(v) for v in r.hide_prob)
     base_key = jax.random.PRNGKey(int(cfg.seed) + 1)
 

@@ -17,8 +17,8 @@ before it is checkpointed, so the newest checkpoint is always a good one.
 """
 from __future__ import annotations
 
+import io
 import json
-import os
 import signal
 import sys
 import time
@@ -34,6 +34,7 @@ from scvnet_jax.training import stage1, stage2
 from scvnet_jax.training.logging import MetricsWriter
 
 EXIT_NONFINITE = 3
+ARCH_FIELDS = ("depth", "width", "reduction_dim", "corr_dim")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -67,9 +68,8 @@ def compile_rerank_step(cfg, mesh: Mesh):
     variables), abstract state)."""
     from scvnet_jax.models import cvnet
 
-    arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim", "corr_dim")}
     abstract = jax.eval_shape(lambda k, v: stage2.init_state(cfg, k, v),
-                              jax.random.PRNGKey(0), cvnet.abstract_variables(arch))
+                              jax.random.PRNGKey(0), cvnet.abstract_variables(cfg.model))
     state_sh, batch_sh, repl = shardings(mesh, abstract)
     step = jax.jit(stage2.make_train_step(cfg), in_shardings=(state_sh, batch_sh),
                    out_shardings=(state_sh, repl), donate_argnums=0)
@@ -94,17 +94,24 @@ def training_set(cfg):
     return data_lib.open_training_set("demo_landmarks", data_dir, cfg.data.split)
 
 
+def read_init_from(cfg, fields=ARCH_FIELDS):
+    """(arch, variables) of `cfg.init_from` (official checkpoint or model dir), after checking
+    that its architecture `fields` match cfg.model."""
+    from scvnet_jax import convert
+    arch, variables = convert.read_checkpoint(cfg.init_from)
+    want = {k: int(cfg.model[k]) for k in fields}
+    got = {k: arch[k] for k in fields}
+    if got != want:
+        raise InputError(f"{cfg.init_from}: holds a model with {got}, but the config asks for "
+                         f"{want} (set --config.model.* to match)")
+    return arch, variables
+
+
 def init_encoder_variables(cfg):
     """Encoder variables from `cfg.init_from` (official checkpoint or model dir), or None."""
     if not cfg.init_from:
         return None
-    from scvnet_jax import convert
-    arch, variables = convert.read_checkpoint(cfg.init_from)
-    want = {k: cfg.model[k] for k in ("depth", "width", "reduction_dim")}
-    got = {k: arch[k] for k in want}
-    if got != want:
-        raise InputError(f"{cfg.init_from}: holds a model with {got}, but the config asks for "
-                         f"{want} (set --config.model.* to match)")
+    _, variables = read_init_from(cfg, ("depth", "width", "reduction_dim"))
     return {c: variables[c]["encoder_q"] for c in ("params", "batch_stats")}
 
 
@@ -146,7 +153,7 @@ def export_model(workdir: Path, cfg, state, step: int) -> Path:
     from scvnet_jax.convert import model_dir
     from scvnet_jax.models import cvnet
 
-    arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim", "corr_dim")}
+    arch = cvnet.arch_kwargs(cfg.model)
     base, head = None, "random (untrained)"
     if cfg.init_from:
         from scvnet_jax import convert
@@ -186,18 +193,17 @@ def _fmt(x: float) -> str:
 class Stage1Task:
     """Stage 1 (CVNet-Global): encoder + CurricularFace + momentum contrastive loss."""
     name = "stage 1 (CVNet-Global)"
+    rate = "images_per_sec"
     bar_keys = (("loss", "loss"), ("loss_cls", "cls"), ("loss_con", "con"), ("lr", "lr"))
+    check_config = staticmethod(stage1.check_config)
 
     def __init__(self, cfg, ts, mesh):
-        self.cfg, self.ts, self.mesh = cfg, ts, mesh
+        self.cfg, self.ts = cfg, ts
         (self.step_fn, self.state_sh, self.batch_sh, self._init,
          self.abstract) = compile_step(cfg, mesh, ts.num_classes)
 
     def initial_state(self):
         return self._init(jax.random.PRNGKey(self.cfg.seed), init_encoder_variables(self.cfg))
-
-    def batch_size(self) -> int:
-        return self.cfg.batch_size
 
     def needs_new_iterator(self, step: int) -> bool:
         return False
@@ -218,16 +224,15 @@ class Stage2Task:
     """Stage 2 (CVNet-Rerank): frozen backbone, conv2ds + CVLearner trained on pairs; hard
     negatives from a bank of the backbone's global descriptors (W/hard_negatives/)."""
     name = "stage 2 (CVNet-Rerank)"
+    rate = "pairs_per_sec"
+    check_config = staticmethod(stage2.check_config)
     bar_keys = (("loss", "loss"), ("accuracy", "acc"), ("hard_negative_accuracy", "hard acc"),
                 ("hide_prob", "hide"), ("lr", "lr"))
 
     def __init__(self, cfg, ts, mesh):
-        self.cfg, self.ts, self.mesh = cfg, ts, mesh
+        self.cfg, self.ts = cfg, ts
         self.workdir: Path | None = None
         self.version = None
-        self.arch = {k: int(cfg.model[k]) for k in ("depth", "width", "reduction_dim",
-                                                     "corr_dim")}
-        self._checkpoint = None
         (self.step_fn, self.state_sh, self.batch_sh, self._init,
          self.abstract) = compile_rerank_step(cfg, mesh)
         repl = NamedSharding(mesh, P())
@@ -235,21 +240,9 @@ class Stage2Task:
                                  in_shardings=(self.state_sh.backbone, self.batch_sh),
                                  out_shardings=repl)
 
-    def checkpoint_variables(self):
-        if self._checkpoint is None:
-            from scvnet_jax import convert
-            arch, v = convert.read_checkpoint(self.cfg.init_from)
-            if arch != self.arch:
-                raise InputError(f"{self.cfg.init_from}: holds a model with {arch}, but the "
-                                 f"config asks for {self.arch} (set --config.model.* to match)")
-            self._checkpoint = v
-        return self._checkpoint
-
     def initial_state(self):
-        return self._init(jax.random.PRNGKey(self.cfg.seed), self.checkpoint_variables())
-
-    def batch_size(self) -> int:
-        return self.cfg.batch_size
+        _, variables = read_init_from(self.cfg)
+        return self._init(jax.random.PRNGKey(self.cfg.seed), variables)
 
     def needs_new_iterator(self, step: int) -> bool:
         return stage2.bank_version(self.cfg, step) != self.version
@@ -261,7 +254,7 @@ class Stage2Task:
         r = cfg.rerank
         sampling = data_lib.PairSampling(
             positive_fraction=float(r.positive_fraction), hard_ratio=tuple(r.hard_ratio),
-            curriculum_steps=int(r.curriculum_steps or cfg.total_steps))
+            curriculum_steps=stage2.curriculum_steps(cfg))
         ds = data_lib.rerank_dataset(self.ts, augment_of(cfg), sampling, table,
                                      global_batch=cfg.batch_size, seed=cfg.seed,
                                      process_index=jax.process_index(),
@@ -281,14 +274,12 @@ class Stage2Task:
                 return path
         t0 = time.perf_counter()
         desc = self.descriptor_bank(version, state)
-        labels = np.repeat(np.arange(self.ts.num_classes, dtype=np.int32),
-                           np.diff(self.ts.class_offsets))
-        table = stage2.hard_negative_table(desc, labels, k)
+        table = stage2.hard_negative_table(desc, self.ts.labels(), k)
         if jax.process_index() == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
-            np.save(tmp, table)
-            os.replace(tmp, path)
+            from scvnet_jax.evaluation.cache import atomic_write_bytes
+            buf = io.BytesIO()
+            np.save(buf, table)
+            atomic_write_bytes(path, buf.getvalue())
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"hard_negatives_v{version}")
@@ -326,7 +317,7 @@ class Stage2Task:
         v = jax.tree.map(np.asarray, jax.device_get(stage2.variables(state)))
         meta = {"trained_by": "scvnet_jax train.py, stage 2 (CVNet-Rerank)", "step": int(step),
                 "backbone": f"frozen, from {self.cfg.init_from}", "data": self.cfg.data.name}
-        return model_dir.save_model_dir(workdir / "model", self.arch, v, meta=meta,
+        return model_dir.save_model_dir(workdir / "model", self.cfg.model, v, meta=meta,
                                         overwrite=True)
 
 
@@ -345,10 +336,10 @@ def _iterator(cfg, ds, data_state):
     return it
 
 
-def make_task(cfg, ts, mesh):
+def task_class(cfg):
     if int(cfg.stage) not in TASKS:
         raise ValueError(f"stage must be 1 (CVNet-Global) or 2 (CVNet-Rerank), got {cfg.stage}")
-    return TASKS[int(cfg.stage)](cfg, ts, mesh)
+    return TASKS[int(cfg.stage)]
 
 
 def train(cfg, workdir, *, progress: bool = True) -> int:
@@ -356,13 +347,10 @@ def train(cfg, workdir, *, progress: bool = True) -> int:
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
-    if int(cfg.stage) == 2:
-        stage2.check_config(cfg)         # before building or reading any data
-    else:
-        stage1.check_config(cfg)
+    Task = task_class(cfg)
+    Task.check_config(cfg)               # before building or reading any data
     ts = training_set(cfg)
-    mesh = make_mesh()
-    task = make_task(cfg, ts, mesh)
+    task = Task(cfg, ts, make_mesh())
     task.workdir = workdir
     mngr = checkpoint_manager(workdir, cfg)
     writer = MetricsWriter(workdir, enabled=lead)
@@ -439,7 +427,7 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, le
                 dt = (now - t_last) / max(len(window), 1)
                 rec = {k: float(np.mean([h[k] for h in host])) for k in host[0]
                        if k != "finite"}
-                rate = "pairs_per_sec" if int(cfg.stage) == 2 else "images_per_sec"
+                rate = task.rate
                 rec.update({"step_time": dt, rate: cfg.batch_size / dt})
                 writer.write(step, rec)
                 bar.set_postfix_str(" ".join(f"{label} {_fmt(rec[k])}"
