@@ -1,14 +1,20 @@
-r"""Train CVNet (stage 1: CVNet-Global) on GLDv2-clean, the demo set, or your own TFDS set.
+r"""Train CVNet on GLDv2-clean, the demo set, or your own TFDS set, in two stages chosen by
+the config: stage 1 (CVNet-Global: the backbone and global descriptor), then stage 2
+(CVNet-Rerank: the rerank head on the frozen stage-1 backbone, --config.init_from=<stage-1
+W/model>; hard negatives, Hide-and-Seek and their curriculum).
 
     python train.py --config configs/demo.py --workdir runs/demo
+    python train.py --config configs/demo_rerank.py --workdir runs/demo_rerank
     python train.py --config configs/cvnet_r50.py --workdir runs/cvnet_r50 \
         --config.data.data_dir=/data/tfds --config.init_from=CVPR2022_CVNet_R50.pyth
     python train.py --config configs/cvnet_r50.py --workdir W --config.optimizer.lr=0.005
+    python train.py --config configs/cvnet_r50_rerank.py --workdir runs/cvnet_r50_rerank \
+        --config.data.data_dir=/data/tfds --config.init_from=runs/cvnet_r50/model
 
 Any config field can be overridden with --config.<field>=<value>. The run writes
 W/checkpoints/ (orbax; resumable), W/metrics.jsonl (one JSON object per logged step),
-W/tensorboard/ (TensorBoard summaries), W/config.json, and when done W/model/, a model
-directory that eval.py and scvnet_jax.load read. Rerun the same command to resume after a
+W/tensorboard/ (TensorBoard summaries), W/config.json, stage 2 also W/hard_negatives/, and
+when done W/model/, a model directory that eval.py and scvnet_jax.load read. Rerun the same command to resume after a
 crash or preemption. Multi-host (TPU pod slice, multi-node GPU): run the same command on
 every host with --distributed (the workdir must be a shared filesystem). Exit status: 0 done, 2 bad input, 3 non-finite loss.
 """
