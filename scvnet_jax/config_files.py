@@ -1,6 +1,7 @@
 """Config files are Python files with `get_config()` (big_vision style); this loads one by
-path, for eval.py, the benchmarks and configs that build on another config. (train.py goes
-through ml_collections' config_flags, which does the same and adds --config.x overrides.)"""
+path, for the benchmarks and tests. (The entry points go through ml_collections'
+config_flags, which does the same and adds --config.x overrides; configs that build on
+another import it from `scvnet_jax.configs`.)"""
 from __future__ import annotations
 
 import importlib.util

@@ -17,35 +17,37 @@ from pathlib import Path
 from scvnet_jax.convert import mapping
 from scvnet_jax.convert.model_dir import (is_model_dir, load_model_dir, read_config,
                                          save_model_dir)
-from scvnet_jax.convert.torch_file import CheckpointError, load_torch_file
+from scvnet_jax.convert.torch_file import load_torch_file
+from scvnet_jax.errors import CheckpointError, ScvnetError
+from scvnet_jax.models.arch import Arch
+from scvnet_jax.models.cvnet import CVNet, abstract_variables, resolve_precision
 
-__all__ = ["CheckpointError", "load_torch_file", "read_official", "read_checkpoint",
-           "convert", "save_model_dir", "load_model_dir", "main"]
+__all__ = ["CheckpointError", "load_torch_file", "read_official", "read_checkpoint", "load",
+           "convert", "save_model_dir", "load_model_dir", "read_config", "main"]
 
 
-def read_official(path, *, depth: int | None = None):
+def read_official(path, *, depth: int | None = None) -> tuple[Arch, dict]:
     """(arch, variables) from an official PyTorch checkpoint file.
 
     The architecture is read off the state dict; `depth`, if given, overrides the detected
     depth, so an R50 file asked to load as R101 fails with the list of missing keys.
     """
-    from scvnet_jax.models.cvnet import abstract_variables
+    import dataclasses
 
     source = os.fspath(path)
     sd = mapping.strip_wrappers(load_torch_file(source), source)
     arch = mapping.infer_arch(sd, source)
     if depth is not None:
-        arch["depth"] = int(depth)
-    try:
-        expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
-    except KeyError:
-        raise CheckpointError(f"depth {arch['depth']} is not a supported ResNet depth "
-                              "(50, 101, 152)") from None
+        try:
+            arch = dataclasses.replace(arch, depth=int(depth))
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+    expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
     mapping.check_state_dict(sd, expected, source, arch)
     return arch, mapping.state_dict_to_variables(sd)
 
 
-def read_checkpoint(path, *, depth: int | None = None):
+def read_checkpoint(path, *, depth: int | None = None) -> tuple[Arch, dict]:
     """(arch, variables) from an official checkpoint file or a converted model directory."""
     if is_model_dir(path):
         return load_model_dir(path, depth=depth)
@@ -53,6 +55,20 @@ def read_checkpoint(path, *, depth: int | None = None):
         raise CheckpointError(f"{path}: a directory without config.json; expected a "
                               "directory written by `python -m scvnet_jax.convert`")
     return read_official(path, depth=depth)
+
+
+def load(path, *, depth: int | None = None, dtype=None, precision="auto"):
+    """big_vision-style loader: (CVNet module, variables) from an official `.pyth`/`.pth`
+    checkpoint or a model directory (written by the converter or train.py).
+
+    precision "auto" means float32-exact matmuls/convs ("highest") for float32 models (so
+    GPUs/TPUs match the official outputs) and the backend default for other dtypes.
+    """
+    import jax.numpy as jnp
+
+    dtype = jnp.float32 if dtype is None else dtype
+    arch, variables = read_checkpoint(path, depth=depth)
+    return CVNet(arch, dtype=dtype, precision=resolve_precision(dtype, precision)), variables
 
 
 def convert(in_path, out_dir, *, depth: int | None = None, overwrite: bool = False) -> Path:
@@ -74,14 +90,12 @@ def main(argv=None) -> int:
     parser.add_argument("--depth", type=int, choices=(50, 101, 152), default=None,
                         help="expected ResNet depth (default: detected from the checkpoint)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace OUTPUT if it exists and is not empty")
+                        help="replace OUTPUT if it is an existing model directory")
     args = parser.parse_args(argv)
     try:
         out = convert(args.input, args.output, depth=args.depth, overwrite=args.overwrite)
-    except (CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except ScvnetError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    arch = read_config(out)["arch"]
-    print(f"wrote {out}: CVNet-R{arch['depth']} "
-          f"({', '.join(f'{k}={v}' for k, v in arch.items())})")
+        return e.exit_code
+    print(f"wrote {out}: {read_config(out)['arch']}")
     return 0

@@ -23,10 +23,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from scvnet_jax.convert.torch_file import CheckpointError
+from scvnet_jax.errors import CheckpointError
+from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import depth_from_stage_blocks
-
-ARCH_FIELDS = ("depth", "width", "reduction_dim", "corr_dim")
 _LIST_ITEM = re.compile(r"^(.*)_(\d+)$")
 _SKIPPED_LEAVES = ("num_batches_tracked",)
 
@@ -113,7 +112,7 @@ def strip_wrappers(obj: Any, source: str) -> dict[str, np.ndarray]:
     return sd
 
 
-def infer_arch(sd: Mapping[str, np.ndarray], source: str) -> dict[str, int]:
+def infer_arch(sd: Mapping[str, np.ndarray], source: str) -> Arch:
     """Reads depth, width, reduction_dim and corr_dim off an official state dict."""
     blocks = []
     for stage in range(1, 5):
@@ -131,9 +130,12 @@ def infer_arch(sd: Mapping[str, np.ndarray], source: str) -> dict[str, int]:
     def dim(key, axis, default):
         return int(sd[key].shape[axis]) if key in sd and sd[key].ndim > axis else default
 
-    return dict(depth=depth, width=dim("encoder_q.stem.conv.weight", 0, 64),
-                reduction_dim=dim("encoder_q.head.fc.weight", 0, 2048),
-                corr_dim=dim("conv2ds.0.weight", 0, 256))
+    try:
+        return Arch(depth=depth, width=dim("encoder_q.stem.conv.weight", 0, 64),
+                    reduction_dim=dim("encoder_q.head.fc.weight", 0, 2048),
+                    corr_dim=dim("conv2ds.0.weight", 0, 256))
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from None
 
 
 def _natural(key: str):
@@ -155,7 +157,7 @@ def _summary(items, limit=12) -> str:
 
 
 def check_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], source: str,
-                 arch: Mapping[str, int]) -> None:
+                 arch: Arch) -> None:
     """Raises one CheckpointError listing missing, unexpected and mis-shaped keys."""
     missing = set(expected) - set(got)
     unexpected = set(got) - set(expected)
@@ -163,8 +165,7 @@ def check_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], source
                  for k in sorted(set(got) & set(expected)) if tuple(got[k]) != tuple(expected[k])]
     if not (missing or unexpected or misshaped):
         return
-    lines = [f"{source} does not fit CVNet-R{arch['depth']} "
-             f"({', '.join(f'{k}={v}' for k, v in arch.items())}):"]
+    lines = [f"{source} does not fit {arch}:"]
     if missing:
         lines.append(f"  missing keys ({len(missing)}): {_summary(missing)}")
     if unexpected:
@@ -175,7 +176,7 @@ def check_shapes(got: Mapping[str, tuple], expected: Mapping[str, tuple], source
 
 
 def check_state_dict(sd: Mapping[str, np.ndarray], expected: Mapping[str, tuple],
-                     source: str, arch: Mapping[str, int]) -> None:
+                     source: str, arch: Arch) -> None:
     """`check_shapes` for an official state dict; BatchNorm `num_batches_tracked` entries
     are optional and ignored."""
     norm_modules = {k.rsplit(".", 1)[0] for k in expected if k.endswith(".running_mean")}
@@ -216,7 +217,7 @@ def variables_to_state_dict(variables: Mapping[str, Any]) -> dict[str, np.ndarra
     return sd
 
 
-__all__ = ["ARCH_FIELDS", "torch_to_flax", "flax_to_torch",
+__all__ = ["torch_to_flax", "flax_to_torch",
            "expected_state_dict_shapes", "strip_wrappers", "infer_arch", "check_shapes",
            "check_state_dict",
            "state_dict_to_variables", "variables_to_state_dict"]

@@ -8,7 +8,6 @@ against the architecture in the config, since orbax itself would restore a mis-s
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Mapping
@@ -16,8 +15,10 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
-from scvnet_jax.convert.mapping import ARCH_FIELDS, check_shapes, expected_state_dict_shapes
-from scvnet_jax.convert.torch_file import CheckpointError
+from scvnet_jax import files
+from scvnet_jax.convert.mapping import check_shapes, expected_state_dict_shapes
+from scvnet_jax.errors import CheckpointError
+from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.cvnet import abstract_variables
 
 FORMAT = "scvnet_jax.model"
@@ -30,31 +31,44 @@ def is_model_dir(path) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG).is_file()
 
 
-def save_model_dir(out_dir, arch: Mapping[str, int], variables: Mapping[str, Any], *,
+def _is_ours(path: Path) -> bool:
+    try:
+        return json.loads((path / CONFIG).read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
                    meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
-    """Writes `variables` and `arch` to `out_dir`; refuses a non-empty `out_dir` unless
-    `overwrite`. Nothing appears at `out_dir` until the write is complete."""
+    """Writes `variables` and `arch` to `out_dir`. An existing non-empty `out_dir` is
+    replaced only with `overwrite` and only if it is a model directory itself: nothing else
+    is ever deleted. Nothing appears at `out_dir` until the write is complete."""
     import orbax.checkpoint as ocp
 
+    arch = arch if isinstance(arch, Arch) else Arch.from_mapping(arch)
     out = Path(out_dir).resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty (pass overwrite=True / "
-                              "--overwrite to replace it)")
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise CheckpointError(f"{out} already exists and is not empty (pass "
+                                  "overwrite=True / --overwrite to replace a model directory)")
+        if not _is_ours(out):
+            raise CheckpointError(f"{out} exists and is not a scvnet_jax model directory; "
+                                  "refusing to replace it (choose another output path)")
+    tmp = files.staging_dir(out)
     try:
         host = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables))
-        ckptr = ocp.StandardCheckpointer()
+        # host NumPy arrays, written by this process alone: in a multi-process run only
+        # process 0 exports, and orbax's default would wait for the others at a barrier
+        me = jax.process_index()
+        alone = ocp.options.MultiprocessingOptions(
+            primary_host=me, active_processes={me}, barrier_sync_key_prefix=f"export{me}")
+        ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
         ckptr.save(tmp / STATE, host)
         ckptr.wait_until_finished()
-        config = {"format": FORMAT, "version": VERSION,
-                  "arch": {k: int(arch[k]) for k in ARCH_FIELDS}, "meta": dict(meta or {})}
+        config = {"format": FORMAT, "version": VERSION, "arch": arch.asdict(),
+                  "meta": dict(meta or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
+        files.replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +76,7 @@ def save_model_dir(out_dir, arch: Mapping[str, int], variables: Mapping[str, Any
 
 
 def read_config(path) -> dict:
+    """The model directory's config.json, checked; `cfg["arch"]` is an `Arch`."""
     cfg_path = Path(path) / CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -74,21 +89,24 @@ def read_config(path) -> dict:
         raise CheckpointError(f"{cfg_path}: model format version {cfg.get('version')!r}, this "
                               f"scvnet_jax reads version {VERSION}")
     arch = cfg.get("arch")
-    if not isinstance(arch, dict) or not all(isinstance(arch.get(k), int) for k in ARCH_FIELDS):
-        raise CheckpointError(f"{cfg_path}: 'arch' must hold the integers "
-                              f"{', '.join(ARCH_FIELDS)}")
+    try:
+        if not isinstance(arch, dict) or not all(type(arch.get(k)) is int for k in Arch.FIELDS):
+            raise ValueError("not integers")
+        cfg["arch"] = Arch.from_mapping(arch)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: 'arch' must hold the positive integers "
+                              f"{', '.join(Arch.FIELDS)} of a supported CVNet ({e})") from None
     return cfg
 
 
-def load_model_dir(path, *, depth: int | None = None):
+def load_model_dir(path, *, depth: int | None = None) -> tuple[Arch, dict]:
     """(arch, variables as NumPy) from a model directory; `depth`, if given, must match."""
     import orbax.checkpoint as ocp
 
     path = Path(path).resolve()
-    cfg = read_config(path)
-    arch = {k: cfg["arch"][k] for k in ARCH_FIELDS}
-    if depth is not None and int(depth) != arch["depth"]:
-        raise CheckpointError(f"{path}: holds a ResNet-{arch['depth']} CVNet, but depth "
+    arch = read_config(path)["arch"]
+    if depth is not None and int(depth) != arch.depth:
+        raise CheckpointError(f"{path}: holds a ResNet-{arch.depth} CVNet, but depth "
                               f"{depth} was asked for")
     state = path / STATE
     if not state.is_dir():

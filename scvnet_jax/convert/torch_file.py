@@ -24,11 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from scvnet_jax.errors import CheckpointError
 from scvnet_jax.safe_pickle import RestrictedUnpickler
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file could not be read or does not fit the model; the message says why."""
 
 
 # torch storage class name -> (numpy dtype, element size in bytes)
@@ -289,12 +286,12 @@ def load_torch_file(path: str | os.PathLike) -> Any:
     """Loads a `torch.save` file into Python objects with NumPy arrays for tensors.
 
     Raises:
-      FileNotFoundError: no such file.
-      CheckpointError: not a PyTorch checkpoint, truncated, or holding anything but data.
+      CheckpointError: no such file, not a PyTorch checkpoint, truncated, or holding anything
+        but data.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
+        raise CheckpointError(f"checkpoint file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":

@@ -1,9 +1,8 @@
-"""Revisited Oxford/Paris datasets (revisitop layout) and the official image reading.
+"""Revisited Oxford/Paris datasets (revisitop layout).
 
 Layout: `<data_dir>/<dataset>/gnd_<dataset>.pkl` (a dict with `imlist`, `qimlist` and per
-query `bbx`, `easy`, `hard`, `junk`) and `<data_dir>/<dataset>/jpg/<name>.jpg`.
-Images are read as `cv2.imread` does (BGR, 3 channels even for greyscale files); queries
-are cropped `im[int(y1):int(y2), int(x1):int(x2)]` with `bbx = (x1, y1, x2, y2)`.
+query `bbx`, `easy`, `hard`, `junk`) and `<data_dir>/<dataset>/jpg/<name>.jpg`. Images are
+read by `scvnet_jax.images.read_image` (queries cropped to their `bbx`).
 
 The ground-truth pickle is read by a restricted unpickler (plain containers and NumPy
 arrays only) and validated, so a malformed file stops with one message naming the file,
@@ -19,21 +18,10 @@ from typing import Sequence
 import numpy as np
 
 from scvnet_jax import safe_pickle
+from scvnet_jax.errors import InputError, first_few
+from scvnet_jax.images import ImageRef
 
 DATASETS = ("roxford5k", "rparis6k")
-CVNET_SCALES = (0.7071, 1.0, 1.4142)
-
-
-class InputError(ValueError):
-    """Bad input data (missing/corrupt image, malformed ground truth, ...); the message names
-    the file and what was expected."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRef:
-    """One image to read: its file and, for queries, the crop box (x1, y1, x2, y2)."""
-    path: str
-    bbx: tuple[float, float, float, float] | None = None
 
 
 @dataclasses.dataclass
@@ -148,45 +136,8 @@ def read_distractor_list(list_file, image_dir=None) -> list[ImageRef]:
     return [ImageRef(str(base / n)) for n in names]
 
 
-def first_few(items: Sequence, n: int = 3) -> str:
-    """'a, b, c (and 7 more)': the first `n` items of a list for an error message."""
-    more = f" (and {len(items) - n} more)" if len(items) > n else ""
-    return ", ".join(str(i) for i in items[:n]) + more
-
-
 def check_files_exist(refs: Sequence[ImageRef], what: str) -> None:
     """Fails early, naming the first missing files, before any work is done."""
     missing = [r.path for r in refs if not Path(r.path).is_file()]
     if missing:
         raise InputError(f"{len(missing)} {what} image(s) missing: {first_few(missing)}")
-
-
-def read_image(ref: ImageRef) -> np.ndarray:
-    """BGR uint8 image as `cv2.imread`, cropped to `ref.bbx` for queries."""
-    import cv2
-
-    im = cv2.imread(ref.path, cv2.IMREAD_COLOR)
-    if im is None:
-        raise InputError(f"{ref.path}: cannot read the image (missing, not an image, or "
-                         "corrupt); expected a JPEG/PNG file OpenCV can decode")
-    if ref.bbx is not None:
-        x1, y1, x2, y2 = ref.bbx
-        im = im[int(y1):int(y2), int(x1):int(x2)]
-        if im.shape[0] == 0 or im.shape[1] == 0:
-            raise InputError(f"{ref.path}: the query box {ref.bbx} crops nothing from this "
-                             f"image ({im.shape[1]}x{im.shape[0]} left)")
-    return im
-
-
-def cvnet_scales(im: np.ndarray, scales: Sequence[float] = CVNET_SCALES) -> list[np.ndarray]:
-    """The official CVNet multi-scale inputs: OpenCV INTER_AREA below 1, INTER_LINEAR above."""
-    import cv2
-
-    out = []
-    for s in scales:
-        if s == 1.0:
-            out.append(im)
-        else:
-            interp = cv2.INTER_AREA if s < 1.0 else cv2.INTER_LINEAR
-            out.append(cv2.resize(im, dsize=(0, 0), fx=s, fy=s, interpolation=interp))
-    return out

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax.models import ops
+from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import ResNet, stage_valid, superglobal_activations
 
 Dtype = Any
@@ -133,25 +134,19 @@ class CVNet(nn.Module):
     """The official `CVNet_Rerank` model (which also yields CVNet-Global and SuperGlobal).
 
     Attributes:
-      depth: ResNet depth, 50 / 101 (152 also builds).
-      width: ResNet stem width (64 for the official models; smaller for CPU demos).
-      reduction_dim: size of the global descriptor.
-      corr_dim: channels of the per-scale compressed local features (`conv2ds`).
+      arch: depth, width, reduction_dim and corr_dim (see `Arch`).
       dtype: computation dtype of the backbone (float32 for parity, bfloat16 for speed).
       precision: matmul/conv precision (None = backend default; 'highest' gives float32
         accuracy on GPUs/TPUs whose default uses reduced-precision passes).
     """
-    depth: int = 50
-    width: int = 64
-    reduction_dim: int = 2048
-    corr_dim: int = 256
+    arch: Arch = Arch()
     dtype: Dtype = jnp.float32
     precision: Precision = None
 
     def setup(self):
-        self.encoder_q = ResNet(self.depth, self.width, self.reduction_dim, self.dtype,
-                                self.precision)
-        self.conv2ds = [nn.Conv(self.corr_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+        a = self.arch
+        self.encoder_q = ResNet(a.depth, a.width, a.reduction_dim, self.dtype, self.precision)
+        self.conv2ds = [nn.Conv(a.corr_dim, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                                 precision=self.precision) for _ in CORR_SCALES]
         self.cv_learner = CVLearner(self.precision)
 
@@ -321,27 +316,18 @@ def correlation_plans(valid_q, valid_k, bucket_q, bucket_k) -> CorrelationPlans:
     return CorrelationPlans(out["query"], out["key"], out["query_back"], out["key_back"], valid4)
 
 
-def arch_kwargs(arch) -> dict:
-    """The architecture fields of a model config (depth, width, reduction_dim, corr_dim)."""
-    return {k: int(arch[k]) for k in ("depth", "width", "reduction_dim", "corr_dim") if k in arch}
-
-
 @functools.lru_cache(maxsize=16)
-def _abstract_variables(arch_items: tuple) -> dict:
-    model = CVNet(**dict(arch_items))
+def abstract_variables(arch: Arch) -> dict:
+    """Shapes and dtypes (jax.ShapeDtypeStruct) of every variable of a CVNet, without
+    allocating or computing anything."""
+    model = CVNet(arch)
     x = jax.ShapeDtypeStruct((1, 64, 64, 3), jnp.float32)
     return jax.eval_shape(lambda a, b: model.init(jax.random.PRNGKey(0), a, b), x, x)
 
 
-def abstract_variables(arch) -> dict:
-    """Shapes and dtypes (jax.ShapeDtypeStruct) of every variable of a CVNet, without
-    allocating or computing anything."""
-    return _abstract_variables(tuple(sorted(arch_kwargs(arch).items())))
-
-
-def init(arch, seed: int = 0) -> dict:
+def init(arch: Arch, seed: int = 0) -> dict:
     """Randomly initialised variables (Flax default initialisers; GeM p = 3)."""
-    model = CVNet(**arch_kwargs(arch))
+    model = CVNet(arch)
     x = jnp.zeros((1, 64, 64, 3), jnp.float32)
     return jax.jit(model.init)(jax.random.PRNGKey(seed), x, x)
 
@@ -352,15 +338,3 @@ def resolve_precision(dtype, precision):
     if precision == "auto":
         return "highest" if jnp.dtype(dtype) == jnp.float32 else None
     return precision
-
-
-def load(path, *, depth: int | None = None, dtype=jnp.float32, precision="auto"):
-    """big_vision-style loader: (CVNet module, variables) from an official `.pyth`/`.pth`
-    checkpoint or a directory written by `python -m scvnet_jax.convert`.
-
-    precision "auto" means float32-exact matmuls/convs ("highest") for float32 models (so
-    GPUs/TPUs match the official outputs) and the backend default for other dtypes.
-    """
-    from scvnet_jax import convert  # the converter imports this module
-    arch, variables = convert.read_checkpoint(path, depth=depth)
-    return CVNet(**arch, dtype=dtype, precision=resolve_precision(dtype, precision)), variables

@@ -1,0 +1,94 @@
+"""Devices and processes: the one-axis device mesh that training and retrieval share.
+
+Training runs one program over every device of every process (`make_mesh()`); retrieval
+runs independent programs per process over that process's devices (`local_mesh()`), each
+process working on its own share of the images, and then gathers the results
+(`allgather_rows`). Batches are split along the mesh axis 'data'; weights are replicated.
+No pmap: `jax.jit` with NamedShardings (flax examples/gemma style).
+"""
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh over `devices` (default: every device of every process)."""
+    devices = np.asarray(devices if devices is not None else jax.devices())
+    return Mesh(devices.reshape(-1), (AXIS,))
+
+
+def local_mesh() -> Mesh:
+    """A 1-D mesh over this process's devices."""
+    return make_mesh(jax.local_devices())
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Splits the leading (batch) axis over the mesh."""
+    return NamedSharding(mesh, P(AXIS))
+
+
+def global_batch(local: dict, sharding: NamedSharding) -> dict:
+    """{name: this process's rows} -> {name: global jax.Array} (every process calls it with
+    its own slice of the global batch)."""
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local.items()}
+
+
+def put_batch(tree, mesh: Mesh, batch: int):
+    """Places a pytree of host arrays on `mesh` (single process): leaves whose leading axis
+    is `batch` are split over the devices when `batch` divides evenly, everything else is
+    replicated."""
+    n = mesh.devices.size
+    split = batch_sharding(mesh) if n > 1 and batch % n == 0 else replicated(mesh)
+    repl = replicated(mesh)
+
+    def put(x):
+        x = np.asarray(x) if not isinstance(x, jax.Array) else x
+        return jax.device_put(x, split if x.ndim and x.shape[0] == batch else repl)
+
+    return jax.tree.map(put, tree)
+
+
+def process_index() -> int:
+    return jax.process_index()
+
+
+def process_count() -> int:
+    return jax.process_count()
+
+
+def owner(i: int) -> int:
+    """The process that handles work item `i` (round robin)."""
+    return i % jax.process_count()
+
+
+def allgather_rows(rows: np.ndarray) -> np.ndarray:
+    """Concatenates every process's `rows` (any number of rows each, same trailing shape and
+    dtype) in process order; with one process, `rows` itself."""
+    rows = np.asarray(rows)
+    if jax.process_count() == 1:
+        return rows
+    from jax.experimental import multihost_utils
+
+    counts = np.asarray(multihost_utils.process_allgather(np.int64(rows.shape[0]))).reshape(-1)
+    if counts.max() == 0:
+        return rows
+    padded = np.zeros((int(counts.max()),) + rows.shape[1:], rows.dtype)
+    padded[:rows.shape[0]] = rows
+    every = np.asarray(multihost_utils.process_allgather(padded))
+    return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])
+
+
+def barrier(name: str) -> None:
+    """Waits until every process got here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
