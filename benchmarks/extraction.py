@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import scvnet_jax as sj
-from scvnet_jax.data.revisitop import ImageRef
-from scvnet_jax.evaluation import extract
+from scvnet_jax.engine import extract
+from scvnet_jax.images import ImageRef
 
 
 def main(argv=None):
@@ -29,7 +29,7 @@ def main(argv=None):
     p.add_argument("image_dir", help="folder of .jpg/.png images")
     p.add_argument("--weights", help="checkpoint or model dir (default: random R50)")
     p.add_argument("--limit", type=int, default=64, help="images to use (default 64)")
-    p.add_argument("--batch_size", type=int, default=8)
+    p.add_argument("--batch_size", type=int, default=8, help="images per device per batch")
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--json", help="also write the results here")

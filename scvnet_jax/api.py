@@ -1,10 +1,12 @@
 """The user-facing model: `scvnet_jax.load(...)` returns a `RetrievalModel`.
 
-Every method is a jitted call of the Flax module's method of the same name. The jit
-cache is keyed by the module (architecture, dtype, precision), the method, its static
-options and the input shapes, and is shared by all models of the same architecture: a
-second batch of the same shape never recompiles, and two models loaded from different
-files of the same architecture share compiled code.
+Every method is a jitted call of the Flax module's method of the same name, run on all of
+this process's devices: the weights are replicated over a 1-D device mesh and a batch is
+split over it (when its size divides evenly; otherwise every device runs it whole). The
+jit cache is keyed by the module (architecture, dtype, precision), the method, its static
+options and the input shapes and shardings, and is shared by all models of the same
+architecture: a second batch of the same shape never recompiles, and two models loaded
+from different files of the same architecture share compiled code.
 """
 from __future__ import annotations
 
@@ -16,7 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scvnet_jax import convert, mesh as mesh_lib
 from scvnet_jax.models import cvnet
+from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import stage_valid
 
 
@@ -25,8 +29,9 @@ def _apply(module: cvnet.CVNet, method: str, options: tuple, variables, *args, *
     return module.apply(variables, *args, method=method, **dict(options), **arrays)
 
 
-def _images(x, name: str = "images") -> jax.Array:
-    x = jnp.asarray(x)
+def _images(x, name: str = "images"):
+    if not isinstance(x, jax.Array):
+        x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
                          f"channels; got shape {x.shape}")
@@ -37,7 +42,7 @@ def _images(x, name: str = "images") -> jax.Array:
 
 
 class RetrievalModel:
-    """A CVNet (and SuperGlobal) model with its weights.
+    """A CVNet (and SuperGlobal) model with its weights, on this process's devices.
 
     Images are NHWC float arrays in BGR order, normalised the official way
     (`scvnet_jax.data.normalize`): (pixel/255 - mean) / std.
@@ -49,32 +54,43 @@ class RetrievalModel:
 
     Attributes:
       module: the Flax `CVNet` module (usable with plain `init`/`apply`).
-      variables: {'params': ..., 'batch_stats': ...} on the default device.
-      arch: dict(depth, width, reduction_dim, corr_dim).
+      variables: {'params': ..., 'batch_stats': ...}, replicated over `mesh`.
+      arch: the `Arch` (depth, width, reduction_dim, corr_dim).
+      mesh: the devices it runs on (default: every device of this process).
     """
 
-    def __init__(self, module: cvnet.CVNet, variables, source: str | None = None):
+    def __init__(self, module: cvnet.CVNet, variables, source: str | None = None,
+                 mesh=None):
         self.module = module
-        self.variables = jax.device_put(variables)
+        self.mesh = mesh if mesh is not None else mesh_lib.local_mesh()
+        self.variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
         self.source = source
 
     @property
-    def arch(self) -> dict:
-        m = self.module
-        return dict(depth=m.depth, width=m.width, reduction_dim=m.reduction_dim,
-                    corr_dim=m.corr_dim)
+    def arch(self) -> Arch:
+        return self.module.arch
 
     @property
     def depth(self) -> int:
-        return self.module.depth
+        return self.arch.depth
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
 
     def __repr__(self) -> str:
         return (f"RetrievalModel(R{self.depth}, dtype={jnp.dtype(self.module.dtype).name}, "
                 f"source={self.source!r})")
 
+    def with_mesh(self, mesh) -> "RetrievalModel":
+        """The same model on other devices (e.g. `scvnet_jax.mesh.make_mesh(devices[:1])`)."""
+        return RetrievalModel(self.module, self.variables, self.source, mesh)
+
     def _call(self, method: str, *args, arrays=None, **options):
-        return _apply(self.module, method, tuple(sorted(options.items())), self.variables, *args,
-                      **(arrays or {}))
+        batch = max(np.shape(a)[0] for a in args)
+        args, arrays = mesh_lib.put_batch((args, arrays or {}), self.mesh, batch)
+        return _apply(self.module, method, tuple(sorted(options.items())), self.variables,
+                      *args, **arrays)
 
     def global_descriptor(self, images, valid=None) -> jax.Array:
         """CVNet-Global descriptor, L2-normalised -> (B, reduction_dim)."""
@@ -92,12 +108,11 @@ class RetrievalModel:
 
     def correlation(self, query_features, key_features) -> jax.Array:
         """Cross-scale 4-D correlation -> (B, hq, wq, hk, wk, 9)."""
-        return self._call("correlation", jnp.asarray(query_features), jnp.asarray(key_features))
+        return self._call("correlation", query_features, key_features)
 
     def verification_logits(self, query_features, key_features) -> jax.Array:
         """CVLearner logits (B, 2) for pairs of unpadded local feature maps."""
-        return self._call("verification_logits", jnp.asarray(query_features),
-                          jnp.asarray(key_features))
+        return self._call("verification_logits", query_features, key_features)
 
     def verification_score(self, query_images, key_images) -> jax.Array:
         """CVNet-Rerank score in [0, 1] for pairs (query_images[b], key_images[b]) -> (B,)."""
@@ -111,7 +126,7 @@ class RetrievalModel:
         valid_q / valid_k: (Bq, 2) / (Bk, 2) valid feature sizes (`feature_valid`) of padded
         feature batches, or None for unpadded ones.
         """
-        fq, fk = jnp.asarray(query_features), jnp.asarray(key_features)
+        fq, fk = query_features, key_features
         if valid_q is None and valid_k is None:
             return self._call("verification_score_from_features", fq, fk)
         b = fk.shape[0]
@@ -153,9 +168,9 @@ def _valid(valid, images):
     return {"valid": valid}
 
 
-def load(path, *, depth: int | None = None, dtype=jnp.float32,
-         precision="auto") -> RetrievalModel:
-    """Loads an official CVNet checkpoint (`.pyth`/`.pth`) or a converted model directory.
+def load(path, *, depth: int | None = None, dtype=jnp.float32, precision="auto",
+         mesh=None) -> RetrievalModel:
+    """Loads an official CVNet checkpoint (`.pyth`/`.pth`) or a model directory.
 
     Args:
       path: the file or directory.
@@ -164,9 +179,10 @@ def load(path, *, depth: int | None = None, dtype=jnp.float32,
         GPUs/TPUs).
       precision: "auto" (float32-exact convs/matmuls for float32 models), or any
         jax.lax.Precision value.
+      mesh: the devices to run on (default: every device of this process).
     """
-    module, variables = cvnet.load(path, depth=depth, dtype=dtype, precision=precision)
-    return RetrievalModel(module, variables, source=str(path))
+    module, variables = convert.load(path, depth=depth, dtype=dtype, precision=precision)
+    return RetrievalModel(module, variables, source=str(path), mesh=mesh)
 
 
 DEMO_MODEL = Path(__file__).resolve().parent / "assets" / "demo_model"
@@ -180,9 +196,9 @@ def demo_model_path() -> Path:
 
 def create(depth: int = 50, *, width: int = 64, reduction_dim: int = 2048,
            corr_dim: int = 256, seed: int = 0, dtype=jnp.float32,
-           precision="auto") -> RetrievalModel:
+           precision="auto", mesh=None) -> RetrievalModel:
     """A randomly initialised model (e.g. a baseline, or the start of training)."""
-    arch = dict(depth=depth, width=width, reduction_dim=reduction_dim, corr_dim=corr_dim)
-    module = cvnet.CVNet(**arch, dtype=dtype, precision=cvnet.resolve_precision(dtype, precision))
+    arch = Arch(depth=depth, width=width, reduction_dim=reduction_dim, corr_dim=corr_dim)
+    module = cvnet.CVNet(arch, dtype=dtype, precision=cvnet.resolve_precision(dtype, precision))
     variables = jax.tree.map(np.asarray, cvnet.init(arch, seed))
-    return RetrievalModel(module, variables, source=f"random(seed={seed})")
+    return RetrievalModel(module, variables, source=f"random(seed={seed})", mesh=mesh)

@@ -7,9 +7,9 @@
     hits = index.search(model, ["query.jpg"], k=10)     # [[Hit(path, score), ...]]
     grid = sj.search.result_grid("query.jpg", hits[0])   # BGR uint8 image of the top hits
 
-Descriptors are extracted exactly as eval.py does (`family="cvnet"`: CVNet-Global over three
-OpenCV scales; `"superglobal"`: the SuperGlobal descriptor), with the same size buckets,
-threads and progress bar. `search(..., rerank="superglobal")` refines the ranking with
+Descriptors are extracted and searched by the same engine as eval.py (`scvnet_jax.engine`;
+`family="cvnet"`: CVNet-Global over three OpenCV scales; `"superglobal"`: the SuperGlobal
+descriptor), with the same size buckets, threads, devices and progress bar. `search(..., rerank="superglobal")` refines the ranking with
 SuperGlobal reranking; `rerank="cvnet"` reranks the top `rerank_k` with the CVNet verifier
 (similarity + 0.5 x score, the blind protocol).
 """
@@ -20,13 +20,19 @@ import os
 from pathlib import Path
 from typing import Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from scvnet_jax import files, rerank as rr
 from scvnet_jax.api import RetrievalModel
-from scvnet_jax.data.revisitop import ImageRef, InputError
+from scvnet_jax.engine import extract, verify
+from scvnet_jax.engine.search import rank
+from scvnet_jax.errors import InputError
+from scvnet_jax.evaluation import visuals
+from scvnet_jax.images import ImageRef, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-FAMILIES = ("cvnet", "superglobal")
+FAMILIES = tuple(extract.FAMILIES)
 FORMAT = "scvnet_jax.search.index/1"
 
 
@@ -48,23 +54,13 @@ def list_images(folder) -> list[Path]:
     return paths
 
 
-def _spec(family: str):
-    from scvnet_jax.evaluation import extract
-    if family == "cvnet":
-        return extract.CVNetGlobal()
-    if family == "superglobal":
-        return extract.SuperGlobal()
-    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-
-
 def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
              batch_size: int = 8, bucket: int = 64, workers: int = 4,
              desc: str = "describe") -> np.ndarray:
     """Descriptors (N, D), L2-normalised, of image files (paths)."""
-    from scvnet_jax.evaluation import extract
     refs = [ImageRef(str(p)) for p in images]
-    return extract.extract(model, refs, _spec(family), batch_size=batch_size, bucket=bucket,
-                           workers=workers, desc=desc)
+    return extract.extract(model, refs, extract.spec_of(family), batch_size=batch_size,
+                           bucket=bucket, workers=workers, desc=desc)
 
 
 @dataclasses.dataclass
@@ -79,9 +75,8 @@ class Index:
 
     def save(self, path) -> Path:
         """One .npz (no pickle), written atomically."""
-        from scvnet_jax.evaluation.cache import atomic_save_npz
         path = Path(path)
-        atomic_save_npz(path, format=np.array(FORMAT), family=np.array(self.family),
+        files.atomic_save_npz(path, format=np.array(FORMAT), family=np.array(self.family),
                         paths=np.array(self.paths, dtype=str),
                         descriptors=self.descriptors.astype(np.float32))
         return path
@@ -102,14 +97,10 @@ class Index:
                superglobal: dict | None = None, batch_size: int = 8,
                bucket: int = 64) -> list[list[Hit]]:
         """Top-k hits per query image (paths), best first."""
-        import jax.numpy as jnp
-
-        from scvnet_jax import rerank as rr
         Q = describe(model, queries, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
         X = self.descriptors
-        sim = X @ Q.T                                   # (N, n_q)
-        ranks = np.argsort(-sim, axis=0, kind="stable")
+        sim, ranks = rank(X, Q)                         # (N, n_q) each
         if rerank == "superglobal":
             opts = {"M": min(400, len(self)), "K": 9, "beta": 0.15, **(superglobal or {})}
             ranks = np.asarray(rr.superglobal(jnp.asarray(X), jnp.asarray(Q), ranks, **opts))
@@ -121,10 +112,8 @@ class Index:
                 for i in range(len(queries))]
 
     def _cvnet_rerank(self, model, queries, sim, ranks, topk, batch_size, bucket):
-        from scvnet_jax import rerank as rr
-        from scvnet_jax.evaluation import extract
         candidates = rr.cvnet.blind_candidates(ranks, topk)
-        scores = extract.verification_scores(
+        scores = verify.verification_scores(
             model, [ImageRef(str(q)) for q in queries], [ImageRef(p) for p in self.paths],
             candidates, batch_size=batch_size, bucket=bucket)
         return rr.cvnet.blind(ranks, sim, scores, topk)
@@ -141,8 +130,6 @@ def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
 
 def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> np.ndarray:
     """BGR uint8 image: the query (blue border) and its top hits with their scores."""
-    from scvnet_jax.evaluation import visuals
-    from scvnet_jax.data.revisitop import read_image
     return visuals.hits_row(read_image(ImageRef(str(query))),
                             [(read_image(ImageRef(h.path)), f"{h.score:.3f}")
                              for h in hits[:topn]], title)

@@ -1,55 +1,36 @@
 """On-disk caches of descriptors and verification scores: atomic and resumable.
 
 A cache lives in `<cache_dir>/<kind>-<hash of its key>/`, where the key is everything the
-stored values depend on (weights fingerprint, dtype, dataset fingerprint, image list,
-extraction settings, format version), so a changed setting lands in a new directory and
-never reuses stale values. Values are written in chunks, each atomically (temporary file,
-then rename): a run killed midway keeps every finished chunk, and the next run with the
-same settings only computes the rest.
+stored values depend on (a fingerprint of the weights that produce them, dtype, the image
+list, extraction settings, format version), so a changed setting lands in a new directory
+and never reuses stale values. Descriptors are keyed by the *backbone* only (the rerank
+head does not change them), so a model that differs only in its head reuses them.
+Values are written in chunks, each atomically: a run killed midway keeps every finished
+chunk, and the next run with the same settings only computes the rest.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import numpy as np
 
-FORMAT_VERSION = 1
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from scvnet_jax import files
+
+FORMAT_VERSION = 2
+BACKBONE = "encoder_q"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Writes `data` to `path` via a temporary file and a rename: readers see the old file
-    or the new one, never a partial one. The file gets the usual 0666 & ~umask mode."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    import io
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def weights_fingerprint(variables) -> str:
+def weights_fingerprint(variables, part: str | None = None) -> str:
     """sha256 over every variable's path, dtype, shape and bytes (format-independent: a
-    .pyth file and its converted directory give the same fingerprint)."""
+    .pyth file and its converted directory give the same fingerprint). `part` (e.g.
+    "encoder_q", the backbone) restricts it to that submodule of every collection."""
+    if part is not None:
+        variables = {c: tree[part] for c, tree in variables.items() if part in tree}
     h = hashlib.sha256()
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
         arr = np.ascontiguousarray(np.asarray(leaf))
@@ -58,12 +39,14 @@ def weights_fingerprint(variables) -> str:
     return h.hexdigest()
 
 
-def list_fingerprint(items) -> str:
-    return hashlib.sha256("\n".join(map(str, items)).encode()).hexdigest()
+def refs_fingerprint(refs) -> str:
+    """Identifies an image list (files and query boxes) in cache keys."""
+    return files.list_fingerprint(f"{r.path}|{r.bbx}" for r in refs)
 
 
 class ChunkCache:
-    """Chunks of rows (chunk i holds rows [i*chunk_size, (i+1)*chunk_size)) of one array."""
+    """Chunks of rows of one array: indexed chunks (`get`/`put`: chunk i holds rows
+    [i*chunk_size, (i+1)*chunk_size)) or unordered record chunks (`add`/`records`)."""
 
     def __init__(self, cache_dir, kind: str, key: Mapping[str, Any], chunk_size: int):
         key = {"format": FORMAT_VERSION, "kind": kind, "chunk_size": chunk_size, **key}
@@ -73,24 +56,34 @@ class ChunkCache:
         self.key = key
         meta = self.dir / "key.json"
         if not meta.exists():
-            atomic_write_bytes(meta, (json.dumps(key, indent=1, sort_keys=True) + "\n").encode())
+            files.atomic_write_text(meta, json.dumps(key, indent=1, sort_keys=True) + "\n")
 
-    def _path(self, i: int) -> Path:
-        return self.dir / f"chunk_{i:06d}.npy"
+    def _path(self, i) -> Path:
+        return self.dir / (f"chunk_{i:06d}.npy" if isinstance(i, int) else f"chunk_{i}.npy")
+
+    @staticmethod
+    def _load(path: Path) -> np.ndarray | None:
+        try:
+            return np.load(path, allow_pickle=False)
+        except (OSError, ValueError):
+            return None  # unreadable: recompute
 
     def get(self, i: int, rows: int | None = None) -> np.ndarray | None:
         """Chunk i if present (and, if `rows` is given, whole), else None."""
         path = self._path(i)
-        if not path.exists():
-            return None
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):
-            return None  # unreadable: recompute
-        return arr if rows is None or arr.shape[0] == rows else None
+        arr = self._load(path) if path.exists() else None
+        return arr if arr is None or rows is None or arr.shape[0] == rows else None
 
     def put(self, i: int, arr: np.ndarray) -> None:
-        import io
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
-        atomic_write_bytes(self._path(i), buf.getvalue())
+        files.atomic_save_npy(self._path(i), arr)
+
+    def add(self, arr: np.ndarray) -> None:
+        """Stores a chunk of records under a fresh name (safe from several processes)."""
+        files.atomic_save_npy(self._path(f"r_{uuid.uuid4().hex}"), arr)
+
+    def records(self) -> Iterator[np.ndarray]:
+        """Every readable chunk stored with `add`."""
+        for path in sorted(self.dir.glob("chunk_r_*.npy")):
+            arr = self._load(path)
+            if arr is not None:
+                yield arr

@@ -1,5 +1,5 @@
 """Default evaluation settings (an ml_collections ConfigDict); configs/eval_*.py start from
-these and eval.py's flags override them."""
+these, and eval.py's flags and --config.* overrides change them."""
 from __future__ import annotations
 
 import os
@@ -40,22 +40,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.visuals_topn = 10
 
     c.dtype = "float32"      # "bfloat16" for speed on GPU/TPU (not bit-parity)
-    c.batch_size = 8         # images per device batch
+    c.batch_size = 8         # images (or rerank pairs) per device per batch
     c.bucket = 64            # pad image sizes up to multiples of this (1: exact sizes)
     c.feature_bucket = 4     # pad local-feature sizes for CVNet rerank scoring likewise
     c.chunk_size = 256       # images per cached chunk
     c.workers = 4            # image-decoding threads
-    return c
-
-
-def demo_config() -> ml_collections.ConfigDict:
-    """`python eval.py --dataset demo`: the bundled demo model on the demo benchmark (30
-    queries, 210 database images of 160 px, generated on first use into the cache folder)."""
-    c = default_config()
-    c.dataset = "demo"
-    c.data_dir = ""          # "" = <cache_dir>/demo_benchmark (built there on first use)
-    c.weights = ""           # "" = the bundled demo model (scvnet_jax/assets/demo_model)
-    c.bucket = 256           # every demo image fits one 256 x 256 bucket: few compilations
-    c.feature_bucket = 16
-    c.batch_size = 16
     return c

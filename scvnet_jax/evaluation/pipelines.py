@@ -14,15 +14,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax import metrics, rerank
 from scvnet_jax.api import RetrievalModel
-from scvnet_jax.data.revisitop import ImageRef, InputError, RevisitopDataset, check_files_exist
-from scvnet_jax.evaluation import extract
-from scvnet_jax.evaluation.cache import ChunkCache, list_fingerprint, weights_fingerprint
+from scvnet_jax.data.revisitop import RevisitopDataset, check_files_exist
+from scvnet_jax.engine import extract, search, verify
+from scvnet_jax.engine.cache import BACKBONE, ChunkCache, refs_fingerprint, weights_fingerprint
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.images import ImageRef
 
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
 NEEDS = {"cvnet_global": "cvnet", "cvnet_rerank": "cvnet", "superglobal_global": "superglobal",
@@ -50,14 +51,21 @@ class Context:
     dataset: RevisitopDataset
     db_refs: list
     query_refs: list
-    cache_key: dict
+    cache_key: dict                # what every cached value depends on, but the weights
     _desc: dict = dataclasses.field(default_factory=dict)
+    _fingerprints: dict = dataclasses.field(default_factory=dict)
     _global: dict = dataclasses.field(default_factory=dict)
 
-    def cache(self, kind: str, extra: dict, chunk_size: int):
+    def cache(self, kind: str, extra: dict, chunk_size: int, weights: str | None):
+        """A cache for values that depend on the `weights` part (BACKBONE: descriptors and
+        local features; None: the whole model, e.g. rerank scores)."""
         if not self.cfg.cache_dir:
             return None
-        return ChunkCache(self.cfg.cache_dir, kind, {**self.cache_key, **extra}, chunk_size)
+        if weights not in self._fingerprints:
+            self._fingerprints[weights] = weights_fingerprint(self.model.variables, weights)
+        key = {**self.cache_key, **extra, "weights": self._fingerprints[weights],
+               "weights_part": weights or "all"}
+        return ChunkCache(self.cfg.cache_dir, kind, key, chunk_size)
 
     def descriptors(self, family: str):
         """(X, Q) for 'cvnet' or 'superglobal', extracted once (and cached on disk)."""
@@ -67,7 +75,8 @@ class Context:
             out = []
             for split, refs in (("db", self.db_refs), ("query", self.query_refs)):
                 cache = self.cache(f"{family}-{split}", {
-                    "spec": repr(spec), "images": refs_fingerprint(refs)}, self.cfg.chunk_size)
+                    "spec": repr(spec), "images": refs_fingerprint(refs)}, self.cfg.chunk_size,
+                    BACKBONE)
                 out.append(extract.extract(
                     self.model, refs, spec, batch_size=self.cfg.batch_size,
                     bucket=self.cfg.bucket, cache=cache, workers=self.cfg.workers,
@@ -78,21 +87,8 @@ class Context:
     def global_search(self, family: str):
         """(sim (n_db, n_q) float32, ranks (n_db, n_q) int64) by exact search on the device."""
         if family not in self._global:
-            X, Q = self.descriptors(family)
-            sim, ranks = _search(jnp.asarray(X), jnp.asarray(Q))
-            self._global[family] = (np.asarray(sim), np.asarray(ranks).astype(np.int64))
+            self._global[family] = search.rank(*self.descriptors(family))
         return self._global[family]
-
-
-def refs_fingerprint(refs) -> str:
-    """Identifies an image list (files and query boxes) in cache keys."""
-    return list_fingerprint(f"{r.path}|{r.bbx}" for r in refs)
-
-
-@jax.jit
-def _search(X, Q):
-    sim = jnp.matmul(X, Q.T, precision="highest")
-    return sim, jnp.argsort(-sim, axis=0, stable=True)
 
 
 def _result(ctx: Context, name: str, protocol: str, ranks) -> PipelineResult:
@@ -115,10 +111,11 @@ def cvnet_rerank(ctx: Context) -> PipelineResult:
     elif cfg.protocol == "blind":
         candidates = rerank.cvnet.blind_candidates(ranks, cfg.topk)
     else:
-        raise InputError(f"protocol must be 'official' or 'blind', got {cfg.protocol!r}")
+        raise ConfigError(f"cvnet.protocol must be 'official' or 'blind', got "
+                          f"{cfg.protocol!r}")
     cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
-                                       "query": refs_fingerprint(ctx.query_refs)}, 1)
-    scores = extract.verification_scores(
+                                       "query": refs_fingerprint(ctx.query_refs)}, 1, None)
+    scores = verify.verification_scores(
         ctx.model, ctx.query_refs, ctx.db_refs, candidates, batch_size=ctx.cfg.batch_size,
         bucket=ctx.cfg.bucket, feature_bucket=ctx.cfg.feature_bucket, cache=cache,
         workers=ctx.cfg.workers)
@@ -151,13 +148,13 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     """Runs `cfg.pipelines` on `dataset` (+ distractors appended to the database)."""
     unknown = [p for p in cfg.pipelines if p not in EVALUATORS]
     if unknown:
-        raise InputError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
+        raise ConfigError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
     db_refs = dataset.db_images() + list(distractors or [])
     query_refs = dataset.query_images()
     check_files_exist(db_refs, "database")
     check_files_exist(query_refs, "query")
     m = model.module
-    key = {"weights": weights_fingerprint(model.variables), "dtype": str(np.dtype(m.dtype)),
+    key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}
     ctx = Context(cfg, model, dataset, db_refs, query_refs, key)
     return [EVALUATORS[name](ctx) for name in cfg.pipelines]

@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scvnet_jax.evaluation.cache import atomic_save_npz, atomic_write_bytes
+from scvnet_jax.files import atomic_save_npz, atomic_write_bytes
 from scvnet_jax.evaluation.pipelines import PipelineResult
 
 

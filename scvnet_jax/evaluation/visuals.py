@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import cv2
 import numpy as np
 
-from scvnet_jax.data.revisitop import ImageRef, read_image
-from scvnet_jax.evaluation.cache import atomic_write_bytes
+from scvnet_jax.files import atomic_write_bytes
+from scvnet_jax.images import ImageRef, read_image
 from scvnet_jax.evaluation.pipelines import PipelineResult
 
 COLORS_BGR = {"easy": (60, 180, 60), "hard": (0, 150, 255), "negative": (40, 40, 220),
@@ -26,7 +27,6 @@ def label_of(db_index: int, gnd_q: dict) -> str:
 
 
 def _thumb(im: np.ndarray, color) -> np.ndarray:
-    import cv2
     h, w = im.shape[:2]
     s = THUMB / max(h, w)
     small = cv2.resize(im, (max(1, round(w * s)), max(1, round(h * s))),
@@ -41,7 +41,6 @@ def _thumb(im: np.ndarray, color) -> np.ndarray:
 
 
 def _text_tile(lines: Sequence[str], height: int, width: int = LABEL_W) -> np.ndarray:
-    import cv2
     tile = np.full((height, width, 3), 255, np.uint8)
     for i, line in enumerate(lines):
         cv2.putText(tile, line, (6, 24 + 22 * i), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1,
@@ -91,7 +90,6 @@ def save_all(out_dir, results: Sequence[PipelineResult], query_refs, db_refs, gn
              topn: int = 10) -> list[Path]:
     """Writes <out_dir>/<query name>.png for every query; official-protocol CVNet rerank
     rows show its Medium ranking."""
-    import cv2
     out_dir = Path(out_dir)
     written, cache = [], {}
     for qi, (qref, name) in enumerate(zip(query_refs, names)):
