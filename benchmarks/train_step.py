@@ -28,7 +28,8 @@ import numpy as np
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/cvnet_r50.py")
+    p.add_argument("--config", default="cvnet_r50.py",
+                   help="a config file, or the name of a shipped one (FILE:variant works)")
     p.add_argument("--batch_per_device", type=int, default=None,
                    help="default: the config's batch_size / device count")
     p.add_argument("--image_size", type=int, default=None, help="default: the config's")
@@ -39,37 +40,43 @@ def main(argv=None):
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
 
-    from scvnet_jax.config_files import load_config
-    from scvnet_jax.training import trainer
+    import types
 
-    cfg = load_config(args.config)
+    from scvnet_jax import mesh as mesh_lib
+    from scvnet_jax.cli import resolve_config
+    from scvnet_jax.config_files import load_config
+    from scvnet_jax.models import cvnet
+    from scvnet_jax.training import stage1, stage2
+    from scvnet_jax.training.config import arch_of
+
+    path, _, variant = resolve_config(["--config", args.config])[1].partition(":")
+    cfg = load_config(path, *([variant] if variant else []))
     n = jax.device_count()
     cfg.batch_size = args.batch_per_device * n if args.batch_per_device else cfg.batch_size
     cfg.batch_size -= cfg.batch_size % n
     cfg.data.image_size = args.image_size or cfg.data.image_size
     if args.dtype:
         cfg.model.dtype = args.dtype
-    mesh = trainer.make_mesh()
+    mesh = mesh_lib.make_mesh()
     rng = np.random.default_rng(0)
     b, s = cfg.batch_size, cfg.data.image_size
     images = lambda: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)  # noqa: E731
     stage = int(cfg.stage)
     if stage == 2:
-        from scvnet_jax.models import cvnet
-        step, _, batch_sh, init, _ = trainer.compile_rerank_step(cfg, mesh)
-        state = init(jax.random.PRNGKey(0), cvnet.init(cvnet.arch_kwargs(cfg.model)))
-        batch = trainer.global_batch(dict(
+        task = stage2.Task(cfg, None, mesh, None)      # the loop's own compiled step
+        state = task.init(jax.random.PRNGKey(0), cvnet.init(arch_of(cfg)))
+        batch = mesh_lib.global_batch(dict(
             query=images(), candidate=images(), label=rng.integers(0, 2, b).astype(np.int32),
-            hard=rng.random(b) < 0.5), batch_sh)
+            hard=rng.random(b) < 0.5), task.batch_sh)
         what, unit = f"{b} pairs ({b // n}/device)", "pairs"
     else:
         cfg.loss.queue_size = max(cfg.batch_size, cfg.loss.queue_size // cfg.batch_size
                                   * cfg.batch_size)
-        step, _, batch_sh, init, _ = trainer.compile_step(cfg, mesh, args.num_classes)
-        state = init(jax.random.PRNGKey(0), None)
-        batch = trainer.global_batch(dict(
+        task = stage1.Task(cfg, types.SimpleNamespace(num_classes=args.num_classes), mesh, None)
+        state = task.init(jax.random.PRNGKey(0), None)
+        batch = mesh_lib.global_batch(dict(
             image=images(), positive=images(),
-            label=rng.integers(0, args.num_classes, b).astype(np.int32)), batch_sh)
+            label=rng.integers(0, args.num_classes, b).astype(np.int32)), task.batch_sh)
         what = (f"{b} images ({b // n}/device), {args.num_classes} classes, queue "
                 f"{cfg.loss.queue_size}")
         unit = "images"
@@ -79,7 +86,7 @@ def main(argv=None):
     print(f"stage {stage}: R{cfg.model.depth} width {cfg.model.width}, {s}x{s}, "
           f"{cfg.model.dtype}, global batch {what}")
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    compiled = task.step_fn.lower(state, batch).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)

@@ -1,21 +1,12 @@
-"""Image input conventions of the official CVNet/SuperGlobal code.
+"""Data: benchmarks in the revisitop layout (`revisitop`), size-bucket batching
+(`batching`), the demo set (`demo`), training sets as TFDS ArrayRecord (`builders`, CLI
+`build`; read through `sources`) and training augmentation (`augment`).
 
-Images are BGR (as `cv2.imread` returns them), scaled to [0, 1] and normalised per
-channel with the BGR-ordered ImageNet statistics below.
+`normalize` (the official input normalisation) lives in `scvnet_jax.images` and is
+re-exported here as `scvnet_jax.data.normalize`.
 """
 from __future__ import annotations
 
-import numpy as np
+from scvnet_jax.images import MEAN_BGR, STD_BGR, normalize
 
-MEAN_BGR = np.array([0.406, 0.456, 0.485], np.float32)
-STD_BGR = np.array([0.225, 0.224, 0.229], np.float32)
-
-
-def normalize(image_bgr: np.ndarray) -> np.ndarray:
-    """uint8 (or 0-255 float) BGR image(s) (..., H, W, 3) -> normalised float32, as the
-    official `_prepare_im`: float32(im) / 255, minus mean, divided by std."""
-    im = np.asarray(image_bgr)
-    if im.shape[-1:] != (3,):
-        raise ValueError(f"expected BGR images with 3 channels last, got shape {im.shape}")
-    im = im.astype(np.float32) / np.float32(255.0)
-    return (im - MEAN_BGR) / STD_BGR
+__all__ = ["MEAN_BGR", "STD_BGR", "normalize"]

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from scvnet_jax.data import builders
+from scvnet_jax.errors import ScvnetError
 
 
 def main(argv=None) -> int:
@@ -21,9 +22,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         b = builders.prepare(args.name, args.data_dir, args.manual_dir)
-    except builders.InputError as e:
+    except ScvnetError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(f"{b.info.full_name}: {b.info.splits['train'].num_examples} images, "
           f"{b.info.metadata['num_classes']} classes in {b.data_dir}")
     return 0

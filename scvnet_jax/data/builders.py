@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from scvnet_jax.data import demo
-from scvnet_jax.data.revisitop import InputError, first_few
+from scvnet_jax.errors import InputError, first_few
 
 JPEG_MAGIC = b"\xff\xd8"
 

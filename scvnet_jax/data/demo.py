@@ -21,13 +21,16 @@ import dataclasses
 import hashlib
 import math
 import pickle
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
+import cv2
 import numpy as np
 
-from scvnet_jax.data.revisitop import InputError
+from scvnet_jax import files
+from scvnet_jax.errors import InputError
 
 
 class Photo(NamedTuple):
@@ -98,8 +101,6 @@ def photo_path(name: str) -> Path:
 
 def read_photo(name: str, photo: Photo) -> np.ndarray:
     """One scikit-image photograph as BGR uint8, checked against its recorded hash."""
-    import cv2
-
     path = photo_path(name)
     try:
         data = path.read_bytes()
@@ -143,8 +144,6 @@ def instances(photos: dict) -> list[Instance]:
 def make_view(photo: np.ndarray, box, strength: Strength, rng: np.random.Generator,
               size: int = VIEW_SIZE) -> np.ndarray:
     """A random view of the tile `box` of `photo` (BGR uint8), long side `size`."""
-    import cv2
-
     y0, x0, y1, x1 = box
     th, tw = y1 - y0, x1 - x0
     area = rng.uniform(*strength.area) * th * tw
@@ -170,8 +169,6 @@ def make_view(photo: np.ndarray, box, strength: Strength, rng: np.random.Generat
 
 def photometric(im: np.ndarray, s: Strength, rng: np.random.Generator) -> np.ndarray:
     """Brightness, contrast, saturation, gamma, blur and noise, each drawn from `s`."""
-    import cv2
-
     x = im.astype(np.float32)
     gray = x @ np.array([0.114, 0.587, 0.299], np.float32)  # BGR luma
     sat = 1 + rng.uniform(-s.saturation, s.saturation)
@@ -194,8 +191,6 @@ def _photos(table: dict) -> dict[str, np.ndarray]:
 
 
 def _encode(im: np.ndarray) -> bytes:
-    import cv2
-
     ok, enc = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 95])
     return enc.tobytes()
 
@@ -233,17 +228,17 @@ def build_benchmark(data_dir, name: str = "demo") -> Path:
         sel = {k: np.array([d for d, (inst, kk) in enumerate(kinds) if inst == i and kk == k],
                            np.int64) for k, _ in BENCHMARK_KINDS}
         gnd.append({"bbx": [0.0, 0.0, float(w), float(h)], **sel})
-    tmp = root.parent / f".{name}.tmp"
-    import shutil
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "jpg").mkdir(parents=True)
-    for n, im in {**images, **queries}.items():
-        (tmp / "jpg" / f"{n}.jpg").write_bytes(_encode(im))
-    with open(tmp / f"gnd_{name}.pkl", "wb") as f:
-        pickle.dump({"imlist": imlist, "qimlist": list(queries), "gnd": gnd}, f, protocol=4)
-    if root.exists():
-        shutil.rmtree(root)
-    tmp.rename(root)
+    tmp = files.staging_dir(root)      # unique: concurrent builders do not collide
+    try:
+        (tmp / "jpg").mkdir()
+        for n, im in {**images, **queries}.items():
+            (tmp / "jpg" / f"{n}.jpg").write_bytes(_encode(im))
+        with open(tmp / f"gnd_{name}.pkl", "wb") as f:
+            pickle.dump({"imlist": imlist, "qimlist": list(queries), "gnd": gnd}, f, protocol=4)
+        if not gnd_path.is_file():     # else another process finished it meanwhile
+            files.replace_dir(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return root
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.models.arch import Arch
+
+DTYPES = ("float32", "bfloat16")
+
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -77,3 +82,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.final_lr_fraction = 0.0
     c.optimizer.clip_norm = 10.0     # global gradient norm; 0 = off
     return c
+
+
+def arch_of(cfg) -> Arch:
+    """The model architecture a training config asks for (`cfg.model`)."""
+    try:
+        return Arch.from_mapping(cfg.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None
+
+
+def dtype_of(cfg):
+    """The compute dtype of `cfg.model.dtype` ('float32' or 'bfloat16')."""
+    import jax.numpy as jnp
+
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
+    return jnp.dtype(cfg.model.dtype)

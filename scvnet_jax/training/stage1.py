@@ -9,25 +9,35 @@ touched by the gradient): before each step, momentum = m * momentum + (1 - m) * 
 BatchNorm statistics are *global*: the batch axis is sharded over the mesh and the step is
 one jitted program, so BatchNorm's batch mean and variance are reductions over the whole
 global batch (XLA inserts the cross-device all-reduce: 2 x channels floats per layer).
-That makes a step independent of the number of devices (tests/test_train.py checks 8
-devices against 1) and keeps statistics sound when a 512x512 batch leaves only a few
+That makes a step independent of the number of devices (tests/training/test_stage1.py
+checks 8 devices against 1, and 2 processes against 1) and keeps statistics sound when a 512x512 batch leaves only a few
 images per device. The momentum encoder also runs BatchNorm in training mode on its own
 batch, and keeps its own running averages.
+
+This module holds the whole stage: train state and step, its data stream (image pairs),
+and the `Task` the training loop runs (init, data, export of W/model).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import flax
+import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from scvnet_jax.data import MEAN_BGR, STD_BGR
+from scvnet_jax.data.augment import Augment, augment
+from scvnet_jax.data.sources import Records, TrainingSet, process_batches
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.images import MEAN_BGR, STD_BGR
 from scvnet_jax.models import ops
 from scvnet_jax.models.resnet import ResNet
-from scvnet_jax.training import losses
+from scvnet_jax.training import losses, optim
+from scvnet_jax.training.config import arch_of, dtype_of
+from scvnet_jax.training.loop import Task as _Task, host, read_init_from
 
 
 @flax.struct.dataclass
@@ -44,47 +54,10 @@ class TrainState:
     curricular_t: jax.Array     # () float32
 
 
-def dtype_of(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def encoder(cfg) -> ResNet:
-    m = cfg.model
-    return ResNet(depth=m.depth, width=m.width, reduction_dim=m.reduction_dim,
-                  dtype=dtype_of(m.dtype), precision=m.precision or None)
-
-
-def learning_rate(cfg) -> optax.Schedule:
-    o = cfg.optimizer
-    warm = int(o.warmup_steps)
-    if o.schedule == "cosine":
-        return optax.warmup_cosine_decay_schedule(
-            0.0, o.lr, warm, max(cfg.total_steps, warm + 1), o.lr * o.final_lr_fraction)
-    if o.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, o.lr, max(warm, 1)),
-                                     optax.constant_schedule(o.lr)], [warm])
-    raise ValueError(f"optimizer.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
-
-
-def _decay_mask(params):
-    """Weight decay on conv/dense kernels only (not BatchNorm, biases or GeM p)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
-
-
-def optimizer(cfg) -> optax.GradientTransformation:
-    o = cfg.optimizer
-    parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
-    lr = learning_rate(cfg)
-    if o.name == "sgd":
-        if o.weight_decay:
-            parts.append(optax.add_decayed_weights(o.weight_decay, _decay_mask))
-        parts.append(optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov))
-    elif o.name == "adamw":
-        parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                                 mask=_decay_mask))
-    else:
-        raise ValueError(f"optimizer.name must be 'sgd' or 'adamw', got {o.name!r}")
-    return optax.chain(*parts)
+    a = arch_of(cfg)
+    return ResNet(depth=a.depth, width=a.width, reduction_dim=a.reduction_dim,
+                  dtype=dtype_of(cfg), precision=cfg.model.precision or None)
 
 
 def init_state(cfg, num_classes: int, rng, encoder_variables=None) -> TrainState:
@@ -103,7 +76,7 @@ def init_state(cfg, num_classes: int, rng, encoder_variables=None) -> TrainState
         step=jnp.zeros((), jnp.int32), params=params, batch_stats=variables["batch_stats"],
         momentum_params=jax.tree.map(jnp.copy, variables["params"]),
         momentum_batch_stats=jax.tree.map(jnp.copy, variables["batch_stats"]),
-        opt_state=optimizer(cfg).init(params),
+        opt_state=optim.optimizer(cfg).init(params),
         queue=jnp.zeros((q, d), jnp.float32), queue_labels=jnp.full((q,), -1, jnp.int32),
         queue_ptr=jnp.zeros((), jnp.int32), curricular_t=jnp.zeros((), jnp.float32))
 
@@ -114,7 +87,7 @@ def normalize(images_u8, dtype):
     return ((x - MEAN_BGR) / STD_BGR).astype(dtype)
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
     return jnp.all(jnp.stack(leaves))
 
@@ -123,10 +96,10 @@ def make_train_step(cfg) -> Callable[[TrainState, dict], tuple[TrainState, dict]
     """The pure step (state, batch) -> (state, metrics); batch = {'image', 'positive': uint8
     (B, S, S, 3), 'label': int32 (B,)} with B the global batch."""
     model = encoder(cfg)
-    tx = optimizer(cfg)
-    lr = learning_rate(cfg)
+    tx = optim.optimizer(cfg)
+    lr = optim.learning_rate(cfg)
     L = cfg.loss
-    dtype = dtype_of(cfg.model.dtype)
+    dtype = dtype_of(cfg)
     m = float(L.momentum)
 
     def step(state: TrainState, batch: dict):
@@ -166,23 +139,10 @@ def make_train_step(cfg) -> Callable[[TrainState, dict], tuple[TrainState, dict]
             curricular_t=t_new)
         metrics = {"loss": loss, "loss_cls": l_cls, "loss_con": l_con, "accuracy": acc,
                    "curricular_t": t_new, "grad_norm": optax.global_norm(grads),
-                   "lr": lr(state.step), "finite": jnp.isfinite(loss) & _all_finite(params)}
+                   "lr": lr(state.step), "finite": jnp.isfinite(loss) & all_finite(params)}
         return new, metrics
 
     return step
-
-
-def check_config(cfg) -> None:
-    """Config errors that would otherwise surface as shape errors deep inside jit."""
-    q, b = cfg.loss.queue_size, cfg.batch_size
-    if q % b:
-        raise ValueError(f"loss.queue_size ({q}) must be a multiple of batch_size ({b}): the "
-                         "queue takes whole batches")
-    if cfg.batch_size % jax.device_count():
-        raise ValueError(f"batch_size {cfg.batch_size} (global) is not divisible by the "
-                         f"{jax.device_count()} devices")
-    if cfg.model.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
 
 
 def export_variables(state: TrainState, which: str = "encoder") -> dict:
@@ -193,6 +153,122 @@ def export_variables(state: TrainState, which: str = "encoder") -> dict:
     elif which == "momentum":
         v = {"params": state.momentum_params, "batch_stats": state.momentum_batch_stats}
     else:
-        raise ValueError(f"export must be 'encoder' or 'momentum', got {which!r}")
-    return jax.tree.map(np.asarray, jax.device_get(v))
+        raise ConfigError(f"export must be 'encoder' or 'momentum', got {which!r}")
+    return host(v)
+
+
+def encoder_init(cfg) -> dict | None:
+    """The encoder variables of cfg.init_from (official checkpoint or model directory; its
+    depth, width and descriptor size must match cfg.model), or None: random init."""
+    if not cfg.init_from:
+        return None
+    _, variables = read_init_from(cfg, ("depth", "width", "reduction_dim"))
+    return {c: variables[c]["encoder_q"] for c in ("params", "batch_stats")}
+
+
+# -- data ---------------------------------------------------------------------------------
+
+class PairTransform(Records, grain.transforms.RandomMap):
+    """Stream index -> {'image', 'positive', 'label'}: two augmented crops, the positive from
+    another image of the same class (uniformly drawn; the image itself for a single-image
+    class) or, with positive='same_image', a second augmentation of the same image."""
+
+    def __init__(self, ts: TrainingSet, aug: Augment, positive: str = "same_class"):
+        if positive not in ("same_class", "same_image"):
+            raise ConfigError(f"data.positive must be 'same_class' or 'same_image', got "
+                              f"{positive!r}")
+        super().__init__(ts)
+        self.aug, self.positive = aug, positive
+
+    def random_map(self, index: Any, rng: np.random.Generator) -> dict:
+        im, label = self.record(index)
+        lo, hi = self.class_range(index, label)
+        if self.positive == "same_class" and hi - lo > 1:
+            pos, _ = self.record(self.other_in(lo, hi, index, rng))
+        else:
+            pos = im
+        return {"image": augment(im, self.aug, rng), "positive": augment(pos, self.aug, rng),
+                "label": np.int32(label)}
+
+
+def dataset(ts: TrainingSet, aug: Augment, *, global_batch: int, seed: int,
+            positive: str = "same_class", process_index: int = 0, process_count: int = 1,
+            num_epochs: int | None = None) -> grain.MapDataset:
+    """This process's part of the batched, shuffled (a new permutation every epoch),
+    repeated stream of pairs. Everything random comes from grain's per-element generator,
+    seeded by the config seed and the element's global position, so the stream is the same
+    on every run and for any number of processes, and a restored iterator continues it."""
+    ds = (grain.MapDataset.range(ts.num_examples).shuffle(seed=seed).repeat(num_epochs)
+          .random_map(PairTransform(ts, aug, positive), seed=seed))
+    return process_batches(ds, global_batch, process_index, process_count)
+
+
+# -- the task -----------------------------------------------------------------------------
+
+class Task(_Task):
+    """Stage 1 (CVNet-Global): encoder + CurricularFace + momentum contrastive loss."""
+    name = "stage 1 (CVNet-Global)"
+    rate = "images_per_sec"
+    bar_keys = (("loss", "loss"), ("loss_cls", "cls"), ("loss_con", "con"), ("lr", "lr"))
+
+    def __init__(self, cfg, ts, mesh, workdir):
+        super().__init__(cfg, ts, mesh, workdir)
+        n = ts.num_classes
+        abstract = jax.eval_shape(lambda k: init_state(cfg, n, k), jax.random.PRNGKey(0))
+        self.compile(make_train_step(cfg), lambda k, enc: init_state(cfg, n, k, enc), abstract)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        check_config(cfg)
+
+    def initial_state(self):
+        return self.init(jax.random.PRNGKey(self.cfg.seed), encoder_init(self.cfg))
+
+    def iterator(self, step: int, state):
+        cfg = self.cfg
+        return self.make_iterator(dataset(
+            self.ts, self.augment(), global_batch=cfg.batch_size, seed=cfg.seed,
+            positive=cfg.data.positive, process_index=jax.process_index(),
+            process_count=jax.process_count()))
+
+    def export(self, state, step: int) -> Path:
+        """W/model: a model directory eval.py and scvnet_jax.load read (the trained encoder;
+        the rerank head comes from init_from if it has the same architecture, else it is
+        randomly initialised)."""
+        from scvnet_jax.convert import model_dir, read_checkpoint
+        from scvnet_jax.models import cvnet
+
+        cfg = self.cfg
+        arch = arch_of(cfg)
+        base, head = None, "random (untrained)"
+        if cfg.init_from:
+            a, v = read_checkpoint(cfg.init_from)
+            if a == arch:
+                base, head = v, f"from {cfg.init_from}"
+        if base is None:
+            base = host(cvnet.init(arch, cfg.seed))
+        enc = export_variables(state, cfg.export)
+        variables = {c: {**base[c], "encoder_q": enc[c]} for c in ("params", "batch_stats")}
+        meta = {"trained_by": "scvnet_jax train.py, stage 1 (CVNet-Global)", "step": int(step),
+                "export": cfg.export, "data": cfg.data.name, "rerank_head": head}
+        return model_dir.save_model_dir(self.workdir / "model", arch, variables, meta=meta,
+                                        overwrite=True)
+
+
+def check_config(cfg) -> None:
+    """Config errors that would otherwise surface as shape errors deep inside jit."""
+    arch_of(cfg)
+    dtype_of(cfg)
+    q, b = cfg.loss.queue_size, cfg.batch_size
+    if q % b:
+        raise ConfigError(f"loss.queue_size ({q}) must be a multiple of batch_size ({b}): the "
+                         "queue takes whole batches")
+    check_batch(cfg)
+
+
+def check_batch(cfg) -> None:
+    if cfg.batch_size <= 0 or cfg.batch_size % jax.device_count():
+        raise ConfigError(f"batch_size {cfg.batch_size} (global) must be a positive multiple "
+                          f"of the {jax.device_count()} devices")
+
 
