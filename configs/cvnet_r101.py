@@ -15,10 +15,8 @@ Table 3); not yet reproduced by this recipe.
 Everything else (data, losses, optimizer and where each number comes from) is
 configs/cvnet_r50.py with depth 101.
 """
-from pathlib import Path
-
-from scvnet_jax.config_files import load_config
+from scvnet_jax.configs import cvnet_r50
 
 
 def get_config():
-    return load_config(Path(__file__).with_name("cvnet_r50.py"), depth=101)
+    return cvnet_r50.get_config(depth=101)

@@ -38,6 +38,7 @@ EPOCHS = 25
 
 
 def get_config(depth: int = 50):
+    depth = int(depth)          # `--config configs/cvnet_r50.py:101` passes a string
     c = default_config()
     c.batch_size = 128
     steps_per_epoch = GLDV2_CLEAN_IMAGES // c.batch_size

@@ -31,15 +31,13 @@ against occlusion. Our choices (the paper's training code is not public):
     1 uses 25-100%): a verifier can only learn from pairs that share content. On the demo
     set, crops of 30-100% gave a head that made reranking worse, 80-100% one that helped.
 """
-from pathlib import Path
-
-from scvnet_jax.config_files import load_module
+from scvnet_jax.configs import cvnet_r50 as stage1
 
 EPOCHS = 4
 
 
 def get_config(depth: int = 50):
-    stage1 = load_module(Path(__file__).with_name("cvnet_r50.py"))
+    depth = int(depth)          # `--config configs/cvnet_r50_rerank.py:101` passes a string
     c = stage1.get_config(depth)
     c.stage = 2
     c.init_from = f"runs/cvnet_r{depth}/model"

@@ -10,7 +10,7 @@ Command:
 Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 0.4-0.5 s per step,
 about 10 minutes in all (1200 steps; the demo set is built on first use in ~3 s, the step
 compiles in ~20-30 s).
-Expected result (mAP % on the demo benchmark, cvnet_global pipeline; tests/test_train.py):
+Expected result (mAP % on the demo benchmark, cvnet_global pipeline; tests/e2e/test_demo.py):
 
                       Easy  Medium  Hard
     initialisation    63.8    47.9   19.8    (--config.total_steps=0)
@@ -19,11 +19,20 @@ Expected result (mAP % on the demo benchmark, cvnet_global pipeline; tests/test_
 Loss (lambda_cls x CurricularFace + lambda_con x contrastive) falls from ~12.7 to ~6.6;
 classification accuracy on the training batches reaches ~60%. The margin is real but
 noisy: the same run with Flax's one-pass BatchNorm variance reached 77.5 / 59.4 / 24.2.
+
+Variant `tiny` (`--config configs/demo.py:tiny`): a width-8 model on 64x64 crops, a few
+seconds per run on a CPU; the tests and the notebooks' smoke mode use it for the mechanics
+(sharding, resume, the NaN stop), not for results.
 """
 from scvnet_jax.training.config import default_config
 
 
-def get_config():
+TINY = {"model.width": 8, "model.reduction_dim": 32, "model.corr_dim": 16,
+        "data.image_size": 64, "batch_size": 16, "loss.queue_size": 32,
+        "optimizer.warmup_steps": 2, "log_every_steps": 2}
+
+
+def get_config(variant: str = ""):
     c = default_config()
     c.total_steps = 1200
     c.batch_size = 32
@@ -45,4 +54,22 @@ def get_config():
     c.optimizer.lr = 2e-3
     c.optimizer.weight_decay = 0.05
     c.optimizer.warmup_steps = 30
+    return apply_variant(c, variant, {"tiny": TINY})
+
+
+def apply_variant(c, variant: str, variants: dict):
+    """The config as documented (variant '') or with the fields of `variants[variant]`."""
+    if variant and variant not in variants:
+        raise ValueError(f"unknown variant {variant!r} of this config; known: "
+                         f"{', '.join(variants)}")
+    return set_fields(c, variants[variant]) if variant else c
+
+
+def set_fields(c, fields: dict):
+    """Sets {"a.b": value} fields of config `c`."""
+    for key, value in fields.items():
+        node, (*path, last) = c, key.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = value
     return c

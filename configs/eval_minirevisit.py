@@ -6,7 +6,7 @@ Command (weights: the R50 parity checkpoint, seed 0, random but deterministic):
     python eval.py --config configs/eval_minirevisit.py --weights r50_seed0.pyth
 
 Expected result (about 5 minutes on 2 CPU cores; mAP E / M / H, percent), identical to the
-official CVNet and SuperGlobal test scripts on the same folder (tests/test_eval.py):
+official CVNet and SuperGlobal test scripts on the same folder (tests/evaluation/test_pipelines.py):
 
     cvnet_global        74.71  70.39  68.74
     cvnet_rerank        43.50  43.55  25.28   (top-10, official protocol)
@@ -16,6 +16,7 @@ official CVNet and SuperGlobal test scripts on the same folder (tests/test_eval.
 The images are small and all of different sizes, so coarse size buckets (fewer
 compilations, more padding) are faster here than the default.
 """
+import os
 from pathlib import Path
 
 from scvnet_jax.evaluation.config import default_config
@@ -24,7 +25,9 @@ from scvnet_jax.evaluation.config import default_config
 def get_config():
     c = default_config()
     c.dataset = "roxford5k"
-    c.data_dir = str(Path(__file__).resolve().parents[2] / "shared" / "minirevisit")
+    # ../shared beside the checkout (SCVNET_SHARED if it lives elsewhere)
+    shared = os.environ.get("SCVNET_SHARED") or Path(__file__).resolve().parents[2] / "shared"
+    c.data_dir = str(Path(shared) / "minirevisit")
     c.cvnet.topk = 10
     c.bucket = 256
     c.feature_bucket = 16

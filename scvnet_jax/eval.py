@@ -1,0 +1,215 @@
+"""Evaluate CVNet / SuperGlobal retrieval on the revisited Oxford and Paris benchmarks.
+
+    python -m scvnet_jax.eval --dataset demo      # the bundled demo model and benchmark
+    python -m scvnet_jax.eval --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
+    python -m scvnet_jax.eval --config configs/eval_revisitop.py --config.cvnet.topk=10 ...
+
+(`python eval.py ...` in a checkout is the same.) DATA follows the revisitop layout:
+DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/. Runs the pipelines
+cvnet_global, cvnet_rerank, superglobal_global and superglobal_rerank (exactly as the
+official CVNet and SuperGlobal test scripts), prints mAP and mP@k per pipeline, and writes
+results.json plus results_ranks.npz beside it. Descriptors are cached (see --cache_dir), so
+an interrupted run resumes where it stopped.
+
+Settings come from an ml_collections config (--config; default: configs/eval_revisitop.py,
+or configs/eval_demo.py with --dataset demo; any field can be set with
+--config.<field>=<value>); the flags below set the common fields and win over --config.*.
+
+Protocols (CVNet reranking only; the other pipelines never look at labels):
+  official  what the official CVNet test does: per query and per Easy/Medium/Hard setting it
+            reranks the first top-k images that the setting does not ignore, so the ground
+            truth picks what is reranked (three rankings). For reproducing published numbers.
+  blind     reranks the plain top-k: what your own data needs.
+
+Devices: every batch is split over all of this process's devices. On several hosts (a TPU
+slice, a multi-node GPU cluster) run the same command on every host with --distributed:
+each process extracts its share of the images and all gather the descriptors.
+
+examples:
+  python -m scvnet_jax.eval --dataset demo
+  python -m scvnet_jax.eval --dataset demo --weights random
+  python -m scvnet_jax.eval --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
+  python -m scvnet_jax.eval --config configs/eval_minirevisit.py --weights r50.pyth --topk 10
+  python -m scvnet_jax.eval --dataset rparis6k --data_dir DATA --weights converted/cvnet_r101 \\
+      --pipelines superglobal_global,superglobal_rerank --distractors DATA/revisitop1m/revisitop1m.txt
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from scvnet_jax import cli
+
+# flag -> config field it sets (when given)
+FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
+          "distractors": "distractors", "distractors_dir": "distractors_dir",
+          "output": "output", "cache_dir": "cache_dir", "save_visuals": "save_visuals",
+          "dtype": "dtype", "batch_size": "batch_size", "bucket": "bucket",
+          "feature_bucket": "feature_bucket", "workers": "workers", "topk": "cvnet.topk",
+          "protocol": "cvnet.protocol"}
+
+
+def _define(fv, argv):
+    from absl import flags
+
+    from scvnet_jax.evaluation.pipelines import PIPELINES
+
+    demo = any(a in ("--dataset=demo", "-dataset=demo") or
+               (a in ("--dataset", "-dataset") and argv[i + 1:i + 2] == ["demo"])
+               for i, a in enumerate(argv))
+    default = cli.packaged_config("eval_demo.py" if demo else "eval_revisitop.py")
+    cli.define_config(fv, argv, default, "evaluation config file with get_config() (default: "
+                      "configs/eval_revisitop.py; with --dataset demo, configs/eval_demo.py)")
+    s, i, e = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_enum
+    e("dataset", None, ["roxford5k", "rparis6k", "demo"], "benchmark (default: roxford5k); "
+      "'demo' = the demo benchmark (generated from photographs shipped with scikit-image) with "
+      "the bundled demo model", flag_values=fv)
+    s("data_dir", None, "folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (demo: "
+      "default <cache_dir>/demo_benchmark, built on first use)", flag_values=fv)
+    s("weights", None, "official CVNet checkpoint (.pyth/.pth), a model directory (written by "
+      "`python -m scvnet_jax.convert` or train.py), or 'random': an untrained model of the "
+      "default model's shape (demo: the bundled demo model's; else the official R50's), seed "
+      "0. Default for demo: the bundled demo model", flag_values=fv)
+    s("pipelines", None, "comma list of " + ", ".join(PIPELINES) + " (default: all four)",
+      flag_values=fv)
+    i("topk", None, "CVNet rerank depth (default: 100)", flag_values=fv)
+    e("protocol", None, ["official", "blind"], "CVNet rerank protocol (default: official; see "
+      "above)", flag_values=fv)
+    s("distractors", None, "revisitop 1M distractor list (revisitop1m.txt) to add to the "
+      "database (+R1M)", flag_values=fv)
+    s("distractors_dir", None, "folder the distractor paths are relative to (default: the "
+      "list's folder)", flag_values=fv)
+    s("output", None, "results JSON (default: results.json); ranks go to <stem>_ranks.npz",
+      flag_values=fv)
+    s("cache_dir", None, "descriptor cache (default: ~/.cache/scvnet_jax); '' disables it",
+      flag_values=fv)
+    s("save_visuals", None, "write one PNG per query into this folder: the query crop and its "
+      "top-10 per pipeline, bordered by label", flag_values=fv)
+    e("dtype", None, ["float32", "bfloat16"], "backbone compute dtype (default float32: "
+      "parity with the official code)", flag_values=fv)
+    i("batch_size", None, "images per device per batch (default: 8)", flag_values=fv)
+    i("bucket", None, "pad image sizes up to multiples of this many pixels so that one "
+      "compilation serves many sizes; results are unchanged (default: 64; 1 = exact sizes)",
+      flag_values=fv)
+    i("feature_bucket", None, "likewise for local-feature sizes when scoring CVNet rerank "
+      "pairs, in feature cells (default: 4)", flag_values=fv)
+    i("workers", None, "image-decoding threads (default: 4)", flag_values=fv)
+    cli.define_distributed(fv, "see above")
+
+
+def build_config(fv):
+    """The config file (with its --config.* overrides), then the flags given."""
+    cfg = fv.config
+    with cfg.unlocked():
+        for flag, field in FIELDS.items():
+            value = fv[flag].value
+            if value is not None:
+                node, *path = cfg, *field.split(".")
+                for p in path[:-1]:
+                    node = node[p]
+                node[path[-1]] = value
+        if fv.pipelines is not None:
+            cfg.pipelines = [p.strip() for p in fv.pipelines.split(",") if p.strip()]
+    return cfg
+
+
+def load_model(weights: str, dataset: str, dtype):
+    """The model to evaluate; 'random' = untrained, shaped like the dataset's default model."""
+    import scvnet_jax as sj
+
+    if weights != "random":
+        return sj.load(weights, dtype=dtype)
+    arch = {}                    # sj.create's defaults: the official R50
+    if dataset == "demo":
+        from scvnet_jax.convert import read_config
+        arch = read_config(sj.demo_model_path())["arch"].asdict()
+    return sj.create(**arch, seed=0, dtype=dtype)
+
+
+def use_compilation_cache(cache_dir: str) -> None:
+    """Compiled programs are kept in <cache_dir>/xla and reused by later runs
+    (JAX_COMPILATION_CACHE_DIR, if set, wins)."""
+    import jax
+    if cache_dir and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def run(cfg) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    import scvnet_jax as sj
+    from scvnet_jax.data.revisitop import load_dataset, read_distractor_list
+    from scvnet_jax.errors import CheckpointError, InputError
+    from scvnet_jax.evaluation import pipelines, report, visuals
+
+    if cfg.dataset == "demo":
+        from scvnet_jax.data import demo
+        from scvnet_jax.evaluation.config import default_cache_dir
+        if not cfg.data_dir:
+            cfg.data_dir = os.path.join(cfg.cache_dir or default_cache_dir(), "demo_benchmark")
+        demo.build_benchmark(cfg.data_dir)    # a few seconds, once
+        if not cfg.weights:
+            cfg.weights = str(sj.demo_model_path())
+    if not cfg.data_dir:
+        raise InputError("--data_dir is required (the folder holding "
+                         f"{cfg.dataset}/gnd_{cfg.dataset}.pkl)")
+    if not cfg.weights:
+        raise CheckpointError("--weights is required (an official .pyth/.pth or a converted "
+                              "model directory, or 'random')")
+    t0 = time.time()
+    use_compilation_cache(cfg.cache_dir)
+    lead = jax.process_index() == 0
+    dataset = load_dataset(cfg.data_dir, cfg.dataset)
+    distractors = (read_distractor_list(cfg.distractors, cfg.distractors_dir or None)
+                   if cfg.distractors else None)
+    model = load_model(cfg.weights, cfg.dataset, jnp.dtype(cfg.dtype))
+    n_db = dataset.n_db + len(distractors or [])
+    if lead:
+        print(f"{dataset.name}: {dataset.n_queries} queries, {n_db} database images"
+              f"{f' ({len(distractors)} distractors)' if distractors else ''}; "
+              f"weights {cfg.weights} (R{model.depth}, {cfg.dtype}); "
+              f"pipelines {', '.join(cfg.pipelines)}; CVNet rerank top-{cfg.cvnet.topk}, "
+              f"protocol {cfg.cvnet.protocol}", flush=True)
+    results = pipelines.evaluate(cfg, model, dataset, distractors)
+    if not lead:
+        return 0
+    meta = {"dataset": dataset.name + ("+R1M" if distractors else ""),
+            "n_queries": dataset.n_queries, "n_db": n_db, "weights": str(cfg.weights),
+            "dtype": cfg.dtype}
+    print()
+    print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):"))
+    extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
+             "superglobal_rerank": dict(cfg.superglobal.rerank)}
+    out, ranks = report.write(results, cfg.ks, meta, cfg.output, extra)
+    print(f"wrote {out} and {ranks} in {time.time() - t0:.0f} s")
+    if cfg.save_visuals:
+        paths = visuals.save_all(cfg.save_visuals, results, dataset.query_images(),
+                                 dataset.db_images() + list(distractors or []), dataset.gnd,
+                                 dataset.qimlist, cfg.visuals_topn)
+        print(f"wrote {len(paths)} result grids to {cfg.save_visuals}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = cli.parse(argv, _define, "python -m scvnet_jax.eval", __doc__)
+    if isinstance(fv, int):
+        return fv
+
+    def go():
+        cli.init_distributed(fv)
+        try:
+            return run(build_config(fv))
+        except KeyboardInterrupt:
+            print("interrupted; finished chunks are cached, run the same command to resume",
+                  file=sys.stderr)
+            return 130
+
+    return cli.run(go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

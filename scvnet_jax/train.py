@@ -1,0 +1,70 @@
+r"""Train CVNet on GLDv2-clean, the demo set, or your own TFDS set, in two stages chosen by
+the config: stage 1 (CVNet-Global: the backbone and global descriptor), then stage 2
+(CVNet-Rerank: the rerank head on the frozen stage-1 backbone, --config.init_from=<stage-1
+W/model>; hard negatives, Hide-and-Seek and their curriculum).
+
+    python -m scvnet_jax.train --config configs/demo.py --workdir runs/demo
+    python -m scvnet_jax.train --config configs/demo_rerank.py --workdir runs/demo_rerank
+    python -m scvnet_jax.train --config configs/cvnet_r50.py --workdir runs/cvnet_r50 \
+        --config.data.data_dir=/data/tfds --config.init_from=CVPR2022_CVNet_R50.pyth
+    python -m scvnet_jax.train --config configs/cvnet_r50.py --workdir W --config.optimizer.lr=0.005
+    python -m scvnet_jax.train --config configs/cvnet_r50_rerank.py --workdir runs/cvnet_r50_rerank \
+        --config.data.data_dir=/data/tfds --config.init_from=runs/cvnet_r50/model
+    python -m scvnet_jax.train --config configs/demo.py:tiny --workdir /tmp/tiny   # seconds
+
+(`python train.py ...` in a checkout is the same.) `--config` takes a config file, or the
+name of one shipped with the package (`demo.py`, `cvnet_r50.py`, ...); `FILE:variant`
+passes `variant` to its get_config(). Any config field can be overridden with
+--config.<field>=<value>. The run writes W/checkpoints/ (orbax; resumable), W/metrics.jsonl
+(one JSON object per logged step), W/tensorboard/ (TensorBoard summaries), W/config.json,
+stage 2 also W/hard_negatives/, and when done W/model/, a model directory that eval.py and
+scvnet_jax.load read. Rerun the same command to resume after a crash or preemption.
+
+Multi-host (TPU pod slice, multi-node GPU): run the same command on every host with
+--distributed (the workdir must be a shared filesystem); give --coordinator_address,
+--num_processes and --process_id where the cluster does not provide them.
+Exit status: 0 done, 2 bad input, 3 non-finite loss.
+"""
+from __future__ import annotations
+
+import sys
+
+from scvnet_jax import cli
+
+
+def _define(fv, argv):
+    from absl import flags
+
+    cli.define_config(fv, argv, None, "training config file with get_config() "
+                      "(configs/*.py, or the name of one shipped with the package); "
+                      "FILE:variant passes variant to get_config()")
+    flags.DEFINE_string("workdir", None, "output folder (checkpoints, metrics, model)",
+                        flag_values=fv)
+    cli.define_distributed(fv, "the workdir must be on a shared filesystem")
+    flags.DEFINE_bool("progress", True, "show a progress bar (else print a line per logged "
+                      "step)", flag_values=fv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    fv = cli.parse(argv, _define, "python -m scvnet_jax.train", __doc__)
+    if isinstance(fv, int):
+        return fv
+    return cli.run(lambda: _train(fv))
+
+
+def _train(fv) -> int:
+    from absl import logging
+
+    from scvnet_jax.errors import ConfigError
+
+    if fv.config is None or not fv.workdir:
+        raise ConfigError("--config and --workdir are required (see --help)")
+    logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
+    cli.init_distributed(fv)
+    from scvnet_jax.training import train
+    return train(fv.config, fv.workdir, progress=fv.progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
