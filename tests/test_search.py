@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 
 import scvnet_jax as sj
-from scvnet_jax.data.revisitop import InputError
+from scvnet_jax.errors import InputError
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    from scvnet_jax.data import demo
-    bench = demo.build_benchmark(tmp_path_factory.mktemp("bench"))
+def folder(tmp_path_factory, demo_benchmark):
+    bench = demo_benchmark / "demo"
     out = tmp_path_factory.mktemp("photos")
     names = sorted(p.name for p in (bench / "jpg").glob("astronaut_r0c*"))[:10]
     names += sorted(p.name for p in (bench / "jpg").glob("coins_r1c1*"))[:4]

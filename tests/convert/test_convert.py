@@ -4,8 +4,6 @@ from __future__ import annotations
 import functools
 import json
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -13,11 +11,10 @@ import pytest
 import torch  # test-only: writes reference checkpoints in the official format
 
 import scvnet_jax as sj
-from conftest import parity_state_dict
 from scvnet_jax.convert import CheckpointError, convert, load_torch_file, mapping
-from scvnet_jax.models import cvnet
+from scvnet_jax.models import Arch, cvnet
 
-SMALL = dict(depth=50, width=8, reduction_dim=32, corr_dim=16)
+SMALL = Arch(depth=50, width=8, reduction_dim=32, corr_dim=16)
 
 
 def _flat(variables):
@@ -59,7 +56,7 @@ def test_zip_and_legacy_formats_give_identical_weights(official_checkpoint):
     _assert_same_variables(a.variables, b.variables)
 
 
-def test_weights_are_the_fixture_weights(official_checkpoint):
+def test_weights_are_the_fixture_weights(official_checkpoint, parity_state_dict):
     """Round trip: converted variables map back to exactly the fixture's state dict."""
     model = sj.load(official_checkpoint(50))
     back = mapping.variables_to_state_dict(model.variables)
@@ -139,7 +136,7 @@ def test_a_torch_file_that_is_not_cvnet(tmp_path):
 
 
 def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.pyth"):
+    with pytest.raises(CheckpointError, match="checkpoint file not found: .*nope.pyth"):
         sj.load(tmp_path / "nope.pyth")
 
 
@@ -150,10 +147,16 @@ def test_converted_directory_round_trip_and_errors(tmp_path):
     _assert_same_variables(sj.load(out).variables, variables)
     assert sj.load(out).arch == SMALL
 
-    with pytest.raises(FileExistsError):
+    with pytest.raises(CheckpointError, match="already exists and is not empty"):
         convert(src, out)
     convert(src, out, overwrite=True)
-    assert not list(tmp_path.glob(".model.tmp-*"))  # no temporary left behind
+    assert not list(tmp_path.glob(".model.*"))  # no temporary left behind
+    users = tmp_path / "users_folder"          # --overwrite replaces model dirs, nothing else
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    with pytest.raises(CheckpointError, match="not a scvnet_jax model directory; refusing"):
+        convert(src, users, overwrite=True)
+    assert (users / "thesis.tex").read_text() == "mine"
 
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -174,16 +177,17 @@ def test_converted_directory_round_trip_and_errors(tmp_path):
         sj.load(tmp_path)
 
 
-def test_cli(tmp_path):
+def test_cli(tmp_path, capsys, run_module):
+    from scvnet_jax.convert import main
+
     _, sd = _small_state_dict()
     src = _torch_save(sd, tmp_path / "small.pth")
-    run = lambda *a: subprocess.run([sys.executable, "-m", "scvnet_jax.convert", *a],
-                                    capture_output=True, text=True)
-    ok = run(str(src), str(tmp_path / "out"))
-    assert ok.returncode == 0, ok.stderr
-    assert "CVNet-R50" in ok.stdout and "width=8" in ok.stdout
-    bad = run(str(src), str(tmp_path / "out2"), "--depth", "101")
+    assert main([str(src), str(tmp_path / "out")]) == 0
+    assert "CVNet-R50" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "--overwrite" in capsys.readouterr().out
+    bad = run_module("convert", src, tmp_path / "out2", "--depth", "101")   # the real process
     assert bad.returncode == 2
     assert bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     assert "missing keys" in bad.stderr
-    assert run("--help").returncode == 0

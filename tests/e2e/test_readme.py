@@ -5,29 +5,33 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+import pytest
 
 
-def _readme():
-    return (REPO / "README.md").read_text()
+@pytest.fixture(scope="module")
+def readme(repo):
+    return (repo / "README.md").read_text()
 
 
-def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second():
-    readme = _readme()
+def test_readme_opens_with_the_two_setup_commands_and_ci_runs_the_second(readme, repo):
     setup = re.search(r"## Set up.*?```bash\n(.*?)```", readme, re.S)
     assert re.search(r"^## (.*)$", readme, re.M).group(1) == "Set up"   # the first section
     demo, tests = setup.group(1).strip().splitlines()
     assert "pip install -e ." in demo and demo.endswith("python eval.py --dataset demo")
     assert 'pip install -e ".[test]"' in tests and tests.endswith("python -m pytest -q")
-    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci = (repo / ".ci" / "run").read_text().splitlines()
     assert tests in ci, f".ci/run does not run the README's {tests!r} verbatim"
 
 
-def test_api_tour_output_matches_readme(official_checkpoint):
-    block = re.search(r"```text\n\$ python examples/api_tour.py (\S+)\n(.*?)```", _readme(), re.S)
+def test_readme_names_the_everyday_loop(readme):
+    assert 'python -m pytest -q -m "not slow"' in readme
+
+
+def test_api_tour_output_matches_readme(official_checkpoint, readme, repo):
+    block = re.search(r"```text\n\$ python examples/api_tour.py (\S+)\n(.*?)```", readme, re.S)
     name, expected = block.group(1), block.group(2)
     ckpt = official_checkpoint(50)
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "api_tour.py"), str(ckpt)],
+    out = subprocess.run([sys.executable, str(repo / "examples" / "api_tour.py"), str(ckpt)],
                          capture_output=True, text=True, check=True).stdout
     assert ckpt.name == name
     assert out == expected.replace(name, str(ckpt), 1)

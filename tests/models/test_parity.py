@@ -1,19 +1,21 @@
 """Parity with the official PyTorch CVNet / SuperGlobal outputs in ../shared/parity.
 
-Every key of every fixture is checked, for R50 and R101, through `sj.load(<.pyth>)` and
-through `python -m scvnet_jax.convert` + `sj.load(<dir>)`, with the tolerances stated in
-../shared/parity/README.md. A fixture key this file does not know fails the run, so new
-reference outputs cannot be ignored by accident.
+Every key of every fixture is checked, for R50 and R101, with the tolerances stated in
+../shared/parity/README.md: R50 through a converted model directory (`convert` +
+`sj.load(<dir>)`), R101 through `sj.load(<.pyth>)`. Both routes give bit-identical
+variables and the same module for both depths (checked below), so each route's parity
+holds for the other. A fixture key this file does not know fails the run, so new reference
+outputs cannot be ignored by accident.
 """
 from __future__ import annotations
 
 import re
 
+import jax
 import numpy as np
 import pytest
 
 import scvnet_jax as sj
-from conftest import gnd_from_fixture, parity_fixture
 
 # Max absolute error allowed (../shared/parity/README.md); 0 = exact.
 TOL_DESCRIPTOR = 1e-5
@@ -26,19 +28,19 @@ INPUT_KEYS = {"img0", "img1", "sgrr_X", "sgrr_Q", "sgrr_ranks_in", "map_score", 
               "map_gnd", "cvmix_local"}
 SG_KEY = re.compile(r"^sg_relup(\d)_gemp(\d)_rgem(\d)_sgem(\d)_scale(\d)_(\d)$")
 DEPTHS = (50, 101)
-ROUTES = ("pyth", "converted")
+ROUTE = {50: "converted", 101: "pyth"}    # the other route: test_routes_give_the_same_model
 
 
 def _nhwc(x):
     return np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
 
 
-def _fixture_keys(depth):
-    return [k for k in parity_fixture(depth) if k not in INPUT_KEYS]
+def _fixture_keys(fx):
+    return [k for k in fx if k not in INPUT_KEYS]
 
 
 @pytest.fixture(scope="module")
-def fixtures():
+def fixtures(parity_fixture):
     return {d: parity_fixture(d) for d in DEPTHS}
 
 
@@ -92,7 +94,7 @@ def check_model_key(model, fx, key):
     return True
 
 
-def check_pipeline_key(fx, key):
+def check_pipeline_key(fx, key, gnd_from_fixture):
     """Checks the keys that test metric and reranking code; returns False for others."""
     if key == "sgrr_ranks_out":
         out = sj.rerank.superglobal(fx["sgrr_X"].astype(np.float32),
@@ -113,13 +115,12 @@ def check_pipeline_key(fx, key):
     return True
 
 
-@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_model_outputs(models, fixtures, depth, route):
-    model = models(depth, route)
+def test_model_outputs(models, fixtures, depth):
+    model = models(depth, ROUTE[depth])
     assert model.depth == depth
     failures, checked = [], 0
-    for key in _fixture_keys(depth):
+    for key in _fixture_keys(fixtures[depth]):
         try:
             checked += check_model_key(model, fixtures[depth], key)
         except AssertionError as e:
@@ -130,8 +131,24 @@ def test_model_outputs(models, fixtures, depth, route):
 
 
 @pytest.mark.parametrize("depth", DEPTHS)
-def test_pipeline_outputs(fixtures, depth):
-    checked = [k for k in _fixture_keys(depth) if check_pipeline_key(fixtures[depth], k)]
+def test_routes_give_the_same_model(models, depth):
+    """A .pyth file and its converted directory load into the same module and bit-identical
+    variables, so parity through one route is parity through the other."""
+    a, b = models(depth, "pyth"), models(depth, "converted")
+    assert a.module == b.module
+    fa = jax.tree_util.tree_flatten_with_path(a.variables)[0]
+    fb = jax.tree_util.tree_flatten_with_path(b.variables)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (p, x), (_, y) in zip(fa, fb):
+        assert x.dtype == y.dtype, jax.tree_util.keystr(p)
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                      err_msg=jax.tree_util.keystr(p))
+
+
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_pipeline_outputs(fixtures, depth, gnd_from_fixture):
+    checked = [k for k in _fixture_keys(fixtures[depth])
+               if check_pipeline_key(fixtures[depth], k, gnd_from_fixture)]
     assert sorted(checked) == ["cvmix_ranks_EMH", "map_EMH", "mpk_EMH", "sgrr_ranks_out"]
 
 
@@ -141,7 +158,7 @@ def test_every_fixture_key_is_checked(fixtures, depth):
     model_keys = {"cvnet_corr_q0k1", "cvnet_logits_q0k1", "cvnet_score_q0k1",
                   "cvnet_score_q0k0", "cvnet_score_self"}
     pipeline_keys = {"sgrr_ranks_out", "map_EMH", "mpk_EMH", "cvmix_ranks_EMH"}
-    unknown = [k for k in _fixture_keys(depth)
+    unknown = [k for k in _fixture_keys(fixtures[depth])
                if k not in model_keys | pipeline_keys
                and not re.match(r"^cvnet_(global|layer3_)\d$", k) and not SG_KEY.match(k)]
     assert not unknown, f"fixture keys without a check: {unknown}"
@@ -149,7 +166,7 @@ def test_every_fixture_key_is_checked(fixtures, depth):
 
 def test_superglobal_quirk_matters(models, fixtures):
     """The stage-1 clamp quirk is load-bearing: without it relup0 fixtures do not match."""
-    fx, model = fixtures[50], models(50, "pyth")
+    fx, model = fixtures[50], models(50, ROUTE[50])
     key = "sg_relup0_gemp1_rgem0_sgem0_scale1_0"
     got = model.superglobal_descriptor(_nhwc(fx["img0"]), scales=1, rgem=False, sgem=False,
                                        relup=False, official_quirk=False)

@@ -1,23 +1,23 @@
-"""Stage-2 training (CVNet-Rerank): hard-negative mining against brute force, Hide-and-Seek,
-the pair sampler and its curriculum, the zero-vector gradient, resume, and a shortened demo
-run whose trained head must improve on the global ranking it reranks."""
+"""Stage-2 training (CVNet-Rerank): hard-negative mining against brute force (1 and 8
+devices), Hide-and-Seek, the pair sampler and its curriculum, the bank's independence of
+the process split, and resume across a bank refresh (configs/demo_rerank.py:tiny). The
+shortened demo run's margin is tests/e2e/test_demo.py."""
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from test_train import TINY_OVERRIDES, assert_same_checkpoint, kill_at_checkpoint, run_train
-
 
 # --- the pieces --------------------------------------------------------------------------
 
-def test_hard_negative_table_matches_brute_force():
-    from scvnet_jax.training.stage2 import hard_negative_table
-
+def _brute_force_check(hard_negative_table):
     rng = np.random.default_rng(0)
     desc = rng.normal(size=(53, 8)).astype(np.float32)
     desc /= np.linalg.norm(desc, axis=1, keepdims=True)
@@ -34,6 +34,24 @@ def test_hard_negative_table_matches_brute_force():
     assert set(small[1][small[1] >= 0]) == {0}
 
 
+def test_hard_negative_table_matches_brute_force():
+    from scvnet_jax.training.stage2 import hard_negative_table
+    _brute_force_check(hard_negative_table)
+
+
+def test_hard_negative_table_on_8_devices(fake_devices_env, repo):
+    """The same check with the database split over 8 (fake CPU) devices: 53 rows, so the
+    shards are padded, and the merge of the shards' candidates must keep exact order."""
+    import inspect
+    src = inspect.getsource(_brute_force_check)
+    script = ("import jax, numpy as np\nassert jax.device_count() == 8\n"
+              "from scvnet_jax.training.stage2 import hard_negative_table\n" + src +
+              "\n_brute_force_check(hard_negative_table)\nprint('ok')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                       env=fake_devices_env(8), cwd=repo, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
 def test_hide_and_seek():
     from scvnet_jax.training.stage2 import hide_and_seek
 
@@ -48,31 +66,20 @@ def test_hide_and_seek():
     assert 0.2 < 1 - h.mean() < 0.4
 
 
-def test_norm_has_a_zero_gradient_at_zero():
-    """All-zero feature vectors (hidden cells) must not turn the gradient into NaN."""
-    from scvnet_jax.models import ops
+def test_pair_sampler_labels_and_curriculum(tmp_path, demo_tfds):
+    from scvnet_jax.data import augment, sources
+    from scvnet_jax.training import stage2
 
-    x = jnp.array([[0.0, 0.0], [3.0, 4.0]])
-    np.testing.assert_array_equal(ops.norm(x), [0.0, 5.0])
-    g = jax.grad(lambda v: ops.norm(v).sum())(x)
-    np.testing.assert_allclose(g, [[0.0, 0.0], [0.6, 0.8]])
-
-
-def test_pair_sampler_labels_and_curriculum(tmp_path):
-    from scvnet_jax.data import builders, training as data_lib
-
-    builders.prepare("demo", str(tmp_path))
-    ts = data_lib.open_training_set("demo_landmarks", str(tmp_path))
+    ts = sources.open_training_set("demo_landmarks", str(demo_tfds))
     labels = ts.labels()
     n = ts.num_examples
     # a table whose "hard" negatives are recognisable: image i -> the 3 images after its class
     table = np.stack([(ts.class_offsets[labels[i] + 1] + np.arange(3)) % n for i in range(n)])
     np.save(tmp_path / "table.npy", table.astype(np.int32))
-    aug = data_lib.Augment(size=32)
-    sampling = data_lib.PairSampling(positive_fraction=0.5, hard_ratio=(0.0, 1.0),
-                                     curriculum_steps=10, local_batch=4)
-    t = data_lib.RerankPairTransform(ts, aug, sampling, tmp_path / "table.npy")
-    import pickle
+    aug = augment.Augment(size=32)
+    sampling = stage2.PairSampling(positive_fraction=0.5, hard_ratio=(0.0, 1.0),
+                                   curriculum_steps=10, global_batch=4)
+    t = stage2.RerankPairTransform(ts, aug, sampling, tmp_path / "table.npy")
     t = pickle.loads(pickle.dumps(t))                 # grain workers receive a copy
     calls = []
 
@@ -80,7 +87,7 @@ def test_pair_sampler_labels_and_curriculum(tmp_path):
         calls.append(int(i))
         return np.full((40, 50, 3), i % 256, np.uint8), int(labels[i])
 
-    t._record = fake_record
+    t.record = fake_record
     hard_by_step = {}
     for step in (0, 10):
         stats = []
@@ -116,55 +123,71 @@ def test_pair_sampler_labels_and_curriculum(tmp_path):
     assert min(seen.values()) > 50, seen
 
 
+def test_bank_does_not_depend_on_the_process_split(demo_tfds):
+    """Each process describes every process_count-th image; together the processes cover
+    every image once, with the augmentation the image gets in a single process."""
+    from scvnet_jax.data import augment, sources
+    from scvnet_jax.training import stage2
+
+    ts = sources.open_training_set("demo_landmarks", str(demo_tfds))
+    aug = augment.Augment(size=32)
+    one = stage2.bank_dataset(ts, aug, version=1, batch=100, seed=0)
+    whole = {int(i): im for b in one for i, im in zip(b["index"], b["image"])}
+    assert sorted(whole) == list(range(ts.num_examples))
+    parts = [stage2.bank_dataset(ts, aug, version=1, batch=48, seed=0, process_index=p,
+                                 process_count=3) for p in range(3)]
+    seen = []
+    for ds in parts:
+        for b in ds:
+            for i, im in zip(b["index"], b["image"]):
+                np.testing.assert_array_equal(im, whole[int(i)])
+                seen.append(int(i))
+    assert sorted(seen) == list(range(ts.num_examples))        # every image exactly once
+
+
 # --- the command line --------------------------------------------------------------------
 
-TINY_MODEL = {k: v for k, v in TINY_OVERRIDES.items() if k.startswith("model.")}
-TINY2 = ([f"--config.{k}={v}" for k, v in TINY_MODEL.items()]
-         + ["--config.data.image_size=64", "--config.batch_size=8", "--config.log_every_steps=2",
-            "--config.rerank.bank_refresh_steps=8", "--config.rerank.bank_k=4"])
-
-
-def run_rerank(workdir, *overrides, data_dir, wait=True, timeout=1200):
-    return run_train(workdir, *overrides, data_dir=data_dir, wait=wait, timeout=timeout,
-                     config="demo_rerank")
+TINY = "demo_rerank.py:tiny"
 
 
 @pytest.fixture(scope="module")
-def tiny_stage1(tmp_path_factory):
-    """A tiny stage-1 model (its initialisation) and the demo training set."""
+def tiny_stage1(tmp_path_factory, run_train, demo_tfds):
+    """A tiny stage-1 model (its initialisation)."""
     root = tmp_path_factory.mktemp("stage1")
-    r = run_train(root / "w", *[f"--config.{k}={v}" for k, v in TINY_OVERRIDES.items()],
-                  "--config.total_steps=0", data_dir=root / "tfds")
+    r = run_train(root / "w", "--config.total_steps=0", data_dir=demo_tfds,
+                  config="demo.py:tiny")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return root / "w" / "model", root / "tfds"
+    return root / "w" / "model"
 
 
-def test_stage2_needs_a_stage1_model(tmp_path):
-    r = run_rerank(tmp_path / "w", "--config.init_from=", data_dir=tmp_path / "tfds")
+def test_stage2_needs_a_stage1_model(tmp_path, run_train, demo_tfds, one_error_line):
+    r = run_train(tmp_path / "w", "--config.init_from=", data_dir=demo_tfds, config=TINY)
     assert r.returncode == 2
-    assert "stage 2 needs --config.init_from" in r.stderr
+    one_error_line(r.stderr, "stage 2 needs --config.init_from")
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 @pytest.mark.slow
-def test_stage2_sigkill_resume_is_exact_and_backbone_stays_frozen(tmp_path, tiny_stage1):
-    model, data = tiny_stage1
+def test_stage2_sigkill_resume_is_exact_and_backbone_stays_frozen(
+        tmp_path, tiny_stage1, run_train, demo_tfds, kill_at_checkpoint,
+        assert_same_checkpoint):
     steps = ["--config.total_steps=20", "--config.checkpoint_every_steps=5",
-             f"--config.init_from={model}"]
-    full = run_rerank(tmp_path / "full", *TINY2, *steps, data_dir=data)
+             f"--config.init_from={tiny_stage1}", "--config.log_every_steps=2"]
+    full = run_train(tmp_path / "full", *steps, data_dir=demo_tfds, config=TINY)
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "full" / "hard_negatives").iterdir()) == [
         "v0.npy", "v1.npy", "v2.npy"]
 
     work = tmp_path / "killed"
-    proc = run_rerank(work, *TINY2, *steps, data_dir=data, wait=False)
+    proc = run_train(work, *steps, data_dir=demo_tfds, config=TINY, wait=False)
     kill_at_checkpoint(proc, work / "checkpoints" / "10")   # past the bank refresh at 8
-    resumed = run_rerank(work, *TINY2, *steps, data_dir=data)
+    resumed = run_train(work, *steps, data_dir=demo_tfds, config=TINY)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     assert_same_checkpoint(tmp_path / "full", work, 20)
 
     import scvnet_jax as sj
-    before, after = sj.load(model).variables, sj.load(tmp_path / "full" / "model").variables
+    before, after = sj.load(tiny_stage1).variables, sj.load(tmp_path / "full" / "model").variables
     for c in ("params", "batch_stats"):       # backbone frozen, head trained
         for x, y in zip(jax.tree.leaves(before[c]["encoder_q"]),
                         jax.tree.leaves(after[c]["encoder_q"])):

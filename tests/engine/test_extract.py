@@ -1,0 +1,104 @@
+"""The retrieval engine on many devices and processes: extraction, local features, CVNet
+verification and ranking give the same results on 8 (fake CPU) devices as on 1, and with
+2 processes x 4 devices (jax.distributed on localhost) as with one process. The tiny
+model on small photographs: splitting work over devices depends on neither."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SCRIPT = r"""
+import json, sys
+import jax, numpy as np
+args = json.loads(sys.argv[1])
+if args["processes"] > 1:
+    jax.distributed.initialize(args["coordinator"], args["processes"], args["process_id"])
+import scvnet_jax as sj
+from scvnet_jax import mesh as mesh_lib
+from scvnet_jax.engine import extract, search, verify
+from scvnet_jax.images import ImageRef
+
+refs = [ImageRef(p) for p in args["images"]]
+model = sj.load(args["weights"])
+if args["devices"] == 1:
+    model = model.with_mesh(mesh_lib.make_mesh(jax.local_devices()[:1]))
+assert model.num_devices == args["devices"], model.num_devices
+out = {}
+for family in ("cvnet", "superglobal"):
+    out[family] = extract.extract(model, refs, extract.spec_of(family), batch_size=2,
+                                  bucket=256, chunk_size=3)
+sim, ranks = search.rank(out["cvnet"], out["cvnet"][:4])
+cand = [ranks[:5, i] for i in range(4)]
+out["scores"] = verify.verification_scores(model, refs[:4], refs, cand, batch_size=2,
+                                           bucket=256, feature_bucket=4, key_chunk=2)
+out["ranks"] = ranks
+if jax.process_index() == 0:
+    np.savez(args["out"], **out)
+print("ok", jax.process_index(), jax.device_count())
+"""
+
+
+@pytest.fixture(scope="module")
+def images(demo_benchmark):
+    """14 demo photographs of 160 px and their 3 scales: one size bucket, so each program
+    compiles once per device layout."""
+    return sorted(str(p) for p in (demo_benchmark / "demo" / "jpg").glob("*.jpg"))[:14]
+
+
+def _run(args, env, repo):
+    return subprocess.Popen([sys.executable, "-c", SCRIPT, json.dumps(args)], env=env,
+                            cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _load(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _same(a, b):
+    for family in ("cvnet", "superglobal"):
+        np.testing.assert_allclose(a[family], b[family], atol=2e-6, err_msg=family)
+    np.testing.assert_array_equal(a["ranks"], b["ranks"])
+    assert np.array_equal(np.isnan(a["scores"]), np.isnan(b["scores"]))
+    np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-6, equal_nan=True)
+
+
+@pytest.fixture(scope="module")
+def one_device(tmp_path_factory, images, tiny_model_dir, fake_devices_env, repo):
+    out = tmp_path_factory.mktemp("one") / "one.npz"
+    p = _run(dict(processes=1, devices=1, images=images, weights=str(tiny_model_dir),
+                  out=str(out)), fake_devices_env(8), repo)
+    assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
+    return _load(out)
+
+
+def test_eight_devices_equal_one(one_device, tmp_path, images, tiny_model_dir,
+                                 fake_devices_env, repo):
+    out = tmp_path / "eight.npz"
+    p = _run(dict(processes=1, devices=8, images=images, weights=str(tiny_model_dir),
+                  out=str(out)), fake_devices_env(8), repo)
+    assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
+    _same(_load(out), one_device)
+    assert np.isfinite(one_device["scores"]).sum() == 4 * 5
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(one_device, tmp_path, images, tiny_model_dir,
+                                 fake_devices_env, repo, free_port):
+    """Each process extracts its chunks (chunk i on process i % 2) and scores its share of
+    the candidates on its 4 devices; all gather everything."""
+    out = tmp_path / "two.npz"
+    coordinator = f"localhost:{free_port()}"
+    procs = [_run(dict(processes=2, process_id=i, coordinator=coordinator, devices=4,
+                       images=images, weights=str(tiny_model_dir), out=str(out)),
+                  fake_devices_env(4), repo) for i in (0, 1)]
+    codes = [p.wait(timeout=900) for p in procs]
+    logs = [p.stdout.read() for p in procs]
+    assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
+    assert all("ok" in x and x.strip().endswith(" 8") for x in logs), logs
+    _same(_load(out), one_device)
