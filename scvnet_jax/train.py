@@ -62,6 +62,8 @@ def _train(fv) -> int:
         raise ConfigError("--config and --workdir are required (see --help)")
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
     cli.init_distributed(fv)
+    from scvnet_jax.evaluation.config import default_cache_dir
+    cli.use_compilation_cache(default_cache_dir())
     from scvnet_jax.training import train
     return train(fv.config, fv.workdir, progress=fv.progress)
 

@@ -137,10 +137,10 @@ DIST_STEPS = ["--config.total_steps=8", "--config.checkpoint_every_steps=4",
 
 
 def _distributed(run_module, workdir, data_dir, n, fake_devices_env, port, wait=True):
-    """`n` train processes on localhost (jax.distributed), 8 // n fake CPU devices each.
-    Without the persistent compilation cache: an entry written by one process and read by
-    another left their collectives out of step (seen with jax 0.10.2 on CPU)."""
-    env = {**fake_devices_env(8 // n), "JAX_ENABLE_COMPILATION_CACHE": "false"}
+    """`n` train processes on localhost (jax.distributed), 8 // n fake CPU devices each (the
+    persistent compilation cache in their environment is turned off by
+    cli.use_compilation_cache: with several CPU processes it desynchronises them)."""
+    env = fake_devices_env(8 // n)
     procs = [run_module("train", "--config", "demo.py:tiny", "--workdir", workdir,
                         "--noprogress", f"--config.data.data_dir={data_dir}", *DIST_STEPS,
                         "--distributed", f"--coordinator_address=localhost:{port}",
