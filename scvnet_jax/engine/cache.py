@@ -3,10 +3,14 @@
 A cache lives in `<cache_dir>/<kind>-<hash of its key>/`, where the key is everything the
 stored values depend on (a fingerprint of the weights that produce them, dtype, the image
 list, extraction settings, format version), so a changed setting lands in a new directory
-and never reuses stale values. Descriptors are keyed by the *backbone* only (the rerank
-head does not change them), so a model that differs only in its head reuses them.
-Values are written in chunks, each atomically: a run killed midway keeps every finished
-chunk, and the next run with the same settings only computes the rest.
+and never reuses stale values. What the images hold is checked too: each descriptor chunk
+stores the content digests (`images.content_digest`) of the files it came from and is used
+only if they still match, so a photograph replaced under the same name is recomputed;
+verification scores are keyed by the digests of every image involved. Descriptors are
+keyed by the *backbone* only (the rerank head does not change them), so a model that
+differs only in its head reuses them. Values are written in chunks, each atomically: a run
+killed midway keeps every finished chunk, and the next run with the same settings only
+computes the rest.
 """
 from __future__ import annotations
 
@@ -20,8 +24,9 @@ import jax
 import numpy as np
 
 from scvnet_jax import files
+from scvnet_jax.images import content_digest
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 BACKBONE = "encoder_q"
 
 
@@ -44,6 +49,13 @@ def refs_fingerprint(refs) -> str:
     return files.list_fingerprint(f"{r.path}|{r.bbx}" for r in refs)
 
 
+def content_digests(refs, pool=None) -> list[str]:
+    """The content digest of each image file (in a thread pool if given)."""
+    paths = [r.path for r in refs]
+    return list(pool.map(content_digest, paths) if pool is not None else
+                map(content_digest, paths))
+
+
 class ChunkCache:
     """Chunks of rows of one array: indexed chunks (`get`/`put`: chunk i holds rows
     [i*chunk_size, (i+1)*chunk_size)) or unordered record chunks (`add`/`records`)."""
@@ -59,7 +71,7 @@ class ChunkCache:
             files.atomic_write_text(meta, json.dumps(key, indent=1, sort_keys=True) + "\n")
 
     def _path(self, i) -> Path:
-        return self.dir / (f"chunk_{i:06d}.npy" if isinstance(i, int) else f"chunk_{i}.npy")
+        return self.dir / (f"chunk_{i:06d}.npz" if isinstance(i, int) else f"chunk_{i}.npy")
 
     @staticmethod
     def _load(path: Path) -> np.ndarray | None:
@@ -68,14 +80,27 @@ class ChunkCache:
         except (OSError, ValueError):
             return None  # unreadable: recompute
 
-    def get(self, i: int, rows: int | None = None) -> np.ndarray | None:
-        """Chunk i if present (and, if `rows` is given, whole), else None."""
+    def get(self, i: int, rows: int | None = None,
+            sources: list[str] | None = None) -> np.ndarray | None:
+        """Chunk i if present, whole (`rows`), and computed from files with these content
+        digests (`sources`); else None."""
         path = self._path(i)
-        arr = self._load(path) if path.exists() else None
-        return arr if arr is None or rows is None or arr.shape[0] == rows else None
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arr, stored = z["values"], [str(v) for v in z["sources"]]
+        except (OSError, ValueError, KeyError, EOFError):
+            return None  # unreadable: recompute
+        if rows is not None and arr.shape[0] != rows:
+            return None
+        if sources is not None and stored != list(sources):
+            return None  # an image changed since: recompute the chunk
+        return arr
 
-    def put(self, i: int, arr: np.ndarray) -> None:
-        files.atomic_save_npy(self._path(i), arr)
+    def put(self, i: int, arr: np.ndarray, sources: list[str] | None = None) -> None:
+        files.atomic_save_npz(self._path(i), values=arr,
+                              sources=np.array(list(sources or []), dtype=np.str_))
 
     def add(self, arr: np.ndarray) -> None:
         """Stores a chunk of records under a fresh name (safe from several processes)."""

@@ -6,7 +6,8 @@ run on all of this process's devices (`RetrievalModel` splits each batch over it
 a batch holds `batch_size` images per device). With several processes (`jax.distributed`)
 chunk i of the image list is handled by process i % process_count and the descriptors are
 gathered, so every process ends with all of them. Descriptors are cached chunk by chunk
-(`engine.cache`); progress bars show images/s and ETA.
+(`engine.cache`), each chunk with the content digests of its images (a changed file is
+recomputed); progress bars show images/s and ETA.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from scvnet_jax import mesh
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.data import batching
-from scvnet_jax.engine.cache import ChunkCache
+from scvnet_jax.engine.cache import ChunkCache, content_digests
 from scvnet_jax.images import ImageRef, normalize, read_image
 
 CVNET_SCALES = (0.7071, 1.0, 1.4142)
@@ -98,6 +99,14 @@ def read_all(pool: ThreadPoolExecutor, refs: Sequence[ImageRef]) -> list[np.ndar
     return list(pool.map(read_image, refs))
 
 
+def check_images(refs: Sequence[ImageRef], workers: int = 4) -> None:
+    """Reads and decodes every image (and crops every query box): an InputError naming the
+    first bad file, before any expensive work."""
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(read_image, refs):
+            pass
+
+
 def _describe_chunk(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:
     items, parts_left = [], {}
     for i, im in enumerate(images):
@@ -133,14 +142,17 @@ def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size
               disable=mesh.process_index() != 0) as bar, ThreadPoolExecutor(workers) as pool:
         for c in mine:
             start, stop = starts[c], min(n, starts[c] + chunk_size)
-            chunk = cache.get(c, stop - start) if cache is not None else None
+            chunk = sources = None
+            if cache is not None:
+                sources = content_digests(refs[start:stop], pool)
+                chunk = cache.get(c, stop - start, sources)
             if chunk is not None:
                 bar.update(stop - start)
             else:
                 chunk = _describe_chunk(model, read_all(pool, refs[start:stop]), spec,
                                         batch_size, bucket, bar)
                 if cache is not None:
-                    cache.put(c, chunk)
+                    cache.put(c, chunk, sources)
             rows.append(np.arange(start, stop))
             chunks.append(chunk.astype(np.float32))
     dim = model.arch.reduction_dim

@@ -12,16 +12,18 @@ chooses the evaluators) and returns their metrics and rankings.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from scvnet_jax import metrics, rerank
+from scvnet_jax import files, metrics, rerank
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.data.revisitop import RevisitopDataset, check_files_exist
 from scvnet_jax.engine import extract, search, verify
-from scvnet_jax.engine.cache import BACKBONE, ChunkCache, refs_fingerprint, weights_fingerprint
+from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
+                                     weights_fingerprint)
 from scvnet_jax.errors import ConfigError
 from scvnet_jax.images import ImageRef
 
@@ -66,6 +68,13 @@ class Context:
         key = {**self.cache_key, **extra, "weights": self._fingerprints[weights],
                "weights_part": weights or "all"}
         return ChunkCache(self.cfg.cache_dir, kind, key, chunk_size)
+
+    def content_fingerprint(self) -> str:
+        """One digest of every database and query file's content (for caches of values that
+        depend on many images, e.g. rerank scores)."""
+        with ThreadPoolExecutor(self.cfg.workers) as pool:
+            digests = content_digests(self.db_refs + self.query_refs, pool)
+        return files.list_fingerprint(digests)
 
     def descriptors(self, family: str):
         """(X, Q) for 'cvnet' or 'superglobal', extracted once (and cached on disk)."""
@@ -114,7 +123,8 @@ def cvnet_rerank(ctx: Context) -> PipelineResult:
         raise ConfigError(f"cvnet.protocol must be 'official' or 'blind', got "
                           f"{cfg.protocol!r}")
     cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
-                                       "query": refs_fingerprint(ctx.query_refs)}, 1, None)
+                                       "query": refs_fingerprint(ctx.query_refs),
+                                       "content": ctx.content_fingerprint()}, 1, None)
     scores = verify.verification_scores(
         ctx.model, ctx.query_refs, ctx.db_refs, candidates, batch_size=ctx.cfg.batch_size,
         bucket=ctx.cfg.bucket, feature_bucket=ctx.cfg.feature_bucket, cache=cache,
@@ -153,6 +163,7 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     query_refs = dataset.query_images()
     check_files_exist(db_refs, "database")
     check_files_exist(query_refs, "query")
+    extract.check_images(query_refs, cfg.workers)   # decodable, boxes inside: before any work
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}

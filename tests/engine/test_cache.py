@@ -31,9 +31,12 @@ def test_backbone_fingerprint_ignores_the_head():
 def test_chunks_and_records(tmp_path):
     c = ChunkCache(tmp_path, "x", {"k": 1}, 4)
     assert c.get(0) is None
-    c.put(0, np.arange(8.0).reshape(4, 2))
+    c.put(0, np.arange(8.0).reshape(4, 2), ["a", "b", "c", "d"])
     assert c.get(0, rows=4).shape == (4, 2) and c.get(0, rows=3) is None
-    (c.dir / "chunk_000001.npy").write_bytes(b"torn")      # a torn file is recomputed
+    assert c.get(0, 4, ["a", "b", "c", "d"]).shape == (4, 2)
+    assert c.get(0, 4, ["a", "b", "X", "d"]) is None          # an image changed: recompute
+    c.put(1, np.ones((4, 2)))
+    (c.dir / "chunk_000001.npz").write_bytes(b"torn")      # a torn file is recomputed
     assert c.get(1) is None
     c.add(np.ones((2, 3)))
     c.add(np.zeros((1, 3)))
