@@ -27,6 +27,11 @@ class ConfigError(ScvnetError, ValueError):
     """A config field (or command-line flag) has a value the run cannot use."""
 
 
+class OutputError(ScvnetError, OSError):
+    """A result, cache or checkpoint could not be written (disk full, no permission); the
+    partial file was removed."""
+
+
 class NonFiniteLossError(ScvnetError, RuntimeError):
     """Training produced a NaN/Inf loss or parameters; the run stopped without saving them."""
     exit_code = 3
@@ -39,4 +44,5 @@ def first_few(items, n: int = 3) -> str:
     return ", ".join(str(i) for i in items[:n]) + more
 
 
-__all__ = ["first_few", "ScvnetError", "InputError", "CheckpointError", "ConfigError", "NonFiniteLossError"]
+__all__ = ["first_few", "ScvnetError", "InputError", "CheckpointError", "ConfigError",
+           "OutputError", "NonFiniteLossError"]

@@ -127,15 +127,6 @@ def load_model(weights: str, dataset: str, dtype):
     return sj.create(**arch, seed=0, dtype=dtype)
 
 
-def use_compilation_cache(cache_dir: str) -> None:
-    """Compiled programs are kept in <cache_dir>/xla and reused by later runs
-    (JAX_COMPILATION_CACHE_DIR, if set, wins)."""
-    import jax
-    if cache_dir and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-
-
 def run(cfg) -> int:
     import jax
     import jax.numpy as jnp
@@ -144,10 +135,13 @@ def run(cfg) -> int:
     from scvnet_jax.data.revisitop import load_dataset, read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
+    from scvnet_jax.evaluation.config import default_cache_dir, validate
+    from scvnet_jax.images import set_max_pixels
 
+    validate(cfg)                             # before any work
+    set_max_pixels(cfg.max_image_pixels)
     if cfg.dataset == "demo":
         from scvnet_jax.data import demo
-        from scvnet_jax.evaluation.config import default_cache_dir
         if not cfg.data_dir:
             cfg.data_dir = os.path.join(cfg.cache_dir or default_cache_dir(), "demo_benchmark")
         demo.build_benchmark(cfg.data_dir)    # a few seconds, once
@@ -160,7 +154,7 @@ def run(cfg) -> int:
         raise CheckpointError("--weights is required (an official .pyth/.pth or a converted "
                               "model directory, or 'random')")
     t0 = time.time()
-    use_compilation_cache(cfg.cache_dir)
+    cli.use_compilation_cache(cfg.cache_dir)
     lead = jax.process_index() == 0
     dataset = load_dataset(cfg.data_dir, cfg.dataset)
     distractors = (read_distractor_list(cfg.distractors, cfg.distractors_dir or None)

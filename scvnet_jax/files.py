@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from scvnet_jax.errors import OutputError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -24,15 +26,19 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     """Writes `data` to `path` via a temporary file and a rename. The file gets the usual
     0666 & ~umask mode."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
+    except OSError as e:   # disk full, read-only, no permission: one clear error
+        raise OutputError(f"{path}: cannot write it ({e.strerror or e}); nothing was "
+                          "written") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return path
 

@@ -41,8 +41,9 @@ def _is_ours(path: Path) -> bool:
 def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
                    meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Writes `variables` and `arch` to `out_dir`. An existing non-empty `out_dir` is
-    replaced only with `overwrite` and only if it is a model directory itself: nothing else
-    is ever deleted. Nothing appears at `out_dir` until the write is complete."""
+    replaced only with `overwrite` and only if it is a model directory we wrote and holds
+    nothing else (config.json and state/): nothing else is ever deleted. Nothing appears
+    at `out_dir` until the write is complete."""
     import orbax.checkpoint as ocp
 
     arch = arch if isinstance(arch, Arch) else Arch.from_mapping(arch)
@@ -54,6 +55,12 @@ def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
         if not _is_ours(out):
             raise CheckpointError(f"{out} exists and is not a scvnet_jax model directory; "
                                   "refusing to replace it (choose another output path)")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in (CONFIG, STATE))
+        if foreign:
+            names = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise CheckpointError(f"{out} holds files that are not part of a model directory "
+                                  f"({names}); refusing to replace it (move them or choose "
+                                  "another output path)")
     tmp = files.staging_dir(out)
     try:
         host = jax.tree.map(lambda x: np.asarray(x, np.float32), dict(variables))

@@ -2,9 +2,14 @@
 these, and eval.py's flags and --config.* overrides change them."""
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import ml_collections
+
+from scvnet_jax.config_files import check_fields
+from scvnet_jax.errors import ConfigError
 
 
 def default_cache_dir() -> str:
@@ -43,6 +48,69 @@ def default_config() -> ml_collections.ConfigDict:
     c.batch_size = 8         # images (or rerank pairs) per device per batch
     c.bucket = 64            # pad image sizes up to multiples of this (1: exact sizes)
     c.feature_bucket = 4     # pad local-feature sizes for CVNet rerank scoring likewise
-    c.chunk_size = 256       # images per cached chunk
+    c.chunk_size = 64        # images per cached chunk (an interrupted run keeps whole ones)
     c.workers = 4            # image-decoding threads
+    c.max_image_pixels = 100_000_000  # larger images are refused from their header
     return c
+
+
+# (field, int or number, test, what is expected)
+_RANGES = (
+    ("batch_size", "int", lambda v: v >= 1, "an integer >= 1 (images per device)"),
+    ("bucket", "int", lambda v: v >= 1, "an integer >= 1 (pixels; 1 = exact sizes)"),
+    ("feature_bucket", "int", lambda v: v >= 1, "an integer >= 1 (feature cells)"),
+    ("chunk_size", "int", lambda v: v >= 1, "an integer >= 1 (images per chunk)"),
+    ("workers", "int", lambda v: v >= 1, "an integer >= 1 (threads)"),
+    ("visuals_topn", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("max_image_pixels", "int", lambda v: v >= 1, "an integer >= 1 (pixels)"),
+    ("cvnet.topk", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
+    ("cvnet.mix", "num", lambda v: v >= 0, "a number >= 0"),
+    ("superglobal.rerank.M", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("superglobal.rerank.K", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("superglobal.rerank.beta", "num", lambda v: v >= 0, "a number >= 0"),
+)
+_CHOICES = (("dataset", ("roxford5k", "rparis6k", "demo")), ("dtype", ("float32", "bfloat16")),
+            ("cvnet.protocol", ("official", "blind")),
+            ("superglobal.descriptor.scales", (1, 3, 5)))
+
+
+def validate(cfg) -> None:
+    """Ranges, choices and output paths of an evaluation config, before any work: one
+    ConfigError naming the field (or flag), its value and what was expected."""
+    from scvnet_jax.evaluation.pipelines import PIPELINES   # (pipelines imports jax)
+
+    check_fields(cfg, _RANGES, _CHOICES)
+    bad = [p for p in cfg.pipelines if p not in PIPELINES]
+    if bad or not cfg.pipelines:
+        raise ConfigError(f"config.pipelines = {list(cfg.pipelines)}: expected a non-empty list "
+                          f"of {', '.join(PIPELINES)}")
+    if not cfg.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
+                             for k in cfg.ks):
+        raise ConfigError(f"config.ks = {list(cfg.ks)}: expected integers >= 1 (mP@k)")
+    if not cfg.cvnet.scales or not all(isinstance(s, (int, float)) and s > 0
+                                       for s in cfg.cvnet.scales):
+        raise ConfigError(f"config.cvnet.scales = {list(cfg.cvnet.scales)}: expected "
+                          "positive numbers")
+    out = Path(cfg.output).expanduser()
+    if not cfg.output or out.is_dir():
+        raise ConfigError(f"--output {cfg.output!r}: expected a file path for the results JSON"
+                          + (" (this is a directory)" if cfg.output else ""))
+    if out.exists() and not _is_our_results(out):
+        raise ConfigError(f"--output {out}: exists and is not a results file of this tool; "
+                          "refusing to overwrite it (choose another path)")
+    if cfg.save_visuals and Path(cfg.save_visuals).expanduser().exists() and not Path(
+            cfg.save_visuals).expanduser().is_dir():
+        raise ConfigError(f"--save_visuals {cfg.save_visuals}: exists and is not a directory")
+    if cfg.cache_dir and Path(cfg.cache_dir).expanduser().exists() and not Path(
+            cfg.cache_dir).expanduser().is_dir():
+        raise ConfigError(f"--cache_dir {cfg.cache_dir}: exists and is not a directory")
+
+
+def _is_our_results(path) -> bool:
+    """A results JSON eval.py wrote (every value a pipeline's result with its "mAP")."""
+    try:
+        res = json.loads(open(path).read())
+        return isinstance(res, dict) and all(isinstance(v, dict) and "mAP" in v
+                                             for k, v in res.items() if k != "meta")
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False

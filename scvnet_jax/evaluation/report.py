@@ -53,7 +53,11 @@ def write(results: Sequence[PipelineResult], ks, meta: dict, output,
     """Writes results.json and, beside it, <stem>_ranks.npz; each atomically."""
     output = Path(output)
     rp = ranks_path(output)
-    atomic_save_npz(rp, **ranks_arrays(results))
     text = json.dumps(to_json(results, ks, meta, extra), indent=2) + "\n"
-    atomic_write_bytes(output, text.encode())
+    atomic_save_npz(rp, **ranks_arrays(results))
+    try:
+        atomic_write_bytes(output, text.encode())
+    except BaseException:
+        rp.unlink(missing_ok=True)   # ours, just written: a failed run leaves neither file
+        raise
     return output, rp

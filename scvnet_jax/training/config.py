@@ -6,8 +6,13 @@ Field names other tools rely on: `total_steps`, `checkpoint_every_steps`, `batch
 """
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import ml_collections
 
+from scvnet_jax.config_files import check_fields, field as get_field
 from scvnet_jax.errors import ConfigError
 from scvnet_jax.models.arch import Arch
 
@@ -99,3 +104,101 @@ def dtype_of(cfg):
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be float32 or bfloat16, got {cfg.model.dtype!r}")
     return jnp.dtype(cfg.model.dtype)
+
+
+# -- validation: everything checked in the first second, before any data, model or workdir --
+
+# (field, int or number, test, what is expected)
+_RANGES = (
+    ("seed", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("total_steps", "int", lambda v: v >= 0, "an integer >= 0 (0 exports the initialisation)"),
+    ("batch_size", "int", lambda v: v >= 1, "an integer >= 1 (the global batch)"),
+    ("checkpoint_every_steps", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("keep_checkpoints", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("log_every_steps", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("data.image_size", "int", lambda v: v >= 32, "an integer >= 32 (pixels)"),
+    ("data.threads", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("data.prefetch", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("data.workers", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("loss.queue_size", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("loss.momentum", "num", lambda v: 0.0 <= v < 1.0, "a number in [0, 1)"),
+    ("loss.temperature", "num", lambda v: v > 0.0, "a number > 0"),
+    ("loss.cls_scale", "num", lambda v: v > 0.0, "a number > 0"),
+    ("loss.lambda_cls", "num", lambda v: v >= 0.0, "a number >= 0"),
+    ("loss.lambda_con", "num", lambda v: v >= 0.0, "a number >= 0"),
+    ("optimizer.lr", "num", lambda v: v > 0.0, "a number > 0"),
+    ("optimizer.warmup_steps", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("optimizer.weight_decay", "num", lambda v: v >= 0.0, "a number >= 0"),
+    ("optimizer.clip_norm", "num", lambda v: v >= 0.0, "a number >= 0 (0 = off)"),
+    ("rerank.bank_k", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("rerank.bank_refresh_steps", "int", lambda v: v >= 0, "an integer >= 0 (0 = once)"),
+    ("rerank.bank_batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("rerank.curriculum_steps", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("rerank.hide_cell", "int", lambda v: v >= 1, "an integer >= 1"),
+)
+_CHOICES = (
+    ("stage", (1, 2)), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
+    ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
+                         "float32")),
+    ("data.positive", ("same_class", "same_image")), ("optimizer.name", ("sgd", "adamw")),
+    ("optimizer.schedule", ("cosine", "constant")),
+    ("rerank.head_init", ("random", "checkpoint")),
+)
+# Fields that change the shape of the saved state: a workdir's checkpoints only resume
+# under the same values.
+SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
+                "model.corr_dim", "loss.queue_size", "data.name", "data.split")
+
+
+def validate(cfg) -> None:
+    """Ranges, choices and paths of a training config: one ConfigError naming the field,
+    its value and what was expected."""
+    check_fields(cfg, _RANGES, _CHOICES)
+    arch_of(cfg)
+    if cfg.loss.queue_size % cfg.batch_size:
+        raise ConfigError(f"config.loss.queue_size ({cfg.loss.queue_size}) must be a multiple "
+                          f"of config.batch_size ({cfg.batch_size}): the queue takes whole "
+                          "batches")
+    if cfg.init_from:
+        if not Path(cfg.init_from).expanduser().exists():
+            raise ConfigError(f"config.init_from = {cfg.init_from!r}: no such file or "
+                              "directory (expected an official .pyth/.pth checkpoint or a "
+                              "model directory)")
+
+
+# What a run writes into its workdir (and nothing else).
+RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "config.json")
+
+
+def check_workdir(workdir, cfg) -> None:
+    """A workdir the run may use: a writable directory (or creatable), holding nothing or
+    a run of ours whose shape-changing fields match `cfg` (it will be resumed)."""
+    w = Path(workdir).expanduser()
+    if w.exists() and not w.is_dir():
+        raise ConfigError(f"--workdir {w}: exists and is not a directory")
+    parent = w if w.exists() else next(p for p in w.absolute().parents if p.exists())
+    if not parent.is_dir():
+        raise ConfigError(f"--workdir {w}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--workdir {w}: {parent} is not writable")
+    if not w.exists():
+        return
+    saved_path = w / "config.json"
+    foreign = set(p.name for p in w.iterdir()) - set(RUN_ENTRIES)
+    if not foreign and not saved_path.exists():
+        return   # empty, or what a run killed before it wrote config.json leaves
+    try:
+        saved = json.loads(saved_path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"--workdir {w}: not empty and not a training run of this tool (no "
+                          "readable config.json); choose a new or empty folder") from None
+    for name in SHAPE_FIELDS:
+        try:
+            old = get_field(saved, name)
+        except (KeyError, TypeError):
+            continue
+        new = get_field(cfg, name)
+        if old != new:
+            raise ConfigError(f"--workdir {w}: its run has {name} = {old!r}, this config "
+                              f"{new!r}; a run resumes only with the same {name} (use another "
+                              "--workdir, or the same value)")

@@ -27,7 +27,7 @@ from scvnet_jax.data.augment import Augment
 from scvnet_jax.data import sources
 from scvnet_jax.errors import ConfigError, NonFiniteLossError
 from scvnet_jax.models.arch import Arch
-from scvnet_jax.training import checkpoints
+from scvnet_jax.training import checkpoints, config
 from scvnet_jax.training.logging import MetricsWriter
 
 
@@ -101,11 +101,16 @@ def host(tree):
 def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
     """Runs (or resumes) training in `workdir`; returns the exit status (0 = done).
     Raises ScvnetError for bad input, NonFiniteLossError for a diverged run."""
-    task_cls.check_config(cfg)           # before building or reading any data
+    config.validate(cfg)                 # before building or reading anything
+    task_cls.check_config(cfg)
+    config.check_workdir(workdir, cfg)
     workdir = Path(workdir).expanduser().resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     ts = sources.open_or_build(cfg.data.name, cfg.data.data_dir)
+    workdir.mkdir(parents=True, exist_ok=True)   # only now: a refused run creates nothing
+    if lead and not (workdir / "config.json").exists():   # first thing in it: marks it ours
+        from scvnet_jax import files
+        files.atomic_write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
     task = task_cls(cfg, ts, mesh_lib.make_mesh(), workdir)
     mngr = checkpoints.manager(workdir, cfg.keep_checkpoints)
     writer = MetricsWriter(workdir, enabled=lead)
@@ -117,10 +122,6 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
     else:
         start = 0
         state = task.initial_state()
-        if lead:
-            from scvnet_jax import files
-            files.atomic_write_text(workdir / "config.json",
-                                    cfg.to_json_best_effort(indent=2) + "\n")
     if lead:
         print(f"{task.name}: {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
               f"{jax.process_count()} process(es); global batch {cfg.batch_size}; "

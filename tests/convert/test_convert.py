@@ -157,6 +157,12 @@ def test_converted_directory_round_trip_and_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not a scvnet_jax model directory; refusing"):
         convert(src, users, overwrite=True)
     assert (users / "thesis.tex").read_text() == "mine"
+    (out / "notes.txt").write_text("mine too")  # our model directory holding a user's file
+    with pytest.raises(CheckpointError, match=r"holds files that are not part of a model "
+                                              r"directory \(notes.txt\); refusing"):
+        convert(src, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine too"
+    (out / "notes.txt").unlink()
 
     cfg_path = out / "config.json"
     cfg = json.loads(cfg_path.read_text())

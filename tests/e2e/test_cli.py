@@ -45,7 +45,7 @@ def test_eval_flags_and_overrides_set_the_config():
     assert cfg.pipelines == ["cvnet_global", "cvnet_rerank"]
     assert (cfg.cvnet.topk, cfg.cvnet.protocol, cfg.superglobal.rerank.K) == (7, "blind", 5)
     assert (cfg.batch_size, cfg.bucket, cfg.feature_bucket, cfg.workers) == (3, 128, 8, 2)
-    assert cfg.feature_bucket == 8 and cfg.chunk_size == 256
+    assert cfg.feature_bucket == 8 and cfg.chunk_size == 64
     fv = cli.parse(["--config.cvnet.topk=7", "--topk", "9"], ev._define, "eval", "")
     assert ev.build_config(fv).cvnet.topk == 9
     demo = ev.build_config(cli.parse(["--dataset", "demo"], ev._define, "eval", ""))

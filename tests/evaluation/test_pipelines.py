@@ -10,6 +10,7 @@ import pickle
 import shutil
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,7 +41,7 @@ def run(converted_dir, tmp_path_factory, eval_main, shared):
     with np.load(tmp / "results_ranks.npz") as z:
         ranks = {k: z[k] for k in z.files}
     return dict(results=json.loads(out.read_text()), ranks=ranks, out=out, cache=cache,
-                vis=vis, weights=weights, tmp=tmp)
+                vis=vis, weights=weights, tmp=tmp, data_dir=shared.minirevisit)
 
 
 @pytest.mark.slow   # the full R50 run (`run`): ~5 min on 2 cores
@@ -69,15 +70,17 @@ def test_output_formats(run):
     assert sorted(run["ranks"]) == sorted(["cvnet_global", "cvnet_rerank_E", "cvnet_rerank_M",
                                            "cvnet_rerank_H", "superglobal_global",
                                            "superglobal_rerank"])
-    assert all(v.shape == (60, 6) for v in run["ranks"].values())
+    gnd = _gnd(run["data_dir"])
+    shape = (len(gnd["imlist"]), len(gnd["qimlist"]))
+    assert all(v.shape == shape for v in run["ranks"].values())
 
 
 @pytest.mark.slow   # the full R50 run (`run`): ~5 min on 2 cores
 def test_result_grids(run):
     import cv2
     pngs = sorted(run["vis"].glob("*.png"))
-    assert [p.name for p in pngs][:2] == ["000_q_astronaut.png", "001_q_chelsea.png"]
-    assert len(pngs) == 6
+    queries = _gnd(run["data_dir"])["qimlist"]
+    assert [p.name for p in pngs] == [f"{i:03d}_{q}.png" for i, q in enumerate(queries)]
     im = cv2.imread(str(pngs[0]))
     assert im.shape[0] > 4 * 128 and im.shape[1] > 11 * 128  # 4 rows, query + top-10
 
@@ -130,6 +133,16 @@ def test_head_only_change_reuses_the_descriptors(tiny_model_dir, monkeypatch, ev
     assert res["cvnet_rerank"]["mAP"] != ref["cvnet_rerank"]["mAP"]
 
 
+def _kill_when(proc, cache, pattern: str) -> None:
+    """SIGKILLs eval process `proc` as soon as a file matching `pattern` is in `cache`."""
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(cache.glob(pattern)):
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def test_kill_and_resume(tmp_path, tiny_model_dir, run_module, eval_main, demo_benchmark):
     """SIGKILL mid-extraction, same command again: finished chunks are reused untouched and
     the numbers equal those of an uninterrupted run (the tiny model on the demo benchmark:
@@ -143,24 +156,42 @@ def test_kill_and_resume(tmp_path, tiny_model_dir, run_module, eval_main, demo_b
     assert eval_main(*args, "--output", ref / "results.json", "--cache_dir", "") == 0
     out, cache = tmp_path / "results.json", tmp_path / "cache"
     args += ["--output", out, "--cache_dir", cache]
-    proc = run_module("eval", *args, wait=False)
-    deadline = time.time() + 600
-    while time.time() < deadline and not list(cache.glob("cvnet-db-*/chunk_000002.npy")):
-        assert proc.poll() is None, "the run ended before it could be killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_when(run_module("eval", *args, wait=False), cache, "cvnet-db-*/chunk_000002.npz")
     assert not out.exists()
-    first = {p: p.stat().st_mtime_ns for p in cache.glob("cvnet-db-*/chunk_*.npy")}
+    first = {p: p.stat().st_mtime_ns for p in cache.glob("cvnet-db-*/chunk_*.npz")}
     assert 3 <= len(first) < n_chunks, "the kill did not land mid-extraction"
     done = run_module("eval", *args)
     assert done.returncode == 0, done.stderr
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # reused, not rewritten
-    assert len(list(cache.glob("cvnet-db-*/chunk_*.npy"))) == n_chunks
+    assert len(list(cache.glob("cvnet-db-*/chunk_*.npz"))) == n_chunks
     res = json.loads(out.read_text())["cvnet_global"]
     assert res["mAP"] == json.loads((ref / "results.json").read_text())["cvnet_global"]["mAP"]
     with np.load(tmp_path / "results_ranks.npz") as a, np.load(ref / "results_ranks.npz") as b:
         np.testing.assert_array_equal(a["cvnet_global"], b["cvnet_global"])
+
+
+@pytest.mark.slow   # an evaluation with CVNet reranking, twice: ~1 min on 2 cores
+def test_kill_during_reranking_and_resume(tmp_path, tiny_model_dir, run_module, eval_main,
+                                          demo_benchmark):
+    """SIGKILL after the first batch of rerank scores is cached: the rerun reuses every
+    cached descriptor and score and gives the uninterrupted run's rankings."""
+    args = ["--dataset", "demo", "--pipelines", "cvnet_global,cvnet_rerank", "--topk", 8,
+            "--weights", tiny_model_dir, "--data_dir", demo_benchmark]
+    ref = tmp_path / "ref"
+    assert eval_main(*args, "--output", ref / "results.json", "--cache_dir", "") == 0
+    out, cache = tmp_path / "results.json", tmp_path / "cache"
+    args += ["--output", out, "--cache_dir", cache]
+    _kill_when(run_module("eval", *args, wait=False), cache, "cvnet-scores-*/chunk_r_*.npy")
+    assert not out.exists()
+    scores = {p: p.stat().st_mtime_ns for p in cache.glob("cvnet-scores-*/chunk_r_*.npy")}
+    descs = {p: p.stat().st_mtime_ns for p in cache.glob("cvnet-*-*/chunk_*.npz")}
+    done = run_module("eval", *args)
+    assert done.returncode == 0, done.stderr
+    assert all(p.stat().st_mtime_ns == t for p, t in {**scores, **descs}.items())
+    with np.load(tmp_path / "results_ranks.npz") as a, np.load(ref / "results_ranks.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for k in a.files:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 # -- bad input: one clear message, exit code 2, no results file ----------------------------
@@ -192,30 +223,96 @@ def weights(tiny_model_dir):
     return tiny_model_dir
 
 
+def _gnd(data_dir):
+    return pickle.loads((Path(data_dir) / "roxford5k" / "gnd_roxford5k.pkl").read_bytes())
+
+
+def _image(data_dir, name):
+    return Path(data_dir) / "roxford5k" / "jpg" / f"{name}.jpg"
+
+
 def test_data_dir_without_dataset(fails, tmp_path, weights):
     fails(weights, tmp_path, ["no roxford5k dataset", "gnd_roxford5k.pkl"])
 
 
 def test_missing_image(fails, weights, data_copy):
-    (data_copy / "roxford5k" / "jpg" / "chelsea_3.jpg").unlink()
-    fails(weights, data_copy, ["1 database image(s) missing", "chelsea_3.jpg"])
+    name = _gnd(data_copy)["imlist"][3]
+    _image(data_copy, name).unlink()
+    fails(weights, data_copy, ["1 database image(s) missing", f"{name}.jpg"])
 
 
-def test_unreadable_image(fails, weights, data_copy):
-    (data_copy / "roxford5k" / "jpg" / "astronaut_0.jpg").write_bytes(b"not a jpeg")
-    fails(weights, data_copy, ["astronaut_0.jpg: cannot read the image"])
+@pytest.mark.parametrize("damage", ["not an image", "truncated"])
+def test_bad_database_image_is_named(fails, weights, data_copy, damage):
+    path = _image(data_copy, _gnd(data_copy)["imlist"][-1])
+    data = path.read_bytes()
+    path.write_bytes(b"not a jpeg" if damage == "not an image" else data[:len(data) // 2])
+    fails(weights, data_copy, [f"{path.name}: cannot read the image"])
+
+
+@pytest.mark.parametrize("damage", ["truncated", "box"])
+def test_bad_query_is_found_before_any_extraction(fails, weights, data_copy, monkeypatch,
+                                                  damage):
+    gnd = _gnd(data_copy)
+    calls = _count_model_calls(monkeypatch)
+    if damage == "truncated":
+        path = _image(data_copy, gnd["qimlist"][-1])
+        path.write_bytes(path.read_bytes()[:200])
+        fails(weights, data_copy, [f"{path.name}: cannot read the image"])
+    else:
+        gnd["gnd"][-1]["bbx"] = [-20, 0, 10, 10]
+        (data_copy / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(gnd))
+        fails(weights, data_copy, [f"{gnd['qimlist'][-1]}.jpg: query box"])
+    assert calls == []
+
+
+@pytest.mark.slow   # three evaluations of the demo benchmark: ~1 min on 2 cores
+def test_a_replaced_image_is_not_served_from_the_cache(tmp_path, weights, demo_benchmark,
+                                                       eval_main):
+    """Two database photographs replaced by others under the same names: the warm cache
+    recomputes the chunk (and the rerank scores) they are in and nothing else, and the
+    numbers equal a run without a cache (the tiny model on a copy of the demo benchmark)."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_benchmark, data)
+    args = ["--dataset", "demo", "--data_dir", data, "--weights", weights, "--topk", 3,
+            "--pipelines", "cvnet_global,cvnet_rerank", "--config.chunk_size=16"]
+    cache = tmp_path / "cache"
+    assert eval_main(*args, "--output", tmp_path / "first.json", "--cache_dir", cache) == 0
+    gnd = pickle.loads((data / "demo" / "gnd_demo.pkl").read_bytes())
+    names = gnd["imlist"]
+    a, b, c = (data / "demo" / "jpg" / f"{names[i]}.jpg" for i in (1, 2, len(names) - 1))
+    old_a = a.read_bytes()
+    a.write_bytes(c.read_bytes())                 # chunk 0: two changed images
+    b.write_bytes(old_a)
+    chunks = {p: p.stat().st_mtime_ns for p in cache.glob("cvnet-db-*/chunk_*.npz")}
+    assert len(chunks) == -(-len(names) // 16)
+    out = tmp_path / "warm.json"
+    assert eval_main(*args, "--output", out, "--cache_dir", cache) == 0
+    redone = sorted(p.name for p, t in chunks.items() if p.stat().st_mtime_ns != t)
+    assert redone == ["chunk_000000.npz"], redone
+    assert eval_main(*args, "--output", tmp_path / "cold.json", "--cache_dir", "") == 0
+    warm, cold = json.loads(out.read_text()), json.loads((tmp_path / "cold.json").read_text())
+    first = json.loads((tmp_path / "first.json").read_text())
+    for p in ("cvnet_global", "cvnet_rerank"):
+        assert warm[p]["mAP"] == cold[p]["mAP"], p
+    assert first["cvnet_global"]["mAP"] != cold["cvnet_global"]["mAP"]
+    with np.load(tmp_path / "warm_ranks.npz") as w, np.load(tmp_path / "cold_ranks.npz") as c:
+        for k in w.files:
+            np.testing.assert_array_equal(w[k], c[k], err_msg=k)
 
 
 def test_malformed_gnd(fails, weights, data_copy):
     path = data_copy / "roxford5k" / "gnd_roxford5k.pkl"
     gnd = pickle.loads(path.read_bytes())
-    del gnd["gnd"][2]["bbx"]
+    last = len(gnd["gnd"]) - 1
+    del gnd["gnd"][last]["bbx"]
     path.write_bytes(pickle.dumps(gnd))
-    fails(weights, data_copy, ["gnd_roxford5k.pkl: gnd[2] (query 'q_coffee'): missing bbx"])
-    gnd["gnd"][2]["bbx"] = [0, 0, 10, 10]
-    gnd["gnd"][3]["easy"] = [1, 2, 999]
+    fails(weights, data_copy, [f"gnd_roxford5k.pkl: gnd[{last}] (query "
+                               f"'{gnd['qimlist'][last]}'): missing bbx"])
+    gnd["gnd"][last]["bbx"] = [0, 0, 10, 10]
+    n_db = len(gnd["imlist"])
+    gnd["gnd"][0]["easy"] = [1, 2, n_db + 5]
     path.write_bytes(pickle.dumps(gnd))
-    fails(weights, data_copy, ["gnd[3]", "'easy'", "[0, 60)"])
+    fails(weights, data_copy, ["gnd[0]", "'easy'", f"[0, {n_db})"])
 
 
 def test_gnd_pickle_cannot_run_code(fails, tmp_path, weights, data_copy):
@@ -243,15 +340,19 @@ def test_distractors_extend_the_database(tmp_path, weights, eval_main, shared):
     (root / "jpg").mkdir(parents=True)
     src = shared.minirevisit / "roxford5k"
     gnd = pickle.loads((src / "gnd_roxford5k.pkl").read_bytes())
-    keep = list(range(10))  # astronaut_* and chelsea_*: the first two queries' images
+    # the first two queries with the database images they name, renumbered
+    keep = sorted({int(i) for g in gnd["gnd"][:2] for k in ("easy", "hard", "junk")
+                   for i in g.get(k, ())})[:10]
+    new = {old: j for j, old in enumerate(keep)}
     small = {"imlist": [gnd["imlist"][i] for i in keep], "qimlist": gnd["qimlist"][:2],
-             "gnd": gnd["gnd"][:2]}
+             "gnd": [{**g, **{k: [new[int(i)] for i in g.get(k, ()) if int(i) in new]
+                              for k in ("easy", "hard", "junk")}} for g in gnd["gnd"][:2]]}
     for name in small["imlist"] + small["qimlist"]:
         shutil.copy(src / "jpg" / f"{name}.jpg", root / "jpg")
     (root / "gnd_roxford5k.pkl").write_bytes(pickle.dumps(small))
     dis_dir = tmp_path / "r1m"
     (dis_dir / "jpg").mkdir(parents=True)
-    names = gnd["imlist"][10:13]
+    names = [n for i, n in enumerate(gnd["imlist"]) if i not in new][:3]
     for name in names:
         shutil.copy(src / "jpg" / f"{name}.jpg", dis_dir / "jpg")
     (dis_dir / "revisitop1m.txt").write_text("".join(f"jpg/{n}.jpg\n" for n in names))
@@ -260,7 +361,8 @@ def test_distractors_extend_the_database(tmp_path, weights, eval_main, shared):
                      "--pipelines", "cvnet_global", "--distractors",
                      dis_dir / "revisitop1m.txt", "--output", out, "--cache_dir", "") == 0
     res = json.loads(out.read_text())["cvnet_global"]
-    assert res["dataset"] == "roxford5k+R1M" and res["n_db"] == 13
+    n = len(keep) + 3
+    assert res["dataset"] == "roxford5k+R1M" and res["n_db"] == n
     with np.load(tmp_path / "results_ranks.npz") as z:
         ranks = z["cvnet_global"]
-    assert ranks.shape == (13, 2) and sorted(ranks[:, 0]) == list(range(13))
+    assert ranks.shape == (n, 2) and sorted(ranks[:, 0]) == list(range(n))

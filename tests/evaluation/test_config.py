@@ -1,0 +1,44 @@
+"""eval.py validates its config before any work: ranges, choices and output paths; each
+failure is one `error:` line naming the flag or field, exit status 2, nothing written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--topk", "-5"], "config.cvnet.topk = -5: expected an integer >= 1"),
+    (["--topk", "0"], "config.cvnet.topk = 0"),
+    (["--batch_size", "0"], "config.batch_size = 0: expected an integer >= 1"),
+    (["--workers", "0"], "config.workers = 0"),
+    (["--bucket", "0"], "config.bucket = 0"),
+    (["--feature_bucket", "-1"], "config.feature_bucket = -1"),
+    (["--config.chunk_size=0"], "config.chunk_size = 0"),
+    (["--config.max_image_pixels=0"], "config.max_image_pixels = 0"),
+    (["--config.superglobal.rerank.M=0"], "config.superglobal.rerank.M = 0"),
+    (["--pipelines", "cvnet_global,nope"], "config.pipelines = ['cvnet_global', 'nope']"),
+    (["--config.superglobal.descriptor.scales=4"], "config.superglobal.descriptor.scales = 4"),
+])
+def test_bad_values_are_refused_first(tmp_path, capsys, one_error_line, eval_main, args,
+                                      expect):
+    out = tmp_path / "results.json"
+    assert eval_main("--dataset", "demo", "--cache_dir", tmp_path / "cache", "--output", out,
+                     *args) == 2
+    one_error_line(capsys.readouterr().err, expect)
+    assert list(tmp_path.iterdir()) == []      # not even the demo benchmark was built
+
+
+def test_output_paths(tmp_path, capsys, one_error_line, eval_main):
+    args = ["--dataset", "demo", "--cache_dir", tmp_path / "cache"]
+    assert eval_main(*args, "--output", tmp_path) == 2
+    one_error_line(capsys.readouterr().err, "--output", "this is a directory")
+    notes = tmp_path / "notes.json"
+    notes.write_text(json.dumps({"my": "notes"}))
+    assert eval_main(*args, "--output", notes) == 2
+    one_error_line(capsys.readouterr().err, "notes.json: exists and is not a results file")
+    assert json.loads(notes.read_text()) == {"my": "notes"}
+    (tmp_path / "cachefile").write_text("x")
+    assert eval_main("--dataset", "demo", "--cache_dir", tmp_path / "cachefile", "--output",
+                     tmp_path / "r.json") == 2
+    one_error_line(capsys.readouterr().err, "--cache_dir", "not a directory")

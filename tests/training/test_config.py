@@ -1,0 +1,98 @@
+"""Training configs are validated before anything is built: ranges, choices, paths and the
+workdir (a directory we may write, empty or a run of ours with the same shapes); each
+failure is one `error:` line naming the field or path, exit status 2, nothing created."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scvnet_jax.configs import demo
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.training import config
+
+
+def tiny(**over):
+    return demo.set_fields(demo.get_config("tiny"), over)
+
+
+@pytest.mark.parametrize("field, value, expect", [
+    ("batch_size", 0, "config.batch_size = 0: expected an integer >= 1"),
+    ("batch_size", -4, "config.batch_size = -4"),
+    ("total_steps", -1, "config.total_steps = -1: expected an integer >= 0"),
+    ("checkpoint_every_steps", 0, "config.checkpoint_every_steps = 0"),
+    ("optimizer.lr", 0.0, "config.optimizer.lr = 0.0: expected a number > 0"),
+    ("loss.momentum", 1.0, "config.loss.momentum = 1.0: expected a number in [0, 1)"),
+    ("data.image_size", 8, "config.data.image_size = 8"),
+    ("optimizer.name", "adam", "config.optimizer.name = 'adam': expected one of 'sgd', 'adamw'"),
+    ("model.dtype", "float16", "config.model.dtype = 'float16'"),
+    ("stage", 3, "config.stage = 3"),
+    ("loss.queue_size", 20, "config.loss.queue_size (20) must be a multiple of"),
+    ("model.width", 0, "config.model"),
+    ("init_from", "/no/such/model", "config.init_from = '/no/such/model': no such file"),
+])
+def test_validate_names_the_field(field, value, expect):
+    with pytest.raises(ConfigError) as e:
+        config.validate(tiny(**{field: value}))
+    assert expect in str(e.value)
+
+
+def test_shipped_configs_validate():
+    import scvnet_jax as sj
+    from scvnet_jax.configs import demo_rerank
+    stage2 = demo_rerank.get_config("tiny")
+    stage2.init_from = str(sj.demo_model_path())
+    for cfg in (demo.get_config(), demo.get_config("tiny"), stage2):
+        config.validate(cfg)
+
+
+def test_workdir_checks(tmp_path):
+    cfg = tiny()
+    config.check_workdir(tmp_path / "new" / "run", cfg)      # to be created: fine
+    (tmp_path / "empty").mkdir()
+    config.check_workdir(tmp_path / "empty", cfg)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="file: exists and is not a directory"):
+        config.check_workdir(tmp_path / "file", cfg)
+    with pytest.raises(ConfigError, match="file is a file, not a directory"):
+        config.check_workdir(tmp_path / "file" / "run", cfg)
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "thesis.tex").write_text("mine")
+    with pytest.raises(ConfigError, match="users: not empty and not a training run"):
+        config.check_workdir(users, cfg)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(cfg.to_json_best_effort())
+    config.check_workdir(run, tiny(total_steps=99))          # resumable: other steps are fine
+    with pytest.raises(ConfigError) as e:
+        config.check_workdir(run, tiny(**{"model.width": 16}))
+    assert f"--workdir {run}: its run has model.width = 8, this config 16" in str(e.value)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["model"]["width"] == 8
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--config.batch_size=0"], "config.batch_size = 0"),
+    (["--config.total_steps=-1"], "config.total_steps = -1"),
+    (["--config.batch_sise=4"], "did you mean --config.batch_size"),
+    (["--config.init_from=/no/such"], "config.init_from = '/no/such'"),
+])
+def test_train_refuses_before_creating_anything(tmp_path, capsys, one_error_line, args,
+                                                expect):
+    from scvnet_jax import train as tr
+
+    work = tmp_path / "work"
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(work), *args]) == 2
+    one_error_line(capsys.readouterr().err, expect)
+    assert not work.exists()
+
+
+def test_train_refuses_a_missing_config_and_a_file_workdir(tmp_path, capsys, one_error_line):
+    from scvnet_jax import train as tr
+
+    assert tr.main(["--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path)]) == 2
+    one_error_line(capsys.readouterr().err, "nope.py")
+    (tmp_path / "f").write_text("x")
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(tmp_path / "f")]) == 2
+    one_error_line(capsys.readouterr().err, "exists and is not a directory")
