@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -65,10 +67,14 @@ def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
 
 @dataclasses.dataclass
 class Index:
-    """Descriptors of a collection: `paths[i]` has `descriptors[i]`."""
+    """Descriptors of a collection: `paths[i]` (absolute) has `descriptors[i]`; `root` is the
+    folder that was indexed (`rerooted` moves the paths to where the collection is now);
+    `skipped` lists (path, reason) of files left out by `index_folder(on_error="skip")`."""
     paths: list[str]
     descriptors: np.ndarray
     family: str = "cvnet"
+    root: str = ""
+    skipped: list = dataclasses.field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -77,55 +83,151 @@ class Index:
         """One .npz (no pickle), written atomically."""
         path = Path(path)
         files.atomic_save_npz(path, format=np.array(FORMAT), family=np.array(self.family),
-                        paths=np.array(self.paths, dtype=str),
-                        descriptors=self.descriptors.astype(np.float32))
+                              root=np.array(self.root), paths=np.array(self.paths, dtype=str),
+                              descriptors=self.descriptors.astype(np.float32))
         return path
 
     @classmethod
-    def load(cls, path) -> "Index":
+    def load(cls, path, root=None) -> "Index":
+        """An index saved by `save`; `root`: where the indexed folder is now (see `rerooted`).
+        A missing, damaged or foreign file is one InputError naming it."""
         try:
             with np.load(path, allow_pickle=False) as z:
-                if str(z["format"]) != FORMAT:
-                    raise InputError(f"{path}: not a scvnet_jax search index")
-                return cls([str(p) for p in z["paths"]], np.asarray(z["descriptors"]),
-                           str(z["family"]))
-        except (OSError, KeyError, ValueError) as e:
-            raise InputError(f"{path}: cannot read the search index ({e})") from None
+                if "format" not in z.files or str(z["format"]) != FORMAT:
+                    raise InputError(f"{path}: not a scvnet_jax search index (expected a "
+                                     f"file written by Index.save, format {FORMAT})")
+                index = cls([str(p) for p in z["paths"]], np.asarray(z["descriptors"]),
+                            str(z["family"]), str(z["root"]) if "root" in z.files else "")
+        except InputError:
+            raise
+        except Exception as e:   # zip, npy and OS errors of a damaged file alike
+            raise InputError(f"{path}: cannot read the search index, the file is damaged or "
+                             f"not an index ({type(e).__name__}: {e})") from None
+        if index.descriptors.ndim != 2 or index.descriptors.shape[0] != len(index.paths):
+            raise InputError(f"{path}: damaged search index ({len(index.paths)} paths, "
+                             f"descriptors of shape {index.descriptors.shape})")
+        return index.rerooted(root) if root is not None else index
 
-    def search(self, model: RetrievalModel, queries: Sequence, k: int = 10, *,
+    def rerooted(self, new_root) -> "Index":
+        """The same index for a collection moved from `root` to `new_root`."""
+        if not self.root:
+            raise InputError("this index records no root folder; re-index the collection")
+        new_root = str(Path(new_root).expanduser().resolve())
+        old = self.root.rstrip(os.sep) + os.sep
+        paths = [new_root + os.sep + p[len(old):] if p.startswith(old) else p
+                 for p in self.paths]
+        return dataclasses.replace(self, paths=paths, root=new_root)
+
+    def search(self, model: RetrievalModel, queries, k: int = 10, *,
                rerank: str | None = None, rerank_k: int = 100,
                superglobal: dict | None = None, batch_size: int = 8,
                bucket: int = 64) -> list[list[Hit]]:
-        """Top-k hits per query image (paths), best first."""
+        """Top-k hits per query image (a path or a list of paths), best first.
+
+        Each hit's score is the one the final ranking is sorted by: the cosine similarity
+        of the global descriptors (rerank=None); for rerank="superglobal", (similarity to
+        the query + similarity to the expanded query) / 2 of the augmented descriptors
+        (every returned hit is among the reranked top M); for rerank="cvnet", similarity
+        + 0.5 x the verification score in [0, 1] for the top `rerank_k`, the similarity
+        below them."""
+        queries = _query_paths(queries)
+        k = _positive_int(k, "k")
+        if rerank not in (None, "superglobal", "cvnet"):
+            raise InputError(f"rerank must be None, 'superglobal' or 'cvnet', got {rerank!r}")
+        if rerank == "cvnet":
+            rerank_k = _positive_int(rerank_k, "rerank_k")
+        extract.check_images([ImageRef(q) for q in queries])   # before any work
         Q = describe(model, queries, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
         X = self.descriptors
         sim, ranks = rank(X, Q)                         # (N, n_q) each
+        score = np.asarray(sim)
+        scores_at = lambda i, j, pos: float(score[int(j), i])
         if rerank == "superglobal":
-            opts = {"M": min(400, len(self)), "K": 9, "beta": 0.15, **(superglobal or {})}
-            ranks = np.asarray(rr.superglobal(jnp.asarray(X), jnp.asarray(Q), ranks, **opts))
+            opts = {"M": 400, "K": 9, "beta": 0.15, **(superglobal or {})}
+            opts["M"] = min(max(int(opts["M"]), k), len(self))   # every hit reranked
+            ranks, top = rr.superglobal(jnp.asarray(X), jnp.asarray(Q), ranks,
+                                        return_scores=True, **opts)
+            scores_at = lambda i, j, pos: float(top[pos, i])
         elif rerank == "cvnet":
-            ranks = self._cvnet_rerank(model, queries, sim, ranks, rerank_k, batch_size, bucket)
-        elif rerank is not None:
-            raise ValueError(f"rerank must be None, 'superglobal' or 'cvnet', got {rerank!r}")
-        return [[Hit(self.paths[int(j)], float(sim[int(j), i])) for j in ranks[:k, i]]
-                for i in range(len(queries))]
+            ranks, score = self._cvnet_rerank(model, queries, sim, ranks, rerank_k,
+                                              batch_size, bucket)
+            scores_at = lambda i, j, pos: float(score[int(j), i])
+        return [[Hit(self.paths[int(j)], scores_at(i, j, pos))
+                 for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
 
     def _cvnet_rerank(self, model, queries, sim, ranks, topk, batch_size, bucket):
+        """(ranks, the scores they are sorted by: sim + 0.5 x verification in the top-k)."""
         candidates = rr.cvnet.blind_candidates(ranks, topk)
         scores = verify.verification_scores(
             model, [ImageRef(str(q)) for q in queries], [ImageRef(p) for p in self.paths],
             candidates, batch_size=batch_size, bucket=bucket)
-        return rr.cvnet.blind(ranks, sim, scores, topk)
+        mixed = np.array(sim, np.float32)
+        has = ~np.isnan(scores)
+        mixed[has] += MIX * scores[has]
+        return rr.cvnet.blind(ranks, sim, scores, topk, MIX), mixed
+
+
+MIX = 0.5          # CVNet: similarity + MIX x verification score (the official weight)
+ON_ERROR = ("raise", "skip")
+
+
+def _positive_int(v, name: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise InputError(f"{name} must be an integer >= 1, got {v!r}")
+    return int(v)
+
+
+def _query_paths(queries) -> list[str]:
+    """A single path or a sequence of paths -> list of str (checked to exist)."""
+    if isinstance(queries, (str, os.PathLike)):
+        queries = [queries]
+    elif not isinstance(queries, Sequence) or not queries:
+        raise InputError(f"queries must be an image path or a non-empty list of paths, got "
+                         f"{type(queries).__name__}")
+    out = []
+    for q in queries:
+        if not isinstance(q, (str, os.PathLike)):
+            raise InputError(f"queries must be paths, got {type(q).__name__} {q!r:.60}")
+        if not Path(q).is_file():
+            raise InputError(f"{q}: query image not found")
+        out.append(os.fspath(q))
+    return out
 
 
 def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
-                 batch_size: int = 8, bucket: int = 64, workers: int = 4) -> Index:
-    """Indexes every image under `folder` (see `list_images`)."""
-    paths = list_images(folder)
+                 batch_size: int = 8, bucket: int = 64, workers: int = 4,
+                 on_error: str = "raise") -> Index:
+    """Indexes every image under `folder` (see `list_images`), with absolute paths.
+
+    on_error: "raise" stops at the first unreadable, oversized, truncated or corrupt image
+    with an InputError naming it; "skip" leaves such files out, lists each with its reason
+    on stderr and in `Index.skipped`, and indexes the rest."""
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if family not in FAMILIES:
+        raise InputError(f"family must be one of {FAMILIES}, got {family!r}")
+    root = Path(folder).expanduser().resolve()
+    paths = [str(p) for p in list_images(root)]
+    skipped = []
+    if on_error == "skip":
+        def check(p):
+            try:
+                read_image(ImageRef(p))
+            except InputError as e:
+                return str(e)
+        with ThreadPoolExecutor(workers) as pool:
+            reasons = list(pool.map(check, paths))
+        skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
+        for _, reason in skipped:
+            print(f"skipped: {reason}", file=sys.stderr)
+        paths = [p for p, r in zip(paths, reasons) if r is None]
+        if not paths:
+            raise InputError(f"{root}: none of its images could be read ({len(skipped)} "
+                             "skipped)")
     X = describe(model, paths, family, batch_size=batch_size, bucket=bucket, workers=workers,
                  desc=f"index {os.fspath(folder)}")
-    return Index([str(p) for p in paths], X, family)
+    return Index(paths, X, family, str(root), skipped)
 
 
 def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> np.ndarray:

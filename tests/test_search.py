@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,9 +47,18 @@ def test_index_search_save_load(folder, model, tmp_path, family):
     np.testing.assert_allclose(np.linalg.norm(index.descriptors, axis=1), 1, atol=1e-5)
     query = index.paths[3]
     for rerank in (None, "superglobal", "cvnet"):
-        hits = index.search(model, [query], k=5, rerank=rerank, rerank_k=6)[0]
+        hits = index.search(model, query, k=5, rerank=rerank, rerank_k=3)[0]
         assert len(hits) == 5 and hits[0].path == query    # an image finds itself first
-        assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        scores = [h.score for h in hits]                   # the scores ranked by
+        assert scores == sorted(scores, reverse=True), (rerank, scores)
+        if rerank is None:
+            assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        if rerank == "cvnet":   # sim + 0.5 x verification in the top 3, sim below
+            plain = {h.path: h.score for h in index.search(model, query, k=5)[0]}
+            assert all(h.score >= plain[h.path] for h in hits[:3])
+            assert all(h.score == plain[h.path] for h in hits[3:])
+    assert all(Path(p).is_absolute() for p in index.paths)
+    assert index.root == str(Path(folder).resolve())
     saved = sj.search.Index.load(index.save(tmp_path / "x.npz"))
     assert saved.paths == index.paths and saved.family == family
     np.testing.assert_array_equal(saved.descriptors, index.descriptors)
@@ -58,8 +68,77 @@ def test_index_search_save_load(folder, model, tmp_path, family):
 
 def test_load_rejects_other_files(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(InputError, match="cannot read the search index"):
+    with pytest.raises(InputError, match="other.npz: not a scvnet_jax search index"):
         sj.search.Index.load(tmp_path / "other.npz")
     (tmp_path / "junk.npz").write_bytes(b"junk")
     with pytest.raises(InputError, match="junk.npz"):
         sj.search.Index.load(tmp_path / "junk.npz")
+
+
+def test_index_skips_bad_files_when_asked(folder, model, tmp_path, capsys):
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos)
+    good = sj.search.list_images(photos)
+    bad = photos / "a" / "broken.jpg"
+    bad.write_bytes(good[0].read_bytes()[:300])                     # truncated
+    (photos / "b" / "empty.png").write_bytes(b"")
+    with pytest.raises(InputError, match="cannot read the image"):
+        sj.search.index_folder(model, photos)                       # on_error="raise"
+    index = sj.search.index_folder(model, photos, on_error="skip")
+    assert len(index) == len(good)
+    assert sorted(Path(p).name for p, _ in index.skipped) == ["broken.jpg", "empty.png"]
+    err = capsys.readouterr().err
+    assert "skipped: " in err and "broken.jpg: cannot read the image" in err
+    assert "empty.png: cannot read the image" in err
+    with pytest.raises(InputError, match="on_error must be one of"):
+        sj.search.index_folder(model, photos, on_error="ignore")
+
+
+def test_search_checks_its_arguments(folder, model, tmp_path):
+    index = sj.search.Index([str(p) for p in sj.search.list_images(folder)],
+                            np.eye(14, 256, dtype=np.float32), "cvnet", str(folder))
+    q = index.paths[0]
+    for k in (0, -1, 2.5, "3", True):
+        with pytest.raises(InputError, match="k must be an integer >= 1"):
+            index.search(model, q, k=k)
+    with pytest.raises(InputError, match="rerank must be None, 'superglobal' or 'cvnet'"):
+        index.search(model, q, rerank="ames")
+    with pytest.raises(InputError, match="nope.jpg: query image not found"):
+        index.search(model, [q, str(tmp_path / "nope.jpg")])
+    with pytest.raises(InputError, match="queries must be an image path or a non-empty list"):
+        index.search(model, [])
+    broken = tmp_path / "q.jpg"
+    broken.write_bytes(Path(q).read_bytes()[:200])
+    with pytest.raises(InputError, match="q.jpg: cannot read the image"):
+        index.search(model, broken)
+
+
+def test_a_moved_collection_is_rerooted(folder, tmp_path):
+    paths = [str(p) for p in sj.search.list_images(folder)]
+    index = sj.search.Index(paths, np.zeros((len(paths), 4), np.float32), "cvnet",
+                            str(Path(folder).resolve()))
+    saved = index.save(tmp_path / "i.npz")
+    moved = tmp_path / "moved"
+    shutil.copytree(folder, moved)
+    again = sj.search.Index.load(saved, root=moved)
+    assert again.root == str(moved.resolve())
+    assert all(Path(p).is_file() and str(moved.resolve()) in p for p in again.paths)
+    assert [Path(p).relative_to(moved.resolve()) for p in again.paths] == \
+        [Path(p).relative_to(Path(folder).resolve()) for p in paths]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "shape"])
+def test_damaged_index_is_one_input_error(folder, tmp_path, damage):
+    paths = [str(p) for p in sj.search.list_images(folder)]
+    saved = sj.search.Index(paths, np.zeros((len(paths), 4), np.float32)).save(
+        tmp_path / "i.npz")
+    if damage == "truncated":
+        data = saved.read_bytes()
+        saved.write_bytes(data[:len(data) // 2])
+    else:
+        with np.load(saved) as z:
+            arrays = dict(z)
+        arrays["descriptors"] = arrays["descriptors"][:3]
+        np.savez(saved, **arrays)
+    with pytest.raises(InputError, match="i.npz: .*damaged"):
+        sj.search.Index.load(saved)

@@ -38,12 +38,13 @@ def _rerank_top(X, Q, top, beta, m: int, k: int, precision):
     x_sorted = jnp.take_along_axis(x_dba, order[..., None], axis=1)  # (nq, m, D)
     q_exp = jnp.max(x_sorted[:, :k], axis=1)                        # (nq, D)
     sim_exp = jnp.einsum("qd,qmd->qm", q_exp, x_sorted, precision=precision)
-    final = _desc_sort((sim_sorted + sim_exp) / 2.0)
-    return jnp.take_along_axis(top_dba, final, axis=1)
+    score = (sim_sorted + sim_exp) / 2.0
+    final = _desc_sort(score)
+    return jnp.take_along_axis(top_dba, final, axis=1), jnp.take_along_axis(score, final, 1)
 
 
 def superglobal(X, Q, ranks, M: int = 400, K: int = 9, beta: float = 0.15,
-                precision="highest") -> np.ndarray:
+                precision="highest", return_scores: bool = False):
     """SuperGlobal reranking of `ranks`.
 
     Args:
@@ -53,8 +54,12 @@ def superglobal(X, Q, ranks, M: int = 400, K: int = 9, beta: float = 0.15,
       M: how many top candidates are reranked (min(M, N) when the database is smaller).
       K: neighbours used for augmentation and query expansion (plus the item itself).
       beta: weight of neighbours relative to the item itself.
+      return_scores: also return the scores the top-M were sorted by.
     Returns:
-      (N, nq) int64 reranked indices, as NumPy (the official `RerankwMDA` output).
+      (N, nq) int64 reranked indices, as NumPy (the official `RerankwMDA` output); with
+      `return_scores`, also (min(M, N), nq) float32: the final score of each of the first
+      min(M, N) returned items, (similarity to the query + similarity to the expanded
+      query) / 2 of its augmented descriptor, descending.
     """
     X, Q = jnp.asarray(X), jnp.asarray(Q)
     ranks = np.asarray(ranks)
@@ -64,5 +69,6 @@ def superglobal(X, Q, ranks, M: int = 400, K: int = 9, beta: float = 0.15,
     m = min(int(M), X.shape[0])
     k = min(int(K) + 1, m)
     top = jnp.asarray(ranks[:m].T)
-    head = np.asarray(_rerank_top(X, Q, top, jnp.asarray(beta, X.dtype), m, k, precision))
-    return np.concatenate([head.T.astype(np.int64), ranks[m:].astype(np.int64)], axis=0)
+    head, score = _rerank_top(X, Q, top, jnp.asarray(beta, X.dtype), m, k, precision)
+    out = np.concatenate([np.asarray(head).T.astype(np.int64), ranks[m:].astype(np.int64)], 0)
+    return (out, np.asarray(score).T) if return_scores else out
