@@ -9,13 +9,33 @@ Layers, each importing only those before it: `models` (Flax modules, `Arch`) ->
 search on every device) -> `rerank`, `metrics`, `evaluation`, `search`, `training` ->
 the entry points `eval`, `train`. `errors` holds the one error type, `files` atomic
 writes, `images` image reading.
+
+The names below are imported on first use, so `import scvnet_jax` (and the command lines'
+checks of their flags and configs) do not wait for JAX and Flax to load.
 """
-from scvnet_jax import data, mesh, metrics, models, rerank, search
-from scvnet_jax.api import RetrievalModel, create, demo_model_path, load
+from __future__ import annotations
+
+import importlib
+
 from scvnet_jax.errors import CheckpointError, ConfigError, InputError, ScvnetError
-from scvnet_jax.models.arch import Arch
 
 __version__ = "0.1.0"
+
+_SUBMODULES = ("data", "mesh", "metrics", "models", "rerank", "search")
+_NAMES = {"load": "scvnet_jax.api", "create": "scvnet_jax.api",
+          "demo_model_path": "scvnet_jax.api", "RetrievalModel": "scvnet_jax.api",
+          "Arch": "scvnet_jax.models.arch"}
 __all__ = ["load", "create", "demo_model_path", "RetrievalModel", "Arch", "ScvnetError",
-           "CheckpointError", "InputError", "ConfigError", "data", "mesh", "metrics", "models",
-           "rerank", "search", "__version__"]
+           "CheckpointError", "InputError", "ConfigError", *_SUBMODULES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"scvnet_jax.{name}")
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'scvnet_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -53,7 +53,7 @@ FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
 def _define(fv, argv):
     from absl import flags
 
-    from scvnet_jax.evaluation.pipelines import PIPELINES
+    from scvnet_jax.evaluation.config import PIPELINES
 
     demo = any(a in ("--dataset=demo", "-dataset=demo") or
                (a in ("--dataset", "-dataset") and argv[i + 1:i + 2] == ["demo"])
@@ -128,6 +128,9 @@ def load_model(weights: str, dataset: str, dtype):
 
 
 def run(cfg) -> int:
+    from scvnet_jax.evaluation.config import default_cache_dir, validate
+
+    validate(cfg)                             # before any work (and before JAX loads)
     import jax
     import jax.numpy as jnp
 
@@ -135,10 +138,8 @@ def run(cfg) -> int:
     from scvnet_jax.data.revisitop import load_dataset, read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
-    from scvnet_jax.evaluation.config import default_cache_dir, validate
     from scvnet_jax.images import set_max_pixels
 
-    validate(cfg)                             # before any work
     set_max_pixels(cfg.max_image_pixels)
     if cfg.dataset == "demo":
         from scvnet_jax.data import demo

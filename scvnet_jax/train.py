@@ -60,6 +60,10 @@ def _train(fv) -> int:
 
     if fv.config is None or not fv.workdir:
         raise ConfigError("--config and --workdir are required (see --help)")
+    from scvnet_jax.training import config
+
+    config.validate(fv.config)                 # before JAX loads or anything is made
+    config.check_workdir(fv.workdir, fv.config)
     logging.set_verbosity(logging.WARNING)     # orbax logs every file at INFO
     cli.init_distributed(fv)
     from scvnet_jax.evaluation.config import default_cache_dir

@@ -12,6 +12,9 @@ from scvnet_jax.config_files import check_fields
 from scvnet_jax.errors import ConfigError
 
 
+PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
+
+
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "scvnet_jax")
@@ -22,7 +25,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "roxford5k"
     c.data_dir = ""
     c.weights = ""
-    c.pipelines = ["cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank"]
+    c.pipelines = list(PIPELINES)
     c.ks = [1, 5, 10]
 
     c.cvnet = ml_collections.ConfigDict()
@@ -77,8 +80,6 @@ _CHOICES = (("dataset", ("roxford5k", "rparis6k", "demo")), ("dtype", ("float32"
 def validate(cfg) -> None:
     """Ranges, choices and output paths of an evaluation config, before any work: one
     ConfigError naming the field (or flag), its value and what was expected."""
-    from scvnet_jax.evaluation.pipelines import PIPELINES   # (pipelines imports jax)
-
     check_fields(cfg, _RANGES, _CHOICES)
     bad = [p for p in cfg.pipelines if p not in PIPELINES]
     if bad or not cfg.pipelines:

@@ -25,9 +25,9 @@ from scvnet_jax.engine import extract, search, verify
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
 from scvnet_jax.errors import ConfigError
+from scvnet_jax.evaluation.config import PIPELINES
 from scvnet_jax.images import ImageRef
 
-PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
 NEEDS = {"cvnet_global": "cvnet", "cvnet_rerank": "cvnet", "superglobal_global": "superglobal",
          "superglobal_rerank": "superglobal"}
 LABEL_FREE = "label-free"

@@ -99,3 +99,18 @@ def test_installed_wheel_works_from_any_directory(tmp_path, demo_tfds, repo):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "cvnet_global (protocol: label-free)" in r.stdout
     assert (work / "results.json").is_file()
+
+
+@pytest.mark.parametrize("module, args", [
+    ("eval", ["--dataset", "demo", "--topk", "-5"]),
+    ("train", ["--config", "demo.py:tiny", "--workdir", "w", "--config.batch_size=0"]),
+])
+def test_config_errors_come_before_jax_loads(module, args, tmp_path, repo):
+    """The checks run in a fraction of a second: before JAX, Flax or any data is loaded."""
+    code = (f"import sys\nfrom scvnet_jax import {module} as m\nrc = m.main({args!r})\n"
+            "print(rc, sorted(k for k in ('jax', 'flax', 'tensorflow_datasets') "
+            "if k in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert r.stdout.split("\n")[0] == "2 []", r.stdout + r.stderr
+    assert r.stderr.startswith("error: config.") and not (tmp_path / "w").exists()
