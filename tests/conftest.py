@@ -264,6 +264,13 @@ def demo_eval(run_module, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def medium_map():
+    """medium_map(results_json, pipeline, setting="M") -> the pipeline's mAP in that file."""
+    return lambda path, pipeline, setting="M": json.loads(Path(path).read_text())[pipeline][
+        "mAP"][setting]
+
+
+@pytest.fixture(scope="session")
 def eval_main():
     """eval_main(*args) -> exit status of `python -m scvnet_jax.eval args`, in-process."""
     from scvnet_jax.eval import main

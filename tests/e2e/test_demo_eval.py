@@ -9,16 +9,13 @@ import json
 import pytest
 
 import scvnet_jax as sj
+from scvnet_jax.evaluation.config import PIPELINES
 
-PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
 # Medium mAP margins. Measured on the CI machine type (2-core AMD EPYC): bundled global
 # 53.61 vs untrained 43.62; bundled rerank (top 100) 55.18 vs its global 53.61.
 MARGIN_GLOBAL = 0.05
 MARGIN_RERANK = 0.01
 
-
-def _mAP(path, pipeline, setting="M"):
-    return json.loads(path.read_text())[pipeline]["mAP"][setting]
 
 
 def test_bundled_demo_model_is_small_and_loads():
@@ -32,7 +29,7 @@ def test_bundled_demo_model_is_small_and_loads():
 
 
 @pytest.mark.slow
-def test_eval_demo_with_no_flags_and_its_margins(demo_eval):
+def test_eval_demo_with_no_flags_and_its_margins(demo_eval, medium_map):
     r, trained = demo_eval()
     for p in PIPELINES:
         assert f"\n{p} (protocol: " in r.stdout, p
@@ -41,8 +38,8 @@ def test_eval_demo_with_no_flags_and_its_margins(demo_eval):
     r, random = demo_eval("--weights", "random", "--pipelines", "cvnet_global",
                           output="random.json")
     assert "weights random" in r.stdout
-    g, rr, g0 = (_mAP(trained, "cvnet_global"), _mAP(trained, "cvnet_rerank"),
-                 _mAP(random, "cvnet_global"))
+    g, rr, g0 = (medium_map(trained, "cvnet_global"), medium_map(trained, "cvnet_rerank"),
+                 medium_map(random, "cvnet_global"))
     print(f"demo Medium mAP: trained global {g:.4f}, rerank {rr:.4f}; random global {g0:.4f}")
     assert g > g0 + MARGIN_GLOBAL, (g, g0)
     assert rr > g + MARGIN_RERANK, (rr, g)

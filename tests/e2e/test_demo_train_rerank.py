@@ -2,8 +2,6 @@
 rerank head beats the untrained one and the global ranking, through train.py and eval.py."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 import scvnet_jax as sj
@@ -14,13 +12,10 @@ SHORT_STEPS = 300
 MARGIN_SHORT = 0.005
 
 
-def _mAP(path, pipeline, setting="M"):
-    return json.loads(path.read_text())[pipeline]["mAP"][setting]
-
 
 @pytest.mark.slow
 def test_shortened_stage2_run_improves_the_rerank_head(tmp_path, run_train, demo_eval,
-                                                       demo_tfds):
+                                                       demo_tfds, medium_map):
     """configs/demo_rerank.py shortened to SHORT_STEPS steps, from the bundled model's
     backbone (its frozen stage-1 part) and a fresh random head, against the same run's
     initialisation (total_steps=0 exports it): reranking the top 20 with the trained head
@@ -34,7 +29,7 @@ def test_shortened_stage2_run_improves_the_rerank_head(tmp_path, run_train, demo
         _, path = demo_eval("--weights", tmp_path / name / "model", "--pipelines",
                             "cvnet_global,cvnet_rerank", "--topk", "20",
                             output=f"stage2_{name}.json")
-        res[name] = {p: _mAP(path, p) for p in ("cvnet_global", "cvnet_rerank")}
+        res[name] = {p: medium_map(path, p) for p in ("cvnet_global", "cvnet_rerank")}
     print(f"shortened stage 2 ({SHORT_STEPS} steps), Medium mAP: {res}")
     assert res["init"]["cvnet_global"] == res["trained"]["cvnet_global"]   # backbone frozen
     assert res["trained"]["cvnet_rerank"] > res["init"]["cvnet_rerank"] + MARGIN_SHORT, res

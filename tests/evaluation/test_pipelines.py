@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import scvnet_jax as sj
+from scvnet_jax.evaluation.config import PIPELINES
 from scvnet_jax.convert import save_model_dir
 
-PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
 CONFIG = "eval_minirevisit.py"      # shipped config, found by name
 
 
