@@ -294,11 +294,11 @@ def one_error_line():
 
 @pytest.fixture(scope="session")
 def kill_at_checkpoint():
-    """kill_at_checkpoint(proc, ckpt_dir): SIGKILLs a training process as soon as checkpoint
-    directory `ckpt_dir` appears."""
+    """kill_at_checkpoint(proc, path): SIGKILLs a training process as soon as `path` (a
+    checkpoint directory, or any file the run writes) appears."""
     def kill(proc, ckpt: Path) -> None:
         deadline = time.time() + 900
-        while not ckpt.is_dir() and time.time() < deadline and proc.poll() is None:
+        while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()

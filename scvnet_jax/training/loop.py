@@ -117,11 +117,11 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
     start = mngr.latest_step()
     if start is not None:
         state = checkpoints.restore_state(mngr, start, task.abstract, task.state_sh)
-        writer.truncate_after(start)
         print(f"resumed from {workdir / 'checkpoints' / str(start)} (step {start})")
     else:
         start = 0
         state = task.initial_state()
+    writer.truncate_after(start)   # steps logged by a killed run after its last checkpoint
     if lead:
         print(f"{task.name}: {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
               f"{jax.process_count()} process(es); global batch {cfg.batch_size}; "

@@ -106,22 +106,35 @@ def test_sharded_step_equals_single_device(fake_devices_env, repo):
 STEPS = ["--config.total_steps=12", "--config.checkpoint_every_steps=4"]
 
 
-@pytest.mark.slow
-def test_sigkill_resume_ends_with_the_same_parameters(tmp_path, run_train, demo_tfds,
-                                                      kill_at_checkpoint,
-                                                      assert_same_checkpoint):
-    full = run_train(tmp_path / "full", *STEPS, data_dir=demo_tfds, config="demo.py:tiny")
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, run_train, demo_tfds):
+    """An uninterrupted run of STEPS on the tiny config: its workdir."""
+    work = tmp_path_factory.mktemp("full") / "w"
+    full = run_train(work, *STEPS, data_dir=demo_tfds, config="demo.py:tiny")
     assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    return work
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["at_checkpoint_4", "before_any_checkpoint"])
+def test_sigkill_resume_ends_with_the_same_parameters(tmp_path, run_train, demo_tfds,
+                                                      kill_at_checkpoint, full_run, when,
+                                                      assert_same_checkpoint):
+    """SIGKILL right after checkpoint 4 is written, or as soon as the run has marked its
+    workdir (config.json) and before any checkpoint: the same command again ends with
+    the uninterrupted run's state, bit for bit."""
     work = tmp_path / "killed"
     proc = run_train(work, *STEPS, data_dir=demo_tfds, config="demo.py:tiny", wait=False)
-    kill_at_checkpoint(proc, work / "checkpoints" / "4")
+    kill_at_checkpoint(proc, work / "checkpoints" / "4" if when == "at_checkpoint_4"
+                       else work / "config.json")
     assert not (work / "checkpoints" / "12").exists()
+    if when == "before_any_checkpoint":
+        assert not list((work / "checkpoints").glob("[0-9]*"))
 
     resumed = run_train(work, *STEPS, data_dir=demo_tfds, config="demo.py:tiny")
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stdout
-    assert_same_checkpoint(tmp_path / "full", work, 12)
+    assert ("resumed from" in resumed.stdout) == (when == "at_checkpoint_4")
+    assert_same_checkpoint(full_run, work, 12)
     # metrics.jsonl: one record per logged step, none duplicated by the restart
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == list(range(2, 13, 2))
