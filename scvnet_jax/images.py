@@ -58,10 +58,6 @@ def set_max_pixels(n: int) -> None:
     _max_pixels = int(n)
 
 
-def max_pixels() -> int:
-    return _max_pixels
-
-
 def read_bytes(path: str) -> bytes:
     """A file's bytes, or one InputError naming it."""
     try:
@@ -105,15 +101,14 @@ def _is_truncated(data: bytes) -> bool:
     return False
 
 
-def decode_image(data: bytes, what: str, limit: int | None = None) -> np.ndarray:
+def decode_image(data: bytes, what: str) -> np.ndarray:
     """BGR uint8 image (3 channels, as `cv2.imread`) from encoded bytes; `what` names the
     file in errors. Checked first: the header's size against the pixel limit, and that the
     file is complete."""
-    limit = _max_pixels if limit is None else limit
     w, h = header_size(data, what)
-    if w * h > limit:
+    if w * h > _max_pixels:
         raise InputError(f"{what}: the image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
-                         f"above the limit of {limit / 1e6:g} megapixels{_RAISE_IT}")
+                         f"above the limit of {_max_pixels / 1e6:g} megapixels{_RAISE_IT}")
     if _is_truncated(data):
         raise InputError(f"{what}: cannot read the image: the file is truncated (it ends "
                          "before the image data does); re-copy or re-download it")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -211,13 +210,7 @@ def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
     paths = [str(p) for p in list_images(root)]
     skipped = []
     if on_error == "skip":
-        def check(p):
-            try:
-                read_image(ImageRef(p))
-            except InputError as e:
-                return str(e)
-        with ThreadPoolExecutor(workers) as pool:
-            reasons = list(pool.map(check, paths))
+        reasons = extract.image_errors([ImageRef(p) for p in paths], workers)
         skipped = [(p, r) for p, r in zip(paths, reasons) if r is not None]
         for _, reason in skipped:
             print(f"skipped: {reason}", file=sys.stderr)

@@ -23,6 +23,7 @@ from scvnet_jax import mesh
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.data import batching
 from scvnet_jax.engine.cache import ChunkCache, content_digests
+from scvnet_jax.errors import InputError
 from scvnet_jax.images import ImageRef, normalize, read_image
 
 CVNET_SCALES = (0.7071, 1.0, 1.4142)
@@ -99,12 +100,23 @@ def read_all(pool: ThreadPoolExecutor, refs: Sequence[ImageRef]) -> list[np.ndar
     return list(pool.map(read_image, refs))
 
 
-def check_images(refs: Sequence[ImageRef], workers: int = 4) -> None:
-    """Reads and decodes every image (and crops every query box): an InputError naming the
-    first bad file, before any expensive work."""
+def image_errors(refs: Sequence[ImageRef], workers: int = 4) -> list[str | None]:
+    """Reads and decodes every image (and crops every query box): per image, the
+    InputError's message, or None for a good one."""
+    def error(ref):
+        try:
+            read_image(ref)
+        except InputError as e:
+            return str(e)
     with ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(read_image, refs):
-            pass
+        return list(pool.map(error, refs))
+
+
+def check_images(refs: Sequence[ImageRef], workers: int = 4) -> None:
+    """An InputError naming the first bad image of `refs`, before any expensive work."""
+    bad = next((e for e in image_errors(refs, workers) if e is not None), None)
+    if bad is not None:
+        raise InputError(bad)
 
 
 def _describe_chunk(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:

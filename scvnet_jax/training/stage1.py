@@ -256,13 +256,8 @@ class Task(_Task):
 
 
 def check_config(cfg) -> None:
-    """Config errors that would otherwise surface as shape errors deep inside jit."""
-    arch_of(cfg)
-    dtype_of(cfg)
-    q, b = cfg.loss.queue_size, cfg.batch_size
-    if q % b:
-        raise ConfigError(f"loss.queue_size ({q}) must be a multiple of batch_size ({b}): the "
-                         "queue takes whole batches")
+    """What stage 1 needs beyond `config.validate` (ranges, choices, queue/batch, which
+    loop.train runs first): a global batch that splits over this run's devices."""
     check_batch(cfg)
 
 

@@ -170,24 +170,18 @@ def hard_negative_table(desc: np.ndarray, labels: np.ndarray, k: int, mesh=None,
 
 
 def check_config(cfg) -> None:
-    arch_of(cfg)
-    dtype_of(cfg)
+    """What stage 2 needs beyond `config.validate` (which loop.train runs first)."""
     if not cfg.init_from:
         raise ConfigError("stage 2 needs --config.init_from: the stage-1 model directory "
                          "(e.g. runs/demo/model) or an official CVNet checkpoint")
     stage1.check_batch(cfg)
     r = cfg.rerank
-    if r.head_init not in ("random", "checkpoint"):
-        raise ConfigError(f"rerank.head_init must be 'random' or 'checkpoint', got "
-                         f"{r.head_init!r}")
     for name in ("hard_ratio", "hide_prob"):
         v = tuple(r[name])
         if len(v) != 2 or not all(0.0 <= x <= 1.0 for x in v):
             raise ConfigError(f"rerank.{name} must be (start, end) probabilities, got {v}")
     if not 0.0 <= r.positive_fraction <= 1.0:
         raise ConfigError(f"rerank.positive_fraction must be in [0, 1], got {r.positive_fraction}")
-    if r.bank_k < 1:
-        raise ConfigError(f"rerank.bank_k must be >= 1, got {r.bank_k}")
 
 
 def bank_version(cfg, step: int) -> int:
