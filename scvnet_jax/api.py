@@ -136,6 +136,27 @@ class RetrievalModel:
         plans = cvnet.correlation_plans(vq, vk, fq.shape[1:3], fk.shape[1:3])
         return self._call("verification_score_from_features", fq, fk, arrays={"plans": plans})
 
+    def corr_features(self, features, valid=None) -> jax.Array:
+        """Per-image half of the verifier (`CVNet.corr_features`): (B, h, w, C) local features
+        -> (B, h, w, 3, corr_dim). valid: (B, 2) valid feature sizes of a padded batch
+        (`feature_valid`), or None; the result is then zero outside them."""
+        if valid is None:
+            return self._call("corr_features", features)
+        plans = cvnet.feature_plans(np.asarray(valid, np.int32), np.shape(features)[1:3])
+        return self._call("corr_features", features, arrays={"plans": plans})
+
+    def verification_score_from_corr_features(self, query_cf, key_cf, valid_q=None,
+                                              valid_k=None) -> jax.Array:
+        """Scores of pairs (query_cf[b], key_cf[b]) of `corr_features` outputs -> (B,); for
+        zero-padded batches pass both sides' valid (B, 2) feature sizes."""
+        if valid_q is None and valid_k is None:
+            return self._call("verification_score_from_corr_features", query_cf, key_cf)
+        b = key_cf.shape[0]
+        vq = np.asarray(valid_q if valid_q is not None else [query_cf.shape[1:3]] * b, np.int32)
+        vk = np.asarray(valid_k if valid_k is not None else [key_cf.shape[1:3]] * b, np.int32)
+        return self._call("verification_score_from_corr_features", query_cf, key_cf,
+                          arrays={"valid4": np.concatenate([vq, vk], 1)})
+
     def superglobal_descriptor(self, images, scales: int | Sequence[float] = 3,
                                rgem: bool = True, sgem: bool = True, relup: bool = True,
                                gemp: bool = True, official_quirk: bool = True,

@@ -43,10 +43,10 @@ def padded_batches(items: Sequence, batch_size: int, multiple: int) -> Iterator[
 
 
 def pad_stack(arrays: Sequence[np.ndarray], batch_size: int, hw: tuple[int, int]) -> PaddedBatch:
-    """Zero-pads HWC arrays to `hw` and stacks them into `batch_size` rows (dummy rows are
-    zeros marked full-size valid)."""
+    """Zero-pads (H, W, ...) arrays to `hw` and stacks them into `batch_size` rows (dummy
+    rows are zeros marked full-size valid)."""
     bh, bw = hw
-    images = np.zeros((batch_size, bh, bw, arrays[0].shape[2]), np.float32)
+    images = np.zeros((batch_size, bh, bw) + arrays[0].shape[2:], np.float32)
     valid = np.tile(np.array([[bh, bw]], np.int32), (batch_size, 1))
     for row, arr in enumerate(arrays):
         images[row, :arr.shape[0], :arr.shape[1]] = arr

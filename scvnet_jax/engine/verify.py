@@ -1,9 +1,11 @@
 """CVNet-Rerank verification scores for (query, database image) pairs.
 
-Local features are computed at scale 1 (as the official test), once per query and once per
-database image (the official code recomputes them for every query); pairs are then scored
-in batches grouped by feature size, padded up to multiples of `feature_bucket` cells, so
-one compilation serves many pair sizes, and split over the devices like extraction. With
+Local features are computed at scale 1 (as the official test), and from them the verifier's
+per-image half (`corr_features`: the three compressed, normalised scales), once per query
+and once per database image (the official code recomputes both for every pair); pairs are
+then scored (correlation + CVLearner) in batches grouped by feature size, padded up to
+multiples of `feature_bucket` cells, so one compilation serves many pair sizes, and split
+over the devices like extraction. With
 several processes, database chunk i is handled by process i % process_count and the scores
 are gathered. Finished pairs are cached (any grouping: a pair's score does not depend on
 it), so an interrupted run resumes.
@@ -46,11 +48,13 @@ def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
               disable=mesh.process_index() != 0) as bar, ThreadPoolExecutor(workers) as pool:
         bar.update(len(wanted) - len(todo))
         queries = sorted({q for c in key_chunks for d in c for q in by_key[d]})
-        qfeat = dict(zip(queries, local_features(
-            model, read_all(pool, [query_refs[q] for q in queries]), batch_size, bucket)))
+        def features(refs):
+            local = local_features(model, read_all(pool, refs), batch_size, bucket)
+            return corr_features(model, local, batch_size, feature_bucket)
+
+        qfeat = dict(zip(queries, features([query_refs[q] for q in queries])))
         for chunk in key_chunks:
-            kfeat = dict(zip(chunk, local_features(
-                model, read_all(pool, [db_refs[d] for d in chunk]), batch_size, bucket)))
+            kfeat = dict(zip(chunk, features([db_refs[d] for d in chunk])))
             pairs = [((d, q), qfeat[q], kfeat[d]) for d in chunk for q in by_key[d]]
             new = score_pairs(model, pairs, batch_size, feature_bucket, bar)
             rows = np.array([(d, q, s) for (d, q), s in new.items()], np.float64).reshape(-1, 3)
@@ -73,22 +77,35 @@ def cached_pairs(cache: ChunkCache | None) -> dict:
     return done
 
 
+def corr_features(model: RetrievalModel, features: Sequence[np.ndarray], batch_size: int,
+                  feature_bucket: int) -> list[np.ndarray]:
+    """`RetrievalModel.corr_features` of each (h, w, C) local-feature map, in padded batches
+    -> (h, w, 3, corr_dim) host arrays."""
+    out: list = [None] * len(features)
+    for batch in batching.padded_batches(list(enumerate(features)),
+                                         batch_size * model.num_devices, feature_bucket):
+        cf = np.asarray(model.corr_features(batch.images, batch.valid))
+        for row, (i, (h, w)) in enumerate(zip(batch.ids, batch.valid)):
+            out[i] = cf[row, :h, :w]
+    return out
+
+
 def score_pairs(model: RetrievalModel, pairs, batch_size: int, feature_bucket: int, bar=None):
-    """{pair id: score} for (id, query features, key features) triples."""
+    """{pair id: score} for (id, query, key) triples of `corr_features` outputs."""
     groups: dict = {}
-    for pid, fq, fk in pairs:
-        shape = (batching.bucket_hw(*fq.shape[:2], feature_bucket),
-                 batching.bucket_hw(*fk.shape[:2], feature_bucket))
-        groups.setdefault(shape, []).append((pid, fq, fk))
+    for pid, cq, ck in pairs:
+        shape = (batching.bucket_hw(*cq.shape[:2], feature_bucket),
+                 batching.bucket_hw(*ck.shape[:2], feature_bucket))
+        groups.setdefault(shape, []).append((pid, cq, ck))
     rows = batch_size * model.num_devices
     out = {}
     for (qb, kb), members in groups.items():
         for start in range(0, len(members), rows):
             part = members[start:start + rows]
-            fq = batching.pad_stack([m[1] for m in part], rows, qb)
-            fk = batching.pad_stack([m[2] for m in part], rows, kb)
-            s = np.asarray(model.verification_score_from_features(fq.images, fk.images,
-                                                                  fq.valid, fk.valid))
+            cq = batching.pad_stack([m[1] for m in part], rows, qb)
+            ck = batching.pad_stack([m[2] for m in part], rows, kb)
+            s = np.asarray(model.verification_score_from_corr_features(
+                cq.images, ck.images, cq.valid, ck.valid))
             for row, (pid, _, _) in enumerate(part):
                 out[pid] = float(s[row])
             if bar is not None:

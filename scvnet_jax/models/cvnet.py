@@ -6,7 +6,9 @@ compression) and `cv_learner` (4-D convolutional verifier). Its methods are the 
 
   global_descriptor      CVNet-Global: L2-normalised head.fc(GeM_p(s4)).
   local_features         last stage-3 block before its ReLU.
-  correlation            cross-scale 4-D correlation of two local feature maps.
+  corr_features          per image: the compressed, normalised maps of the 3 scales.
+  correlate              cross-scale 4-D correlation of two corr_features batches.
+  correlation            the same from two local feature maps.
   verification_logits    CVLearner on that correlation -> (B, 2).
   verification_score     softmax(logits)[:, 1] for image pairs.
   superglobal_descriptor SuperGlobal's GeM+ / Regional-GeM / Scale-GeM / ReLU+ descriptor.
@@ -164,46 +166,57 @@ class CVNet(nn.Module):
         padded batch, valid on `stage_valid(valid, 3)` and zero elsewhere."""
         return self.encoder_q.layer3(x, train, valid)
 
+    def corr_features(self, f, plans: "FeaturePlans | None" = None):
+        """Per image, what the cross-scale correlation needs of it -> (B, h, w, 3, corr_dim).
+
+        For each area scale s in (0.25, 0.5, 1.0) the map is resized (bilinear,
+        align_corners=True) to round(h*sqrt(s)) x round(w*sqrt(s)), compressed by
+        `conv2ds[s]`, L2-normalised per cell, and resized back to (h, w). The official code
+        resizes each *pair's* 4-D cosine-similarity tensor back instead; bilinear resizing
+        is linear along each axis, so resizing the normalised features first gives the same
+        tensor (to float rounding, and to the official 1e-8 in the cosine's denominator),
+        computed once per image instead of once per pair.
+
+        For a padded feature batch pass `plans` (`feature_plans`): the result is then zero
+        outside each item's valid (h, w).
+        """
+        f = f.astype(jnp.float32)
+        h, w = f.shape[1:3]
+        out = []
+        for i, scale in enumerate(CORR_SCALES):
+            conv = self.conv2ds[i]
+            if plans is None:
+                x = ops.resize_bilinear(f, ops.corr_scale_size(h, w, scale), True)
+                x = ops.resize_bilinear(ops.l2_normalize(conv(x)), (h, w), True)
+            elif scale == 1.0:   # round(h * 1) = h: both resizes are the identity
+                x = ops.l2_normalize(ops.mask_valid(conv(f), plans.valid))
+            else:
+                (ph, pw, valid), (bh, bw) = plans.down[i], plans.up[i]
+                x = ops.resize_by_plan(ops.resize_by_plan(f, 1, ph), 2, pw)
+                x = ops.l2_normalize(ops.mask_valid(conv(x), valid))
+                x = ops.resize_by_plan(ops.resize_by_plan(x, 1, bh), 2, bw)
+            out.append(x)
+        return jnp.stack(out, axis=3)
+
+    def correlate(self, cq, ck):
+        """Cross-scale correlation of two `corr_features` batches -> (B, hq, wq, hk, wk, 9),
+        channel i*3+j = query scale i against key scale j, clamped at 0 (one matrix product
+        per pair)."""
+        corr = jnp.einsum("bijsc,bkltc->bijklst", cq, ck, precision=self.precision)
+        return jnp.maximum(corr.reshape(corr.shape[:5] + (-1,)), 0.0)
+
     def correlation(self, fq, fk, plans: "CorrelationPlans | None" = None):
         """Cross-scale correlation of local features -> (B, hq, wq, hk, wk, 9), channels last.
 
-        For each area scale s in (0.25, 0.5, 1.0) both maps are resized (bilinear,
-        align_corners=True) to round(h*sqrt(s)) x round(w*sqrt(s)) and compressed by
-        `conv2ds[s]`; every (query scale, key scale) pair gives a cosine-similarity 4-D
-        tensor, resized back to the full (hq, wq, hk, wk) grid; the 9 are stacked query-scale
-        major and clamped at 0. Channel i*3+j equals the official `corr[:, i*3+j]`.
+        Every (query scale, key scale) pair of `corr_features` gives a cosine-similarity 4-D
+        tensor on the full (hq, wq, hk, wk) grid; the 9 are stacked query-scale major and
+        clamped at 0. Channel i*3+j equals the official `corr[:, i*3+j]`.
 
         For padded feature batches pass `plans` (`correlation_plans`): the result is then
         zero outside each pair's valid (hq, wq, hk, wk).
         """
-        fq, fk = fq.astype(jnp.float32), fk.astype(jnp.float32)
-        (_, hq, wq, _), (_, hk, wk, _) = fq.shape, fk.shape
-
-        def scaled(f, i, side):
-            conv = self.conv2ds[i]
-            if plans is None:
-                h, w = f.shape[1:3]
-                return conv(ops.resize_bilinear(f, ops.corr_scale_size(h, w, CORR_SCALES[i]), True))
-            ph, pw, valid = getattr(plans, side)[i]
-            f = ops.resize_by_plan(ops.resize_by_plan(f, 1, ph), 2, pw)
-            return ops.mask_valid(conv(f), valid)
-
-        qs = [scaled(fq, i, "query") for i in range(len(CORR_SCALES))]
-        ks = [scaled(fk, i, "key") for i in range(len(CORR_SCALES))]
-        corrs = []
-        for i, q in enumerate(qs):
-            qn = ops.norm(q)
-            for j, k in enumerate(ks):
-                kn = ops.norm(k)
-                dots = jnp.einsum("bijc,bklc->bijkl", q, k, precision=self.precision)
-                corr = dots / (qn[:, :, :, None, None] * kn[:, None, None, :, :] + 1e-8)
-                if plans is None:
-                    corr = ops.resize_bilinear(corr, (hq, wq, hk, wk), True, axes=(1, 2, 3, 4))
-                else:
-                    for axis, plan in zip((1, 2, 3, 4), plans.query_back[i] + plans.key_back[j]):
-                        corr = ops.resize_by_plan(corr, axis, plan)
-                corrs.append(corr)
-        return jnp.maximum(jnp.stack(corrs, axis=-1), 0.0)
+        return self.correlate(self.corr_features(fq, None if plans is None else plans.query),
+                              self.corr_features(fk, None if plans is None else plans.key))
 
     def verification_logits(self, fq, fk, plans: "CorrelationPlans | None" = None):
         """CVLearner logits (B, 2) for pairs of local feature maps."""
@@ -216,6 +229,11 @@ class CVNet(nn.Module):
         if fq.shape[0] == 1 and fk.shape[0] != 1:
             fq = jnp.broadcast_to(fq, (fk.shape[0],) + fq.shape[1:])
         return jax.nn.softmax(self.verification_logits(fq, fk, plans), axis=-1)[:, 1]
+
+    def verification_score_from_corr_features(self, cq, ck, valid4=None):
+        """CVNet-Rerank score in [0, 1] from `corr_features` of both sides (zero-padded
+        batches: `valid4` (B, 4) = valid (hq, wq, hk, wk), or None)."""
+        return jax.nn.softmax(self.cv_learner(self.correlate(cq, ck), valid4), axis=-1)[:, 1]
 
     def verification_score(self, xq, xk):
         """CVNet-Rerank score in [0, 1] for image pairs (xq[b], xk[b]) -> (B,)."""
@@ -284,36 +302,44 @@ def superglobal_plans(valid, bucket_hw, scales) -> tuple:
                                 False) for s in superglobal_factors(scales))
 
 
-class CorrelationPlans(NamedTuple):
-    """Host-side plans for `correlation` on padded local-feature batches.
+class FeaturePlans(NamedTuple):
+    """Host-side plans for `corr_features` on a padded local-feature batch.
 
-    query / key: per area scale, (AxisPlan h, AxisPlan w, scaled valid (B, 2));
-    query_back / key_back: per area scale, the (h, w) AxisPlans resizing the scaled
-    correlation back to the full valid size; valid4: (B, 4) valid (hq, wq, hk, wk).
-    """
-    query: tuple
-    key: tuple
-    query_back: tuple
-    key_back: tuple
+    down: per area scale, (AxisPlan h, AxisPlan w, scaled valid (B, 2)) resizing each item
+    from its valid size to the scale; up: per area scale, the (h, w) AxisPlans resizing it
+    back to the valid size; valid: (B, 2) valid (h, w)."""
+    down: tuple
+    up: tuple
+    valid: Any
+
+
+class CorrelationPlans(NamedTuple):
+    """Plans for `correlation` on padded pairs: each side's `FeaturePlans`, and valid4
+    (B, 4) = valid (hq, wq, hk, wk)."""
+    query: FeaturePlans
+    key: FeaturePlans
     valid4: Any
+
+
+def feature_plans(valid, bucket) -> FeaturePlans:
+    """Plans for local features of valid sizes `valid` (B, 2) in a feature bucket (h, w)."""
+    valid = np.asarray(valid, np.int64)
+    down, up = [], []
+    for scale in CORR_SCALES:
+        size_fn = functools.partial(ops.corr_scale_size, area_scale=scale)
+        down.append(ops.scale_plan(valid, bucket, size_fn, True))
+        sv = down[-1][2]
+        up.append((ops.axis_plan(sv[:, 0], valid[:, 0], int(bucket[0]), True),
+                   ops.axis_plan(sv[:, 1], valid[:, 1], int(bucket[1]), True)))
+    return FeaturePlans(tuple(down), tuple(up), valid.astype(np.int32))
 
 
 def correlation_plans(valid_q, valid_k, bucket_q, bucket_k) -> CorrelationPlans:
     """Plans for pairs (query b, key b) of local features with valid sizes valid_q[b],
     valid_k[b] (B, 2) inside feature buckets bucket_q, bucket_k (h, w)."""
-    out = {}
-    for side, valid, bucket in (("query", valid_q, bucket_q), ("key", valid_k, bucket_k)):
-        valid = np.asarray(valid, np.int64)
-        fwd, back = [], []
-        for scale in CORR_SCALES:
-            size_fn = functools.partial(ops.corr_scale_size, area_scale=scale)
-            fwd.append(ops.scale_plan(valid, bucket, size_fn, True))
-            sv = fwd[-1][2]
-            back.append((ops.axis_plan(sv[:, 0], valid[:, 0], int(bucket[0]), True),
-                         ops.axis_plan(sv[:, 1], valid[:, 1], int(bucket[1]), True)))
-        out[side], out[side + "_back"] = tuple(fwd), tuple(back)
     valid4 = np.concatenate([np.asarray(valid_q), np.asarray(valid_k)], 1).astype(np.int32)
-    return CorrelationPlans(out["query"], out["key"], out["query_back"], out["key_back"], valid4)
+    return CorrelationPlans(feature_plans(valid_q, bucket_q), feature_plans(valid_k, bucket_k),
+                            valid4)
 
 
 @functools.lru_cache(maxsize=16)

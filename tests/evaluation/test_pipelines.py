@@ -126,7 +126,8 @@ def test_head_only_change_reuses_the_descriptors(tiny_model_dir, monkeypatch, ev
     calls = _count_model_calls(monkeypatch)
     out = tmp_path / "other.json"
     assert eval_main(*args, "--weights", other, "--output", out) == 0
-    assert set(calls) == {"local_features", "verification_score_from_features"}, set(calls)
+    assert set(calls) == {"local_features", "corr_features",
+                          "verification_score_from_corr_features"}, set(calls)
     res, ref = json.loads(out.read_text()), json.loads(first.read_text())
     for name in ("cvnet_global", "superglobal_global", "superglobal_rerank"):
         assert res[name]["mAP"] == ref[name]["mAP"]
