@@ -129,10 +129,7 @@ class RetrievalModel:
         fq, fk = query_features, key_features
         if valid_q is None and valid_k is None:
             return self._call("verification_score_from_features", fq, fk)
-        b = fk.shape[0]
-        vq = np.asarray(valid_q if valid_q is not None else [fq.shape[1:3]], np.int32)
-        vk = np.asarray(valid_k if valid_k is not None else [fk.shape[1:3]] * b, np.int32)
-        vq = np.broadcast_to(vq, (b, 2)) if vq.shape[0] == 1 else vq
+        vq, vk = _pair_valid(valid_q, valid_k, fq, fk)
         plans = cvnet.correlation_plans(vq, vk, fq.shape[1:3], fk.shape[1:3])
         return self._call("verification_score_from_features", fq, fk, arrays={"plans": plans})
 
@@ -151,9 +148,7 @@ class RetrievalModel:
         zero-padded batches pass both sides' valid (B, 2) feature sizes."""
         if valid_q is None and valid_k is None:
             return self._call("verification_score_from_corr_features", query_cf, key_cf)
-        b = key_cf.shape[0]
-        vq = np.asarray(valid_q if valid_q is not None else [query_cf.shape[1:3]] * b, np.int32)
-        vk = np.asarray(valid_k if valid_k is not None else [key_cf.shape[1:3]] * b, np.int32)
+        vq, vk = _pair_valid(valid_q, valid_k, query_cf, key_cf)
         return self._call("verification_score_from_corr_features", query_cf, key_cf,
                           arrays={"valid4": np.concatenate([vq, vk], 1)})
 
@@ -177,6 +172,15 @@ class RetrievalModel:
         return self._call("superglobal_descriptor", images, arrays=arrays, scales=scales,
                           rgem=rgem, sgem=sgem, relup=relup, gemp=gemp,
                           official_quirk=official_quirk)
+
+
+def _pair_valid(valid_q, valid_k, query, key):
+    """Both sides' valid (B, 2) sizes of a batch of pairs (B = the key batch): a missing
+    side is its full size; a single query row is broadcast to every key."""
+    b = key.shape[0]
+    vq = np.asarray(valid_q if valid_q is not None else [query.shape[1:3]], np.int32)
+    vk = np.asarray(valid_k if valid_k is not None else [key.shape[1:3]] * b, np.int32)
+    return (np.broadcast_to(vq, (b, 2)) if vq.shape[0] == 1 else vq), vk
 
 
 def _valid(valid, images):
