@@ -149,7 +149,9 @@ def test_sigkill_resume_ends_with_the_same_parameters(tmp_path, run_train, demo_
 # every record's losses and gradient norm are a function of that step's global batch, the
 # queue, BatchNorm and CurricularFace statistics alone, and agree to float rounding; the
 # update itself on a sharded batch is test_sharded_step_equals_single_device's.
-DIST_STEPS = ["--config.total_steps=8", "--config.checkpoint_every_steps=4",
+# Four steps, a checkpoint every two (the tiny config logs every two): two records to
+# compare, and a checkpoint to kill at with a step after it.
+DIST_STEPS = ["--config.total_steps=4", "--config.checkpoint_every_steps=2",
               "--config.optimizer.lr=1e-9"]
 
 
@@ -185,7 +187,7 @@ def test_two_processes_equal_one_and_resume_after_killing_both(
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
     _distributed(run_module, tmp_path / "two", demo_tfds, 2, fake_devices_env,
                  free_port())
-    data = tmp_path / "two" / "checkpoints" / "8" / "data"
+    data = tmp_path / "two" / "checkpoints" / "4" / "data"
     assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json",
                                                                "process_1-of-2.json"]
     read = lambda w: [json.loads(ln) for ln in (w / "metrics.jsonl").read_text().splitlines()]
@@ -206,13 +208,13 @@ def test_two_processes_equal_one_and_resume_after_killing_both(
     work = tmp_path / "killed"
     procs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env,
                          free_port(), wait=False)
-    kill_at_checkpoint(procs[0], work / "checkpoints" / "4")
+    kill_at_checkpoint(procs[0], work / "checkpoints" / "2")
     procs[1].kill()
     procs[1].wait()
     outs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env,
                         free_port())
     assert "resumed from" in outs[0]
-    assert_same_checkpoint(tmp_path / "two", work, 8)
+    assert_same_checkpoint(tmp_path / "two", work, 4)
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, run_train, demo_tfds,
