@@ -6,18 +6,18 @@ Commands (stage 1 first; its W/model is this config's init_from):
     python train.py --config configs/demo.py --workdir runs/demo
     python train.py --config configs/demo_rerank.py --workdir runs/demo_rerank
 
-Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 12.7 minutes (1000 steps
-at 0.65-0.7 s, four builds of the 864-image hard-negative bank at ~6 s, compilation ~10 s).
+Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 12.2 minutes (1000 steps
+at ~0.69 s, four builds of the 864-image hard-negative bank at ~5-7 s, compilation ~6 s).
 This run is the bundled demo model (scvnet_jax/assets/demo_model).
 Expected result (mAP % on the held-out demo benchmark, `python eval.py --dataset demo`):
 
                                      Easy  Medium  Hard
-    cvnet_global (the stage-1 model) 67.68  53.61  24.55
-    cvnet_rerank (this head, top 100) 70.23  55.18  23.65
+    cvnet_global (the stage-1 model) 69.03  53.84  23.34
+    cvnet_rerank (this head, top 100) 74.07  57.72  24.60
 
-The margin is small and Hard does not improve: the frozen demo backbone (width 16, 1200
-steps on 72 tile classes) hardly separates tiles of the same photograph, and on training
-pairs the head reaches ~0.9 accuracy on random negatives but ~0.2 on hard ones.
+The frozen demo backbone (width 16, 800 steps on 72 tile classes) hardly separates tiles
+of the same photograph: on training pairs the head reaches ~0.96 accuracy on positives
+but ~0.2 on hard negatives.
 
 Variant `tiny` (`--config configs/demo_rerank.py:tiny`): the tiny stage-1 model of
 configs/demo.py:tiny, 64x64 pairs, batch 8, a bank of 4 refreshed every 8 steps: seconds on
