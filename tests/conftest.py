@@ -244,21 +244,27 @@ def run_train(run_module):
 
 
 @pytest.fixture(scope="session")
-def demo_eval(run_module, tmp_path_factory):
-    """demo_eval(*args, output=name) -> (CompletedProcess, results path):
-    `python -m scvnet_jax.eval --dataset demo args`, run from another directory, in one
-    cache folder (XDG_CACHE_HOME) that every xdist worker shares: the demo benchmark is
-    built once, and descriptors (keyed by the backbone) are reused between models that
-    share one. The cache's writes are atomic, so concurrent runs are safe."""
+def demo_home(tmp_path_factory):
+    """One folder that every xdist worker shares, as XDG_CACHE_HOME of the demo runs: the
+    demo benchmark is built once and descriptors (keyed by the backbone and the images'
+    content) are reused by every run of a model that shares one. The cache's writes are
+    atomic, so concurrent runs are safe."""
     base = tmp_path_factory.getbasetemp()
     home = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "demo_home"
     home.mkdir(exist_ok=True)
+    return home
 
+
+@pytest.fixture(scope="session")
+def demo_eval(run_module, demo_home):
+    """demo_eval(*args, output=name) -> (CompletedProcess, results path):
+    `python -m scvnet_jax.eval --dataset demo args`, run from another directory, with the
+    shared `demo_home` cache."""
     def run(*args, output="results.json"):
-        r = run_module("eval", "--dataset", "demo", *args, "--output", home / output,
-                       env={"XDG_CACHE_HOME": str(home / "cache")}, cwd=home)
+        r = run_module("eval", "--dataset", "demo", *args, "--output", demo_home / output,
+                       env={"XDG_CACHE_HOME": str(demo_home / "cache")}, cwd=demo_home)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r, home / output
+        return r, demo_home / output
 
     return run
 

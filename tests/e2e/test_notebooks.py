@@ -24,12 +24,15 @@ def _smoke(nb):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch, official_checkpoint):
+def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch, official_checkpoint,
+                                     demo_home):
     import nbformat
     from nbclient import NotebookClient
 
     monkeypatch.setenv("SCVNET_WORK", str(tmp_path / "work"))
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    # the demo runs' shared cache: the quickstart's demo evaluation reuses the bundled
+    # model's descriptors when tests/e2e/test_demo_eval.py computed them first
+    monkeypatch.setenv("XDG_CACHE_HOME", str(demo_home / "cache"))
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("SCVNET_SMOKE_CHECKPOINT", str(official_checkpoint(50)))
     nb = _smoke(nbformat.read(path, as_version=4))
