@@ -109,3 +109,41 @@ def revisitop(ranks, gnd, ks: Sequence[int] = (1, 5, 10)):
         maps.append(m)
         mpk.append(pr)
     return maps[0], maps[1], maps[2], np.stack(mpk)
+
+
+# -- class-labelled retrieval ----------------------------------------------------------------
+
+def labelled(ranks, query_labels, db_labels, map_at: Sequence[int | None] = (None, 200),
+             precision_at: Sequence[int] = (25, 100, 200)) -> dict:
+    """Retrieval metrics of class-labelled data (a database item is relevant to a query when
+    their labels are equal), as ICFRR's `calc_metrics` computes them with torchmetrics'
+    `retrieval_average_precision`:
+
+      mAP@k  mean over queries of AP of the top-k list (k=None: the whole ranking), AP =
+             mean over the relevant items in that list of (their count so far / position);
+             0 for a query with none in it (such queries count in the mean)
+      P@k    relevant items among the top k, divided by k (even where fewer than k exist)
+
+    Args:
+      ranks: (n_db, n_q) database indices per query, best first.
+    Returns:
+      {"mAP@all" or "mAP@<k>": float, "P@<k>": float} (fractions in [0, 1]).
+    """
+    ranks = np.asarray(ranks)
+    ql, dl = np.asarray(query_labels).ravel(), np.asarray(db_labels).ravel()
+    if ranks.ndim != 2 or ranks.shape != (dl.size, ql.size):
+        raise ValueError(f"ranks must be (n_db, n_q) = ({dl.size}, {ql.size}), got "
+                         f"{ranks.shape}")
+    rel = dl[ranks] == ql[None, :]                       # (n_db, n_q), in ranking order
+    out = {}
+    for k in map_at:
+        r = rel if k is None else rel[:k]
+        hits = np.cumsum(r, axis=0)
+        pos = np.arange(1, r.shape[0] + 1, dtype=np.float64)[:, None]
+        n = r.sum(axis=0)
+        ap = np.where(n > 0, np.sum(np.where(r, hits / pos, 0.0), axis=0) / np.maximum(n, 1),
+                      0.0)
+        out["mAP@all" if k is None else f"mAP@{k}"] = float(ap.mean())
+    for k in precision_at:
+        out[f"P@{k}"] = float((rel[:k].sum(axis=0) / k).mean())
+    return out

@@ -28,6 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("SCVNET_SHARED", REPO.parent / "shared")).resolve()
 PARITY = SHARED / "parity"
 MINIREVISIT = SHARED / "minirevisit"
+RERANKERS = SHARED / "rerankers"
 TINY_ARCH = dict(depth=50, width=8, reduction_dim=32, corr_dim=16)
 
 
@@ -94,6 +95,21 @@ def parity_fixture():
             with np.load(_require(PARITY / f"cvnet_r{depth}_seed0.npz")) as z:
                 made[depth] = {k: z[k] for k in z.files}
         return made[depth]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def rerankers_fixture():
+    """rerankers_fixture(method, seed=0) -> {key: array} of
+    ../shared/rerankers/<method>_seed<seed>.npz (ICFRR, CSA, AMES official outputs)."""
+    made: dict = {}
+
+    def get(method: str, seed: int = 0) -> dict:
+        if (method, seed) not in made:
+            with np.load(_require(RERANKERS / f"{method}_seed{seed}.npz")) as z:
+                made[(method, seed)] = {k: z[k] for k in z.files}
+        return made[(method, seed)]
 
     return get
 

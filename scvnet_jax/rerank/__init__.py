@@ -1,5 +1,13 @@
-"""Rerankers: SuperGlobal (`superglobal`) and CVNet (`cvnet.official`, `cvnet.blind`)."""
-from scvnet_jax.rerank import cvnet
+"""Rerankers of a first-stage ranking.
+
+  superglobal   SuperGlobal reranking (MDescAug + RerankwMDA)
+  cvnet         CVNet-Rerank verification (`cvnet.official`, `cvnet.blind`)
+  icfrr         Iterative Cluster-Free Re-Ranking
+  alpha_qe      alpha-weighted query expansion; `dba`: alpha-weighted database augmentation
+"""
+from scvnet_jax.rerank import cvnet, expansion
+from scvnet_jax.rerank.expansion import alpha_qe, dba
+from scvnet_jax.rerank.icfrr import icfrr
 from scvnet_jax.rerank.superglobal import superglobal
 
-__all__ = ["cvnet", "superglobal"]
+__all__ = ["alpha_qe", "cvnet", "dba", "expansion", "icfrr", "superglobal"]
