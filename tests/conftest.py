@@ -155,6 +155,23 @@ def official_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def torch_save():
+    """torch_save(obj, path, legacy=False) -> path: `torch.save` of `obj` with every NumPy
+    array as a tensor (zip format, or the pre-1.6 one): an official-format checkpoint.
+    torch is a test-only dependency; the package never imports it."""
+    def save(obj, path, legacy=False):
+        import torch
+
+        def to_torch(x):
+            if isinstance(x, dict):
+                return {k: to_torch(v) for k, v in x.items()}
+            return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
+        torch.save(to_torch(obj), path, _use_new_zipfile_serialization=not legacy)
+        return path
+    return save
+
+
+@pytest.fixture(scope="session")
 def converted_dir(official_checkpoint, tmp_path_factory):
     """converted_dir(depth) -> model directory converted from official_checkpoint(depth)."""
     from scvnet_jax.convert import convert

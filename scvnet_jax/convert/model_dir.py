@@ -1,5 +1,7 @@
 """The project's model directory: `config.json` (architecture, provenance) and `state/`,
-an orbax checkpoint of the Flax variables {'params', 'batch_stats'}.
+an orbax checkpoint of the Flax variables ({'params', 'batch_stats'} of a CVNet,
+{'params'} of a CSA reranker). `config.json` names the kind of model ("kind": "cvnet" or
+"csa"; directories without it are CVNets) and its architecture.
 
 Written atomically (into a hidden sibling, then renamed), read back without executing
 anything (JSON + orbax/tensorstore, no pickle), and checked key by key and shape by shape
@@ -19,12 +21,22 @@ from scvnet_jax import files
 from scvnet_jax.convert.mapping import check_shapes, expected_state_dict_shapes
 from scvnet_jax.errors import CheckpointError
 from scvnet_jax.models.arch import Arch
-from scvnet_jax.models.cvnet import abstract_variables
 
 FORMAT = "scvnet_jax.model"
 VERSION = 1
 CONFIG = "config.json"
 STATE = "state"
+
+
+def _kinds() -> dict:
+    """kind -> (architecture type, its abstract variables)."""
+    from scvnet_jax.models import csa, cvnet
+    return {"cvnet": (Arch, cvnet.abstract_variables),
+            "csa": (csa.CSAArch, csa.abstract_variables)}
+
+
+def kind_of(arch) -> str:
+    return getattr(arch, "kind", "cvnet")
 
 
 def is_model_dir(path) -> bool:
@@ -46,7 +58,7 @@ def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
     at `out_dir` until the write is complete."""
     import orbax.checkpoint as ocp
 
-    arch = arch if isinstance(arch, Arch) else Arch.from_mapping(arch)
+    arch = arch if hasattr(arch, "asdict") else Arch.from_mapping(arch)
     out = Path(out_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
@@ -72,8 +84,8 @@ def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
         ckptr = ocp.StandardCheckpointer(multiprocessing_options=alone)
         ckptr.save(tmp / STATE, host)
         ckptr.wait_until_finished()
-        config = {"format": FORMAT, "version": VERSION, "arch": arch.asdict(),
-                  "meta": dict(meta or {})}
+        config = {"format": FORMAT, "version": VERSION, "kind": kind_of(arch),
+                  "arch": arch.asdict(), "meta": dict(meta or {})}
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         files.replace_dir(tmp, out)
     finally:
@@ -82,8 +94,9 @@ def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
     return out
 
 
-def read_config(path) -> dict:
-    """The model directory's config.json, checked; `cfg["arch"]` is an `Arch`."""
+def read_config(path, kind: str | None = "cvnet") -> dict:
+    """The model directory's config.json, checked; `cfg["arch"]` is an `Arch` (a CSAArch
+    for kind "csa"). `kind`: the kind of model expected (None: any)."""
     cfg_path = Path(path) / CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -95,23 +108,42 @@ def read_config(path) -> dict:
     if cfg.get("version") != VERSION:
         raise CheckpointError(f"{cfg_path}: model format version {cfg.get('version')!r}, this "
                               f"scvnet_jax reads version {VERSION}")
+    got = cfg.setdefault("kind", "cvnet")
+    kinds = _kinds()
+    if got not in kinds:
+        raise CheckpointError(f"{cfg_path}: unknown kind of model {got!r} (known: "
+                              f"{', '.join(kinds)})")
+    if kind is not None and got != kind:
+        raise CheckpointError(f"{path}: holds a {got} model, not a {kind} model")
     arch = cfg.get("arch")
+    if got == "cvnet":
+        try:
+            if not isinstance(arch, dict) or not all(type(arch.get(k)) is int
+                                                     for k in Arch.FIELDS):
+                raise ValueError("not integers")
+            cfg["arch"] = Arch.from_mapping(arch)
+        except ValueError as e:
+            raise CheckpointError(f"{cfg_path}: 'arch' must hold the positive integers "
+                                  f"{', '.join(Arch.FIELDS)} of a supported CVNet ({e})") from None
+        return cfg
+    arch_type = kinds[got][0]
     try:
-        if not isinstance(arch, dict) or not all(type(arch.get(k)) is int for k in Arch.FIELDS):
-            raise ValueError("not integers")
-        cfg["arch"] = Arch.from_mapping(arch)
-    except ValueError as e:
-        raise CheckpointError(f"{cfg_path}: 'arch' must hold the positive integers "
-                              f"{', '.join(Arch.FIELDS)} of a supported CVNet ({e})") from None
+        if not isinstance(arch, dict):
+            raise ValueError("not a mapping")
+        cfg["arch"] = arch_type.from_mapping(arch)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: 'arch' must hold {', '.join(arch_type.FIELDS)} "
+                              f"({e})") from None
     return cfg
 
 
-def load_model_dir(path, *, depth: int | None = None) -> tuple[Arch, dict]:
-    """(arch, variables as NumPy) from a model directory; `depth`, if given, must match."""
+def load_model_dir(path, *, depth: int | None = None, kind: str = "cvnet") -> tuple[Any, dict]:
+    """(arch, variables as NumPy) from a model directory of that kind; `depth`, if given,
+    must match (CVNet)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).resolve()
-    arch = read_config(path)["arch"]
+    arch = read_config(path, kind)["arch"]
     if depth is not None and int(depth) != arch.depth:
         raise CheckpointError(f"{path}: holds a ResNet-{arch.depth} CVNet, but depth "
                               f"{depth} was asked for")
@@ -124,6 +156,6 @@ def load_model_dir(path, *, depth: int | None = None) -> tuple[Arch, dict]:
     except Exception as e:  # orbax/tensorstore raise many kinds
         raise CheckpointError(f"{state}: cannot restore the orbax checkpoint "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
-    expected = expected_state_dict_shapes(abstract_variables(arch))
+    expected = expected_state_dict_shapes(_kinds()[kind][1](arch))
     check_shapes(expected_state_dict_shapes(variables), expected, str(path), arch)
     return arch, jax.tree.map(lambda x: np.asarray(x, np.float32), variables)

@@ -1,5 +1,6 @@
 """Flax models. `cvnet.CVNet` is the whole official model (ResNet `encoder_q`, `conv2ds`,
-`cv_learner`); `resnet` holds the backbone; `Arch` names an architecture.
+`cv_learner`); `resnet` holds the backbone; `Arch` names an architecture; `csa` is the CSA
+reranker's transformer (`csa.RerankTransformer`, `csa.CSAArch`).
 
 This package imports nothing else of scvnet_jax: loading weights lives in
 `scvnet_jax.convert`, running models on devices in `scvnet_jax.api` and `scvnet_jax.engine`.
@@ -10,10 +11,10 @@ import importlib
 
 from scvnet_jax.models.arch import Arch
 
-_SUBMODULES = ("cvnet", "ops", "resnet")
+_SUBMODULES = ("csa", "cvnet", "ops", "resnet")
 _NAMES = {"CVNet": "cvnet", "CVLearner": "cvnet", "CenterPivotConv4d": "cvnet",
           "ResNet": "resnet"}
-__all__ = ["cvnet", "ops", "resnet", "Arch", "CVNet", "CVLearner", "CenterPivotConv4d", "ResNet"]
+__all__ = ["csa", "cvnet", "ops", "resnet", "Arch", "CVNet", "CVLearner", "CenterPivotConv4d", "ResNet"]
 
 
 def __getattr__(name: str):

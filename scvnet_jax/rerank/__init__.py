@@ -3,11 +3,12 @@
   superglobal   SuperGlobal reranking (MDescAug + RerankwMDA)
   cvnet         CVNet-Rerank verification (`cvnet.official`, `cvnet.blind`)
   icfrr         Iterative Cluster-Free Re-Ranking
+  csa           CSA, a transformer over affinity features (`csa.load`, `csa.affinity`)
   alpha_qe      alpha-weighted query expansion; `dba`: alpha-weighted database augmentation
 """
-from scvnet_jax.rerank import cvnet, expansion
+from scvnet_jax.rerank import csa, cvnet, expansion
 from scvnet_jax.rerank.expansion import alpha_qe, dba
 from scvnet_jax.rerank.icfrr import icfrr
 from scvnet_jax.rerank.superglobal import superglobal
 
-__all__ = ["alpha_qe", "cvnet", "dba", "expansion", "icfrr", "superglobal"]
+__all__ = ["alpha_qe", "csa", "cvnet", "dba", "expansion", "icfrr", "superglobal"]

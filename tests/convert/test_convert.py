@@ -8,7 +8,6 @@ import shutil
 import jax
 import numpy as np
 import pytest
-import torch  # test-only: writes reference checkpoints in the official format
 
 import scvnet_jax as sj
 from scvnet_jax.convert import CheckpointError, convert, load_torch_file, mapping
@@ -41,15 +40,6 @@ def _small_state_dict():
     return variables, dict(sd)
 
 
-def _torch_save(obj, path, legacy=False):
-    def to_torch(x):
-        if isinstance(x, dict):
-            return {k: to_torch(v) for k, v in x.items()}
-        return torch.from_numpy(np.array(x)) if isinstance(x, np.ndarray) else x
-    torch.save(to_torch(obj), path, _use_new_zipfile_serialization=not legacy)
-    return path
-
-
 def test_zip_and_legacy_formats_give_identical_weights(official_checkpoint):
     a = sj.load(official_checkpoint(50))
     b = sj.load(official_checkpoint(50, legacy=True))
@@ -70,12 +60,12 @@ def test_weights_are_the_fixture_weights(official_checkpoint, parity_state_dict)
 
 @pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("wrap", ["bare", "model_state", "module_prefix"])
-def test_wrappers_and_detected_architecture(tmp_path, wrap, legacy):
+def test_wrappers_and_detected_architecture(tmp_path, wrap, legacy, torch_save):
     variables, sd = _small_state_dict()
     if wrap == "module_prefix":
         sd = {f"module.{k}": v for k, v in sd.items()}
     obj = {"epoch": 3, "model_state": sd} if wrap == "model_state" else sd
-    model = sj.load(_torch_save(obj, tmp_path / "small.pth", legacy))
+    model = sj.load(torch_save(obj, tmp_path / "small.pth", legacy))
     assert model.arch == SMALL
     _assert_same_variables(model.variables, variables)
 
@@ -88,13 +78,13 @@ def test_r50_asked_as_r101_lists_missing_blocks(official_checkpoint):
     assert "encoder_q.s3.b7.*" in msg and "unexpected" not in msg
 
 
-def test_misshaped_and_unexpected_keys_are_listed(tmp_path):
+def test_misshaped_and_unexpected_keys_are_listed(tmp_path, torch_save):
     _, sd = _small_state_dict()
     sd["conv2ds.1.weight"] = sd["conv2ds.1.weight"][:, :-1]
     sd["encoder_q.extra.weight"] = np.zeros(3, np.float32)
     del sd["cv_learner.mlp.2.bias"]
     with pytest.raises(CheckpointError) as e:
-        sj.load(_torch_save(sd, tmp_path / "bad.pth"))
+        sj.load(torch_save(sd, tmp_path / "bad.pth"))
     msg = str(e.value)
     assert "missing keys (1): cv_learner.mlp.2.bias" in msg
     assert "unexpected keys (1): encoder_q.extra.weight" in msg
@@ -102,9 +92,9 @@ def test_misshaped_and_unexpected_keys_are_listed(tmp_path):
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_truncated_file(tmp_path, legacy):
+def test_truncated_file(tmp_path, legacy, torch_save):
     _, sd = _small_state_dict()
-    full = _torch_save(sd, tmp_path / "full.pth", legacy).read_bytes()
+    full = torch_save(sd, tmp_path / "full.pth", legacy).read_bytes()
     cut = tmp_path / "cut.pth"
     cut.write_bytes(full[: len(full) * 2 // 3])
     with pytest.raises(CheckpointError, match="truncated|corrupt|malformed"):
@@ -128,8 +118,8 @@ def test_a_zip_that_is_not_torch(tmp_path):
         load_torch_file(path)
 
 
-def test_a_torch_file_that_is_not_cvnet(tmp_path):
-    path = _torch_save({"model_state": {"fc.weight": np.zeros((2, 2), np.float32)}},
+def test_a_torch_file_that_is_not_cvnet(tmp_path, torch_save):
+    path = torch_save({"model_state": {"fc.weight": np.zeros((2, 2), np.float32)}},
                        tmp_path / "other.pth")
     with pytest.raises(CheckpointError, match="not a CVNet checkpoint"):
         sj.load(path)
@@ -140,9 +130,9 @@ def test_missing_file(tmp_path):
         sj.load(tmp_path / "nope.pyth")
 
 
-def test_converted_directory_round_trip_and_errors(tmp_path):
+def test_converted_directory_round_trip_and_errors(tmp_path, torch_save):
     variables, sd = _small_state_dict()
-    src = _torch_save(sd, tmp_path / "small.pth")
+    src = torch_save(sd, tmp_path / "small.pth")
     out = convert(src, tmp_path / "model")
     _assert_same_variables(sj.load(out).variables, variables)
     assert sj.load(out).arch == SMALL
@@ -183,11 +173,11 @@ def test_converted_directory_round_trip_and_errors(tmp_path):
         sj.load(tmp_path)
 
 
-def test_cli(tmp_path, capsys, run_module):
+def test_cli(tmp_path, capsys, run_module, torch_save):
     from scvnet_jax.convert import main
 
     _, sd = _small_state_dict()
-    src = _torch_save(sd, tmp_path / "small.pth")
+    src = torch_save(sd, tmp_path / "small.pth")
     assert main([str(src), str(tmp_path / "out")]) == 0
     assert "CVNet-R50" in capsys.readouterr().out
     with pytest.raises(SystemExit) as e:
