@@ -15,6 +15,12 @@ Settings come from an ml_collections config (--config; default: configs/eval_rev
 or configs/eval_demo.py with --dataset demo; any field can be set with
 --config.<field>=<value>); the flags below set the common fields and win over --config.*.
 
+Rerankers on a chosen first stage (--first_stage, default superglobal_global), selected with
+--pipelines and set with --config.<name>.<option>: icfrr (Iterative Cluster-Free
+Re-Ranking), csa (CSA transformer; --csa_weights), alpha_qe (alpha-weighted query
+expansion), dba (alpha-weighted database augmentation). results.json records each one's
+first stage and reranking time (rerank_ms_per_query).
+
 Protocols (CVNet reranking only; the other pipelines never look at labels):
   official  what the official CVNet test does: per query and per Easy/Medium/Hard setting it
             reranks the first top-k images that the setting does not ignore, so the ground
@@ -30,6 +36,7 @@ examples:
   python -m scvnet_jax.eval --dataset demo --weights random
   python -m scvnet_jax.eval --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
   python -m scvnet_jax.eval --config configs/eval_minirevisit.py --weights r50.pyth --topk 10
+  python -m scvnet_jax.eval --dataset demo --pipelines superglobal_global,icfrr,alpha_qe,dba
   python -m scvnet_jax.eval --dataset rparis6k --data_dir DATA --weights converted/cvnet_r101 \\
       --pipelines superglobal_global,superglobal_rerank --distractors DATA/revisitop1m/revisitop1m.txt
 """
@@ -47,13 +54,14 @@ FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
           "output": "output", "cache_dir": "cache_dir", "save_visuals": "save_visuals",
           "dtype": "dtype", "batch_size": "batch_size", "bucket": "bucket",
           "feature_bucket": "feature_bucket", "workers": "workers", "topk": "cvnet.topk",
-          "protocol": "cvnet.protocol"}
+          "protocol": "cvnet.protocol", "first_stage": "rerank.first_stage",
+          "csa_weights": "csa.weights"}
 
 
 def _define(fv, argv):
     from absl import flags
 
-    from scvnet_jax.evaluation.config import PIPELINES
+    from scvnet_jax.evaluation.config import FIRST_STAGES, PIPELINES, RERANK_PIPELINES
 
     demo = any(a in ("--dataset=demo", "-dataset=demo") or
                (a in ("--dataset", "-dataset") and argv[i + 1:i + 2] == ["demo"])
@@ -71,8 +79,13 @@ def _define(fv, argv):
       "`python -m scvnet_jax.convert` or train.py), or 'random': an untrained model of the "
       "default model's shape (demo: the bundled demo model's; else the official R50's), seed "
       "0. Default for demo: the bundled demo model", flag_values=fv)
-    s("pipelines", None, "comma list of " + ", ".join(PIPELINES) + " (default: all four)",
-      flag_values=fv)
+    s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +
+      " (default: the first four, the official test scripts' pipelines; the others rerank "
+      "--first_stage's ranking)", flag_values=fv)
+    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe and dba "
+      "rerank (default: superglobal_global)", flag_values=fv)
+    s("csa_weights", None, "CSA weights for the csa pipeline: a model directory written by "
+      "train.py (configs/csa_demo.py) or an official CSA checkpoint", flag_values=fv)
     i("topk", None, "CVNet rerank depth (default: 100)", flag_values=fv)
     e("protocol", None, ["official", "blind"], "CVNet rerank protocol (default: official; see "
       "above)", flag_values=fv)
@@ -138,6 +151,7 @@ def run(cfg) -> int:
     from scvnet_jax.data.revisitop import load_dataset, read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
+    from scvnet_jax.evaluation.config import RERANK_PIPELINES
     from scvnet_jax.images import set_max_pixels
 
     set_max_pixels(cfg.max_image_pixels)
@@ -177,7 +191,8 @@ def run(cfg) -> int:
     print()
     print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):"))
     extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
-             "superglobal_rerank": dict(cfg.superglobal.rerank)}
+             "superglobal_rerank": dict(cfg.superglobal.rerank),
+             **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
     out, ranks = report.write(results, cfg.ks, meta, cfg.output, extra)
     print(f"wrote {out} and {ranks} in {time.time() - t0:.0f} s")
     if cfg.save_visuals:

@@ -9,9 +9,11 @@
 
 Descriptors are extracted and searched by the same engine as eval.py (`scvnet_jax.engine`;
 `family="cvnet"`: CVNet-Global over three OpenCV scales; `"superglobal"`: the SuperGlobal
-descriptor), with the same size buckets, threads, devices and progress bar. `search(..., rerank="superglobal")` refines the ranking with
-SuperGlobal reranking; `rerank="cvnet"` reranks the top `rerank_k` with the CVNet verifier
-(similarity + 0.5 x score, the blind protocol).
+descriptor), with the same size buckets, threads, devices and progress bar.
+`search(..., rerank=NAME)` refines the ranking with any reranker of the registry
+(`scvnet_jax.rerank.registry`): "superglobal", "cvnet" (the CVNet verifier on the top
+`rerank_k`, similarity + 0.5 x score, the blind protocol), "icfrr", "csa" (options
+{"weights": ...}), "alpha_qe", "dba"; `options` sets the reranker's options.
 """
 from __future__ import annotations
 
@@ -21,16 +23,16 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
-from scvnet_jax import files, rerank as rr
+from scvnet_jax import files
 from scvnet_jax.api import RetrievalModel
-from scvnet_jax.engine import extract, verify
+from scvnet_jax.engine import extract
 from scvnet_jax.engine.search import rank
 from scvnet_jax.errors import InputError
 from scvnet_jax.evaluation import visuals
 from scvnet_jax.images import ImageRef, read_image
+from scvnet_jax.rerank import registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FAMILIES = tuple(extract.FAMILIES)
@@ -118,56 +120,61 @@ class Index:
         return dataclasses.replace(self, paths=paths, root=new_root)
 
     def search(self, model: RetrievalModel, queries, k: int = 10, *,
-               rerank: str | None = None, rerank_k: int = 100,
+               rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,
                superglobal: dict | None = None, batch_size: int = 8,
                bucket: int = 64) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
 
+        rerank: None, or a reranker of `scvnet_jax.rerank.registry` ("superglobal", "cvnet",
+        "icfrr", "csa", "alpha_qe", "dba"), with its `options` (e.g. {"weights": ...} for
+        csa; `superglobal=` is the same as options for "superglobal"); rerank_k: how many
+        the cvnet and csa rerankers re-order (their `topk`).
+
         Each hit's score is the one the final ranking is sorted by: the cosine similarity
-        of the global descriptors (rerank=None); for rerank="superglobal", (similarity to
-        the query + similarity to the expanded query) / 2 of the augmented descriptors
-        (every returned hit is among the reranked top M); for rerank="cvnet", similarity
-        + 0.5 x the verification score in [0, 1] for the top `rerank_k`, the similarity
-        below them."""
+        of the global descriptors (rerank=None); for a reranker, the score it sorted by
+        (`registry.RERANKERS[name].score`): for superglobal, (similarity to the query +
+        to the expanded query) / 2 of the augmented descriptors (M is raised to k, so every
+        hit is reranked); for cvnet, similarity + 0.5 x the verification score in [0, 1];
+        for csa, the cosine of the CSA output tokens (its topk is raised to k, so every hit
+        is reranked); for icfrr, -distance + beta x votes; for alpha_qe / dba, the
+        similarity to the expanded query / augmented descriptor. Hits below cvnet's top
+        `rerank_k` keep the cosine similarity (which is below their score)."""
         queries = _query_paths(queries)
         k = _positive_int(k, "k")
-        if rerank not in (None, "superglobal", "cvnet"):
-            raise InputError(f"rerank must be None, 'superglobal' or 'cvnet', got {rerank!r}")
-        if rerank == "cvnet":
-            rerank_k = _positive_int(rerank_k, "rerank_k")
+        if rerank is not None and rerank not in registry.RERANKERS:
+            raise InputError(f"rerank must be None or one of {', '.join(registry.names())}, "
+                             f"got {rerank!r}")
+        opts = dict(options or {})
+        if rerank == "superglobal":
+            opts = {**(superglobal or {}), **opts}
+            opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked
+        if rerank in ("cvnet", "csa") and "topk" not in opts:
+            opts["topk"] = _positive_int(rerank_k, "rerank_k")
+        if rerank == "csa":               # CSA scores are not similarities: rerank every hit
+            opts["topk"] = max(int(opts["topk"]), k)
+        if rerank is not None:
+            try:
+                registry.options(rerank, opts)
+            except Exception as e:
+                raise InputError(str(e)) from None
         extract.check_images([ImageRef(q) for q in queries])   # before any work
         Q = describe(model, queries, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
         X = self.descriptors
         sim, ranks = rank(X, Q)                         # (N, n_q) each
-        score = np.asarray(sim)
-        scores_at = lambda i, j, pos: float(score[int(j), i])
-        if rerank == "superglobal":
-            opts = {"M": 400, "K": 9, "beta": 0.15, **(superglobal or {})}
-            opts["M"] = min(max(int(opts["M"]), k), len(self))   # every hit reranked
-            ranks, top = rr.superglobal(jnp.asarray(X), jnp.asarray(Q), ranks,
-                                        return_scores=True, **opts)
-            scores_at = lambda i, j, pos: float(top[pos, i])
-        elif rerank == "cvnet":
-            ranks, score = self._cvnet_rerank(model, queries, sim, ranks, rerank_k,
-                                              batch_size, bucket)
-            scores_at = lambda i, j, pos: float(score[int(j), i])
-        return [[Hit(self.paths[int(j)], scores_at(i, j, pos))
+        top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
+        if rerank is not None:
+            out = registry.rerank(rerank, registry.Inputs(
+                X, Q, ranks, sim, model=model, query_images=[ImageRef(q) for q in queries],
+                db_images=[ImageRef(p) for p in self.paths],
+                settings={"batch_size": batch_size, "bucket": bucket}), **opts)
+            ranks = out.ranks
+            top = np.take_along_axis(sim, ranks, axis=0)
+            top[:out.scores.shape[0]] = out.scores
+        return [[Hit(self.paths[int(j)], float(top[pos, i]))
                  for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
 
-    def _cvnet_rerank(self, model, queries, sim, ranks, topk, batch_size, bucket):
-        """(ranks, the scores they are sorted by: sim + 0.5 x verification in the top-k)."""
-        candidates = rr.cvnet.blind_candidates(ranks, topk)
-        scores = verify.verification_scores(
-            model, [ImageRef(str(q)) for q in queries], [ImageRef(p) for p in self.paths],
-            candidates, batch_size=batch_size, bucket=bucket)
-        mixed = np.array(sim, np.float32)
-        has = ~np.isnan(scores)
-        mixed[has] += MIX * scores[has]
-        return rr.cvnet.blind(ranks, sim, scores, topk, MIX), mixed
 
-
-MIX = 0.5          # CVNet: similarity + MIX x verification score (the official weight)
 ON_ERROR = ("raise", "skip")
 
 

@@ -14,7 +14,8 @@ TRAINING = [n for n in NAMES if not n.startswith("eval_")]
 
 
 def test_the_shipped_configs():
-    assert set(NAMES) == {"cvnet_r50", "cvnet_r101", "cvnet_r50_rerank", "demo", "demo_rerank",
+    assert set(NAMES) == {"cvnet_r50", "cvnet_r101", "cvnet_r50_rerank", "csa_demo", "csa_r50",
+                          "demo", "demo_rerank",
                           "eval_demo", "eval_minirevisit", "eval_revisitop"}
 
 

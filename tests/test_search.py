@@ -40,15 +40,31 @@ def test_list_images_and_its_errors(folder, tmp_path):
         sj.search.list_images(tmp_path)
 
 
+@pytest.fixture(scope="module")
+def csa_weights(tmp_path_factory):
+    """A randomly initialised CSA (8 anchors) saved as a model directory."""
+    from scvnet_jax.models import csa
+    arch = csa.CSAArch(anchor_len=8, embed_dim=16, depth=1, num_heads=2)
+    out = tmp_path_factory.mktemp("csa") / "model"
+    return sj.rerank.csa.CSA(arch, csa.init(arch, 0)).save(out)
+
+
 @pytest.mark.parametrize("family", ["cvnet", "superglobal"])
-def test_index_search_save_load(folder, model, tmp_path, family):
+def test_index_search_save_load(folder, model, tmp_path, family, csa_weights):
     index = sj.search.index_folder(model, folder, family)
     assert index.descriptors.shape == (14, 256)
     np.testing.assert_allclose(np.linalg.norm(index.descriptors, axis=1), 1, atol=1e-5)
     query = index.paths[3]
-    for rerank in (None, "superglobal", "cvnet"):
-        hits = index.search(model, query, k=5, rerank=rerank, rerank_k=3)[0]
-        assert len(hits) == 5 and hits[0].path == query    # an image finds itself first
+    options = {"csa": {"weights": str(csa_weights)}, "icfrr": {"KG": 5, "KQ": 3}}
+    for rerank in (None, *sj.rerank.registry.names()):
+        hits = index.search(model, query, k=5, rerank=rerank, rerank_k=3,
+                            options=options.get(rerank))[0]
+        assert len(hits) == 5
+        if rerank is None:                                 # cosine 1: itself first
+            assert hits[0].path == query
+        elif rerank != "csa":                              # (random CSA weights)
+            assert query in [h.path for h in hits], rerank
+        assert len({h.path for h in hits}) == 5
         scores = [h.score for h in hits]                   # the scores ranked by
         assert scores == sorted(scores, reverse=True), (rerank, scores)
         if rerank is None:
@@ -101,8 +117,10 @@ def test_search_checks_its_arguments(folder, model, tmp_path):
     for k in (0, -1, 2.5, "3", True):
         with pytest.raises(InputError, match="k must be an integer >= 1"):
             index.search(model, q, k=k)
-    with pytest.raises(InputError, match="rerank must be None, 'superglobal' or 'cvnet'"):
-        index.search(model, q, rerank="ames")
+    with pytest.raises(InputError, match="rerank must be None or one of superglobal, cvnet"):
+        index.search(model, q, rerank="nope")
+    with pytest.raises(InputError, match="reranker alpha_qe: unknown option 'K'"):
+        index.search(model, q, rerank="alpha_qe", options={"K": 3})
     with pytest.raises(InputError, match="nope.jpg: query image not found"):
         index.search(model, [q, str(tmp_path / "nope.jpg")])
     with pytest.raises(InputError, match="queries must be an image path or a non-empty list"):

@@ -119,6 +119,35 @@ def check_images(refs: Sequence[ImageRef], workers: int = 4) -> None:
         raise InputError(bad)
 
 
+def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 8,
+                         bucket: int = 64, chunk_size: int = 256, workers: int = 4,
+                         desc: str = "describe") -> np.ndarray:
+    """Descriptors (N, D) of every image of a training set (`data.sources.TrainingSet`,
+    whole images as stored) with `spec`, as `extract` computes them for files. With several
+    processes, chunk i goes to process i % process_count and all get every row."""
+    from scvnet_jax.data.sources import Records
+
+    records = Records(ts)
+    n = ts.num_examples
+    starts = list(range(0, n, chunk_size))
+    mine = [c for c in range(len(starts)) if mesh.owner(c) == mesh.process_index()]
+    total = sum(min(n, starts[c] + chunk_size) - starts[c] for c in mine)
+    rows, chunks = [np.zeros((0,), np.int64)], [np.zeros((0, model.arch.reduction_dim),
+                                                         np.float32)]
+    with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=2.0,
+              disable=mesh.process_index() != 0) as bar, ThreadPoolExecutor(workers) as pool:
+        for c in mine:
+            idx = range(starts[c], min(n, starts[c] + chunk_size))
+            images = list(pool.map(lambda i: records.record(i)[0], idx))
+            chunks.append(_describe_chunk(model, images, spec, batch_size, bucket, bar)
+                          .astype(np.float32))
+            rows.append(np.asarray(idx, np.int64))
+    out = np.zeros((n, model.arch.reduction_dim), np.float32)
+    out[mesh.allgather_rows(np.concatenate(rows))] = mesh.allgather_rows(
+        np.concatenate(chunks))
+    return out
+
+
 def _describe_chunk(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:
     items, parts_left = [], {}
     for i, im in enumerate(images):

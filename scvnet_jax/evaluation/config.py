@@ -12,7 +12,12 @@ from scvnet_jax.config_files import check_fields
 from scvnet_jax.errors import ConfigError
 
 
+# The official test scripts' four pipelines (the default), and the rerankers of the
+# registry that run on either global first stage (`rerank.first_stage`).
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
+RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba")
+ALL_PIPELINES = PIPELINES + RERANK_PIPELINES
+FIRST_STAGES = ("cvnet_global", "superglobal_global")
 
 
 def default_cache_dir() -> str:
@@ -38,6 +43,20 @@ def default_config() -> ml_collections.ConfigDict:
     c.superglobal.descriptor = ml_collections.ConfigDict(
         dict(scales=3, rgem=True, sgem=True, relup=True, gemp=True))
     c.superglobal.rerank = ml_collections.ConfigDict(dict(M=400, K=9, beta=0.15))
+
+    # icfrr, csa, alpha_qe, dba: rerankers of `first_stage`'s ranking (none looks at labels)
+    c.rerank = ml_collections.ConfigDict()
+    c.rerank.first_stage = "superglobal_global"   # or "cvnet_global"
+    # the official ICFRR defaults; shortlist 0 = the whole gallery (the official method),
+    # max_bytes 0 = 4 GiB (SCVNET_ICFRR_MAX_BYTES)
+    c.icfrr = ml_collections.ConfigDict(dict(KG=256, KQ=250, beta=0.5, n_times=5,
+                                             limited_memory=False, shortlist=0, max_bytes=0))
+    # weights: a CSA model directory (train.py writes one) or an official checkpoint;
+    # topk 128 and anchor_len (from the weights) as the official test.py
+    c.csa = ml_collections.ConfigDict(dict(weights="", topk=128, dtype="float32"))
+    # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
+    c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
+    c.dba = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
 
     c.distractors = ""       # revisitop1m.txt (one image path per line) for +R1M
     c.distractors_dir = ""   # folder those paths are relative to (default: the list's folder)
@@ -71,9 +90,21 @@ _RANGES = (
     ("superglobal.rerank.M", "int", lambda v: v >= 1, "an integer >= 1"),
     ("superglobal.rerank.K", "int", lambda v: v >= 1, "an integer >= 1"),
     ("superglobal.rerank.beta", "num", lambda v: v >= 0, "a number >= 0"),
+    ("icfrr.KG", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("icfrr.KQ", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("icfrr.beta", "num", lambda v: True, "a number"),
+    ("icfrr.n_times", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("icfrr.shortlist", "int", lambda v: v >= 0, "an integer >= 0 (0: the whole gallery)"),
+    ("icfrr.max_bytes", "int", lambda v: v >= 0, "an integer >= 0 (0: the default limit)"),
+    ("csa.topk", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("alpha_qe.k", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("alpha_qe.alpha", "num", lambda v: v >= 0, "a number >= 0"),
+    ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),
+    ("dba.alpha", "num", lambda v: v >= 0, "a number >= 0"),
 )
 _CHOICES = (("dataset", ("roxford5k", "rparis6k", "demo")), ("dtype", ("float32", "bfloat16")),
-            ("cvnet.protocol", ("official", "blind")),
+            ("cvnet.protocol", ("official", "blind")), ("rerank.first_stage", FIRST_STAGES),
+            ("csa.dtype", ("float32", "float64")),
             ("superglobal.descriptor.scales", (1, 3, 5)))
 
 
@@ -81,10 +112,17 @@ def validate(cfg) -> None:
     """Ranges, choices and output paths of an evaluation config, before any work: one
     ConfigError naming the field (or flag), its value and what was expected."""
     check_fields(cfg, _RANGES, _CHOICES)
-    bad = [p for p in cfg.pipelines if p not in PIPELINES]
+    bad = [p for p in cfg.pipelines if p not in ALL_PIPELINES]
     if bad or not cfg.pipelines:
         raise ConfigError(f"config.pipelines = {list(cfg.pipelines)}: expected a non-empty list "
-                          f"of {', '.join(PIPELINES)}")
+                          f"of {', '.join(ALL_PIPELINES)}")
+    if "csa" in cfg.pipelines:
+        w = Path(str(cfg.csa.weights)).expanduser()
+        if not cfg.csa.weights or not w.exists():
+            raise ConfigError(f"--csa_weights {cfg.csa.weights!r}: "
+                              + ("the csa pipeline needs CSA weights (a model directory "
+                                 "written by train.py, or an official checkpoint)"
+                                 if not cfg.csa.weights else "not found"))
     if not cfg.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                              for k in cfg.ks):
         raise ConfigError(f"config.ks = {list(cfg.ks)}: expected integers >= 1 (mP@k)")

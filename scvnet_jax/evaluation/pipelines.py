@@ -1,4 +1,4 @@
-"""The four retrieval pipelines of the official CVNet and SuperGlobal test scripts.
+"""The retrieval pipelines: the four of the official CVNet and SuperGlobal test scripts,
 
   cvnet_global        CVNet-Global (3 OpenCV scales), exact similarity, argsort.
   cvnet_rerank        cvnet_global's ranking, top-k reranked by sim + 0.5 x CVNet-Rerank
@@ -6,31 +6,37 @@
   superglobal_global  SuperGlobal descriptor (ReLU+, R-GeM, GeM+, S-GeM, 3 scales).
   superglobal_rerank  superglobal_global's ranking refined by SuperGlobal reranking.
 
+and the other rerankers of the registry (`scvnet_jax.rerank.registry`) on the global
+ranking chosen by `cfg.rerank.first_stage` (cvnet_global or superglobal_global):
+
+  icfrr, csa, alpha_qe, dba   (none of them looks at labels)
+
 `evaluate(cfg, model, dataset)` runs the pipelines named in `cfg.pipelines` (the config
-chooses the evaluators) and returns their metrics and rankings.
+chooses the evaluators) and returns their metrics, rankings and reranking times.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
-import jax.numpy as jnp
 import numpy as np
 
-from scvnet_jax import files, metrics, rerank
+from scvnet_jax import files, metrics
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.data.revisitop import RevisitopDataset, check_files_exist
-from scvnet_jax.engine import extract, search, verify
+from scvnet_jax.engine import extract, search
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
 from scvnet_jax.errors import ConfigError
-from scvnet_jax.evaluation.config import PIPELINES
+from scvnet_jax.evaluation.config import ALL_PIPELINES, RERANK_PIPELINES
 from scvnet_jax.images import ImageRef
+from scvnet_jax.rerank import registry
 
 NEEDS = {"cvnet_global": "cvnet", "cvnet_rerank": "cvnet", "superglobal_global": "superglobal",
          "superglobal_rerank": "superglobal"}
-LABEL_FREE = "label-free"
+LABEL_FREE = registry.LABEL_FREE
 
 
 @dataclasses.dataclass
@@ -40,6 +46,7 @@ class PipelineResult:
     ranks: dict                    # {"": (n_db, n_q)} or {"E": .., "M": .., "H": ..}
     mAP: dict                      # {"E": float, "M": float, "H": float}
     mpk: dict                      # {"E": [..], "M": [..], "H": [..]}
+    info: dict = dataclasses.field(default_factory=dict)   # first_stage, rerank_ms_per_query
 
     def ranking(self, setting: str = "M") -> np.ndarray:
         return self.ranks.get(setting, self.ranks.get(""))
@@ -100,12 +107,26 @@ class Context:
         return self._global[family]
 
 
-def _result(ctx: Context, name: str, protocol: str, ranks) -> PipelineResult:
+def _result(ctx: Context, name: str, protocol: str, ranks, **info) -> PipelineResult:
     per_setting = isinstance(ranks, tuple)
     mE, mM, mH, mpk = metrics.revisitop(ranks, ctx.dataset.gnd, ks=tuple(ctx.cfg.ks))
     settings = dict(zip(metrics.SETTINGS, ranks)) if per_setting else {"": ranks}
     return PipelineResult(name, protocol, settings, {"E": mE, "M": mM, "H": mH},
-                          {s: [float(v) for v in row] for s, row in zip(metrics.SETTINGS, mpk)})
+                          {s: [float(v) for v in row] for s, row in zip(metrics.SETTINGS, mpk)},
+                          info)
+
+
+def _reranked(ctx: Context, name: str, reranker: str, first_stage: str, options: dict,
+              **inputs) -> PipelineResult:
+    """`reranker` (from the registry) on `first_stage`'s ranking, timed."""
+    family = NEEDS[first_stage]
+    X, Q = ctx.descriptors(family)
+    sim, ranks = ctx.global_search(family)
+    t0 = time.perf_counter()
+    out = registry.rerank(reranker, registry.Inputs(X, Q, ranks, sim, **inputs), **options)
+    ms = 1000 * (time.perf_counter() - t0) / max(len(Q), 1)
+    return _result(ctx, name, out.protocol, out.ranks, first_stage=first_stage,
+                   rerank_ms_per_query=round(ms, 3))
 
 
 def cvnet_global(ctx: Context) -> PipelineResult:
@@ -113,27 +134,16 @@ def cvnet_global(ctx: Context) -> PipelineResult:
 
 
 def cvnet_rerank(ctx: Context) -> PipelineResult:
-    sim, ranks = ctx.global_search("cvnet")
-    cfg = ctx.cfg.cvnet
-    if cfg.protocol == "official":
-        candidates = rerank.cvnet.official_candidates(ranks, ctx.dataset.gnd, cfg.topk)
-    elif cfg.protocol == "blind":
-        candidates = rerank.cvnet.blind_candidates(ranks, cfg.topk)
-    else:
-        raise ConfigError(f"cvnet.protocol must be 'official' or 'blind', got "
-                          f"{cfg.protocol!r}")
+    cfg = ctx.cfg
     cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
                                        "query": refs_fingerprint(ctx.query_refs),
                                        "content": ctx.content_fingerprint()}, 1, None)
-    scores = verify.verification_scores(
-        ctx.model, ctx.query_refs, ctx.db_refs, candidates, batch_size=ctx.cfg.batch_size,
-        bucket=ctx.cfg.bucket, feature_bucket=ctx.cfg.feature_bucket, cache=cache,
-        workers=ctx.cfg.workers)
-    if cfg.protocol == "official":
-        out = rerank.cvnet.official(ranks, sim, scores, ctx.dataset.gnd, cfg.topk, cfg.mix)
-    else:
-        out = rerank.cvnet.blind(ranks, sim, scores, cfg.topk, cfg.mix)
-    return _result(ctx, "cvnet_rerank", cfg.protocol, out)
+    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket,
+                "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache}
+    return _reranked(ctx, "cvnet_rerank", "cvnet", "cvnet_global",
+                     {k: cfg.cvnet[k] for k in ("topk", "mix", "protocol")},
+                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
+                     gnd=ctx.dataset.gnd, settings=settings)
 
 
 def superglobal_global(ctx: Context) -> PipelineResult:
@@ -141,16 +151,21 @@ def superglobal_global(ctx: Context) -> PipelineResult:
 
 
 def superglobal_rerank(ctx: Context) -> PipelineResult:
-    X, Q = ctx.descriptors("superglobal")
-    ranks = ctx.global_search("superglobal")[1]
-    r = ctx.cfg.superglobal.rerank
-    out = rerank.superglobal(jnp.asarray(X), jnp.asarray(Q), ranks, M=r.M, K=r.K, beta=r.beta)
-    return _result(ctx, "superglobal_rerank", LABEL_FREE, out)
+    return _reranked(ctx, "superglobal_rerank", "superglobal", "superglobal_global",
+                     dict(ctx.cfg.superglobal.rerank))
+
+
+def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
+    def run(ctx: Context) -> PipelineResult:
+        return _reranked(ctx, name, name, ctx.cfg.rerank.first_stage, dict(ctx.cfg[name]))
+    run.__name__ = name
+    return run
 
 
 EVALUATORS: dict[str, Callable[[Context], PipelineResult]] = {
     "cvnet_global": cvnet_global, "cvnet_rerank": cvnet_rerank,
-    "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank}
+    "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank,
+    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}}
 
 
 def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
@@ -158,7 +173,8 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     """Runs `cfg.pipelines` on `dataset` (+ distractors appended to the database)."""
     unknown = [p for p in cfg.pipelines if p not in EVALUATORS]
     if unknown:
-        raise ConfigError(f"unknown pipeline(s) {unknown}; choose from {', '.join(PIPELINES)}")
+        raise ConfigError(f"unknown pipeline(s) {unknown}; choose from "
+                          f"{', '.join(ALL_PIPELINES)}")
     db_refs = dataset.db_images() + list(distractors or [])
     query_refs = dataset.query_images()
     check_files_exist(db_refs, "database")

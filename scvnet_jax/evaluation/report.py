@@ -7,8 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
-from scvnet_jax.files import atomic_save_npz, atomic_write_bytes
+from scvnet_jax.evaluation.config import RERANK_PIPELINES
 from scvnet_jax.evaluation.pipelines import PipelineResult
+from scvnet_jax.files import atomic_save_npz, atomic_write_bytes
 
 
 def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "") -> str:
@@ -16,7 +17,8 @@ def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "")
     head = f"{'':4}{'mAP':>8}" + "".join(f"{f'mP@{k}':>8}" for k in ks)
     lines = [title] if title else []
     for r in results:
-        lines.append(f"{r.name} (protocol: {r.protocol})")
+        on = f", on {r.info['first_stage']}" if r.name in RERANK_PIPELINES else ""
+        lines.append(f"{r.name} (protocol: {r.protocol}{on})")
         lines.append(head)
         for s in ("E", "M", "H"):
             lines.append(f"{s:4}{100 * r.mAP[s]:8.2f}" + "".join(f"{100 * v:8.2f}"
@@ -28,10 +30,11 @@ def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "")
 def to_json(results: Sequence[PipelineResult], ks: Sequence[int], meta: dict,
             extra: dict | None = None) -> dict:
     """{"<pipeline>": {"mAP": {E, M, H}, "mP@k": {E: [..], ..}, "ks": [..], "protocol": ..,
-    **meta, **extra[pipeline]}} with fractions in [0, 1]."""
+    (rerankers: "first_stage", "rerank_ms_per_query"), **meta, **extra[pipeline]}} with
+    fractions in [0, 1]."""
     extra = extra or {}
     return {r.name: {"mAP": r.mAP, "mP@k": r.mpk, "ks": list(ks), "protocol": r.protocol,
-                     **meta, **extra.get(r.name, {})} for r in results}
+                     **r.info, **meta, **extra.get(r.name, {})} for r in results}
 
 
 def ranks_arrays(results: Sequence[PipelineResult]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@
   losses.py       CurricularFace and the momentum contrastive loss
   stage1.py       stage 1 (CVNet-Global): state, step, image-pair stream, task, export
   stage2.py       stage 2 (CVNet-Rerank): state, step, pairs, descriptor bank, task, export
+  csa.py          stage 3 (CSA reranker): state, step, samples, descriptor bank, task, export
 
     from scvnet_jax.training import train
     train(cfg, "runs/demo")      # cfg.stage picks the stage; returns 0 when done
@@ -15,18 +16,18 @@ from __future__ import annotations
 
 from scvnet_jax.errors import ConfigError
 
-STAGES = (1, 2)
+STAGES = (1, 2, 3)
 
 
 def task_class(cfg):
-    """The `Task` of cfg.stage (1: CVNet-Global, 2: CVNet-Rerank)."""
-    from scvnet_jax.training import stage1, stage2
+    """The `Task` of cfg.stage (1: CVNet-Global, 2: CVNet-Rerank, 3: CSA)."""
+    from scvnet_jax.training import csa, stage1, stage2
 
-    tasks = {1: stage1.Task, 2: stage2.Task}
+    tasks = {1: stage1.Task, 2: stage2.Task, 3: csa.Task}
     try:
         return tasks[int(cfg.stage)]
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"stage must be 1 (CVNet-Global) or 2 (CVNet-Rerank), got "
+        raise ConfigError(f"stage must be 1 (CVNet-Global), 2 (CVNet-Rerank) or 3 (CSA), got "
                           f"{cfg.stage!r}") from None
 
 

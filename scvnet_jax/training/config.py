@@ -21,7 +21,8 @@ DTYPES = ("float32", "bfloat16")
 
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.stage = 1                      # 1: CVNet-Global; 2: CVNet-Rerank (see c.rerank)
+    c.stage = 1                      # 1: CVNet-Global; 2: CVNet-Rerank (see c.rerank);
+                                     # 3: the CSA reranker (see c.csa)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128               # global
@@ -29,7 +30,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.log_every_steps = 50
     c.init_from = ""                 # official .pyth/.pth or model dir: stage 1 encoder init;
-                                     # stage 2: the (stage-1) model whose backbone is frozen
+                                     # stage 2: the (stage-1) model whose backbone is frozen;
+                                     # stage 3: CSA weights to start from (optional)
     c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
 
     c.data = ml_collections.ConfigDict()
@@ -74,6 +76,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.rerank.bank_refresh_steps = 0  # rebuild the bank (augmented views) every N steps; 0 = once
     c.rerank.bank_batch_size = 64    # images per batch while building the bank (global)
 
+    # Stage 3 (CSA) only: the reranker, its descriptors and the official loss's weight.
+    c.csa = ml_collections.ConfigDict()
+    c.csa.model = ""                 # the retrieval model whose descriptors CSA reranks (a
+                                     # model dir, an official checkpoint, or "demo")
+    c.csa.family = "superglobal"     # its descriptor (eval.py's first stage): "cvnet" or
+                                     # "superglobal"
+    c.csa.topk = 512                 # tokens per sample: the query and its neighbours
+    c.csa.anchor_len = 512           # affinity features per token (official sim_len)
+    c.csa.embed_dim = 768
+    c.csa.depth = 2
+    c.csa.num_heads = 12
+    c.csa.mlp_ratio = 4
+    c.csa.qkv_bias = True
+    c.csa.drop_rate = 0.1
+    c.csa.attn_drop_rate = 0.1
+    c.csa.drop_path_rate = 0.1
+    c.csa.alpha = 0.2                # weight of the feature-alignment term
+    c.csa.bank_batch_size = 8        # images per device while describing the training set
+    c.csa.bank_bucket = 64
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"
     c.optimizer.lr = 0.01
@@ -86,6 +108,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 100
     c.optimizer.final_lr_fraction = 0.0
     c.optimizer.clip_norm = 10.0     # global gradient norm; 0 = off
+    c.optimizer.decay_exclude = ()   # submodule names whose kernels get no weight decay
     return c
 
 
@@ -135,9 +158,22 @@ _RANGES = (
     ("rerank.bank_batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
     ("rerank.curriculum_steps", "int", lambda v: v >= 0, "an integer >= 0"),
     ("rerank.hide_cell", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.topk", "int", lambda v: v >= 2, "an integer >= 2"),
+    ("csa.anchor_len", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.embed_dim", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.depth", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.num_heads", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.mlp_ratio", "num", lambda v: v > 0, "a number > 0"),
+    ("csa.drop_rate", "num", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("csa.attn_drop_rate", "num", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("csa.drop_path_rate", "num", lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    ("csa.alpha", "num", lambda v: v >= 0, "a number >= 0"),
+    ("csa.bank_batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.bank_bucket", "int", lambda v: v >= 1, "an integer >= 1"),
 )
 _CHOICES = (
-    ("stage", (1, 2)), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
+    ("stage", (1, 2, 3)), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
+    ("csa.family", ("cvnet", "superglobal")),
     ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
                          "float32")),
     ("data.positive", ("same_class", "same_image")), ("optimizer.name", ("sgd", "adamw")),
@@ -147,7 +183,9 @@ _CHOICES = (
 # Fields that change the shape of the saved state: a workdir's checkpoints only resume
 # under the same values.
 SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
-                "model.corr_dim", "loss.queue_size", "data.name", "data.split")
+                "model.corr_dim", "loss.queue_size", "data.name", "data.split",
+                "csa.anchor_len", "csa.embed_dim", "csa.depth", "csa.num_heads",
+                "csa.mlp_ratio", "csa.qkv_bias", "csa.topk", "csa.model", "csa.family")
 
 
 def validate(cfg) -> None:
@@ -167,7 +205,8 @@ def validate(cfg) -> None:
 
 
 # What a run writes into its workdir (and nothing else).
-RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "config.json")
+RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "config.json",
+               "hard_negatives", "csa_bank.npz")
 
 
 def check_workdir(workdir, cfg) -> None:

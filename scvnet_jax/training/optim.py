@@ -20,9 +20,16 @@ def learning_rate(cfg) -> optax.Schedule:
     raise ConfigError(f"optimizer.schedule must be 'cosine' or 'constant', got {o.schedule!r}")
 
 
-def _decay_mask(params):
-    """Weight decay on conv/dense kernels only (not BatchNorm, biases or GeM p)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key == "kernel", params)
+def _decay_mask(exclude=()):
+    """Weight decay on conv/dense kernels only (not BatchNorm, LayerNorm, biases or GeM p),
+    and not in the submodules named in `exclude`."""
+    exclude = set(exclude)
+
+    def mask(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: path[-1].key == "kernel" and not exclude & {
+                str(getattr(k, "key", k)) for k in path}, params)
+    return mask
 
 
 def optimizer(cfg) -> optax.GradientTransformation:
@@ -31,13 +38,14 @@ def optimizer(cfg) -> optax.GradientTransformation:
     o = cfg.optimizer
     parts = [optax.clip_by_global_norm(o.clip_norm)] if o.clip_norm else []
     lr = learning_rate(cfg)
+    decay_mask = _decay_mask(o.get("decay_exclude", ()))
     if o.name == "sgd":
         if o.weight_decay:
-            parts.append(optax.add_decayed_weights(o.weight_decay, _decay_mask))
+            parts.append(optax.add_decayed_weights(o.weight_decay, decay_mask))
         parts.append(optax.sgd(lr, momentum=o.momentum or None, nesterov=o.nesterov))
     elif o.name == "adamw":
         parts.append(optax.adamw(lr, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay,
-                                 mask=_decay_mask))
+                                 mask=decay_mask))
     else:
         raise ConfigError(f"optimizer.name must be 'sgd' or 'adamw', got {o.name!r}")
     return optax.chain(*parts)

@@ -35,3 +35,14 @@ def test_api_tour_output_matches_readme(official_checkpoint, readme, repo):
                          capture_output=True, text=True, check=True).stdout
     assert ckpt.name == name
     assert out == expected.replace(name, str(ckpt), 1)
+
+
+def test_own_first_stage_output_matches_readme(readme, repo, demo_home):
+    """examples/own_first_stage.py (the demo model on the demo benchmark, the demo runs'
+    shared cache) prints what the README shows."""
+    import os
+    block = re.search(r"```text\n\$ python examples/own_first_stage.py\n(.*?)```", readme, re.S)
+    out = subprocess.run([sys.executable, str(repo / "examples" / "own_first_stage.py")],
+                         capture_output=True, text=True, check=True,
+                         env={**os.environ, "XDG_CACHE_HOME": str(demo_home / "cache")}).stdout
+    assert out == block.group(1)

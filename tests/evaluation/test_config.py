@@ -19,6 +19,13 @@ import pytest
     (["--config.superglobal.rerank.M=0"], "config.superglobal.rerank.M = 0"),
     (["--pipelines", "cvnet_global,nope"], "config.pipelines = ['cvnet_global', 'nope']"),
     (["--config.superglobal.descriptor.scales=4"], "config.superglobal.descriptor.scales = 4"),
+    (["--config.icfrr.KQ=0"], "config.icfrr.KQ = 0: expected an integer >= 1"),
+    (["--config.alpha_qe.alpha=-1"], "config.alpha_qe.alpha = -1"),
+    (["--config.dba.k=-2"], "config.dba.k = -2"),
+    (["--config.csa.topk=0"], "config.csa.topk = 0"),
+    (["--first_stage", "cvnet_rerank"], "--first_stage"),
+    (["--pipelines", "csa"], "the csa pipeline needs CSA weights"),
+    (["--pipelines", "csa", "--csa_weights", "/nonexistent/csa"], "/nonexistent/csa"),
 ])
 def test_bad_values_are_refused_first(tmp_path, capsys, one_error_line, eval_main, args,
                                       expect):

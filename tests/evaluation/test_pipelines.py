@@ -195,6 +195,43 @@ def test_kill_during_reranking_and_resume(tmp_path, tiny_model_dir, run_module, 
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+def test_reranker_pipelines_on_a_first_stage(tmp_path, tiny_model_dir, eval_main,
+                                             demo_benchmark, capsys):
+    """icfrr, csa, alpha_qe and dba rerank the chosen first stage: each is recorded with it
+    and its time, gives a ranking of the whole database, and is the registry's reranker
+    on that stage's descriptors (checked for alpha_qe, recomputed from the engine)."""
+    from scvnet_jax.data.revisitop import load_dataset
+    from scvnet_jax.engine import extract, search
+    from scvnet_jax.models import csa
+
+    arch = csa.CSAArch(anchor_len=8, embed_dim=16, depth=1, num_heads=2)
+    weights = sj.rerank.csa.CSA(arch, csa.init(arch, 0)).save(tmp_path / "csa")
+    out = tmp_path / "results.json"
+    assert eval_main("--dataset", "demo", "--data_dir", demo_benchmark, "--weights",
+                     tiny_model_dir, "--pipelines", "cvnet_global,icfrr,csa,alpha_qe,dba",
+                     "--first_stage", "cvnet_global", "--csa_weights", weights,
+                     "--config.csa.topk=16", "--config.icfrr.KG=8", "--config.icfrr.KQ=4",
+                     "--output", out, "--cache_dir", tmp_path / "cache") == 0
+    stdout = capsys.readouterr().out
+    res = json.loads(out.read_text())
+    with np.load(tmp_path / "results_ranks.npz") as z:
+        ranks = {k: z[k] for k in z.files}
+    first = ranks["cvnet_global"]
+    for name in ("icfrr", "csa", "alpha_qe", "dba"):
+        assert f"\n{name} (protocol: label-free, on cvnet_global)" in stdout
+        assert res[name]["first_stage"] == "cvnet_global" and res[name]["rerank_ms_per_query"] > 0
+        assert (np.sort(ranks[name], axis=0) == np.sort(first, axis=0)).all()
+        assert not np.array_equal(ranks[name], first), name
+    np.testing.assert_array_equal(ranks["csa"][16:], first[16:])   # only the top 16 moves
+    ds = load_dataset(demo_benchmark, "demo")
+    model = sj.load(tiny_model_dir)
+    kw = dict(batch_size=16, bucket=256, chunk_size=64)   # configs/eval_demo.py's batches
+    X = extract.extract(model, ds.db_images(), extract.CVNetGlobal(), **kw)
+    Q = extract.extract(model, ds.query_images(), extract.CVNetGlobal(), **kw)
+    np.testing.assert_array_equal(ranks["alpha_qe"], sj.rerank.alpha_qe(
+        X, Q, search.rank(X, Q)[1], **res["alpha_qe"]["options"]))
+
+
 # -- bad input: one clear message, exit code 2, no results file ----------------------------
 
 @pytest.fixture

@@ -1,0 +1,88 @@
+"""Choose the training-free rerankers' settings on the demo *training* photos, never on the
+benchmark they are then evaluated on.
+
+    python benchmarks/tune_rerankers.py                   # the bundled demo model
+    python benchmarks/tune_rerankers.py --weights runs/demo/model --json tuned.json
+
+The demo training set (72 classes x 12 views of 11 scikit-image photographs, disjoint from
+the 6 photographs of the demo benchmark) is split per class: its first `--queries` views
+are queries, the others the database. Descriptors are the model's (`--family`, as eval.py's
+first stage computes them: whole images, same scales); relevance is the class. For
+alpha-QE, alpha-DBA and ICFRR every setting of a small grid is scored by mAP over the
+whole ranking (`sj.metrics.labelled`), and the best one of each is printed (and written
+with --json); configs/eval_demo.py holds the result.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+
+import numpy as np
+
+GRIDS = {
+    "alpha_qe": {"k": [1, 2, 3, 5, 8], "alpha": [0.0, 1.0, 3.0]},
+    "dba": {"k": [1, 2, 3, 5, 8], "alpha": [0.0, 1.0, 3.0]},
+    "icfrr": {"KG": [5, 10, 20, 50], "KQ": [2, 3, 5, 10], "beta": [0.1, 0.5, 1.0],
+              "n_times": [1, 3, 5]},
+}
+
+
+def split(labels: np.ndarray, per_class: int):
+    """(query rows, database rows): the first `per_class` images of each class query."""
+    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    q = np.sort(np.concatenate([f + np.arange(per_class) for f in first]))
+    return q, np.setdiff1d(np.arange(len(labels)), q)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", default=None, help="a model (default: the bundled demo model)")
+    p.add_argument("--family", default="superglobal", choices=("cvnet", "superglobal"))
+    p.add_argument("--data_dir", default="~/tensorflow_datasets",
+                   help="TFDS folder holding (or to build) demo_landmarks")
+    p.add_argument("--queries", type=int, default=2, help="query views per class")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+
+    import scvnet_jax as sj
+    from scvnet_jax.data.sources import open_or_build
+    from scvnet_jax.engine import extract, search
+    from scvnet_jax.rerank import registry
+
+    model = sj.load(args.weights or sj.demo_model_path())
+    ts = open_or_build("demo_landmarks", args.data_dir)
+    labels = ts.labels()
+    desc = extract.extract_training_set(model, ts, extract.spec_of(args.family),
+                                        desc="training photos")
+    qi, di = split(labels, args.queries)
+    X, Q, ql, dl = desc[di], desc[qi], labels[qi], labels[di]
+    sim, ranks = search.rank(X, Q)
+    base = sj.metrics.labelled(ranks, ql, dl)["mAP@all"]
+    print(f"demo training photos: {len(qi)} queries, {len(di)} database images, "
+          f"{args.family} descriptors of {args.weights or 'the bundled demo model'}; "
+          f"first stage mAP {100 * base:.2f}")
+    out = {"first_stage": base, "best": {}, "all": {}}
+    for name, grid in GRIDS.items():
+        t0 = time.perf_counter()
+        scored = []
+        for values in itertools.product(*grid.values()):
+            opts = dict(zip(grid, values))
+            res = registry.rerank(name, registry.Inputs(X, Q, ranks, sim), **opts)
+            scored.append((sj.metrics.labelled(res.ranks, ql, dl)["mAP@all"], opts))
+        best_map, best = max(scored, key=lambda t: t[0])
+        out["best"][name] = {"mAP": best_map, "options": best}
+        out["all"][name] = [{"mAP": m, "options": o} for m, o in scored]
+        print(f"{name:9s} best {100 * best_map:6.2f} ({100 * (best_map - base):+.2f}) with "
+              f"{best}; {len(scored)} settings in {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
