@@ -180,6 +180,8 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     check_files_exist(db_refs, "database")
     check_files_exist(query_refs, "query")
     extract.check_images(query_refs, cfg.workers)   # decodable, boxes inside: before any work
+    if "csa" in cfg.pipelines:                      # a CSA, readable: before any work too
+        registry.csa_model(cfg.csa.weights, cfg.csa.dtype)
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}

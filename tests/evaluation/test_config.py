@@ -49,3 +49,14 @@ def test_output_paths(tmp_path, capsys, one_error_line, eval_main):
     assert eval_main("--dataset", "demo", "--cache_dir", tmp_path / "cachefile", "--output",
                      tmp_path / "r.json") == 2
     one_error_line(capsys.readouterr().err, "--cache_dir", "not a directory")
+
+
+def test_csa_weights_that_are_not_a_csa(tmp_path, capsys, one_error_line, eval_main,
+                                        tiny_model_dir, demo_benchmark, monkeypatch):
+    """A CVNet directory given as CSA weights is refused before any extraction."""
+    import scvnet_jax.engine.extract as extract
+    monkeypatch.setattr(extract, "extract", lambda *a, **k: pytest.fail("extracted"))
+    assert eval_main("--dataset", "demo", "--data_dir", demo_benchmark, "--weights",
+                     tiny_model_dir, "--pipelines", "csa", "--csa_weights", tiny_model_dir,
+                     "--cache_dir", tmp_path / "cache", "--output", tmp_path / "r.json") == 2
+    one_error_line(capsys.readouterr().err, "holds a cvnet model, not a csa model")
