@@ -103,21 +103,40 @@ def init_distributed(fv: flags.FlagValues) -> None:
         jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
 
 
+# Free space below which the persistent compilation cache stays off: jax writes its
+# entries in place (not atomically), so a disk that fills up mid-write leaves a truncated
+# entry that every later run warns about and compiles again.
+CACHE_MIN_FREE_BYTES = 1 << 30
+
+
 def use_compilation_cache(cache_dir: str | None) -> None:
     """Keeps compiled programs in `<cache_dir>/xla` for later runs (JAX_COMPILATION_CACHE_DIR,
     if set, wins; '' or None and no environment variable: no persistent cache). Call after
-    `init_distributed` and before anything is compiled.
+    `init_distributed` and before anything is compiled. With less than 1 GiB free where the
+    cache lives it stays off for this run (one note on stderr).
 
     Not for several processes on CPU: jax writes entries from process 0 only, so process 0
     loads a program in milliseconds while the others compile it for tens of seconds, and
     the first cross-process collective (gloo) times out waiting for them (jax 0.10). On
     GPU and TPU hosts the cache is shared as jax intends (a directory all hosts see)."""
+    import shutil
+
     import jax
     if cache_dir and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         jax.config.update("jax_enable_compilation_cache", False)
+    where = jax.config.jax_compilation_cache_dir
+    if where and jax.config.jax_enable_compilation_cache:
+        probe = Path(where)
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        free = shutil.disk_usage(probe).free
+        if free < CACHE_MIN_FREE_BYTES:
+            jax.config.update("jax_enable_compilation_cache", False)
+            print(f"note: {where} has {free / 2**20:.0f} MB free; the compilation cache is off "
+                  "for this run (a full disk would leave truncated entries)", file=sys.stderr)
 
 
 def _flag_message(e: Exception) -> str:

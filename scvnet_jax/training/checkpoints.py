@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from scvnet_jax.errors import ConfigError
+from scvnet_jax.errors import ConfigError, OutputError, ScvnetError
 
 
 def manager(workdir: Path, keep: int):
@@ -23,14 +23,55 @@ def manager(workdir: Path, keep: int):
     return ocp.CheckpointManager(Path(workdir) / "checkpoints", options=opts)
 
 
+def _write_error(mngr, step, e: Exception) -> OutputError:
+    """One line for a checkpoint that could not be written (a full disk, a read-only or
+    vanished folder): which step, where, why, and which complete checkpoint remains. orbax
+    writes into a temporary folder and renames it when complete, so a failed save leaves
+    the earlier checkpoints as they were."""
+    reason = " ".join(str(e).split())[:300] or type(e).__name__
+    try:
+        done = mngr.all_steps()
+    except Exception:
+        done = []
+    done = [s for s in done if step is None or s < step]
+    last = (f"the last complete checkpoint is step {max(done)}; rerun the same command "
+            "to resume from it" if done else "no complete checkpoint was written")
+    what = f"checkpoint {step}" if step is not None else "a checkpoint"
+    return OutputError(f"cannot write {what} in {mngr.directory}: {reason} ({type(e).__name__}); "
+                       f"{last} once there is room")
+
+
 def save(mngr, step: int, state, iterator) -> None:
-    """Saves `state` and this process's `iterator` position (every process calls it)."""
+    """Saves `state` and this process's `iterator` position (every process calls it).
+    orbax writes in the background: a failure of an earlier save surfaces here or in
+    `finish` as one OutputError."""
     import grain
     import orbax.checkpoint as ocp
 
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            data=grain.checkpoint.CheckpointSave(iterator)),
-              force=True)
+    try:
+        mngr.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(iterator)),
+            force=True)
+    except ScvnetError:
+        raise
+    except Exception as e:
+        raise _write_error(mngr, step, e) from None
+
+
+def finish(mngr) -> None:
+    """Waits for the background writes (a failed one is one OutputError), then closes the
+    manager (its own errors then repeat the one already raised, so they are dropped)."""
+    try:
+        mngr.wait_until_finished()
+    except ScvnetError:
+        raise
+    except Exception as e:
+        raise _write_error(mngr, None, e) from None
+    finally:
+        try:
+            mngr.close()
+        except Exception:
+            pass
 
 
 def restore_state(mngr, step: int, abstract_state, state_sh):

@@ -151,10 +151,9 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
             out = task.export(state, int(host(state.step)))
             print(f"model ({task.name}) written to {out}")
     finally:
-        mngr.wait_until_finished()
-        mngr.close()
         writer.close()
         preempt.close()
+        checkpoints.finish(mngr)      # the background checkpoint writes; one error line
     return 0
 
 

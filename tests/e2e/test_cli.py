@@ -114,3 +114,27 @@ def test_config_errors_come_before_jax_loads(module, args, tmp_path, repo):
                        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(repo)})
     assert r.stdout.split("\n")[0] == "2 []", r.stdout + r.stderr
     assert r.stderr.startswith("error: config.") and not (tmp_path / "w").exists()
+
+
+def test_no_compilation_cache_on_a_nearly_full_disk(tmp_path, monkeypatch, capsys):
+    """jax writes cache entries in place: with less than 1 GiB free the cache stays off for
+    the run, with one note, rather than leave truncated entries behind."""
+    import collections
+    import shutil
+
+    import jax
+
+    from scvnet_jax import cli
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 << 30, 10 << 30, 5 << 20))
+    enabled, cache_dir = jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        cli.use_compilation_cache(str(tmp_path / "cache"))
+        assert not jax.config.jax_enable_compilation_cache
+        err = capsys.readouterr().err
+        assert err.startswith("note: ") and "5 MB free; the compilation cache is off" in err
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        jax.config.update("jax_compilation_cache_dir", cache_dir)

@@ -233,6 +233,63 @@ def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, run_train,
     assert not (tmp_path / "w" / "model").exists()
 
 
+@pytest.mark.slow   # an in-process tiny run: ~30 s
+def test_a_checkpoint_that_cannot_be_written_is_one_error(tmp_path, demo_tfds, monkeypatch,
+                                                          restore_checkpoint):
+    """A full disk while checkpoint 8 is written: one OutputError naming the step, the
+    folder, the reason and the last complete checkpoint (4), which is left intact."""
+    import errno
+    import orbax.checkpoint as ocp
+
+    from scvnet_jax.errors import OutputError
+    from scvnet_jax.training import train
+
+    cfg = tiny_config(**{"total_steps": 8, "checkpoint_every_steps": 4,
+                         "data.data_dir": str(demo_tfds)})
+    real_save = ocp.CheckpointManager.save
+
+    def save(self, step, *a, **k):
+        if step == 8:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, step, *a, **k)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save)
+    with pytest.raises(OutputError) as e:
+        train(cfg, tmp_path / "w", progress=False)
+    msg = str(e.value)
+    assert "\n" not in msg and "No space left on device" in msg, msg
+    assert f"cannot write checkpoint 8 in {tmp_path / 'w' / 'checkpoints'}" in msg
+    assert "the last complete checkpoint is step 4" in msg, msg
+    assert int(np.asarray(restore_checkpoint(tmp_path / "w", 4)["step"])) == 4
+
+
+def test_a_failed_background_write_is_one_error(tmp_path):
+    """orbax's asynchronous write failing surfaces when the run waits for it: one
+    OutputError naming the folder and the last complete checkpoint."""
+    from scvnet_jax.errors import OutputError
+    from scvnet_jax.training import checkpoints
+
+    class Manager:                       # what the loop uses of orbax's CheckpointManager
+        directory = tmp_path / "checkpoints"
+        closed = False
+
+        def wait_until_finished(self):
+            raise RuntimeError("tensorstore: write failed\nNo space left on device")
+
+        def all_steps(self):
+            return [4]
+
+        def close(self):
+            self.closed = True
+
+    m = Manager()
+    with pytest.raises(OutputError, match=r"cannot write a checkpoint in .*checkpoints: "
+                       r"tensorstore: write failed No space left on device \(RuntimeError\); "
+                       r"the last complete checkpoint is step 4"):
+        checkpoints.finish(m)
+    assert m.closed
+
+
 def test_init_from_official_checkpoint(converted_dir, official_checkpoint):
     from scvnet_jax.convert import read_checkpoint
     from scvnet_jax.errors import ConfigError
