@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -129,6 +130,7 @@ def use_compilation_cache(cache_dir: str | None) -> None:
         jax.config.update("jax_enable_compilation_cache", False)
     where = jax.config.jax_compilation_cache_dir
     if where and jax.config.jax_enable_compilation_cache:
+        _atomic_cache_entries()
         probe = Path(where)
         while not probe.exists() and probe != probe.parent:
             probe = probe.parent
@@ -136,7 +138,47 @@ def use_compilation_cache(cache_dir: str | None) -> None:
         if free < CACHE_MIN_FREE_BYTES:
             jax.config.update("jax_enable_compilation_cache", False)
             print(f"note: {where} has {free / 2**20:.0f} MB free; the compilation cache is off "
-                  "for this run (a full disk would leave truncated entries)", file=sys.stderr)
+                  "for this run (it would take the space results and checkpoints need)",
+                  file=sys.stderr)
+
+
+def _atomic_cache_entries() -> None:
+    """jax (0.10) writes a compilation-cache entry in place (`Path.write_bytes` in
+    `LRUCache.put`): a full disk or a kill mid-write leaves a truncated entry that every
+    later run warns about and none replaces (put skips an existing key). Here a local
+    cache's entries go to a temporary file and are renamed; a failed write leaves nothing
+    and jax reports it as the warning it gives for any cache write error."""
+    from jax._src import lru_cache
+
+    from scvnet_jax.files import atomic_write_bytes
+    if getattr(lru_cache.LRUCache.put, "scvnet_atomic", False):
+        return
+    jax_put = lru_cache.LRUCache.put
+
+    def put(self, key: str, value: bytes) -> None:
+        if not key or not lru_cache._is_local_filesystem(str(self.path)):
+            return jax_put(self, key, value)
+        if self.eviction_enabled and len(value) > self.max_size:
+            return jax_put(self, key, value)    # jax's warning, nothing written
+        if self.eviction_enabled:
+            self.lock.acquire(timeout=self.lock_timeout_secs)
+        try:
+            path = Path(str(self.path)) / f"{key}{lru_cache._CACHE_SUFFIX}"
+            if path.exists():
+                return None
+            if self.eviction_enabled:
+                self._evict_if_needed(additional_size=len(value))
+            atomic_write_bytes(path, value)
+            if self.eviction_enabled:
+                atomic_write_bytes(path.with_name(f"{key}{lru_cache._ATIME_SUFFIX}"),
+                                   time.time_ns().to_bytes(8, "little"))
+        finally:
+            if self.eviction_enabled:
+                self.lock.release()
+        return None
+
+    put.scvnet_atomic = True
+    lru_cache.LRUCache.put = put
 
 
 def _flag_message(e: Exception) -> str:

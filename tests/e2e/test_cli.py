@@ -117,8 +117,7 @@ def test_config_errors_come_before_jax_loads(module, args, tmp_path, repo):
 
 
 def test_no_compilation_cache_on_a_nearly_full_disk(tmp_path, monkeypatch, capsys):
-    """jax writes cache entries in place: with less than 1 GiB free the cache stays off for
-    the run, with one note, rather than leave truncated entries behind."""
+    """With less than 1 GiB free the cache stays off for the run, with one note."""
     import collections
     import shutil
 
@@ -138,3 +137,47 @@ def test_no_compilation_cache_on_a_nearly_full_disk(tmp_path, monkeypatch, capsy
     finally:
         jax.config.update("jax_enable_compilation_cache", enabled)
         jax.config.update("jax_compilation_cache_dir", cache_dir)
+
+
+@pytest.mark.parametrize("max_size", [-1, 1 << 20])
+def test_compilation_cache_entries_are_written_atomically(tmp_path, monkeypatch, max_size):
+    """An entry written through jax's cache after use_compilation_cache reads back whole;
+    a write that fails (a full disk) leaves no entry, partial or temporary, so the next
+    run compiles and writes it rather than warn about a truncated one forever."""
+    import errno
+
+    from jax._src import lru_cache
+
+    from scvnet_jax import cli
+
+    cli._atomic_cache_entries()
+    cache = lru_cache.LRUCache(str(tmp_path / "xla"), max_size=max_size)
+    cache.put("a", b"x" * 1000)
+    assert cache.get("a") == b"x" * 1000
+
+    real_fdopen = os.fdopen
+
+    class Full:
+        def __init__(self, fd, mode):
+            self.f = real_fdopen(fd, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdopen", Full)
+    with pytest.raises(Exception, match="No space left"):
+        cache.put("b", b"y" * 1000)
+    monkeypatch.undo()
+    assert cache.get("b") is None
+    assert sorted(p.name for p in (tmp_path / "xla").iterdir()
+                  if not p.name.startswith(".lock")) == (
+        ["a-atime", "a-cache"] if max_size > 0 else ["a-cache"])
+    cache.put("b", b"y" * 1000)
+    assert cache.get("b") == b"y" * 1000
