@@ -4,6 +4,8 @@
     model = sj.load("CVPR2022_CVNet_R50.pyth")           # or sj.demo_model_path()
     index = sj.search.index_folder(model, "photos/")     # descriptors of every image
     index.save("photos.index.npz")                       # reload with sj.search.Index.load
+    index, stats = sj.search.update_index(model, "photos/", "photos.index.npz")
+                                     # incremental: only new or changed files are extracted
     hits = index.search(model, ["query.jpg"], k=10)     # [[Hit(path, score), ...]]
     grid = sj.search.result_grid("query.jpg", hits[0])   # BGR uint8 image of the top hits
 
@@ -18,16 +20,22 @@ descriptor), with the same size buckets, threads, devices and progress bar.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from scvnet_jax import files
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.engine import extract
+from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
 from scvnet_jax.engine.search import rank
 from scvnet_jax.errors import InputError
 from scvnet_jax.evaluation import visuals
@@ -36,7 +44,9 @@ from scvnet_jax.rerank import registry
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FAMILIES = tuple(extract.FAMILIES)
-FORMAT = "scvnet_jax.search.index/1"
+FORMAT = "scvnet_jax.search.index/2"
+FORMATS = ("scvnet_jax.search.index/1", FORMAT)     # /1: no digests, model key or weights
+DTYPES = ("float16", "float32")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,14 +78,21 @@ def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
 
 @dataclasses.dataclass
 class Index:
-    """Descriptors of a collection: `paths[i]` (absolute) has `descriptors[i]`; `root` is the
-    folder that was indexed (`rerooted` moves the paths to where the collection is now);
-    `skipped` lists (path, reason) of files left out by `index_folder(on_error="skip")`."""
+    """Descriptors of a collection: `paths[i]` (absolute) has `descriptors[i]` (float32, or
+    float16 to halve the size); `root` is the folder that was indexed (`rerooted` moves the
+    paths to where the collection is now); `skipped` lists (path, reason) of files left out
+    by `on_error="skip"`. Written by `update_index`, an index also records each file's
+    content digest (`digests`), what its descriptors depend on (`model`: a key of the
+    backbone's weights, the descriptor settings and the dtype) and the `weights` it was
+    built with ("demo" or a path), so a rerun extracts only new or changed files."""
     paths: list[str]
     descriptors: np.ndarray
     family: str = "cvnet"
     root: str = ""
     skipped: list = dataclasses.field(default_factory=list)
+    digests: list = dataclasses.field(default_factory=list)
+    model: str = ""
+    weights: str = ""
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -83,30 +100,45 @@ class Index:
     def save(self, path) -> Path:
         """One .npz (no pickle), written atomically."""
         path = Path(path)
+        d = self.descriptors
+        d = d if d.dtype == np.float16 else d.astype(np.float32)
+        skipped = np.array([f"{p}\t{r}" for p, r in self.skipped], dtype=str)
         files.atomic_save_npz(path, format=np.array(FORMAT), family=np.array(self.family),
                               root=np.array(self.root), paths=np.array(self.paths, dtype=str),
-                              descriptors=self.descriptors.astype(np.float32))
+                              descriptors=d, digests=np.array(self.digests, dtype=str),
+                              model=np.array(self.model), weights=np.array(self.weights),
+                              skipped=skipped)
         return path
 
     @classmethod
     def load(cls, path, root=None) -> "Index":
         """An index saved by `save`; `root`: where the indexed folder is now (see `rerooted`).
         A missing, damaged or foreign file is one InputError naming it."""
+        if not Path(path).is_file():
+            raise InputError(f"{path}: no such index file")
         try:
             with np.load(path, allow_pickle=False) as z:
-                if "format" not in z.files or str(z["format"]) != FORMAT:
+                if "format" not in z.files or str(z["format"]) not in FORMATS:
                     raise InputError(f"{path}: not a scvnet_jax search index (expected a "
                                      f"file written by Index.save, format {FORMAT})")
+                get = (lambda k, default="": str(z[k]) if k in z.files else default)
                 index = cls([str(p) for p in z["paths"]], np.asarray(z["descriptors"]),
-                            str(z["family"]), str(z["root"]) if "root" in z.files else "")
+                            get("family", "cvnet"), get("root"),
+                            [tuple(str(v).split("\t", 1)) for v in z["skipped"]]
+                            if "skipped" in z.files else [],
+                            [str(v) for v in z["digests"]] if "digests" in z.files else [],
+                            get("model"), get("weights"))
         except InputError:
             raise
         except Exception as e:   # zip, npy and OS errors of a damaged file alike
             raise InputError(f"{path}: cannot read the search index, the file is damaged or "
                              f"not an index ({type(e).__name__}: {e})") from None
-        if index.descriptors.ndim != 2 or index.descriptors.shape[0] != len(index.paths):
+        if (index.descriptors.ndim != 2 or index.descriptors.shape[0] != len(index.paths)
+                or index.descriptors.dtype.name not in DTYPES
+                or index.digests and len(index.digests) != len(index.paths)):
             raise InputError(f"{path}: damaged search index ({len(index.paths)} paths, "
-                             f"descriptors of shape {index.descriptors.shape})")
+                             f"{len(index.digests)} digests, descriptors "
+                             f"{index.descriptors.dtype} of shape {index.descriptors.shape})")
         return index.rerooted(root) if root is not None else index
 
     def rerooted(self, new_root) -> "Index":
@@ -160,7 +192,7 @@ class Index:
         extract.check_images([ImageRef(q) for q in queries])   # before any work
         Q = describe(model, queries, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
-        X = self.descriptors
+        X = self.descriptors.astype(np.float32)
         sim, ranks = rank(X, Q)                         # (N, n_q) each
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
         if rerank is not None:
@@ -227,7 +259,10 @@ def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
                              "skipped)")
     X = describe(model, paths, family, batch_size=batch_size, bucket=bucket, workers=workers,
                  desc=f"index {os.fspath(folder)}")
-    return Index(paths, X, family, str(root), skipped)
+    with ThreadPoolExecutor(workers) as pool:
+        digests = content_digests([ImageRef(p) for p in paths], pool)
+    return Index(paths, X, family, str(root), skipped, digests,
+                 model_key(model, family, "float32"))
 
 
 def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> np.ndarray:
@@ -235,3 +270,118 @@ def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> 
     return visuals.hits_row(read_image(ImageRef(str(query))),
                             [(read_image(ImageRef(h.path)), f"{h.score:.3f}")
                              for h in hits[:topn]], title)
+
+
+def model_key(model: RetrievalModel, family: str, dtype: str = "float32") -> str:
+    """What an index's descriptors depend on: the backbone's weights (the rerank head does
+    not change them), the descriptor and its settings, the stored dtype."""
+    spec = extract.spec_of(family)
+    return files.sha256_text(json.dumps({
+        "weights": weights_fingerprint(model.variables, BACKBONE), "spec": repr(spec),
+        "dtype": dtype}, sort_keys=True))
+
+
+def _read_or_reason(path: str):
+    try:
+        return read_image(ImageRef(path))
+    except InputError as e:
+        return str(e)
+
+
+def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
+                 weights: str = "", dtype: str = "float16", on_error: str = "skip",
+                 rebuild: bool = False, chunk_size: int = 64, batch_size: int = 8,
+                 bucket: int = 64, workers: int = 4) -> tuple[Index, dict]:
+    """Brings the index file `path` up to date with every image under `folder` and returns
+    it with counts: a rerun extracts only new or changed files (by content digest, so a
+    renamed or copied photo is not extracted again) and drops deleted ones.
+
+    Resumable: finished chunks of `chunk_size` new images are written to `<path>.parts/`
+    as they are done, so a run killed at any point and rerun extracts only what is still
+    missing; the index is written atomically at the end, then the parts are removed. An
+    existing file at `path` that is not an index is refused, never overwritten; an index
+    built with another model, descriptor or dtype is refused unless `rebuild`.
+    `weights` is recorded for the queries ("demo" or the path the model came from; by
+    default the one the index already records)."""
+    if on_error not in ON_ERROR:
+        raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    if family not in FAMILIES:
+        raise InputError(f"family must be one of {FAMILIES}, got {family!r}")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    chunk_size = _positive_int(chunk_size, "chunk_size")
+    path = Path(path).expanduser().absolute()
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; the index is a file (e.g. photos.index)")
+    root = Path(folder).expanduser().resolve()
+    paths = [str(p) for p in list_images(root)]
+    old = Index.load(path) if path.exists() else None
+    key = model_key(model, family, dtype)
+    if old is not None and old.model != key and not rebuild:
+        raise InputError(f"{path}: built with another model, descriptor family or dtype "
+                         f"(weights {old.weights or 'unknown'}, family {old.family}, "
+                         f"{old.descriptors.dtype}); rebuild it (--rebuild) or name "
+                         "another index file")
+    t0 = time.perf_counter()
+    known: dict = {}
+    if old is not None and old.model == key:
+        known.update(zip(old.digests, old.descriptors))
+        weights = weights or old.weights
+    parts = path.with_name(path.name + ".parts")
+    for part in sorted(parts.glob("chunk_*.npz")):
+        try:
+            with np.load(part, allow_pickle=False) as z:
+                if str(z["model"]) == key:
+                    known.update(zip([str(d) for d in z["digests"]], z["descriptors"]))
+        except Exception:   # noqa: BLE001  (a damaged part is recomputed)
+            continue
+    with ThreadPoolExecutor(workers) as pool:
+        digests = content_digests([ImageRef(p) for p in paths], pool)
+        reused = sum(d in known for d in digests)
+        todo = [i for i, d in enumerate(digests) if d not in known]
+        spec = extract.spec_of(family)
+        skipped, extracted = [], 0
+        with tqdm(total=len(todo), desc=f"index {os.fspath(folder)}", unit="img",
+                          dynamic_ncols=True, mininterval=2.0, disable=not todo) as bar:
+            for start in range(0, len(todo), chunk_size):
+                idx = todo[start:start + chunk_size]
+                images, good = [], []
+                for i, im in zip(idx, pool.map(_read_or_reason, [paths[i] for i in idx])):
+                    if isinstance(im, str):
+                        if on_error == "raise":
+                            raise InputError(im)
+                        skipped.append((paths[i], im))
+                        bar.write(f"skipped: {im}", file=sys.stderr)
+                        bar.update(1)
+                    else:
+                        images.append(im)
+                        good.append(i)
+                if not images:
+                    continue
+                D = extract.describe_images(model, images, spec, batch_size, bucket, bar)
+                D = D.astype(dtype)
+                files.atomic_save_npz(parts / f"chunk_{uuid.uuid4().hex}.npz",
+                                      model=np.array(key), descriptors=D,
+                                      digests=np.array([digests[i] for i in good], dtype=str))
+                known.update(zip([digests[i] for i in good], D))
+                extracted += len(good)
+    bad = {p for p, _ in skipped}
+    keep = [i for i, p in enumerate(paths) if p not in bad]
+    if not keep:
+        raise InputError(f"{root}: none of its images could be read ({len(skipped)} skipped)")
+    X = np.stack([known[digests[i]] for i in keep]).astype(dtype)
+    index = Index([paths[i] for i in keep], X, family, str(root), skipped,
+                  [digests[i] for i in keep], key, weights)
+    index.save(path)
+    for part in parts.glob("chunk_*.npz"):    # ours: written above or by a killed run
+        part.unlink()
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
+    seconds = time.perf_counter() - t0
+    now = set(index.paths)
+    stats = {"images": len(paths), "indexed": len(index), "reused": reused,
+             "extracted": extracted, "skipped": len(skipped),
+             "removed": 0 if old is None else sum(p not in now for p in old.paths),
+             "seconds": round(seconds, 3),
+             "images_per_second": round(extracted / seconds, 3) if extracted else None}
+    return index, stats

@@ -160,3 +160,116 @@ def test_damaged_index_is_one_input_error(folder, tmp_path, damage):
         np.savez(saved, **arrays)
     with pytest.raises(InputError, match="i.npz: .*damaged"):
         sj.search.Index.load(saved)
+
+
+def _count_extracted(monkeypatch) -> list:
+    """Records the number of images each describe_images call gets."""
+    from scvnet_jax.engine import extract
+    calls, real = [], extract.describe_images
+
+    def counting(model, images, *a, **k):
+        calls.append(len(images))
+        return real(model, images, *a, **k)
+    monkeypatch.setattr(extract, "describe_images", counting)
+    return calls
+
+
+def test_update_index_is_incremental_and_content_keyed(folder, model, tmp_path, monkeypatch):
+    """A rerun extracts nothing; a changed photo (same name, other content) and a new one
+    are extracted, a deleted one is dropped, a renamed one is not extracted again; the
+    result equals a fresh index of the folder (float16 of index_folder's descriptors)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos)
+    path = tmp_path / "photos.index"
+    calls = _count_extracted(monkeypatch)
+    index, stats = sj.search.update_index(model, photos, path, weights="demo")
+    assert (stats["extracted"], stats["reused"], stats["indexed"]) == (14, 0, 14)
+    assert index.descriptors.dtype == np.float16 and sum(calls) == 14
+    fresh = sj.search.index_folder(model, photos)
+    assert index.paths == fresh.paths and index.digests == fresh.digests
+    np.testing.assert_allclose(index.descriptors.astype(np.float32), fresh.descriptors,
+                               atol=1e-3)
+    calls.clear()
+    again, stats = sj.search.update_index(model, photos, path)
+    assert calls == [] and (stats["extracted"], stats["reused"]) == (0, 14)
+    np.testing.assert_array_equal(again.descriptors, index.descriptors)
+
+    import cv2
+    paths = sj.search.list_images(photos)
+    cv2.imwrite(str(paths[0]), cv2.imread(str(paths[0]))[:, ::-1])   # same name, new content
+    paths[1].unlink()                                                # deleted
+    paths[2].rename(paths[2].with_name("renamed.jpg"))               # moved, same content
+    shutil.copy(paths[3], photos / "copy.jpg")                       # a copy, same content
+    (photos / "new").mkdir()
+    cv2.imwrite(str(photos / "new" / "flipped.png"), cv2.imread(str(paths[4]))[::-1])
+    calls.clear()
+    updated, stats = sj.search.update_index(model, photos, path)
+    assert sum(calls) == 2 and stats["extracted"] == 2       # the changed and the new one
+    assert stats["removed"] == 2 and stats["indexed"] == 15  # the deleted and renamed names
+    fresh = sj.search.index_folder(model, photos)
+    assert updated.paths == fresh.paths and updated.digests == fresh.digests
+    np.testing.assert_allclose(updated.descriptors.astype(np.float32), fresh.descriptors,
+                               atol=1e-3)
+    saved = sj.search.Index.load(path)
+    assert saved.paths == updated.paths and saved.weights == "demo"
+    np.testing.assert_array_equal(saved.descriptors, updated.descriptors)
+
+
+def test_update_index_resumes_from_its_finished_chunks(folder, model, tmp_path, monkeypatch):
+    """Interrupted after two chunks of 4: the rerun extracts only the other 6 images, ends
+    with the uninterrupted index and removes its parts."""
+    path = tmp_path / "i.index"
+    ref, _ = sj.search.update_index(model, folder, tmp_path / "ref.index", chunk_size=4)
+    from scvnet_jax.engine import extract
+    real, calls = extract.describe_images, []
+
+    def dies(model, images, *a, **k):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(len(images))
+        return real(model, images, *a, **k)
+    monkeypatch.setattr(extract, "describe_images", dies)
+    with pytest.raises(KeyboardInterrupt):
+        sj.search.update_index(model, folder, path, chunk_size=4)
+    assert not path.exists()
+    assert len(list((tmp_path / "i.index.parts").glob("chunk_*.npz"))) == 2
+    monkeypatch.undo()
+    calls = _count_extracted(monkeypatch)
+    index, stats = sj.search.update_index(model, folder, path, chunk_size=4)
+    assert sum(calls) == 6 and (stats["reused"], stats["extracted"]) == (8, 6)
+    assert index.paths == ref.paths
+    np.testing.assert_array_equal(index.descriptors, ref.descriptors)
+    assert not (tmp_path / "i.index.parts").exists()
+
+
+def test_update_index_refusals(folder, model, tmp_path, capsys):
+    """Never overwrites what is not an index; another model, family or dtype needs
+    rebuild; bad photos are skipped and listed (or stop the run with on_error='raise')."""
+    other = tmp_path / "notes.index"
+    other.write_text("my notes")
+    with pytest.raises(InputError, match="notes.index: cannot read the search index"):
+        sj.search.update_index(model, folder, other)
+    assert other.read_text() == "my notes"
+    with pytest.raises(InputError, match="is a folder"):
+        sj.search.update_index(model, folder, tmp_path)
+    with pytest.raises(InputError, match="dtype must be one of"):
+        sj.search.update_index(model, folder, tmp_path / "x.index", dtype="int8")
+    path = tmp_path / "i.index"
+    sj.search.update_index(model, folder, path)
+    with pytest.raises(InputError, match="i.index: built with another model, descriptor "
+                                         "family or dtype .*family cvnet, float16"):
+        sj.search.update_index(model, folder, path, dtype="float32")
+    index, stats = sj.search.update_index(model, folder, path, dtype="float32", rebuild=True)
+    assert index.descriptors.dtype == np.float32 and stats["extracted"] == 14
+
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos)
+    good = sj.search.list_images(photos)
+    (photos / "a" / "broken.jpg").write_bytes(good[0].read_bytes()[:300])
+    with pytest.raises(InputError, match="broken.jpg: cannot read the image"):
+        sj.search.update_index(model, photos, tmp_path / "p.index", on_error="raise")
+    index, stats = sj.search.update_index(model, photos, tmp_path / "p.index")
+    assert stats["skipped"] == 1 and len(index) == len(good)
+    assert [Path(p).name for p, _ in index.skipped] == ["broken.jpg"]
+    assert "skipped: " in capsys.readouterr().err
+    assert sj.search.Index.load(tmp_path / "p.index").skipped == index.skipped

@@ -139,7 +139,7 @@ def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 8
         for c in mine:
             idx = range(starts[c], min(n, starts[c] + chunk_size))
             images = list(pool.map(lambda i: records.record(i)[0], idx))
-            chunks.append(_describe_chunk(model, images, spec, batch_size, bucket, bar)
+            chunks.append(describe_images(model, images, spec, batch_size, bucket, bar)
                           .astype(np.float32))
             rows.append(np.asarray(idx, np.int64))
     out = np.zeros((n, model.arch.reduction_dim), np.float32)
@@ -148,7 +148,9 @@ def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 8
     return out
 
 
-def _describe_chunk(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:
+def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:
+    """Descriptors (N, D) of decoded BGR uint8 images, in padded batches over every local
+    device; `bar` (a tqdm) advances by one per finished image."""
     items, parts_left = [], {}
     for i, im in enumerate(images):
         xs = spec.inputs(im)
@@ -190,7 +192,7 @@ def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size
             if chunk is not None:
                 bar.update(stop - start)
             else:
-                chunk = _describe_chunk(model, read_all(pool, refs[start:stop]), spec,
+                chunk = describe_images(model, read_all(pool, refs[start:stop]), spec,
                                         batch_size, bucket, bar)
                 if cache is not None:
                     cache.put(c, chunk, sources)

@@ -1,0 +1,209 @@
+"""scvnet-search: index a photo collection and search it by image.
+
+    scvnet-search index PHOTOS/ --index my.index [--weights CVPR2022_CVNet_R50.pyth]
+                                                  [--family cvnet|superglobal]
+    scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
+                                                    [--json]
+
+(`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
+used, so both run on a fresh machine. `index` is incremental: a rerun extracts only new or
+changed files (by content) and drops deleted ones; a run killed at any point resumes where
+it stopped. `query` loads the model the index was built with (or --weights, checked to
+give the same descriptors) and prints the top k per query image, as a table or, with
+--json, one JSON object per query: {"query": ..., "hits": [{"path": ..., "score": ...}]}
+with the scores the final ranking is sorted by.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from scvnet_jax import cli
+from scvnet_jax.errors import InputError
+
+FAMILIES = ("cvnet", "superglobal")
+DTYPES = ("float16", "float32")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):       # one line, exit 2, like every other bad input
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _option(text: str) -> tuple[str, object]:
+    """NAME=VALUE; VALUE read as JSON when it is (2, 0.5, true), else a string."""
+    name, eq, value = text.partition("=")
+    if not eq or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="scvnet-search", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    ix = sub.add_parser("index", help="index (or bring up to date) the images of a folder",
+                        description="Index every image under FOLDER (recursive) into the "
+                        "index file: only new or changed files are extracted; deleted ones "
+                        "are dropped; unreadable ones are skipped and listed.")
+    ix.add_argument("folder", help="folder of images (.jpg .jpeg .png .bmp .webp .tif .tiff)")
+    ix.add_argument("--index", required=True, help="the index file to create or update")
+    ix.add_argument("--weights", default="demo",
+                    help="official .pyth/.pth checkpoint or a converted model directory "
+                         "(default: the bundled demo model)")
+    ix.add_argument("--family", choices=FAMILIES, default="cvnet",
+                    help="global descriptor: CVNet-Global (3 scales) or SuperGlobal")
+    ix.add_argument("--dtype", choices=DTYPES, default="float16",
+                    help="how descriptors are stored (float16 halves the file; the ranking "
+                         "changes only where two scores tie to 3 decimals)")
+    ix.add_argument("--on_error", choices=("skip", "raise"), default="skip",
+                    help="skip: list unreadable images and index the rest; raise: stop")
+    ix.add_argument("--rebuild", action="store_true",
+                    help="re-extract everything (needed to change model, family or dtype)")
+    ix.add_argument("--chunk_size", type=_positive, default=64,
+                    help="new images per saved chunk: a killed run resumes from the last")
+    _common(ix)
+    q = sub.add_parser("query", help="search the index with query images",
+                       description="Top-k images of the index for each query image.")
+    q.add_argument("queries", nargs="+", help="query image file(s)")
+    q.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
+    q.add_argument("-k", type=_positive, default=10, help="hits per query (default 10)")
+    q.add_argument("--rerank", default="none",
+                   help="none, or a reranker: superglobal, cvnet, icfrr, csa, alpha_qe, dba")
+    q.add_argument("--rerank_k", type=_positive, default=100,
+                   help="how many of the top hits cvnet and csa re-order (default 100)")
+    q.add_argument("--option", type=_option, action="append", default=[],
+                   metavar="NAME=VALUE", help="a reranker option, e.g. --option M=400 or "
+                   "--option weights=runs/csa_demo/model (repeatable)")
+    q.add_argument("--weights", default=None,
+                   help="the model to describe the queries with (default: the one the index "
+                        "was built with; another one must give the same descriptors)")
+    q.add_argument("--root", default=None,
+                   help="where the indexed folder is now, if it was moved")
+    q.add_argument("--json", action="store_true", help="one JSON object per query")
+    _common(q)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch_size", type=_positive, default=8, help="images per device per batch")
+    p.add_argument("--bucket", type=_positive, default=64,
+                   help="pad image sides to a multiple of this (fewer compiled shapes)")
+    p.add_argument("--workers", type=_positive, default=4, help="image-decoding threads")
+    p.add_argument("--cache_dir", default=None,
+                   help="compiled programs are kept in CACHE_DIR/xla (default: "
+                        "~/.cache/scvnet_jax; '' for none)")
+
+
+def _weights_path(weights: str) -> str:
+    if weights == "demo":
+        return weights
+    p = Path(weights).expanduser()
+    if not p.exists():
+        raise InputError(f"--weights {weights}: no such file or model directory")
+    return str(p.resolve())
+
+
+def _load(weights: str):
+    import scvnet_jax as sj
+    return sj.load(sj.demo_model_path() if weights == "demo" else weights)
+
+
+def _setup(args) -> None:
+    from scvnet_jax.evaluation.config import default_cache_dir
+    cli.use_compilation_cache(default_cache_dir() if args.cache_dir is None
+                              else args.cache_dir)
+
+
+def index_command(args) -> int:
+    from scvnet_jax import search
+
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"{args.folder}: not a folder")
+    if Path(args.index).expanduser().is_dir():
+        raise InputError(f"--index {args.index}: is a folder; the index is a file")
+    weights = _weights_path(args.weights)
+    _setup(args)
+    model = _load(weights)
+    index, stats = search.update_index(
+        model, folder, args.index, args.family, weights=weights, dtype=args.dtype,
+        on_error=args.on_error, rebuild=args.rebuild, chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        bucket=args.bucket, workers=args.workers)
+    rate = (f", {stats['images_per_second']:.2f} img/s"
+            if stats["images_per_second"] else "")
+    print(f"indexed {index.root}: {stats['indexed']} images ({stats['reused']} reused, "
+          f"{stats['extracted']} extracted, {stats['removed']} removed, {stats['skipped']} "
+          f"skipped) in {stats['seconds']:.1f} s{rate}")
+    size = os.path.getsize(Path(args.index).expanduser())
+    print(f"wrote {args.index}: {len(index)} x {index.descriptors.shape[1]} "
+          f"{index.descriptors.dtype} ({index.family}), {size / 2**20:.1f} MB")
+    return 0
+
+
+def query_command(args) -> int:
+    from scvnet_jax import search
+    from scvnet_jax.rerank import registry
+
+    rerank = None if args.rerank == "none" else args.rerank
+    if rerank is not None and rerank not in registry.names():
+        raise InputError(f"--rerank {args.rerank}: expected none or one of "
+                         f"{', '.join(registry.names())}")
+    for q in args.queries:
+        if not Path(q).is_file():
+            raise InputError(f"{q}: query image not found")
+    index = search.Index.load(Path(args.index).expanduser(), root=args.root)
+    weights = args.weights or index.weights
+    if not weights:
+        raise InputError(f"{args.index}: the index records no weights; pass --weights")
+    weights = _weights_path(weights)
+    _setup(args)
+    model = _load(weights)
+    if index.model and search.model_key(model, index.family,
+                                        index.descriptors.dtype.name) != index.model:
+        raise InputError(f"--weights {weights}: gives other descriptors than the model "
+                         f"{args.index} was built with ({index.weights})")
+    t0 = time.perf_counter()
+    hits = index.search(model, args.queries, k=args.k, rerank=rerank,
+                        rerank_k=args.rerank_k, options=dict(args.option),
+                        batch_size=args.batch_size, bucket=args.bucket)
+    seconds = time.perf_counter() - t0
+    for q, hs in zip(args.queries, hits):
+        if args.json:
+            print(json.dumps({"query": str(Path(q).resolve()), "rerank": args.rerank,
+                              "hits": [{"path": h.path, "score": round(h.score, 6)}
+                                       for h in hs]}))
+            continue
+        print(f"{q}  (rerank {args.rerank}; {len(index)} images)")
+        print(f"  {'rank':>4}  {'score':>8}  path")
+        for i, h in enumerate(hs, 1):
+            print(f"  {i:>4}  {h.score:8.4f}  {h.path}")
+    if not args.json:
+        print(f"{len(args.queries)} quer{'y' if len(args.queries) == 1 else 'ies'} in "
+              f"{seconds:.2f} s")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    return cli.run(lambda: {"index": index_command, "query": query_command}[args.command](args))

@@ -1,0 +1,138 @@
+"""scvnet-search index / query: the commands' output, JSON equal to sj.search, refusals as
+one error line, and an index killed mid-way that resumes."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import numpy as np
+import pytest
+
+import scvnet_jax as sj
+from scvnet_jax.app.cli import main
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, demo_benchmark):
+    """12 demo-benchmark photos of three subjects, in two sub-folders."""
+    jpg = demo_benchmark / "demo" / "jpg"
+    out = tmp_path_factory.mktemp("photos")
+    for subject in ("astronaut", "coins", "rocket"):
+        for i, p in enumerate(sorted(jpg.glob(f"{subject}_*"))[:4]):
+            (out / ("x" if i % 2 else "y")).mkdir(exist_ok=True)
+            shutil.copy(p, out / ("x" if i % 2 else "y") / p.name)
+    return out
+
+
+def test_index_then_query(photos, tmp_path, capsys):
+    index = tmp_path / "my.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"indexed {photos.resolve()}: 12 images (0 reused, 12 "
+                             "extracted, 0 removed, 0 skipped) in ")
+    assert out[1].startswith(f"wrote {index}: 12 x 256 float16 (cvnet), ")
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    assert "12 images (12 reused, 0 extracted, 0 removed, 0 skipped)" in capsys.readouterr().out
+
+    query = sorted(photos.rglob("coins_*"))[0]
+    assert main(["query", "--index", str(index), str(query), "-k", "4"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == f"{query}  (rerank none; 12 images)"
+    assert table[1].split() == ["rank", "score", "path"]
+    assert table[2].split()[0] == "1" and table[2].split()[2] == str(query.resolve())
+    assert len(table) == 2 + 4 + 1 and table[-1].startswith("1 query in ")
+
+    model = sj.load(sj.demo_model_path())
+    loaded = sj.search.Index.load(index)
+    for rerank in ("none", "superglobal", "alpha_qe"):
+        assert main(["query", "--index", str(index), str(query), "-k", "5", "--rerank",
+                     rerank, "--json", "--option" if rerank == "alpha_qe" else "-k",
+                     "k=2" if rerank == "alpha_qe" else "5"]) == 0
+        got = json.loads(capsys.readouterr().out)
+        want = loaded.search(model, str(query), k=5, rerank=None if rerank == "none"
+                             else rerank, options={"k": 2} if rerank == "alpha_qe" else None)
+        assert got["query"] == str(query.resolve()) and got["rerank"] == rerank
+        assert [h["path"] for h in got["hits"]] == [h.path for h in want[0]]
+        np.testing.assert_allclose([h["score"] for h in got["hits"]],
+                                   [h.score for h in want[0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", "--index", "{index}", "{query}", "-k", "0"], "argument -k: expected an "
+     "integer >= 1, got 0"),
+    (["query", "--index", "{index}", "{query}", "--rerank", "magic"], "--rerank magic: "
+     "expected none or one of superglobal, cvnet"),
+    (["query", "--index", "{index}", "{query}", "--rerank", "alpha_qe", "--option", "K=3"],
+     "reranker alpha_qe: unknown option 'K'"),
+    (["query", "--index", "{index}", "missing.jpg"], "missing.jpg: query image not found"),
+    (["query", "--index", "{tmp}/none.index", "{query}"], "none.index: no such index "
+     "file"),
+    (["query", "--index", "{index}", "{query}", "--weights", "{tiny}"], "gives other "
+     "descriptors than the model"),
+    (["index", "{tmp}/nothing", "--index", "{index}"], "nothing: not a folder"),
+    (["index", "{photos}", "--index", "{tmp}"], "is a folder; the index is a file"),
+    (["index", "{photos}", "--index", "{index}", "--weights", "{tiny}"], "built with "
+     "another model"),
+    (["index", "{photos}", "--index", "{index}", "--weights", "nope.pyth"], "--weights "
+     "nope.pyth: no such file"),
+    (["index", "{photos}", "--index", "{index}", "--family", "resnet"], "argument --family: "
+     "invalid choice"),
+])
+def test_refusals_are_one_error_line(args, message, photos, tmp_path, tiny_model_dir,
+                                     capsys):
+    index = tmp_path / "my.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    capsys.readouterr()
+    query = sorted(photos.rglob("*.jpg"))[0]
+    args = [a.format(index=index, query=query, tmp=tmp_path, tiny=tiny_model_dir,
+                     photos=photos) for a in args]
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
+    assert message in err, err
+
+
+def test_help(capsys):
+    for argv in (["--help"], ["index", "--help"], ["query", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "scvnet-search index PHOTOS/" in out and "--rebuild" in out and "--json" in out
+
+
+def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, run_module):
+    """SIGKILL once two chunks are saved: the same command again extracts only the rest
+    and writes the index an uninterrupted run writes."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sorted((demo_benchmark / "demo" / "jpg").glob("*.jpg"))[:24]:
+        shutil.copy(p, photos / p.name)
+    index = tmp_path / "i.index"
+    args = ["index", photos, "--index", index, "--weights", tiny_model_dir, "--chunk_size",
+            4, "--batch_size", 4]
+    proc = run_module("app", *args, wait=False)
+    parts = tmp_path / "i.index.parts"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(parts.glob("chunk_*.npz"))) < 2:
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not index.exists()
+    done = len(list(parts.glob("chunk_*.npz"))) * 4
+    assert 8 <= done < 24, "the kill did not land mid-way"
+    again = run_module("app", *args)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"({done} reused, {24 - done} extracted, 0 removed, 0 skipped)" in again.stdout
+    ref = tmp_path / "ref.index"
+    assert main(["index", str(photos), "--index", str(ref), "--weights",
+                 str(tiny_model_dir)]) == 0
+    a, b = sj.search.Index.load(index), sj.search.Index.load(ref)
+    assert a.paths == b.paths and a.digests == b.digests and not parts.exists()
+    np.testing.assert_array_equal(a.descriptors, b.descriptors)
