@@ -70,8 +70,8 @@ def list_images(folder) -> list[Path]:
 def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
              batch_size: int = 8, bucket: int = 64, workers: int = 4,
              desc: str = "describe") -> np.ndarray:
-    """Descriptors (N, D), L2-normalised, of image files (paths)."""
-    refs = [ImageRef(str(p)) for p in images]
+    """Descriptors (N, D), L2-normalised, of image files (paths, or ImageRefs with boxes)."""
+    refs = [p if isinstance(p, ImageRef) else ImageRef(str(p)) for p in images]
     return extract.extract(model, refs, extract.spec_of(family), batch_size=batch_size,
                            bucket=bucket, workers=workers, desc=desc)
 
@@ -151,11 +151,14 @@ class Index:
                  for p in self.paths]
         return dataclasses.replace(self, paths=paths, root=new_root)
 
-    def search(self, model: RetrievalModel, queries, k: int = 10, *,
+    def search(self, model: RetrievalModel, queries, k: int = 10, *, boxes=None,
                rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,
                superglobal: dict | None = None, batch_size: int = 8,
                bucket: int = 64) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
+
+        boxes: None, or per query None or a box (x1, y1, x2, y2) in pixels: the query is
+        that crop of its image (as the revisited benchmarks' queries are).
 
         rerank: None, or a reranker of `scvnet_jax.rerank.registry` ("superglobal", "cvnet",
         "icfrr", "csa", "alpha_qe", "dba"), with its `options` (e.g. {"weights": ...} for
@@ -172,6 +175,7 @@ class Index:
         similarity to the expanded query / augmented descriptor. Hits below cvnet's top
         `rerank_k` keep the cosine similarity (which is below their score)."""
         queries = _query_paths(queries)
+        refs = [ImageRef(q, b) for q, b in zip(queries, _boxes(boxes, len(queries)))]
         k = _positive_int(k, "k")
         if rerank is not None and rerank not in registry.RERANKERS:
             raise InputError(f"rerank must be None or one of {', '.join(registry.names())}, "
@@ -189,15 +193,15 @@ class Index:
                 registry.options(rerank, opts)
             except Exception as e:
                 raise InputError(str(e)) from None
-        extract.check_images([ImageRef(q) for q in queries])   # before any work
-        Q = describe(model, queries, self.family, batch_size=batch_size, bucket=bucket,
+        extract.check_images(refs)   # before any work
+        Q = describe(model, refs, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
         X = self.descriptors.astype(np.float32)
         sim, ranks = rank(X, Q)                         # (N, n_q) each
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
         if rerank is not None:
             out = registry.rerank(rerank, registry.Inputs(
-                X, Q, ranks, sim, model=model, query_images=[ImageRef(q) for q in queries],
+                X, Q, ranks, sim, model=model, query_images=refs,
                 db_images=[ImageRef(p) for p in self.paths],
                 settings={"batch_size": batch_size, "bucket": bucket}), **opts)
             ranks = out.ranks
@@ -205,6 +209,30 @@ class Index:
             top[:out.scores.shape[0]] = out.scores
         return [[Hit(self.paths[int(j)], float(top[pos, i]))
                  for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
+
+    def search_regions(self, model: RetrievalModel, query, k: int = 10, *, regions: int = 5,
+                       box=None, **search_options) -> tuple[list[Hit], list]:
+        """One query image searched whole (or cropped to `box`) and by up to `regions`
+        regions that the network proposes (`scvnet_jax.regions`); the hit lists (each the
+        top k, reranked as `search_options` say) are merged by each image's best score.
+        Returns (hits, the regions searched, as boxes in pixels)."""
+        from scvnet_jax import regions as proposals
+
+        (query,) = _query_paths(query)
+        regions = _positive_int(regions, "regions") if regions else 0
+        im = read_image(ImageRef(query, _boxes([box], 1)[0]))
+        found = proposals.propose(model, im, regions, search_options.get("bucket", 64))
+        if box is not None:     # regions of the crop, in the image's pixels
+            found = [(r[0] + int(box[0]), r[1] + int(box[1]), r[2] + int(box[0]),
+                      r[3] + int(box[1])) for r in found]
+        lists = self.search(model, [query] * (1 + len(found)), k, boxes=[box, *found],
+                            **search_options)
+        best: dict = {}
+        for hits in lists:
+            for h in hits:
+                best[h.path] = max(best.get(h.path, -np.inf), h.score)
+        merged = sorted(best.items(), key=lambda ps: -ps[1])[:k]
+        return [Hit(p, s) for p, s in merged], found
 
 
 ON_ERROR = ("raise", "skip")
@@ -214,6 +242,25 @@ def _positive_int(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise InputError(f"{name} must be an integer >= 1, got {v!r}")
     return int(v)
+
+
+def _boxes(boxes, n: int) -> list:
+    """None or one box (x1, y1, x2, y2) per query, as float tuples."""
+    if boxes is None:
+        return [None] * n
+    if len(boxes) != n:
+        raise InputError(f"boxes: one per query expected ({n}), got {len(boxes)}")
+    out = []
+    for b in boxes:
+        if b is not None:
+            try:
+                b = tuple(float(v) for v in b)
+            except (TypeError, ValueError):
+                raise InputError(f"box {b!r}: expected four numbers x1, y1, x2, y2") from None
+            if len(b) != 4:
+                raise InputError(f"box {b!r}: expected four numbers x1, y1, x2, y2")
+        out.append(b)
+    return out
 
 
 def _query_paths(queries) -> list[str]:

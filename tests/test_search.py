@@ -273,3 +273,27 @@ def test_update_index_refusals(folder, model, tmp_path, capsys):
     assert [Path(p).name for p, _ in index.skipped] == ["broken.jpg"]
     assert "skipped: " in capsys.readouterr().err
     assert sj.search.Index.load(tmp_path / "p.index").skipped == index.skipped
+
+
+def test_search_regions_merges_by_the_best_score(folder, model):
+    """The whole image and each proposed region are searched; each image's merged score is
+    its best over those lists; a box searches that crop."""
+    index = sj.search.index_folder(model, folder)
+    query = index.paths[5]
+    hits, found = index.search_regions(model, query, k=6, regions=2)
+    assert 1 <= len(found) <= 2 and len(hits) == 6
+    im = sj.search.read_image(query)
+    assert all(0 <= x1 < x2 <= im.shape[1] and 0 <= y1 < y2 <= im.shape[0]
+               for x1, y1, x2, y2 in found)
+    lists = index.search(model, [query] * (1 + len(found)), k=6, boxes=[None, *found])
+    best = {}
+    for hs in lists:
+        for h in hs:
+            best[h.path] = max(best.get(h.path, -1.0), h.score)
+    assert [h.path for h in hits] == sorted(best, key=lambda p: -best[p])[:6]
+    assert all(h.score == best[h.path] for h in hits)
+    box = found[0]
+    (crop,) = index.search(model, query, k=3, boxes=[box])
+    assert crop != index.search(model, query, k=3)[0]
+    with pytest.raises(InputError, match="expected four numbers"):
+        index.search(model, query, boxes=[(1, 2, 3)])

@@ -3,7 +3,7 @@
     scvnet-search index PHOTOS/ --index my.index [--weights CVPR2022_CVNet_R50.pyth]
                                                   [--family cvnet|superglobal]
     scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
-                                                    [--json]
+                                                    [--regions 5] [--box X1,Y1,X2,Y2] [--json]
 
 (`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
 used, so both run on a fresh machine. `index` is incremental: a rerun extracts only new or
@@ -11,7 +11,9 @@ changed files (by content) and drops deleted ones; a run killed at any point res
 it stopped. `query` loads the model the index was built with (or --weights, checked to
 give the same descriptors) and prints the top k per query image, as a table or, with
 --json, one JSON object per query: {"query": ..., "hits": [{"path": ..., "score": ...}]}
-with the scores the final ranking is sorted by.
+with the scores the final ranking is sorted by. --regions N also searches N regions of the
+query proposed from the network's own activations (scvnet_jax.regions) and merges the hit
+lists by each image's best score; --box searches a crop.
 """
 from __future__ import annotations
 
@@ -43,6 +45,27 @@ def _positive(text: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
     return v
+
+
+def _nonnegative(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = -1
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return v
+
+
+def _box(text: str) -> tuple[float, ...]:
+    try:
+        box = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        box = ()
+    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3] or min(box) < 0:
+        raise argparse.ArgumentTypeError(f"expected X1,Y1,X2,Y2 with 0 <= X1 < X2 and "
+                                         f"0 <= Y1 < Y2 (pixels), got {text!r}")
+    return box
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -94,6 +117,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--option", type=_option, action="append", default=[],
                    metavar="NAME=VALUE", help="a reranker option, e.g. --option M=400 or "
                    "--option weights=runs/csa_demo/model (repeatable)")
+    q.add_argument("--regions", type=_nonnegative, default=0, metavar="N",
+                   help="also search N regions of each query that the network proposes "
+                        "(no detector); hit lists merged by each image's best score")
+    q.add_argument("--box", type=_box, default=None, metavar="X1,Y1,X2,Y2",
+                   help="search this crop of the query image (pixels)")
     q.add_argument("--weights", default=None,
                    help="the model to describe the queries with (default: the one the index "
                         "was built with; another one must give the same descriptors)")
@@ -184,17 +212,31 @@ def query_command(args) -> int:
         raise InputError(f"--weights {weights}: gives other descriptors than the model "
                          f"{args.index} was built with ({index.weights})")
     t0 = time.perf_counter()
-    hits = index.search(model, args.queries, k=args.k, rerank=rerank,
-                        rerank_k=args.rerank_k, options=dict(args.option),
-                        batch_size=args.batch_size, bucket=args.bucket)
+    options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=dict(args.option),
+                   batch_size=args.batch_size, bucket=args.bucket)
+    if args.regions or args.box:
+        found = [index.search_regions(model, q, regions=args.regions, box=args.box,
+                                      **options) for q in args.queries]
+        hits, regions = [f[0] for f in found], [f[1] for f in found]
+    else:
+        hits = index.search(model, args.queries, **options)
+        regions = [[] for _ in args.queries]
     seconds = time.perf_counter() - t0
-    for q, hs in zip(args.queries, hits):
+    for q, hs, rs in zip(args.queries, hits, regions):
         if args.json:
-            print(json.dumps({"query": str(Path(q).resolve()), "rerank": args.rerank,
-                              "hits": [{"path": h.path, "score": round(h.score, 6)}
-                                       for h in hs]}))
+            out = {"query": str(Path(q).resolve()), "rerank": args.rerank}
+            if args.box:
+                out["box"] = list(args.box)
+            if args.regions:
+                out["regions"] = [list(r) for r in rs]
+            out["hits"] = [{"path": h.path, "score": round(h.score, 6)} for h in hs]
+            print(json.dumps(out))
             continue
-        print(f"{q}  (rerank {args.rerank}; {len(index)} images)")
+        crop = f"; box {','.join(f'{v:g}' for v in args.box)}" if args.box else ""
+        print(f"{q}  (rerank {args.rerank}; {len(index)} images{crop})")
+        if args.regions:
+            print(f"  regions searched too: {', '.join(str(tuple(r)) for r in rs) or 'none'}"
+                  " (merged by best score)")
         print(f"  {'rank':>4}  {'score':>8}  path")
         for i, h in enumerate(hs, 1):
             print(f"  {i:>4}  {h.score:8.4f}  {h.path}")

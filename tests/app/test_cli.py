@@ -59,6 +59,29 @@ def test_index_then_query(photos, tmp_path, capsys):
                                    [h.score for h in want[0]], atol=1e-6)
 
 
+def test_query_regions_and_box(photos, tmp_path, capsys):
+    """--regions N: the regions searched are printed and the hits are search_regions';
+    --box: the crop's hits."""
+    index = tmp_path / "my.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    query = sorted(photos.rglob("rocket_*"))[0]
+    assert main(["query", "--index", str(index), str(query), "--regions", "2", "-k", "4",
+                 "--json"]) == 0
+    got = json.loads(capsys.readouterr().out.splitlines()[-1])
+    model = sj.load(sj.demo_model_path())
+    loaded = sj.search.Index.load(index)
+    hits, found = loaded.search_regions(model, str(query), k=4, regions=2)
+    assert got["regions"] == [list(r) for r in found] and len(found) >= 1
+    assert [h["path"] for h in got["hits"]] == [h.path for h in hits]
+    x1, y1, x2, y2 = found[0]
+    assert main(["query", "--index", str(index), str(query), "--box", f"{x1},{y1},{x2},{y2}",
+                 "-k", "3"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].endswith(f"; box {x1},{y1},{x2},{y2})")
+    want = loaded.search(model, str(query), k=3, boxes=[found[0]])[0]
+    assert [ln.split()[2] for ln in table[2:5]] == [h.path for h in want]
+
+
 @pytest.mark.parametrize("args, message", [
     (["query", "--index", "{index}", "{query}", "-k", "0"], "argument -k: expected an "
      "integer >= 1, got 0"),
@@ -79,6 +102,10 @@ def test_index_then_query(photos, tmp_path, capsys):
      "nope.pyth: no such file"),
     (["index", "{photos}", "--index", "{index}", "--family", "resnet"], "argument --family: "
      "invalid choice"),
+    (["query", "--index", "{index}", "{query}", "--box", "5,5,1,1"], "argument --box: "
+     "expected X1,Y1,X2,Y2"),
+    (["query", "--index", "{index}", "{query}", "--regions", "-1"], "argument --regions: "
+     "expected an integer >= 0"),
 ])
 def test_refusals_are_one_error_line(args, message, photos, tmp_path, tiny_model_dir,
                                      capsys):
