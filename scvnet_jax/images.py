@@ -80,8 +80,9 @@ def header_size(data: bytes, what: str) -> tuple[int, int]:
             with Image.open(io.BytesIO(data)) as im:
                 return im.size
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        detail = "" if isinstance(e, UnidentifiedImageError) else f"; {e}"   # (names a BytesIO)
         raise InputError(f"{what}: cannot read the image: not an image file this tool reads "
-                         f"(expected JPEG, PNG, BMP, TIFF, WebP, ...; {e})") from None
+                         f"(expected JPEG, PNG, BMP, TIFF, WebP, ...{detail})") from None
     except Image.DecompressionBombError as e:   # PIL's own limit, far above ours
         m = re.search(r"\((\d+) pixels\)", str(e))
         n = f"{int(m[1]) / 1e6:.0f} megapixels" if m else "more than 179 megapixels"

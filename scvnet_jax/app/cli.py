@@ -1,9 +1,10 @@
-"""scvnet-search: index a photo collection and search it by image.
+"""scvnet-search: index a photo collection and search it by image, here or in a web page.
 
     scvnet-search index PHOTOS/ --index my.index [--weights CVPR2022_CVNet_R50.pyth]
                                                   [--family cvnet|superglobal]
     scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
                                                     [--regions 5] [--box X1,Y1,X2,Y2] [--json]
+    scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
 
 (`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
 used, so both run on a fresh machine. `index` is incremental: a rerun extracts only new or
@@ -129,6 +130,23 @@ def parser() -> argparse.ArgumentParser:
                    help="where the indexed folder is now, if it was moved")
     q.add_argument("--json", action="store_true", help="one JSON object per query")
     _common(q)
+    sv = sub.add_parser("serve", help="the web page and REST API over an index",
+                        description="Serve the search page and the REST API (GET /api/health, "
+                        "POST /api/search, GET /api/image/{id}, docs at /docs) over one index, "
+                        "with the model loaded once. Needs the app extra: "
+                        "pip install 'scvnet_jax[app]'.")
+    sv.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
+    sv.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (default 127.0.0.1: this machine only)")
+    sv.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    sv.add_argument("--weights", default=None, help="as for query")
+    sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
+    sv.add_argument("--max_upload_mb", type=_positive, default=20,
+                    help="largest query upload accepted (default 20 MB)")
+    sv.add_argument("--max_image_pixels", type=_positive, default=None,
+                    help="largest query image, in pixels, from its header (default 100 "
+                         "megapixels, SCVNET_MAX_IMAGE_PIXELS)")
+    _common(sv)
     return p
 
 
@@ -189,17 +207,10 @@ def index_command(args) -> int:
     return 0
 
 
-def query_command(args) -> int:
+def _index_and_model(args):
+    """The index and the model to describe queries with (checked to match it)."""
     from scvnet_jax import search
-    from scvnet_jax.rerank import registry
 
-    rerank = None if args.rerank == "none" else args.rerank
-    if rerank is not None and rerank not in registry.names():
-        raise InputError(f"--rerank {args.rerank}: expected none or one of "
-                         f"{', '.join(registry.names())}")
-    for q in args.queries:
-        if not Path(q).is_file():
-            raise InputError(f"{q}: query image not found")
     index = search.Index.load(Path(args.index).expanduser(), root=args.root)
     weights = args.weights or index.weights
     if not weights:
@@ -211,6 +222,20 @@ def query_command(args) -> int:
                                         index.descriptors.dtype.name) != index.model:
         raise InputError(f"--weights {weights}: gives other descriptors than the model "
                          f"{args.index} was built with ({index.weights})")
+    return index, model
+
+
+def query_command(args) -> int:
+    from scvnet_jax.rerank import registry
+
+    rerank = None if args.rerank == "none" else args.rerank
+    if rerank is not None and rerank not in registry.names():
+        raise InputError(f"--rerank {args.rerank}: expected none or one of "
+                         f"{', '.join(registry.names())}")
+    for q in args.queries:
+        if not Path(q).is_file():
+            raise InputError(f"{q}: query image not found")
+    index, model = _index_and_model(args)
     t0 = time.perf_counter()
     options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=dict(args.option),
                    batch_size=args.batch_size, bucket=args.bucket)
@@ -246,6 +271,31 @@ def query_command(args) -> int:
     return 0
 
 
+def serve_command(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise InputError(f"serve needs the app extra ({e.name} is missing): pip install "
+                         "'scvnet_jax[app]'") from None
+    from scvnet_jax.app import server
+    from scvnet_jax.images import set_max_pixels
+
+    if args.max_image_pixels:
+        set_max_pixels(args.max_image_pixels)
+    index, model = _index_and_model(args)
+    searcher = server.Searcher(index, model, batch_size=args.batch_size, bucket=args.bucket,
+                               max_upload_bytes=args.max_upload_mb << 20)
+    t0 = time.perf_counter()
+    searcher.search(id=0, k=1)           # compile now, not on the first user's query
+    print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "
+          f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs)", flush=True)
+    uvicorn.run(server.create_app(searcher), host=args.host, port=args.port,
+                log_level="warning")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    return cli.run(lambda: {"index": index_command, "query": query_command}[args.command](args))
+    commands = {"index": index_command, "query": query_command, "serve": serve_command}
+    return cli.run(lambda: commands[args.command](args))

@@ -125,12 +125,13 @@ def test_refusals_are_one_error_line(args, message, photos, tmp_path, tiny_model
 
 
 def test_help(capsys):
-    for argv in (["--help"], ["index", "--help"], ["query", "--help"]):
+    for argv in (["--help"], ["index", "--help"], ["query", "--help"], ["serve", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "scvnet-search index PHOTOS/" in out and "--rebuild" in out and "--json" in out
+    assert "--max_upload_mb" in out and "127.0.0.1" in out
 
 
 def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, run_module):
