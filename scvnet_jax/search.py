@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from scvnet_jax import files
 from scvnet_jax.api import RetrievalModel
-from scvnet_jax.engine import extract
+from scvnet_jax.engine import backends, extract
 from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
 from scvnet_jax.engine.search import rank
 from scvnet_jax.errors import InputError
@@ -93,6 +93,8 @@ class Index:
     digests: list = dataclasses.field(default_factory=list)
     model: str = ""
     weights: str = ""
+    backend: object = None      # engine.backends.*: None = exact search on the device
+    recall_at_10: float | None = None   # of a faiss backend against exact search
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -103,11 +105,16 @@ class Index:
         d = self.descriptors
         d = d if d.dtype == np.float16 else d.astype(np.float32)
         skipped = np.array([f"{p}\t{r}" for p, r in self.skipped], dtype=str)
+        extra = {}
+        if getattr(self.backend, "name", "exact") == "faiss":   # inside: never out of step
+            extra = {"faiss_index": self.backend.serialize(),
+                     "recall_at_10": np.array(self.recall_at_10 if self.recall_at_10
+                                              is not None else np.nan)}
         files.atomic_save_npz(path, format=np.array(FORMAT), family=np.array(self.family),
                               root=np.array(self.root), paths=np.array(self.paths, dtype=str),
                               descriptors=d, digests=np.array(self.digests, dtype=str),
                               model=np.array(self.model), weights=np.array(self.weights),
-                              skipped=skipped)
+                              skipped=skipped, **extra)
         return path
 
     @classmethod
@@ -128,6 +135,10 @@ class Index:
                             if "skipped" in z.files else [],
                             [str(v) for v in z["digests"]] if "digests" in z.files else [],
                             get("model"), get("weights"))
+                faiss_bytes = z["faiss_index"] if "faiss_index" in z.files else None
+                if faiss_bytes is not None:
+                    r = float(z["recall_at_10"])
+                    index.recall_at_10 = None if np.isnan(r) else r
         except InputError:
             raise
         except Exception as e:   # zip, npy and OS errors of a damaged file alike
@@ -139,7 +150,18 @@ class Index:
             raise InputError(f"{path}: damaged search index ({len(index.paths)} paths, "
                              f"{len(index.digests)} digests, descriptors "
                              f"{index.descriptors.dtype} of shape {index.descriptors.shape})")
+        if faiss_bytes is not None:
+            index.backend = backends.Faiss.deserialize(faiss_bytes, index.descriptors.shape,
+                                                       what=str(path))
         return index.rerooted(root) if root is not None else index
+
+    def with_backend(self, name: str = "exact", **options) -> "Index":
+        """This index searched by another backend (`engine.backends`: "exact", "faiss"
+        with kind=..., "qdrant" with location/path/url); an approximate one's recall@10
+        against exact search is measured on a sample of the index's own vectors."""
+        b = None if name == "exact" else backends.create(name, self.descriptors, **options)
+        recall = backends.recall_at(b, self.descriptors) if b is not None else None
+        return dataclasses.replace(self, backend=b, recall_at_10=recall)
 
     def rerooted(self, new_root) -> "Index":
         """The same index for a collection moved from `root` to `new_root`."""
@@ -153,8 +175,8 @@ class Index:
 
     def search(self, model: RetrievalModel, queries, k: int = 10, *, boxes=None,
                rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,
-               superglobal: dict | None = None, batch_size: int = 8,
-               bucket: int = 64) -> list[list[Hit]]:
+               superglobal: dict | None = None, batch_size: int = 8, bucket: int = 64,
+               shortlist: int = 1000) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
 
         boxes: None, or per query None or a box (x1, y1, x2, y2) in pixels: the query is
@@ -170,10 +192,14 @@ class Index:
         (`registry.RERANKERS[name].score`): for superglobal, (similarity to the query +
         to the expanded query) / 2 of the augmented descriptors (M is raised to k, so every
         hit is reranked); for cvnet, similarity + 0.5 x the verification score in [0, 1];
-        for csa, the cosine of the CSA output tokens (its topk is raised to k, so every hit
-        is reranked); for icfrr, -distance + beta x votes; for alpha_qe / dba, the
+        for csa, the cosine of the CSA output tokens (its topk: the one a model of ours was
+        trained with, else rerank_k, raised to k so every hit is reranked); for icfrr, -distance + beta x votes; for alpha_qe / dba, the
         similarity to the expanded query / augmented descriptor. Hits below cvnet's top
-        `rerank_k` keep the cosine similarity (which is below their score)."""
+        `rerank_k` keep the cosine similarity (which is below their score).
+
+        With an approximate backend (`backend`: faiss, qdrant) the first stage is each
+        query's top `shortlist` (at least k) from it, and a reranker works on the union of
+        those candidates (`registry.from_candidates`); exact search ranks everything."""
         queries = _query_paths(queries)
         refs = [ImageRef(q, b) for q, b in zip(queries, _boxes(boxes, len(queries)))]
         k = _positive_int(k, "k")
@@ -184,19 +210,26 @@ class Index:
         if rerank == "superglobal":
             opts = {**(superglobal or {}), **opts}
             opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked
-        if rerank in ("cvnet", "csa") and "topk" not in opts:
+        if rerank == "cvnet" and "topk" not in opts:
             opts["topk"] = _positive_int(rerank_k, "rerank_k")
-        if rerank == "csa":               # CSA scores are not similarities: rerank every hit
-            opts["topk"] = max(int(opts["topk"]), k)
         if rerank is not None:
             try:
                 registry.options(rerank, opts)
             except Exception as e:
                 raise InputError(str(e)) from None
+        if rerank == "csa":     # a model of ours: its training topk; CSA scores are not
+            if not opts.get("topk"):    # similarities, so every hit is reranked
+                trained = registry.csa_model(opts.get("weights", ""),
+                                             opts.get("dtype", "float32")).topk
+                opts["topk"] = trained or _positive_int(rerank_k, "rerank_k")
+            opts["topk"] = max(int(opts["topk"]), k)
         extract.check_images(refs)   # before any work
         Q = describe(model, refs, self.family, batch_size=batch_size, bucket=bucket,
                      desc="queries")
         X = self.descriptors.astype(np.float32)
+        if self.backend is not None:
+            return self._search_shortlist(model, Q, X, refs, k, rerank, opts, shortlist,
+                                          {"batch_size": batch_size, "bucket": bucket})
         sim, ranks = rank(X, Q)                         # (N, n_q) each
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
         if rerank is not None:
@@ -209,6 +242,25 @@ class Index:
             top[:out.scores.shape[0]] = out.scores
         return [[Hit(self.paths[int(j)], float(top[pos, i]))
                  for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
+
+    def _search_shortlist(self, model, Q, X, refs, k, rerank, opts, shortlist, settings):
+        S = min(len(self), max(k, _positive_int(shortlist, "shortlist")))
+        scores, ids = self.backend.search(Q, S)
+        if rerank is None:
+            return [[Hit(self.paths[int(j)], float(v)) for v, j in zip(scores[i], ids[i])
+                     if j >= 0][:k] for i in range(len(Q))]
+        ids = np.where(ids < 0, ids[:, :1], ids)         # too few found: repeat the best
+        inputs, rows = registry.from_candidates(Q, ids, lambda r: X[np.asarray(r)])
+        inputs = dataclasses.replace(inputs, model=model, query_images=refs,
+                                     db_images=[ImageRef(self.paths[int(j)]) for j in rows],
+                                     settings=settings)
+        if rerank == "superglobal":
+            opts = {**opts, "M": min(int(opts["M"]), len(rows))}
+        out = registry.rerank(rerank, inputs, **opts)
+        top = np.take_along_axis(inputs.sim, out.ranks, axis=0)
+        top[:out.scores.shape[0]] = out.scores
+        return [[Hit(self.paths[int(rows[j])], float(top[pos, i]))
+                 for pos, j in enumerate(out.ranks[:k, i])] for i in range(len(Q))]
 
     def search_regions(self, model: RetrievalModel, query, k: int = 10, *, regions: int = 5,
                        box=None, **search_options) -> tuple[list[Hit], list]:
@@ -319,6 +371,14 @@ def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> 
                              for h in hits[:topn]], title)
 
 
+FAISS_THRESHOLD = 200_000     # backend="auto": faiss from this many images on
+
+
+def _has_faiss() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("faiss") is not None
+
+
 def model_key(model: RetrievalModel, family: str, dtype: str = "float32") -> str:
     """What an index's descriptors depend on: the backbone's weights (the rerank head does
     not change them), the descriptor and its settings, the stored dtype."""
@@ -337,8 +397,9 @@ def _read_or_reason(path: str):
 
 def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                  weights: str = "", dtype: str = "float16", on_error: str = "skip",
-                 rebuild: bool = False, chunk_size: int = 64, batch_size: int = 8,
-                 bucket: int = 64, workers: int = 4) -> tuple[Index, dict]:
+                 rebuild: bool = False, backend: str = "auto", faiss_kind: str = "hnsw",
+                 chunk_size: int = 64, batch_size: int = 8, bucket: int = 64,
+                 workers: int = 4) -> tuple[Index, dict]:
     """Brings the index file `path` up to date with every image under `folder` and returns
     it with counts: a rerun extracts only new or changed files (by content digest, so a
     renamed or copied photo is not extracted again) and drops deleted ones.
@@ -349,13 +410,24 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     existing file at `path` that is not an index is refused, never overwritten; an index
     built with another model, descriptor or dtype is refused unless `rebuild`.
     `weights` is recorded for the queries ("demo" or the path the model came from; by
-    default the one the index already records)."""
+    default the one the index already records).
+
+    backend: "exact" (search every vector on the device), "faiss" (a faiss index of
+    `faiss_kind`, stored inside the index file, with its recall@10 against exact search
+    measured on 200 of the index's own vectors), or "auto": faiss from FAISS_THRESHOLD
+    images on when faiss is installed, else exact. The faiss index is rebuilt when the
+    collection changed."""
     if on_error not in ON_ERROR:
         raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if family not in FAMILIES:
         raise InputError(f"family must be one of {FAMILIES}, got {family!r}")
     if dtype not in DTYPES:
         raise InputError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if backend not in ("auto", "exact", "faiss"):
+        raise InputError(f"backend must be auto, exact or faiss, got {backend!r}")
+    if faiss_kind not in backends.KINDS["faiss"]:
+        raise InputError(f"faiss_kind must be one of {backends.KINDS['faiss']}, got "
+                         f"{faiss_kind!r}")
     chunk_size = _positive_int(chunk_size, "chunk_size")
     path = Path(path).expanduser().absolute()
     if path.is_dir():
@@ -419,6 +491,14 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     X = np.stack([known[digests[i]] for i in keep]).astype(dtype)
     index = Index([paths[i] for i in keep], X, family, str(root), skipped,
                   [digests[i] for i in keep], key, weights)
+    if backend == "auto":
+        backend = "faiss" if len(index) >= FAISS_THRESHOLD and _has_faiss() else "exact"
+    if backend == "faiss":
+        same = (old is not None and getattr(old.backend, "kind", None) == faiss_kind
+                and old.model == key and old.paths == index.paths
+                and old.digests == index.digests)
+        index = (dataclasses.replace(index, backend=old.backend, recall_at_10=old.recall_at_10)
+                 if same else index.with_backend("faiss", kind=faiss_kind))
     index.save(path)
     for part in parts.glob("chunk_*.npz"):    # ours: written above or by a killed run
         part.unlink()
@@ -429,6 +509,8 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     stats = {"images": len(paths), "indexed": len(index), "reused": reused,
              "extracted": extracted, "skipped": len(skipped),
              "removed": 0 if old is None else sum(p not in now for p in old.paths),
+             "backend": "exact" if index.backend is None else
+             f"faiss {index.backend.kind}", "recall_at_10": index.recall_at_10,
              "seconds": round(seconds, 3),
              "images_per_second": round(extracted / seconds, 3) if extracted else None}
     return index, stats

@@ -297,3 +297,31 @@ def test_search_regions_merges_by_the_best_score(folder, model):
     assert crop != index.search(model, query, k=3)[0]
     with pytest.raises(InputError, match="expected four numbers"):
         index.search(model, query, boxes=[(1, 2, 3)])
+
+
+def test_faiss_inside_the_index_and_shortlist_search(folder, model, tmp_path):
+    """A faiss index is stored inside the index file with its recall@10; with the exact
+    faiss kind and a shortlist of everything, search and reranking through the shortlist
+    (registry.from_candidates) equal the exact engine's; an unchanged rerun keeps it."""
+    path = tmp_path / "f.index"
+    index, stats = sj.search.update_index(model, folder, path, backend="faiss",
+                                          faiss_kind="flat")
+    assert stats["backend"] == "faiss flat" and stats["recall_at_10"] == 1.0
+    loaded = sj.search.Index.load(path)
+    assert loaded.backend.name == "faiss" and loaded.backend.kind == "flat"
+    assert loaded.recall_at_10 == 1.0
+    exact = loaded.with_backend("exact")
+    assert exact.backend is None
+    query = loaded.paths[4]
+    for rerank, options in ((None, None), ("alpha_qe", {"k": 2}), ("superglobal", None)):
+        a = loaded.search(model, query, k=6, rerank=rerank, options=options)[0]
+        b = exact.search(model, query, k=6, rerank=rerank, options=options)[0]
+        assert [h.path for h in a] == [h.path for h in b], rerank
+        np.testing.assert_allclose([h.score for h in a], [h.score for h in b], atol=1e-5)
+    short = loaded.search(model, query, k=3, shortlist=5, rerank="alpha_qe",
+                          options={"k": 2})[0]
+    assert len(short) == 3
+    _, stats = sj.search.update_index(model, folder, path, backend="faiss", faiss_kind="flat")
+    assert stats["extracted"] == 0 and stats["recall_at_10"] == 1.0
+    with pytest.raises(InputError, match="backend must be auto, exact or faiss"):
+        sj.search.update_index(model, folder, path, backend="annoy")

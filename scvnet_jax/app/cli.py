@@ -103,6 +103,12 @@ def parser() -> argparse.ArgumentParser:
                     help="skip: list unreadable images and index the rest; raise: stop")
     ix.add_argument("--rebuild", action="store_true",
                     help="re-extract everything (needed to change model, family or dtype)")
+    ix.add_argument("--backend", choices=("auto", "exact", "faiss"), default="auto",
+                    help="exact: every vector searched on the device; faiss: an approximate "
+                         "faiss index inside the index file, its recall@10 reported (the "
+                         "faiss extra); auto: faiss from 200k images when installed")
+    ix.add_argument("--faiss_kind", choices=("hnsw", "ivf", "ivfpq", "flat"), default="hnsw",
+                    help="the faiss index (default hnsw)")
     ix.add_argument("--chunk_size", type=_positive, default=64,
                     help="new images per saved chunk: a killed run resumes from the last")
     _common(ix)
@@ -129,6 +135,7 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--root", default=None,
                    help="where the indexed folder is now, if it was moved")
     q.add_argument("--json", action="store_true", help="one JSON object per query")
+    _backend_flags(q)
     _common(q)
     sv = sub.add_parser("serve", help="the web page and REST API over an index",
                         description="Serve the search page and the REST API (GET /api/health, "
@@ -143,11 +150,23 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
                     help="largest query upload accepted (default 20 MB)")
+    _backend_flags(sv)
     sv.add_argument("--max_image_pixels", type=_positive, default=None,
                     help="largest query image, in pixels, from its header (default 100 "
                          "megapixels, SCVNET_MAX_IMAGE_PIXELS)")
     _common(sv)
     return p
+
+
+def _backend_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", choices=("index", "exact", "faiss", "qdrant"), default="index",
+                   help="index: the one the index was built with; exact; faiss (its own, "
+                        "or an HNSW built now); qdrant: the vectors in a Qdrant collection "
+                        "(local, in memory, or --qdrant_url; the qdrant extra)")
+    p.add_argument("--qdrant_url", default=None,
+                   help="a Qdrant server (e.g. http://localhost:6333) for --backend qdrant")
+    p.add_argument("--shortlist", type=_positive, default=1000,
+                   help="with faiss or qdrant: candidates per query that rerankers see")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -193,8 +212,8 @@ def index_command(args) -> int:
     model = _load(weights)
     index, stats = search.update_index(
         model, folder, args.index, args.family, weights=weights, dtype=args.dtype,
-        on_error=args.on_error, rebuild=args.rebuild, chunk_size=args.chunk_size,
-        batch_size=args.batch_size,
+        on_error=args.on_error, rebuild=args.rebuild, backend=args.backend,
+        faiss_kind=args.faiss_kind, chunk_size=args.chunk_size, batch_size=args.batch_size,
         bucket=args.bucket, workers=args.workers)
     rate = (f", {stats['images_per_second']:.2f} img/s"
             if stats["images_per_second"] else "")
@@ -203,8 +222,28 @@ def index_command(args) -> int:
           f"skipped) in {stats['seconds']:.1f} s{rate}")
     size = os.path.getsize(Path(args.index).expanduser())
     print(f"wrote {args.index}: {len(index)} x {index.descriptors.shape[1]} "
-          f"{index.descriptors.dtype} ({index.family}), {size / 2**20:.1f} MB")
+          f"{index.descriptors.dtype} ({index.family}), {size / 2**20:.1f} MB; search "
+          f"{_backend_text(index)}")
     return 0
+
+
+def _backend_text(index) -> str:
+    if index.backend is None:
+        return "exact"
+    kind = getattr(index.backend, "kind", "")
+    recall = (f", recall@10 {index.recall_at_10:.3f} against exact search on a sample"
+              if index.recall_at_10 is not None else "")
+    return f"{index.backend.name} {kind}".strip() + recall
+
+
+def _with_backend(index, args):
+    if args.backend == "index" or (args.backend == "faiss" and index.backend is not None
+                                   and index.backend.name == "faiss"):
+        return index
+    if args.backend == "qdrant":
+        return index.with_backend("qdrant", **({"url": args.qdrant_url} if args.qdrant_url
+                                               else {}))
+    return index.with_backend(args.backend)
 
 
 def _index_and_model(args):
@@ -222,7 +261,7 @@ def _index_and_model(args):
                                         index.descriptors.dtype.name) != index.model:
         raise InputError(f"--weights {weights}: gives other descriptors than the model "
                          f"{args.index} was built with ({index.weights})")
-    return index, model
+    return _with_backend(index, args), model
 
 
 def query_command(args) -> int:
@@ -238,7 +277,7 @@ def query_command(args) -> int:
     index, model = _index_and_model(args)
     t0 = time.perf_counter()
     options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=dict(args.option),
-                   batch_size=args.batch_size, bucket=args.bucket)
+                   batch_size=args.batch_size, bucket=args.bucket, shortlist=args.shortlist)
     if args.regions or args.box:
         found = [index.search_regions(model, q, regions=args.regions, box=args.box,
                                       **options) for q in args.queries]
@@ -258,7 +297,8 @@ def query_command(args) -> int:
             print(json.dumps(out))
             continue
         crop = f"; box {','.join(f'{v:g}' for v in args.box)}" if args.box else ""
-        print(f"{q}  (rerank {args.rerank}; {len(index)} images{crop})")
+        print(f"{q}  (rerank {args.rerank}; {len(index)} images{crop}; search "
+              f"{_backend_text(index)})")
         if args.regions:
             print(f"  regions searched too: {', '.join(str(tuple(r)) for r in rs) or 'none'}"
                   " (merged by best score)")
@@ -285,7 +325,8 @@ def serve_command(args) -> int:
         set_max_pixels(args.max_image_pixels)
     index, model = _index_and_model(args)
     searcher = server.Searcher(index, model, batch_size=args.batch_size, bucket=args.bucket,
-                               max_upload_bytes=args.max_upload_mb << 20)
+                               max_upload_bytes=args.max_upload_mb << 20,
+                               shortlist=args.shortlist)
     t0 = time.perf_counter()
     searcher.search(id=0, k=1)           # compile now, not on the first user's query
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "

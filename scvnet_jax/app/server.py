@@ -33,8 +33,8 @@ class Searcher:
     """The index and the model, loaded once; `search` is what POST /api/search does."""
 
     def __init__(self, index, model, *, batch_size: int = 8, bucket: int = 64,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES):
-        self.index, self.model = index, model
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000):
+        self.index, self.model, self.shortlist = index, model, shortlist
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()
@@ -73,7 +73,8 @@ class Searcher:
                 Path(path).write_bytes(data)
                 name = filename
             options = dict(k=k, rerank=None if rerank == "none" else rerank,
-                           batch_size=self.batch_size, bucket=self.bucket)
+                           batch_size=self.batch_size, bucket=self.bucket,
+                           shortlist=self.shortlist)
             with self.lock:
                 t1 = time.perf_counter()
                 if regions or box is not None:
@@ -155,6 +156,9 @@ def create_app(searcher: Searcher):
         ix = searcher.index
         return {"status": "ok", "images": len(ix), "family": ix.family,
                 "weights": ix.weights, "dtype": ix.descriptors.dtype.name,
+                "backend": "exact" if ix.backend is None else
+                f"{ix.backend.name} {getattr(ix.backend, 'kind', '')}".strip(),
+                "recall_at_10": ix.recall_at_10,
                 "rerankers": ["none", *registry.names()]}
 
     @app.post("/api/search")

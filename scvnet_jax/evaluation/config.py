@@ -52,8 +52,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.icfrr = ml_collections.ConfigDict(dict(KG=256, KQ=250, beta=0.5, n_times=5,
                                              limited_memory=False, shortlist=0, max_bytes=0))
     # weights: a CSA model directory (train.py writes one) or an official checkpoint;
-    # topk 128 and anchor_len (from the weights) as the official test.py
-    c.csa = ml_collections.ConfigDict(dict(weights="", topk=128, dtype="float32"))
+    # topk 0: the topk a model of ours was trained with (its model directory records it),
+    # 128 for official checkpoints
+    c.csa = ml_collections.ConfigDict(dict(weights="", topk=0, dtype="float32"))
     # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
     c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
     c.dba = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
@@ -96,7 +97,8 @@ _RANGES = (
     ("icfrr.n_times", "int", lambda v: v >= 0, "an integer >= 0"),
     ("icfrr.shortlist", "int", lambda v: v >= 0, "an integer >= 0 (0: the whole gallery)"),
     ("icfrr.max_bytes", "int", lambda v: v >= 0, "an integer >= 0 (0: the default limit)"),
-    ("csa.topk", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("csa.topk", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's training topk, "
+                                          "128 for official checkpoints)"),
     ("alpha_qe.k", "int", lambda v: v >= 0, "an integer >= 0"),
     ("alpha_qe.alpha", "num", lambda v: v >= 0, "a number >= 0"),
     ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),

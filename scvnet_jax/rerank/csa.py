@@ -11,6 +11,12 @@ As the official `test.py`: a query's affinity features are the similarities of
 the transformer scores each candidate, and the top-k is re-ordered by that score alone
 (it replaces the first-stage similarity); the rest of the ranking is unchanged.
 
+Options of models we train (`configs/csa_demo.py`; none in official checkpoints, whose
+features stay exactly the official ones): `center`, descriptors minus the training bank's
+mean and L2-normalised before the affinities (the first-stage ranking is not touched), and
+`affinity_norm` "row", each token's affinity row standardised; the model directory records
+both (and the training topk, the rerankers' default topk for it), and `rerank` applies them.
+
 Where the database has fewer than anchor_len - 1 items the missing anchor columns are
 zeros (the official code cannot run there), and topk is clipped to the database size.
 """
@@ -59,6 +65,29 @@ def affinity(X, Q, ranks, topk: int = 1024, anchor_len: int = 512) -> np.ndarray
     return A
 
 
+AFFINITY_NORMS = ("none", "row")
+
+
+def center_descriptors(X, mean) -> np.ndarray:
+    """(X - mean) L2-normalised (rows), float32; X itself when mean is None."""
+    X = np.asarray(X, np.float32)
+    if mean is None:
+        return X
+    Y = X - np.asarray(mean, np.float32)
+    return Y / np.maximum(np.linalg.norm(Y, axis=-1, keepdims=True), 1e-12)
+
+
+def normalize_affinity(A, mode: str = "none") -> np.ndarray:
+    """Affinity features (..., tokens, anchors) as a model trained with `affinity_norm`
+    = mode saw them: "none" unchanged, "row" each token's row standardised."""
+    if mode not in AFFINITY_NORMS:
+        raise ConfigError(f"csa: affinity_norm must be one of {AFFINITY_NORMS}, got {mode!r}")
+    A = np.asarray(A, np.float32)
+    if mode == "none":
+        return A
+    return (A - A.mean(-1, keepdims=True)) / (A.std(-1, keepdims=True) + 1e-6)
+
+
 def _check_ranks(X, Q, ranks):
     if X.ndim != 2 or Q.ndim != 2 or X.shape[1] != Q.shape[1]:
         raise InputError(f"X must be (N, D) and Q (nq, D) with the same D; got {X.shape} and "
@@ -87,10 +116,17 @@ class CSA:
     differ from it by up to ~2e-5 in the transformer blocks' outputs, whose values reach
     ~30) at several times the cost; on accelerators without float64 use float32."""
 
-    def __init__(self, arch, variables, source: str | None = None, dtype: str = "float32"):
+    def __init__(self, arch, variables, source: str | None = None, dtype: str = "float32",
+                 *, center=None, affinity_norm: str = "none", topk: int | None = None):
         from scvnet_jax.models.csa import RerankTransformer
         if dtype not in DTYPES:
             raise ConfigError(f"csa: dtype must be one of {DTYPES}, got {dtype!r}")
+        if affinity_norm not in AFFINITY_NORMS:
+            raise ConfigError(f"csa: affinity_norm must be one of {AFFINITY_NORMS}, got "
+                              f"{affinity_norm!r}")
+        self.center = None if center is None else np.asarray(center, np.float32)
+        self.affinity_norm = affinity_norm
+        self.topk = None if topk is None else int(topk)     # the training topk, if known
         self.arch = arch
         self.module = RerankTransformer(arch)
         self.variables = jax.tree.map(np.asarray, dict(variables))
@@ -130,11 +166,19 @@ class CSA:
         """[embedding, block 0 output, block 1 output, ...], each (nq, 1 + k, embed_dim)."""
         return self._run("activations", A, batch_size)
 
+    def features(self, X, Q, ranks, topk: int = 1024) -> np.ndarray:
+        """The affinity features this model scores: `affinity` of the (centred, if the model
+        was trained so) descriptors, normalised as in training."""
+        if self.center is not None:
+            X, Q = center_descriptors(X, self.center), center_descriptors(Q, self.center)
+        return normalize_affinity(affinity(X, Q, ranks, topk, self.arch.anchor_len),
+                                  self.affinity_norm)
+
     def rerank(self, X, Q, ranks, topk: int = 1024, return_scores: bool = False):
         """The top-k of `ranks` (N, nq) re-ordered by CSA score, the rest unchanged ->
         (N, nq) int64 (with return_scores also the (min(topk, N), nq) scores, sorted)."""
         ranks = np.asarray(ranks)
-        A = affinity(X, Q, ranks, topk, self.arch.anchor_len)
+        A = self.features(X, Q, ranks, topk)
         s = self.scores(A)                                          # (nq, k)
         order = np.argsort(-s, axis=1, kind="stable")
         k = s.shape[1]
@@ -203,11 +247,20 @@ def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
     from scvnet_jax.convert.torch_file import load_torch_file
 
     if is_model_dir(path):
+        from scvnet_jax.convert.model_dir import read_config
         arch, variables = load_model_dir(path, kind="csa")
         if num_heads is not None and int(num_heads) != arch.num_heads:
             raise CheckpointError(f"{path}: holds a CSA with {arch.num_heads} heads, not "
                                   f"{num_heads}")
-        return CSA(arch, variables, str(path), dtype)
+        meta = read_config(Path(path).resolve(), "csa").get("meta") or {}
+        pre = meta.get("preprocess") or {}
+        center = pre.get("center")
+        if center is not None and np.shape(center) != (len(center),):
+            raise CheckpointError(f"{path}: meta.preprocess.center must be a vector")
+        topk = meta.get("topk")
+        return CSA(arch, variables, str(path), dtype, center=center,
+                   affinity_norm=pre.get("affinity_norm", "none"),
+                   topk=int(topk) if isinstance(topk, int) and topk >= 1 else None)
     if Path(path).is_dir():
         raise CheckpointError(f"{path}: a directory without config.json; expected an official "
                               "CSA checkpoint or a model directory written by scvnet_jax")

@@ -159,8 +159,10 @@ def csa_model(weights, dtype: str = "float32"):
 
 
 def _csa(inp: Inputs, weights, topk: int, dtype: str) -> Result:
-    ranks, scores = csa_model(weights, dtype).rerank(inp.X, inp.Q, inp.ranks, topk=topk,
-                                                     return_scores=True)
+    model = csa_model(weights, dtype)
+    if not topk:            # 0: the topk the model was trained with, else the official 128
+        topk = model.topk or 128
+    ranks, scores = model.rerank(inp.X, inp.Q, inp.ranks, topk=topk, return_scores=True)
     return Result(ranks, scores.astype(np.float32))
 
 
@@ -191,7 +193,7 @@ RERANKERS: dict[str, Reranker] = {r.name: r for r in (
               "shortlist": 0, "max_bytes": 0}, _icfrr,
              score="-distance + beta x votes of the last iteration; every item"),
     Reranker("csa", "CSA: a transformer over affinity features re-orders the top k",
-             {"weights": "", "topk": 128, "dtype": "float32"}, _csa,
+             {"weights": "", "topk": 0, "dtype": "float32"}, _csa,
              score="cosine of the candidate's and the query's CSA output tokens; top k"),
     Reranker("alpha_qe", "alpha-weighted query expansion, the whole database re-ranked",
              {"k": 2, "alpha": 3.0}, _alpha_qe,

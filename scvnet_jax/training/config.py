@@ -93,6 +93,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.csa.attn_drop_rate = 0.1
     c.csa.drop_path_rate = 0.1
     c.csa.alpha = 0.2                # weight of the feature-alignment term
+    # Affinity preprocessing (not in the official CSA; "none"/False = the official features).
+    # center: descriptors minus the training bank's mean, L2-normalised, before the
+    # affinities (the first-stage ranking is unchanged); affinity_norm "row": each token's
+    # affinity row standardised (zero mean, unit variance). Both are recorded in the model
+    # directory, and the csa reranker applies them at inference.
+    c.csa.center = False
+    c.csa.affinity_norm = "none"     # "none" or "row"
     c.csa.bank_batch_size = 8        # images per device while describing the training set
     c.csa.bank_bucket = 64
 
@@ -173,7 +180,7 @@ _RANGES = (
 )
 _CHOICES = (
     ("stage", (1, 2, 3)), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
-    ("csa.family", ("cvnet", "superglobal")),
+    ("csa.family", ("cvnet", "superglobal")), ("csa.affinity_norm", ("none", "row")),
     ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
                          "float32")),
     ("data.positive", ("same_class", "same_image")), ("optimizer.name", ("sgd", "adamw")),
@@ -185,7 +192,8 @@ _CHOICES = (
 SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
                 "model.corr_dim", "loss.queue_size", "data.name", "data.split",
                 "csa.anchor_len", "csa.embed_dim", "csa.depth", "csa.num_heads",
-                "csa.mlp_ratio", "csa.qkv_bias", "csa.topk", "csa.model", "csa.family")
+                "csa.mlp_ratio", "csa.qkv_bias", "csa.topk", "csa.model", "csa.family",
+                "csa.center", "csa.affinity_norm")
 
 
 def validate(cfg) -> None:

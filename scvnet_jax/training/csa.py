@@ -122,8 +122,10 @@ class SampleTransform(grain.transforms.RandomMap):
     """Training image index -> {'sim', 'target'} from the bank (W/csa_bank.npz: descriptors,
     neighbours, labels; read lazily, so the transform pickles without it)."""
 
-    def __init__(self, bank_path: str, topk: int, anchor_len: int):
+    def __init__(self, bank_path: str, topk: int, anchor_len: int, center: bool = False,
+                 affinity_norm: str = "none"):
         self.bank_path, self.topk, self.anchor_len = str(bank_path), int(topk), int(anchor_len)
+        self.center, self.affinity_norm = bool(center), str(affinity_norm)
         self._bank = None
 
     def __getstate__(self):
@@ -133,22 +135,36 @@ class SampleTransform(grain.transforms.RandomMap):
         if self._bank is None:
             with np.load(self.bank_path) as z:
                 self._bank = {k: z[k] for k in ("descriptors", "neighbours", "labels")}
+            if self.center:       # the affinities of centred descriptors; neighbours as ranked
+                from scvnet_jax.rerank.csa import center_descriptors
+                d = self._bank["descriptors"]
+                self._bank["descriptors"] = center_descriptors(d, bank_mean(d))
         b = self._bank
         nb = b["neighbours"][int(index)]
         rows, cols = nb[:self.topk], nb[:self.anchor_len]
         sim = b["descriptors"][rows] @ b["descriptors"][cols].T
         target = (b["labels"][rows] == b["labels"][int(index)]).astype(np.float32)
+        if self.affinity_norm != "none":
+            from scvnet_jax.rerank.csa import normalize_affinity
+            sim = normalize_affinity(sim, self.affinity_norm)
         perm = np.concatenate([[0], 1 + rng.permutation(len(rows) - 1)])
         return {"sim": np.ascontiguousarray(sim[perm], np.float32), "target": target[perm]}
 
 
+def bank_mean(descriptors) -> np.ndarray:
+    """The mean descriptor of the bank (`csa.center`), float32."""
+    return np.asarray(descriptors, np.float64).mean(0).astype(np.float32)
+
+
 def dataset(bank_path, n: int, topk: int, anchor_len: int, *, global_batch: int, seed: int,
-            process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+            process_index: int = 0, process_count: int = 1, center: bool = False,
+            affinity_norm: str = "none") -> grain.MapDataset:
     """This process's part of the shuffled (every epoch anew), repeated stream of samples;
     each element's randomness comes from its global position (resumable, process-count
     independent)."""
     ds = (grain.MapDataset.range(n).shuffle(seed=seed).repeat(None)
-          .random_map(SampleTransform(bank_path, topk, anchor_len), seed=seed))
+          .random_map(SampleTransform(bank_path, topk, anchor_len, center, affinity_norm),
+                      seed=seed))
     return process_batches(ds, global_batch, process_index, process_count)
 
 
@@ -241,7 +257,8 @@ class Task(_Task):
                               f"only {n} images")
         ds = dataset(self.bank(), n, topk, anchors, global_batch=cfg.batch_size,
                      seed=cfg.seed, process_index=jax.process_index(),
-                     process_count=jax.process_count())
+                     process_count=jax.process_count(), center=bool(c.center),
+                     affinity_norm=str(c.affinity_norm))
         return self.make_iterator(ds)
 
     def export(self, state, step: int) -> Path:
@@ -253,6 +270,12 @@ class Task(_Task):
                 "first_stage": {"cvnet": "cvnet_global",
                                 "superglobal": "superglobal_global"}[c.family],
                 "data": self.cfg.data.name, "topk": int(c.topk)}
+        if c.center or c.affinity_norm != "none":
+            center = None
+            if c.center:
+                with np.load(self.bank()) as z:
+                    center = [float(v) for v in bank_mean(z["descriptors"])]
+            meta["preprocess"] = {"center": center, "affinity_norm": str(c.affinity_norm)}
         return model_dir.save_model_dir(self.workdir / "model", csa_arch(self.cfg),
                                         {"params": host(state.params)}, meta=meta,
                                         overwrite=True)

@@ -33,13 +33,14 @@ def test_index_then_query(photos, tmp_path, capsys):
     assert out[0].startswith(f"indexed {photos.resolve()}: 12 images (0 reused, 12 "
                              "extracted, 0 removed, 0 skipped) in ")
     assert out[1].startswith(f"wrote {index}: 12 x 256 float16 (cvnet), ")
+    assert out[1].endswith(" MB; search exact")
     assert main(["index", str(photos), "--index", str(index)]) == 0
     assert "12 images (12 reused, 0 extracted, 0 removed, 0 skipped)" in capsys.readouterr().out
 
     query = sorted(photos.rglob("coins_*"))[0]
     assert main(["query", "--index", str(index), str(query), "-k", "4"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0] == f"{query}  (rerank none; 12 images)"
+    assert table[0] == f"{query}  (rerank none; 12 images; search exact)"
     assert table[1].split() == ["rank", "score", "path"]
     assert table[2].split()[0] == "1" and table[2].split()[2] == str(query.resolve())
     assert len(table) == 2 + 4 + 1 and table[-1].startswith("1 query in ")
@@ -77,9 +78,26 @@ def test_query_regions_and_box(photos, tmp_path, capsys):
     assert main(["query", "--index", str(index), str(query), "--box", f"{x1},{y1},{x2},{y2}",
                  "-k", "3"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert table[0].endswith(f"; box {x1},{y1},{x2},{y2})")
+    assert table[0].endswith(f"; box {x1},{y1},{x2},{y2}; search exact)")
     want = loaded.search(model, str(query), k=3, boxes=[found[0]])[0]
     assert [ln.split()[2] for ln in table[2:5]] == [h.path for h in want]
+
+
+def test_faiss_and_qdrant_backends_from_the_command_line(photos, tmp_path, capsys):
+    """index --backend faiss reports its recall; query --backend qdrant (local mode) and
+    the faiss index give the exact search's hits (flat faiss is exact)."""
+    index = tmp_path / "f.index"
+    assert main(["index", str(photos), "--index", str(index), "--backend", "faiss",
+                 "--faiss_kind", "flat"]) == 0
+    out = capsys.readouterr().out
+    assert "; search faiss flat, recall@10 1.000 against exact search on a sample" in out
+    query = str(sorted(photos.rglob("coins_*"))[1])
+    hits = {}
+    for backend in ("index", "exact", "qdrant"):
+        assert main(["query", "--index", str(index), query, "-k", "5", "--json",
+                     "--backend", backend]) == 0
+        hits[backend] = [h["path"] for h in json.loads(capsys.readouterr().out)["hits"]]
+    assert hits["index"] == hits["exact"] == hits["qdrant"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -22,7 +22,7 @@ import pytest
     (["--config.icfrr.KQ=0"], "config.icfrr.KQ = 0: expected an integer >= 1"),
     (["--config.alpha_qe.alpha=-1"], "config.alpha_qe.alpha = -1"),
     (["--config.dba.k=-2"], "config.dba.k = -2"),
-    (["--config.csa.topk=0"], "config.csa.topk = 0"),
+    (["--config.csa.topk=-1"], "config.csa.topk = -1"),
     (["--first_stage", "cvnet_rerank"], "--first_stage"),
     (["--pipelines", "csa"], "the csa pipeline needs CSA weights"),
     (["--pipelines", "csa", "--csa_weights", "/nonexistent/csa"], "/nonexistent/csa"),

@@ -51,6 +51,33 @@ def test_samples_are_the_official_ones(tmp_path):
     np.testing.assert_array_equal(np.concatenate([h["sim"] for h in halves]), ds[3]["sim"])
 
 
+def test_centred_row_standardised_samples_are_what_inference_scores(tmp_path):
+    """csa.center / csa.affinity_norm: a training sample's affinities (the query's row and
+    the set of rows) are the features a model with that preprocessing computes at test
+    time for the same query and neighbours (a database without the query)."""
+    from scvnet_jax.models import csa as csa_model
+    from scvnet_jax.training.csa import SampleTransform, bank_mean
+
+    desc, nb, _ = _bank(tmp_path / "bank.npz")
+    t = SampleTransform(tmp_path / "bank.npz", topk=12, anchor_len=6, center=True,
+                        affinity_norm="row")
+    out = t.random_map(7, np.random.default_rng(0))["sim"]
+    arch = csa_model.CSAArch(anchor_len=6, embed_dim=16, depth=1, num_heads=2)
+    model = sj.rerank.csa.CSA(arch, csa_model.init(arch, 0), center=bank_mean(desc),
+                              affinity_norm="row")
+    X = desc[nb[7, 1:]]                               # the database, best first, no query
+    ranks = np.arange(len(X))[:, None]
+    test = model.features(X, desc[7:8], ranks, topk=11)[0]          # (1 + 11, 6)
+    np.testing.assert_allclose(out[0], test[0], atol=1e-5)
+    assert np.abs(out.mean(1)).max() < 1e-5 and np.allclose(out.std(1), 1, atol=1e-3)
+    for row in out[1:]:
+        assert np.abs(test[1:] - row).sum(1).min() < 1e-4
+    plain = sj.rerank.csa.CSA(arch, model.variables)
+    assert not np.allclose(plain.features(X, desc[7:8], ranks, topk=11)[0], test)
+    with pytest.raises(Exception, match="affinity_norm must be one of"):
+        sj.rerank.csa.CSA(arch, model.variables, affinity_norm="col")
+
+
 @pytest.fixture(scope="module")
 def tiny_csa_run(tmp_path_factory, run_train, demo_tfds, tiny_model_dir):
     work = tmp_path_factory.mktemp("csa") / "w"
