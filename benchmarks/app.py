@@ -96,7 +96,8 @@ def bench_app(args) -> dict:
 
 
 def bench_synthetic(n: int, dim: int, queries: int, kind: str) -> dict:
-    """Exact search (the engine, on the accelerator) vs faiss on n clustered unit vectors."""
+    """Exact search (the engine, on the accelerator) vs faiss on n clustered unit vectors
+    (IVF with sqrt(n) lists, so that training fits a 2-core CPU in minutes)."""
     from scvnet_jax.engine import backends
     rng = np.random.default_rng(0)
     centres = rng.standard_normal((max(1, n // 100), dim)).astype(np.float32)
@@ -115,7 +116,8 @@ def bench_synthetic(n: int, dim: int, queries: int, kind: str) -> dict:
         exact.search(q[None], 10)
     out["exact_ms_per_query"] = round(1000 * (time.perf_counter() - t) / queries, 2)
     t = time.perf_counter()
-    approx = backends.create("faiss", X, kind=kind)
+    approx = backends.create("faiss", X, kind=kind,
+                             **({"nlist": int(np.sqrt(n))} if kind.startswith("ivf") else {}))
     out[f"faiss_{kind}_build_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     for q in Q:

@@ -9,12 +9,12 @@ Commands:
 
 Variant `tiny`: see TINY below.
 
-Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 58 s (the bank of 864
-SuperGlobal descriptors 20 s, 600 steps at 0.06 s).
+Hardware and time: 2 CPU cores (AMD EPYC, the CI machine type): 57 s (the bank of 864
+SuperGlobal descriptors 19 s, 600 steps at 0.06 s).
 Expected result (mAP % on the held-out demo benchmark, Easy / Medium / Hard; 2026-12-05):
 
     superglobal_global (the first stage)   73.80  57.02  24.03
-    csa (this model, top 32)               68.16  53.91  24.02
+    csa (this model, top 32)               67.58  54.10  24.43
     (seeds 1 and 2: 69.56 54.26 23.22 and 66.50 52.51 22.57; without csa.center and
     csa.affinity_norm: 59.78 48.13 20.36)
 
@@ -34,7 +34,7 @@ Our choices, sized to the demo: 32 tokens and 32 anchors (the official 512/512 e
 lr 0.05 (the official 0.1 x 256/256 for its batch of 256), 600 steps (~44 epochs); the
 affinities of descriptors centred on the training bank's mean, each token's row
 standardised (csa.center, csa.affinity_norm: not in the official code; chosen on held-out
-classes of the training photos, +5.8 Medium on the benchmark; the model directory records
+classes of the training photos, +6 Medium on the benchmark; the model directory records
 them and inference applies them).
 """
 from scvnet_jax.configs import demo

@@ -224,8 +224,10 @@ class Index:
                 opts["topk"] = trained or _positive_int(rerank_k, "rerank_k")
             opts["topk"] = max(int(opts["topk"]), k)
         extract.check_images(refs)   # before any work
-        Q = describe(model, refs, self.family, batch_size=batch_size, bucket=bucket,
-                     desc="queries")
+        # one query image per device and batch: batches are padded to their full row count,
+        # so a lone query at batch_size 8 would cost eight (its scales and regions fall in
+        # different size buckets anyway); batch_size is for the database images rerankers read
+        Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries")
         X = self.descriptors.astype(np.float32)
         if self.backend is not None:
             return self._search_shortlist(model, Q, X, refs, k, rerank, opts, shortlist,

@@ -7,7 +7,7 @@
   over the local devices). The default, and what eval.py uses.
 * `faiss` (the `faiss` extra): inner-product indexes on the CPU. `kind`: "flat" (exact),
   "ivf" (IVF-Flat, nlist ~ 4 sqrt(N), nprobe 16), "hnsw" (HNSW-Flat, M 32, efSearch 128),
-  "ivfpq" (IVF + product quantisation, 8-bit codes, D/8 sub-vectors... sized to divide D).
+  "ivfpq" (IVF + product quantisation: 8-bit codes, up to 64 sub-vectors dividing D).
   Approximate: `recall_at` measures it against exact search.
 * `qdrant` (the `qdrant` extra): a Qdrant collection through its own client, in its local
   mode here (`location=":memory:"` or a `path`); pass `url=` to use a Qdrant server or
@@ -31,21 +31,22 @@ class Exact:
     name = "exact"
 
     def __init__(self, X: np.ndarray):
-        self.X = np.asarray(X, np.float32)
+        from scvnet_jax.engine import search
+        self.db = search.put_database(X)          # on the devices once
 
     def __len__(self) -> int:
-        return len(self.X)
+        return self.db.n
 
     def search(self, Q, k: int):
         from scvnet_jax.engine import search
-        return search.topk(self.X, np.asarray(Q, np.float32), k)
+        return search.topk(self.db, np.asarray(Q, np.float32), k)
 
 
 class Faiss:
     name = "faiss"
 
     def __init__(self, X: np.ndarray, kind: str = "hnsw", *, nprobe: int = 16,
-                 ef_search: int = 128, seed: int = 0, index=None):
+                 ef_search: int = 128, nlist: int | None = None, seed: int = 0, index=None):
         faiss = _import("faiss", "faiss")
         X = np.ascontiguousarray(X, np.float32)
         n, d = X.shape
@@ -58,7 +59,7 @@ class Faiss:
             self.index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
             self.index.hnsw.efConstruction = 80
         elif kind in ("ivf", "ivfpq"):
-            nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))    # >= 39 points per list
+            nlist = max(1, min(n // 39, nlist or int(4 * math.sqrt(n))))  # >= 39 per list
             quantizer = faiss.IndexFlatIP(d)
             if kind == "ivf":
                 self.index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)

@@ -51,26 +51,44 @@ def _topk(X, valid, xl, Q, ql, k: int, mesh):
                          out_specs=(P(), P()), check_vma=False)(X, valid, xl, Q, ql)
 
 
+class Database:
+    """A database put on the devices once, split over `mesh` (rows padded to a multiple of
+    the device count), for many `topk` calls: `topk(put_database(X), Q, k)`."""
+
+    def __init__(self, X, db_labels=None, mesh=None):
+        self.mesh = mesh if mesh is not None else mesh_lib.local_mesh()
+        X = np.asarray(X, np.float32)
+        self.n, self.dim = X.shape
+        xl = (np.full(self.n, -1, np.int64) if db_labels is None
+              else np.asarray(db_labels, np.int64))
+        pad = -self.n % self.mesh.devices.size
+        valid = np.arange(self.n + pad) < self.n
+        X = np.concatenate([X, np.zeros((pad, self.dim), np.float32)])
+        xl = np.concatenate([xl, np.full(pad, -1, np.int64)])
+        shard = NamedSharding(self.mesh, P(mesh_lib.AXIS))
+        self.X, self.valid, self.labels = (jax.device_put(a, shard) for a in (X, valid, xl))
+
+
+def put_database(X, db_labels=None, mesh=None) -> Database:
+    return Database(X, db_labels, mesh)
+
+
 def topk(X, Q, k: int, *, db_labels=None, query_labels=None, mesh=None,
          max_block: int = 1 << 26) -> tuple[np.ndarray, np.ndarray]:
     """The k most similar database rows of each query -> (scores (nq, k) float32, indices
     (nq, k) int64), best first; index -1 (score -inf) where fewer rows qualify.
 
-    db_labels / query_labels: with both given, a query never gets a row of its own label.
-    The database is split over `mesh` (default: this process's devices); queries go in
-    blocks of at most `max_block` similarities, all of one compiled shape."""
-    mesh = mesh if mesh is not None else mesh_lib.local_mesh()
-    X, Q = np.asarray(X, np.float32), np.asarray(Q, np.float32)
-    n, nq, nd = X.shape[0], Q.shape[0], mesh.devices.size
-    xl = (np.full(n, -1, np.int64) if db_labels is None else np.asarray(db_labels, np.int64))
+    X: the database (N, D), or a `Database` already on the devices (then its labels and
+    mesh are used). db_labels / query_labels: with both given, a query never gets a row of
+    its own label. The database is split over `mesh` (default: this process's devices);
+    queries go in blocks of at most `max_block` similarities, all of one compiled shape."""
+    db = X if isinstance(X, Database) else Database(X, db_labels, mesh)
+    mesh, n = db.mesh, db.n
+    Q = np.asarray(Q, np.float32)
+    nq = Q.shape[0]
     ql = (np.full(nq, -2, np.int64) if query_labels is None
           else np.asarray(query_labels, np.int64))
-    pad = -n % nd
-    valid = np.arange(n + pad) < n
-    X = np.concatenate([X, np.zeros((pad, X.shape[1]), np.float32)])
-    xl = np.concatenate([xl, np.full(pad, -1, np.int64)])
-    shard = NamedSharding(mesh, P(mesh_lib.AXIS))
-    X, valid, xl = (jax.device_put(a, shard) for a in (X, valid, xl))
+    X, valid, xl = db.X, db.valid, db.labels
     k_eff = min(k, n)
     rows = max(1, min(nq, max_block // max(n, 1)))
     scores = np.full((nq, k), -np.inf, np.float32)
