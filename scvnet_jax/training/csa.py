@@ -132,14 +132,15 @@ class SampleTransform(grain.transforms.RandomMap):
         return {**self.__dict__, "_bank": None}
 
     def random_map(self, index: Any, rng: np.random.Generator) -> dict:
-        if self._bank is None:
+        b = self._bank
+        if b is None:    # built whole, then published: grain's threads share this object
             with np.load(self.bank_path) as z:
-                self._bank = {k: z[k] for k in ("descriptors", "neighbours", "labels")}
+                b = {k: z[k] for k in ("descriptors", "neighbours", "labels")}
             if self.center:       # the affinities of centred descriptors; neighbours as ranked
                 from scvnet_jax.rerank.csa import center_descriptors
-                d = self._bank["descriptors"]
-                self._bank["descriptors"] = center_descriptors(d, bank_mean(d))
-        b = self._bank
+                b["descriptors"] = center_descriptors(b["descriptors"],
+                                                      bank_mean(b["descriptors"]))
+            self._bank = b
         nb = b["neighbours"][int(index)]
         rows, cols = nb[:self.topk], nb[:self.anchor_len]
         sim = b["descriptors"][rows] @ b["descriptors"][cols].T
