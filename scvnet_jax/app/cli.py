@@ -59,14 +59,11 @@ def _nonnegative(text: str) -> int:
 
 
 def _box(text: str) -> tuple[float, ...]:
+    from scvnet_jax.app.server import parse_box
     try:
-        box = tuple(float(v) for v in text.split(","))
-    except ValueError:
-        box = ()
-    if len(box) != 4 or not box[0] < box[2] or not box[1] < box[3] or min(box) < 0:
-        raise argparse.ArgumentTypeError(f"expected X1,Y1,X2,Y2 with 0 <= X1 < X2 and "
-                                         f"0 <= Y1 < Y2 (pixels), got {text!r}")
-    return box
+        return parse_box(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _option(text: str) -> tuple[str, object]:

@@ -120,8 +120,8 @@ def test_faiss_and_qdrant_backends_from_the_command_line(photos, tmp_path, capsy
      "nope.pyth: no such file"),
     (["index", "{photos}", "--index", "{index}", "--family", "resnet"], "argument --family: "
      "invalid choice"),
-    (["query", "--index", "{index}", "{query}", "--box", "5,5,1,1"], "argument --box: "
-     "expected X1,Y1,X2,Y2"),
+    (["query", "--index", "{index}", "{query}", "--box", "5,5,1,1"], "argument --box: box "
+     "must be x1,y1,x2,y2 with 0 <= x1 < x2"),
     (["query", "--index", "{index}", "{query}", "--regions", "-1"], "argument --regions: "
      "expected an integer >= 0"),
 ])
