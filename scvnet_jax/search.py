@@ -193,7 +193,8 @@ class Index:
         to the expanded query) / 2 of the augmented descriptors (M is raised to k, so every
         hit is reranked); for cvnet, similarity + 0.5 x the verification score in [0, 1];
         for csa, the cosine of the CSA output tokens (its topk: the one a model of ours was
-        trained with, else rerank_k, raised to k so every hit is reranked); for icfrr, -distance + beta x votes; for alpha_qe / dba, the
+        trained with, else rerank_k, raised to k so every hit is reranked); for icfrr,
+        -distance + beta x votes; for alpha_qe / dba, the
         similarity to the expanded query / augmented descriptor. Hits below cvnet's top
         `rerank_k` keep the cosine similarity (which is below their score).
 
@@ -228,10 +229,10 @@ class Index:
         # so a lone query at batch_size 8 would cost eight (its scales and regions fall in
         # different size buckets anyway); batch_size is for the database images rerankers read
         Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries")
-        X = self.descriptors.astype(np.float32)
-        if self.backend is not None:
-            return self._search_shortlist(model, Q, X, refs, k, rerank, opts, shortlist,
+        if self.backend is not None:     # only the candidates' vectors are read
+            return self._search_shortlist(model, Q, refs, k, rerank, opts, shortlist,
                                           {"batch_size": batch_size, "bucket": bucket})
+        X = self.descriptors.astype(np.float32)
         sim, ranks = rank(X, Q)                         # (N, n_q) each
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
         if rerank is not None:
@@ -245,14 +246,15 @@ class Index:
         return [[Hit(self.paths[int(j)], float(top[pos, i]))
                  for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
 
-    def _search_shortlist(self, model, Q, X, refs, k, rerank, opts, shortlist, settings):
+    def _search_shortlist(self, model, Q, refs, k, rerank, opts, shortlist, settings):
         S = min(len(self), max(k, _positive_int(shortlist, "shortlist")))
         scores, ids = self.backend.search(Q, S)
         if rerank is None:
             return [[Hit(self.paths[int(j)], float(v)) for v, j in zip(scores[i], ids[i])
                      if j >= 0][:k] for i in range(len(Q))]
         ids = np.where(ids < 0, ids[:, :1], ids)         # too few found: repeat the best
-        inputs, rows = registry.from_candidates(Q, ids, lambda r: X[np.asarray(r)])
+        inputs, rows = registry.from_candidates(
+            Q, ids, lambda r: self.descriptors[np.asarray(r)].astype(np.float32))
         inputs = dataclasses.replace(inputs, model=model, query_images=refs,
                                      db_images=[ImageRef(self.paths[int(j)]) for j in rows],
                                      settings=settings)

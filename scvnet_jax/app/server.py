@@ -35,6 +35,7 @@ class Searcher:
     def __init__(self, index, model, *, batch_size: int = 8, bucket: int = 64,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000):
         self.index, self.model, self.shortlist = index, model, shortlist
+        self.ids = {p: i for i, p in enumerate(index.paths)}   # hit path -> id, built once
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()
@@ -83,13 +84,12 @@ class Searcher:
                 else:
                     hits, found = self.index.search(self.model, path, **options)[0], []
                 t2 = time.perf_counter()
-        ids = {p: i for i, p in enumerate(self.index.paths)} if hits else {}
         out = {"query": name, "rerank": rerank}
         if box is not None:
             out["box"] = list(box)
         if regions:
             out["regions"] = [list(r) for r in found]
-        out["hits"] = [{"id": ids[h.path], "path": h.path, "score": round(h.score, 6)}
+        out["hits"] = [{"id": self.ids[h.path], "path": h.path, "score": round(h.score, 6)}
                        for h in hits]
         out["timings"] = {"search_ms": round(1000 * (t2 - t1), 1),
                           "total_ms": round(1000 * (time.perf_counter() - t0), 1)}
