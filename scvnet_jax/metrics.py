@@ -26,8 +26,12 @@ def _ap_from_positions(pos: np.ndarray, nres: int) -> float:
     return float(np.add.accumulate(terms)[-1])  # sequential, as `ap += term`
 
 
-def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = ()):
+def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int] = (),
+                nres_cap: int | None = None):
     """mAP and mean precision@k of `ranks` (n_db, n_q) against [{'ok': .., 'junk': ..}].
+
+    nres_cap: AP is normalised by min(#positives, nres_cap) instead of #positives (AMES's
+    evaluation of shortlists passes their length, as its `compute_map` does).
 
     Returns (map, aps, pr, prs) like revisitop: aps (nq,) and prs (nq, len(kappas)) are NaN
     for queries without positives, which are excluded from the means.
@@ -51,7 +55,7 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int]
         pos = np.flatnonzero(np.isin(col, ok))
         junk_pos = np.flatnonzero(np.isin(col, junk))
         pos = pos - np.searchsorted(junk_pos, pos, side="left")
-        ap = _ap_from_positions(pos, ok.size)
+        ap = _ap_from_positions(pos, ok.size if nres_cap is None else min(ok.size, nres_cap))
         total_ap = total_ap + ap
         aps[i] = ap
         pos1 = pos + 1

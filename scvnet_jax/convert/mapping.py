@@ -14,6 +14,8 @@ dots become nesting and a list index joins its list (`cv_learner.block2.3.conv1`
 | `running_var`           | batch_stats / `var`    |                                 |
 | GeM `p` (1,)            | params / `p`           |                                 |
 | `num_batches_tracked`   | (dropped)              |                                 |
+| AMES `mtc_token`, `W`,  | params / same name     | none (kept in PyTorch layout)   |
+| `in_proj_weight`/`_bias`|                        |                                 |
 """
 from __future__ import annotations
 
@@ -28,6 +30,9 @@ from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import depth_from_stage_blocks
 _LIST_ITEM = re.compile(r"^(.*)_(\d+)$")
 _SKIPPED_LEAVES = ("num_batches_tracked",)
+# parameters stored as they are: AMES's matching token, its binarization projection W
+# (local_dim, bits), nn.MultiheadAttention's packed q/k/v projection
+_VERBATIM_LEAVES = ("mtc_token", "W", "in_proj_weight", "in_proj_bias")
 
 
 def _flax_module_path(torch_modules: list[str]) -> tuple[str, ...]:
@@ -60,7 +65,7 @@ def torch_to_flax(key: str, value: np.ndarray):
         if value.ndim == 2:
             return "params", path + ("kernel",), value.T
         return "params", path + ("scale",), value
-    if leaf in ("bias", "p"):
+    if leaf in ("bias", "p") or leaf in _VERBATIM_LEAVES:
         return "params", path + (leaf,), value
     if leaf == "running_mean":
         return "batch_stats", path + ("mean",), value
@@ -72,16 +77,17 @@ def torch_to_flax(key: str, value: np.ndarray):
 def flax_to_torch(collection: str, path: tuple[str, ...], shape: tuple[int, ...]):
     """Inverse of `torch_to_flax` for names and shapes: (torch key, torch shape)."""
     prefix, leaf = _torch_module_path(path[:-1]), path[-1]
+    prefix = prefix + "." if prefix else ""     # "" for the model's own (AMES mtc_token)
     if collection == "batch_stats":
-        return f"{prefix}.running_{leaf}", shape
+        return f"{prefix}running_{leaf}", shape
     if leaf == "kernel":
         if len(shape) == 4:
             h, w, i, o = shape
-            return f"{prefix}.weight", (o, i, h, w)
-        return f"{prefix}.weight", tuple(reversed(shape))
+            return f"{prefix}weight", (o, i, h, w)
+        return f"{prefix}weight", tuple(reversed(shape))
     if leaf == "scale":
-        return f"{prefix}.weight", shape
-    return f"{prefix}.{leaf}", shape
+        return f"{prefix}weight", shape
+    return f"{prefix}{leaf}", shape
 
 
 def expected_state_dict_shapes(abstract_variables: Mapping[str, Any]) -> dict[str, tuple]:

@@ -1,7 +1,7 @@
 """The project's model directory: `config.json` (architecture, provenance) and `state/`,
 an orbax checkpoint of the Flax variables ({'params', 'batch_stats'} of a CVNet,
-{'params'} of a CSA reranker). `config.json` names the kind of model ("kind": "cvnet" or
-"csa"; directories without it are CVNets) and its architecture.
+{'params'} of a CSA or AMES reranker). `config.json` names the kind of model ("kind":
+"cvnet", "csa" or "ames"; directories without it are CVNets) and its architecture.
 
 Written atomically (into a hidden sibling, then renamed), read back without executing
 anything (JSON + orbax/tensorstore, no pickle), and checked key by key and shape by shape
@@ -30,9 +30,10 @@ STATE = "state"
 
 def _kinds() -> dict:
     """kind -> (architecture type, its abstract variables)."""
-    from scvnet_jax.models import csa, cvnet
+    from scvnet_jax.models import ames, csa, cvnet
     return {"cvnet": (Arch, cvnet.abstract_variables),
-            "csa": (csa.CSAArch, csa.abstract_variables)}
+            "csa": (csa.CSAArch, csa.abstract_variables),
+            "ames": (ames.AMESArch, ames.abstract_variables)}
 
 
 def kind_of(arch) -> str:
@@ -96,7 +97,7 @@ def save_model_dir(out_dir, arch: Arch, variables: Mapping[str, Any], *,
 
 def read_config(path, kind: str | None = "cvnet") -> dict:
     """The model directory's config.json, checked; `cfg["arch"]` is an `Arch` (a CSAArch
-    for kind "csa"). `kind`: the kind of model expected (None: any)."""
+    for kind "csa", an AMESArch for kind "ames"). `kind`: the kind of model expected (None: any)."""
     cfg_path = Path(path) / CONFIG
     try:
         cfg = json.loads(cfg_path.read_text())

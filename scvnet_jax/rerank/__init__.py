@@ -4,11 +4,13 @@
   cvnet         CVNet-Rerank verification (`cvnet.official`, `cvnet.blind`)
   icfrr         Iterative Cluster-Free Re-Ranking
   csa           CSA, a transformer over affinity features (`csa.load`, `csa.affinity`)
+  ames          AMES, a transformer over (query, database) local descriptors (`ames.load`,
+                `ames.rerank`)
   alpha_qe      alpha-weighted query expansion; `dba`: alpha-weighted database augmentation
 """
-from scvnet_jax.rerank import csa, cvnet, expansion
+from scvnet_jax.rerank import ames, csa, cvnet, expansion
 from scvnet_jax.rerank.expansion import alpha_qe, dba
 from scvnet_jax.rerank.icfrr import icfrr
 from scvnet_jax.rerank.superglobal import superglobal
 
-__all__ = ["alpha_qe", "csa", "cvnet", "dba", "expansion", "icfrr", "superglobal"]
+__all__ = ["alpha_qe", "ames", "csa", "cvnet", "dba", "expansion", "icfrr", "superglobal"]
