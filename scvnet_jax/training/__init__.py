@@ -8,6 +8,8 @@
   stage1.py       stage 1 (CVNet-Global): state, step, image-pair stream, task, export
   stage2.py       stage 2 (CVNet-Rerank): state, step, pairs, descriptor bank, task, export
   csa.py          stage 3 (CSA reranker): state, step, samples, descriptor bank, task, export
+  ames.py         stage 4 (AMES reranker): state, step, pairs, local-descriptor bank, task,
+                  export
 
     from scvnet_jax.training import train
     train(cfg, "runs/demo")      # cfg.stage picks the stage; returns 0 when done
@@ -16,19 +18,19 @@ from __future__ import annotations
 
 from scvnet_jax.errors import ConfigError
 
-STAGES = (1, 2, 3)
+STAGES = (1, 2, 3, 4)
 
 
 def task_class(cfg):
-    """The `Task` of cfg.stage (1: CVNet-Global, 2: CVNet-Rerank, 3: CSA)."""
-    from scvnet_jax.training import csa, stage1, stage2
+    """The `Task` of cfg.stage (1: CVNet-Global, 2: CVNet-Rerank, 3: CSA, 4: AMES)."""
+    from scvnet_jax.training import ames, csa, stage1, stage2
 
-    tasks = {1: stage1.Task, 2: stage2.Task, 3: csa.Task}
+    tasks = {1: stage1.Task, 2: stage2.Task, 3: csa.Task, 4: ames.Task}
     try:
         return tasks[int(cfg.stage)]
     except (KeyError, TypeError, ValueError):
-        raise ConfigError(f"stage must be 1 (CVNet-Global), 2 (CVNet-Rerank) or 3 (CSA), got "
-                          f"{cfg.stage!r}") from None
+        raise ConfigError(f"stage must be 1 (CVNet-Global), 2 (CVNet-Rerank), 3 (CSA) or 4 "
+                          f"(AMES), got {cfg.stage!r}") from None
 
 
 def train(cfg, workdir, *, progress: bool = True) -> int:

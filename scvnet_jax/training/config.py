@@ -22,7 +22,7 @@ DTYPES = ("float32", "bfloat16")
 def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.stage = 1                      # 1: CVNet-Global; 2: CVNet-Rerank (see c.rerank);
-                                     # 3: the CSA reranker (see c.csa)
+                                     # 3: the CSA reranker (see c.csa); 4: AMES (see c.ames)
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128               # global
@@ -31,7 +31,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.log_every_steps = 50
     c.init_from = ""                 # official .pyth/.pth or model dir: stage 1 encoder init;
                                      # stage 2: the (stage-1) model whose backbone is frozen;
-                                     # stage 3: CSA weights to start from (optional)
+                                     # stage 3: CSA weights to start from (optional);
+                                     # stage 4: AMES weights to start from (optional)
     c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
 
     c.data = ml_collections.ConfigDict()
@@ -102,6 +103,35 @@ def default_config() -> ml_collections.ConfigDict:
     c.csa.affinity_norm = "none"     # "none" or "row"
     c.csa.bank_batch_size = 8        # images per device while describing the training set
     c.csa.bank_bucket = 64
+
+    # Stage 4 (AMES) only: the local descriptors, the transformer, the pairs, distillation.
+    c.ames = ml_collections.ConfigDict()
+    c.ames.model = ""                # the retrieval model whose local descriptors AMES reads
+                                     # (a model dir, an official checkpoint, or "demo")
+    c.ames.detector = ""             # the official detector checkpoint; "" = none (raw
+                                     # stage-3 features, selected by their L2 norm)
+    c.ames.topk = 700                # local descriptors kept per image in the bank
+    c.ames.scales = (0.7071, 1.0, 1.4142)
+    c.ames.family = "superglobal"    # global descriptor of the hard negatives (and the
+                                     # first stage the model is meant to rerank)
+    c.ames.query_len = (700, 700)    # descriptors per query image: drawn uniformly in [lo, hi]
+    c.ames.db_len = (700, 700)       # descriptors per database image: likewise
+    c.ames.model_dim = 128
+    c.ames.nhead = 2
+    c.ames.num_encoder_layers = 5
+    c.ames.dim_feedforward = 1024
+    c.ames.binarized = False
+    c.ames.teacher = ""              # binarized student: a full-precision AMES model dir to
+                                     # distil from ("" = no distillation)
+    c.ames.distill_weight = 1.0      # loss = BCE(label) + w x BCE(sigmoid(teacher logit))
+    c.ames.positive_fraction = 0.5   # P(candidate is another image of the query's landmark)
+    c.ames.hard_ratio = (0.5, 0.5)   # P(a negative is hard), ramped start -> end
+    c.ames.bank_k = 20               # hard negatives per image (top-ranked other landmarks)
+    c.ames.bank_batch_size = 8       # images per device while describing the training set
+    c.ames.bank_bucket = 64
+    c.ames.lamb = 0.85               # the reranker's defaults recorded in the model dir:
+    c.ames.temp = 0.8                # s = lamb x global + (1 - lamb) x sigmoid(temp x logit)
+    c.ames.num_rerank = 100
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"
@@ -177,9 +207,22 @@ _RANGES = (
     ("csa.alpha", "num", lambda v: v >= 0, "a number >= 0"),
     ("csa.bank_batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
     ("csa.bank_bucket", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.topk", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.model_dim", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.nhead", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.num_encoder_layers", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.dim_feedforward", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.distill_weight", "num", lambda v: v >= 0, "a number >= 0"),
+    ("ames.positive_fraction", "num", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+    ("ames.bank_k", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.bank_batch_size", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.bank_bucket", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.lamb", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("ames.temp", "num", lambda v: v > 0, "a number > 0"),
+    ("ames.num_rerank", "int", lambda v: v >= 1, "an integer >= 1"),
 )
 _CHOICES = (
-    ("stage", (1, 2, 3)), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
+    ("stage", (1, 2, 3, 4)), ("ames.family", ("cvnet", "superglobal")), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
     ("csa.family", ("cvnet", "superglobal")), ("csa.affinity_norm", ("none", "row")),
     ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
                          "float32")),
@@ -193,7 +236,10 @@ SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
                 "model.corr_dim", "loss.queue_size", "data.name", "data.split",
                 "csa.anchor_len", "csa.embed_dim", "csa.depth", "csa.num_heads",
                 "csa.mlp_ratio", "csa.qkv_bias", "csa.topk", "csa.model", "csa.family",
-                "csa.center", "csa.affinity_norm")
+                "csa.center", "csa.affinity_norm", "ames.model", "ames.detector", "ames.topk",
+                "ames.scales", "ames.family", "ames.query_len", "ames.db_len",
+                "ames.model_dim", "ames.nhead", "ames.num_encoder_layers", "ames.dim_feedforward",
+                "ames.binarized", "ames.teacher")
 
 
 def validate(cfg) -> None:
@@ -214,7 +260,7 @@ def validate(cfg) -> None:
 
 # What a run writes into its workdir (and nothing else).
 RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "config.json",
-               "hard_negatives", "csa_bank.npz")
+               "hard_negatives", "csa_bank.npz", "ames_bank")
 
 
 def check_workdir(workdir, cfg) -> None:
@@ -244,7 +290,7 @@ def check_workdir(workdir, cfg) -> None:
             old = get_field(saved, name)
         except (KeyError, TypeError):
             continue
-        new = get_field(cfg, name)
+        new = json.loads(json.dumps(get_field(cfg, name)))   # as saved: tuples are lists
         if old != new:
             raise ConfigError(f"--workdir {w}: its run has {name} = {old!r}, this config "
                               f"{new!r}; a run resumes only with the same {name} (use another "

@@ -1,0 +1,426 @@
+"""Stage 4, AMES: the AMES reranker (a transformer over the local descriptors of a query and
+a database image, ECCV 2024) trained on pairs of training images, the first public AMES
+training (the authors released weights and evaluation code only).
+
+Per step: a batch of (query, candidate) pairs; label 1 when both show the same landmark.
+Each image is its bank entry (below) cut to a number of local descriptors drawn for this
+pair (`ames.query_len`, `ames.db_len`: uniform in [lo, hi], the strongest first, the rest
+masked as padding), so one model serves several test-time budgets ("universal", as the
+paper's asymmetric query/database sizes). The loss is binary cross-entropy on the logit;
+a binarized student (`ames.binarized`) adds `distill_weight` x BCE against the sigmoid of
+a full-precision teacher's logit on the same pair (`ames.teacher`, frozen, eval mode).
+The binarization is the official training path (erf of the projection; sign at test).
+
+Pairs as stage 2 (CVNet-Rerank) draws them: a positive with probability
+`positive_fraction` (another image of the query's landmark; the image itself for a
+landmark with one image), else a negative: with the curriculum's probability a hard one
+(from the query's row of the hard-negative table: its top-ranked images of other
+landmarks by the `ames.family` global descriptor of `ames.model`), else a uniformly drawn
+image of another landmark.
+
+The bank (W/ames_bank/): for every whole training image, its top `ames.topk` local
+descriptors exactly as eval.py extracts them for a database image (`engine.local`: the
+CVNet stage-3 features at 3 scales, the detector's or the L2 norm's selection), float16,
+with each image's number of real rows; built once, chunk by chunk (every process its own
+chunks, so a killed run resumes where it stopped), and reused on resume; plus the
+hard-negative table. Read lazily (memory-mapped): a bank of GLDv2's 1.6M images at 700 x
+1024 float16 is 2.3 TB, so each process reads only the rows its pairs touch.
+
+What comes from the paper (Suma et al., ECCV 2024) and the official code: the model
+(`models.ames`, official names), its training-mode forward (no float16 rounding; erf for
+the binarized projection), binary cross-entropy on image pairs, hard negatives mined
+with global descriptors, variable numbers of query/database descriptors, distillation of
+the binarized model from a full-precision one. Our choices (no training code was
+released): the pair sampler and its curriculum (stage 2's), the distillation loss's form
+(BCE to the teacher's probability), AdamW + warmup + cosine, and every number in
+configs/ames_*.py.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import flax
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from scvnet_jax import files, mesh as mesh_lib
+from scvnet_jax.data.sources import Records, TrainingSet, process_batches
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.training import optim
+from scvnet_jax.training.loop import Task as _Task, host
+from scvnet_jax.training.stage2 import hard_negative_table, linear_ramp
+
+
+@flax.struct.dataclass
+class AMESState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    teacher: Any        # {'params'} of the frozen full-precision teacher, or {} (none)
+
+
+def ames_arch(cfg, local_dim: int):
+    """The AMESArch of cfg.ames for descriptors of `local_dim`."""
+    from scvnet_jax.models.ames import AMESArch
+    a = cfg.ames
+    try:
+        return AMESArch(local_dim=int(local_dim), model_dim=int(a.model_dim),
+                        nhead=int(a.nhead), num_encoder_layers=int(a.num_encoder_layers),
+                        dim_feedforward=int(a.dim_feedforward), binarized=bool(a.binarized))
+    except ValueError as e:
+        raise ConfigError(f"config.ames: {e}") from None
+
+
+def module(arch):
+    from scvnet_jax.models.ames import AMES
+    return AMES(arch)
+
+
+def lengths(cfg) -> tuple[int, int]:
+    """Padded sequence lengths (query, database) of a training pair."""
+    return int(cfg.ames.query_len[1]), int(cfg.ames.db_len[1])
+
+
+def init_state(cfg, arch, rng, params=None, teacher=None) -> AMESState:
+    if params is None:
+        lq, ld = lengths(cfg)
+        q = jnp.zeros((1, lq, arch.local_dim), jnp.float32)
+        d = jnp.zeros((1, ld, arch.local_dim), jnp.float32)
+        mq, md = jnp.zeros((1, lq), bool), jnp.zeros((1, ld), bool)
+        params = module(arch).init(rng, q, mq, d, md)["params"]
+    return AMESState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=optim.optimizer(cfg).init(params), teacher=teacher or {})
+
+
+def make_train_step(cfg, arch, teacher_arch=None) -> Callable:
+    """The pure step (state, batch) -> (state, metrics); batch = {'q', 'd': (B, L, D)
+    float32 local descriptors, 'q_mask', 'd_mask': (B, L) bool (True = padding), 'label':
+    (B,) int32 1 = same landmark, 'hard': (B,) bool}."""
+    net = module(arch)
+    teacher_net = module(teacher_arch) if teacher_arch is not None else None
+    tx = optim.optimizer(cfg)
+    lr = optim.learning_rate(cfg)
+    w = float(cfg.ames.distill_weight)
+    base_key = jax.random.PRNGKey(int(cfg.seed) + 4)
+
+    def step(state: AMESState, batch: dict):
+        rng = jax.random.fold_in(base_key, state.step)
+        y = batch["label"].astype(jnp.float32)
+        args = (batch["q"], batch["q_mask"], batch["d"], batch["d_mask"])
+        soft = None
+        if teacher_net is not None:
+            soft = jax.nn.sigmoid(jax.lax.stop_gradient(
+                teacher_net.apply({"params": state.teacher}, *args)))
+
+        def loss_fn(params):
+            logits = net.apply({"params": params}, *args, train=True,
+                               rngs={"dropout": rng}).astype(jnp.float32)
+            bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
+            distill = (optax.sigmoid_binary_cross_entropy(logits, soft).mean()
+                       if soft is not None else jnp.zeros(()))
+            return bce + w * distill, (logits, bce, distill)
+
+        (loss, (logits, bce, distill)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        correct = ((logits > 0).astype(jnp.float32) == y).astype(jnp.float32)
+        pos, neg = y == 1, y == 0
+        hard = batch["hard"] & neg
+
+        def mean_where(v, m):
+            return jnp.sum(jnp.where(m, v, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+
+        metrics = {"loss": loss, "loss_bce": bce, "loss_distill": distill,
+                   "accuracy": correct.mean(), "positive_accuracy": mean_where(correct, pos),
+                   "negative_accuracy": mean_where(correct, neg),
+                   "hard_negative_accuracy": mean_where(correct, hard),
+                   "hard_fraction": jnp.sum(hard) / jnp.maximum(jnp.sum(neg), 1),
+                   "lr": lr(state.step), "grad_norm": optax.global_norm(grads),
+                   "finite": jnp.isfinite(loss) & jnp.all(jnp.stack(
+                       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+# -- data ---------------------------------------------------------------------------------
+
+class PairTransform(Records, grain.transforms.RandomMap):
+    """(stream position, index) -> one training pair from the bank (read lazily: the
+    transform pickles without it)."""
+
+    def __init__(self, ts: TrainingSet, bank_dir: str, query_len, db_len,
+                 positive_fraction: float, hard_ratio, curriculum_steps: int,
+                 global_batch: int):
+        super().__init__(ts)
+        self.bank_dir = str(bank_dir)
+        self.query_len, self.db_len = tuple(int(v) for v in query_len), tuple(
+            int(v) for v in db_len)
+        self.positive_fraction = float(positive_fraction)
+        self.hard_ratio = tuple(float(v) for v in hard_ratio)
+        self.curriculum_steps, self.global_batch = int(curriculum_steps), int(global_batch)
+        self._bank = None
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_bank": None}
+
+    def bank(self):
+        if self._bank is None:      # built whole, then published (grain threads share it)
+            self._bank = Bank(self.bank_dir)
+        return self._bank
+
+    def _side(self, i: int, lim: tuple[int, int], rng: np.random.Generator):
+        desc, n = self.bank().get(i)
+        keep = min(int(rng.integers(lim[0], lim[1] + 1)), n)
+        out = np.zeros((lim[1], desc.shape[1]), np.float32)
+        out[:keep] = desc[:keep]
+        mask = np.ones((lim[1],), bool)
+        mask[:keep] = False
+        return out, mask
+
+    def random_map(self, element: Any, rng: np.random.Generator) -> dict:
+        position, index = (int(v) for v in element)
+        step = position // self.global_batch
+        label = self.ts_label(index)
+        lo, hi = self.class_range(index, label)
+        hard = False
+        if rng.random() < self.positive_fraction:
+            target = 1
+            other = index if hi - lo == 1 else self.other_in(lo, hi, index, rng)
+        else:
+            target = 0
+            other = None
+            if rng.random() < linear_ramp(*self.hard_ratio, self.curriculum_steps, step):
+                row = self.bank().hard[index]
+                row = row[row >= 0]
+                if len(row):
+                    other, hard = int(row[rng.integers(0, len(row))]), True
+            if other is None:
+                n = self.ts.num_examples
+                j = int(rng.integers(0, n - (hi - lo)))
+                other = j + (hi - lo) * (j >= lo)
+        q, qm = self._side(index, self.query_len, rng)
+        d, dm = self._side(other, self.db_len, rng)
+        return {"q": q, "q_mask": qm, "d": d, "d_mask": dm, "label": np.int32(target),
+                "hard": np.bool_(hard)}
+
+    def ts_label(self, index: int) -> int:
+        return int(self.bank().labels[index])
+
+
+def _with_position(position: int, index: int) -> tuple[int, int]:
+    return position, index        # module level: grain transforms must pickle
+
+
+def pair_dataset(ts: TrainingSet, bank_dir, cfg, *, process_index: int = 0,
+                 process_count: int = 1) -> grain.MapDataset:
+    """This process's part of the batched, shuffled, repeated stream of pairs; each pair's
+    randomness comes from its global position (resumable, process-count independent)."""
+    a = cfg.ames
+    t = PairTransform(ts, bank_dir, a.query_len, a.db_len, a.positive_fraction,
+                      a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size))
+    ds = (grain.MapDataset.range(ts.num_examples).shuffle(seed=cfg.seed).repeat(None)
+          .map_with_index(_with_position).random_map(t, seed=cfg.seed))
+    return process_batches(ds, int(cfg.batch_size), process_index, process_count)
+
+
+# -- the bank -----------------------------------------------------------------------------
+
+BANK_CHUNK = 256
+
+
+class Bank:
+    """W/ames_bank/: local_NNNNN.npz per chunk of BANK_CHUNK training images (desc (n, topk,
+    D) float16, length (n,)), hard.npy (N, bank_k) int32 (-1 = none), labels.npy (N,),
+    done.json (written last)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.labels = np.load(self.path / "labels.npy")
+        self.hard = np.load(self.path / "hard.npy", mmap_mode="r")
+        self._chunks: dict = {}
+
+    def get(self, i: int) -> tuple[np.ndarray, int]:
+        c = i // BANK_CHUNK
+        if c not in self._chunks:
+            with np.load(self.path / f"local_{c:05d}.npz") as z:
+                self._chunks[c] = (z["desc"], z["length"])
+        desc, length = self._chunks[c]
+        return desc[i - c * BANK_CHUNK], int(length[i - c * BANK_CHUNK])
+
+
+def check_config(cfg) -> None:
+    """What stage 4 needs beyond `config.validate`."""
+    from scvnet_jax.training import stage1
+    a = cfg.ames
+    if not a.model:
+        raise ConfigError("stage 4 (AMES) needs --config.ames.model: the retrieval model whose "
+                          "local descriptors it reads (a model directory, an official CVNet "
+                          "checkpoint, or 'demo' for the bundled demo model)")
+    for name in ("model", "detector", "teacher"):
+        v = str(a[name])
+        if v and v != "demo" and not Path(v).expanduser().exists():
+            raise ConfigError(f"config.ames.{name} = {v!r}: no such file or directory")
+    for name in ("query_len", "db_len"):
+        v = tuple(a[name])
+        if (len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v)
+                or not 1 <= v[0] <= v[1] <= int(a.topk)):
+            raise ConfigError(f"config.ames.{name} = {v}: expected (lo, hi) integers with "
+                              f"1 <= lo <= hi <= ames.topk ({a.topk})")
+    hr = tuple(a.hard_ratio)
+    if len(hr) != 2 or not all(0.0 <= float(x) <= 1.0 for x in hr):
+        raise ConfigError(f"config.ames.hard_ratio = {hr}: expected (start, end) probabilities")
+    if a.teacher and not a.binarized:
+        raise ConfigError("config.ames.teacher is for a binarized student "
+                          "(config.ames.binarized = True)")
+    s = tuple(a.scales)
+    if not s or not all(float(x) > 0 for x in s):
+        raise ConfigError(f"config.ames.scales = {s}: expected positive scale factors")
+    stage1.check_batch(cfg)
+
+
+class Task(_Task):
+    """Stage 4 (AMES): the AMES reranker on a retrieval model's local descriptors."""
+    name = "stage 4 (AMES)"
+    rate = "pairs_per_sec"
+    bar_keys = (("loss", "loss"), ("accuracy", "acc"), ("hard_negative_accuracy", "hard acc"),
+                ("lr", "lr"))
+
+    def __init__(self, cfg, ts: TrainingSet, mesh, workdir):
+        super().__init__(cfg, ts, mesh, workdir)
+        self._model = self._detector = None
+        self.arch = ames_arch(cfg, self.local_dim())
+        self.teacher = self.teacher_model()
+        t_arch = self.teacher.arch if self.teacher is not None else None
+        abstract = jax.eval_shape(
+            lambda k: init_state(cfg, self.arch, k, teacher=self._teacher_params()),
+            jax.random.PRNGKey(0))
+        self.compile(make_train_step(cfg, self.arch, t_arch),
+                     lambda k, p, t: init_state(cfg, self.arch, k, p, t), abstract)
+
+    @staticmethod
+    def check_config(cfg) -> None:
+        check_config(cfg)
+
+    # the models the bank comes from
+    def retrieval_model(self):
+        if self._model is None:
+            import scvnet_jax as sj
+            m = self.cfg.ames.model
+            self._model = sj.load(sj.demo_model_path() if m == "demo" else m)
+        return self._model
+
+    def detector(self):
+        if self._detector is None and self.cfg.ames.detector:
+            from scvnet_jax.engine import local
+            self._detector = local.load_detector(self.cfg.ames.detector)
+        return self._detector
+
+    def local_dim(self) -> int:
+        from scvnet_jax.engine import local
+        return local.descriptor_dim(self.retrieval_model(), self.detector())
+
+    def teacher_model(self):
+        if not self.cfg.ames.teacher:
+            return None
+        from scvnet_jax.rerank import ames
+        t = ames.load(self.cfg.ames.teacher)
+        if t.arch.binarized or t.arch.local_dim != self.arch.local_dim:
+            raise ConfigError(f"config.ames.teacher = {self.cfg.ames.teacher}: expected a "
+                              f"full-precision AMES on {self.arch.local_dim}-d descriptors, "
+                              f"got {t.arch}")
+        return t
+
+    def _teacher_params(self):
+        if self.teacher is None:
+            return {}
+        return jax.tree.map(jnp.asarray, self.teacher.variables["params"])
+
+    def initial_state(self):
+        params = None
+        if self.cfg.init_from:
+            from scvnet_jax.rerank import ames
+            start = ames.load(self.cfg.init_from)
+            if start.arch != self.arch:
+                raise ConfigError(f"config.init_from = {self.cfg.init_from}: holds "
+                                  f"{start.arch}, the config asks for {self.arch}")
+            params = jax.tree.map(jnp.asarray, start.variables["params"])
+        return self.init(jax.random.PRNGKey(self.cfg.seed), params, self._teacher_params())
+
+    def bank(self) -> Path:
+        """W/ames_bank/ (see `Bank`), built chunk by chunk and reused on resume."""
+        from tqdm import tqdm
+
+        from scvnet_jax.data.sources import Records as _Records
+        from scvnet_jax.engine import extract, local
+
+        a = self.cfg.ames
+        path = self.workdir / "ames_bank"
+        if (path / "done.json").is_file():
+            return path
+        path.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        model, det = self.retrieval_model(), self.detector()
+        records = _Records(self.ts)
+        n = self.ts.num_examples
+        chunks = range(-(-n // BANK_CHUNK))
+        mine = [c for c in chunks if mesh_lib.owner(c) == mesh_lib.process_index()]
+        todo = [c for c in mine if not (path / f"local_{c:05d}.npz").is_file()]
+        with tqdm(total=sum(min(n, (c + 1) * BANK_CHUNK) - c * BANK_CHUNK for c in todo),
+                  desc="ames bank (local)", unit="img", dynamic_ncols=True,
+                  disable=mesh_lib.process_index() != 0) as bar:
+            for c in todo:
+                idx = range(c * BANK_CHUNK, min(n, (c + 1) * BANK_CHUNK))
+                images = [records.record(i)[0] for i in idx]
+                feats = local.describe_local(model, images, detector=det, topk=int(a.topk),
+                                             scales=tuple(a.scales),
+                                             batch_size=int(a.bank_batch_size),
+                                             bucket=int(a.bank_bucket), bar=bar)
+                files.atomic_save_npz(path / f"local_{c:05d}.npz",
+                                      desc=feats.desc.astype(np.float16),
+                                      length=feats.length.astype(np.int32))
+        mesh_lib.barrier("ames_bank_local")
+        spec = extract.spec_of(a.family)
+        glob = extract.extract_training_set(model, self.ts, spec,
+                                            batch_size=int(a.bank_batch_size),
+                                            bucket=int(a.bank_bucket),
+                                            desc=f"ames bank ({a.family})")
+        labels = self.ts.labels()
+        table = hard_negative_table(glob, labels, int(a.bank_k))
+        if mesh_lib.process_index() == 0:
+            files.atomic_save_npy(path / "labels.npy", np.asarray(labels))
+            files.atomic_save_npy(path / "hard.npy", table)
+            files.atomic_write_text(path / "done.json", '{"images": %d}\n' % n)
+            print(f"ames bank: {n} images x top-{a.topk} local descriptors "
+                  f"({self.arch.local_dim}-d, float16) and top-{a.bank_k} hard negatives "
+                  f"by {a.family}, {time.perf_counter() - t0:.1f} s")
+        mesh_lib.barrier("ames_bank")
+        return path
+
+    def iterator(self, step: int, state):
+        ds = pair_dataset(self.ts, self.bank(), self.cfg,
+                          process_index=jax.process_index(),
+                          process_count=jax.process_count())
+        return self.make_iterator(ds)
+
+    def export(self, state, step: int) -> Path:
+        from scvnet_jax.convert import model_dir
+
+        a = self.cfg.ames
+        meta = {"trained_by": "scvnet_jax train.py, stage 4 (AMES)", "step": int(step),
+                "descriptors": {"model": str(a.model), "detector": str(a.detector),
+                                "topk": int(a.topk), "scales": [float(s) for s in a.scales]},
+                "first_stage": {"cvnet": "cvnet_global",
+                                "superglobal": "superglobal_global"}[a.family],
+                "rerank": {"lamb": float(a.lamb), "temp": float(a.temp),
+                           "k": int(a.num_rerank)},
+                "teacher": str(a.teacher), "data": self.cfg.data.name}
+        return model_dir.save_model_dir(self.workdir / "model", self.arch,
+                                        {"params": host(state.params)}, meta=meta,
+                                        overwrite=True)

@@ -1,0 +1,207 @@
+"""Stage-4 training (AMES): the pairs against their definition (labels, hard negatives,
+the drawn numbers of descriptors, padding), the stream's determinism, pickling and
+per-process split, the loss's gradient path (training-mode forward), bit-identical SIGKILL
+resume with the bank reused, the model directory it exports and the reranker reading it,
+distillation of a binarized student (configs/ames_demo.py:tiny on the tiny CVNet).
+The model itself is checked against the official code in tests/rerank/test_ames.py."""
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+
+import scvnet_jax as sj
+
+
+class _TS:
+    """A stand-in training set: 5 classes of 4 images (labels sorted, as TFDS sets are)."""
+    name = "fake"
+    num_examples = 20
+    class_offsets = np.arange(0, 21, 4)
+
+    def labels(self):
+        return np.arange(20) // 4
+
+
+def _bank(path, topk=6, dim=8, seed=0):
+    from scvnet_jax import files
+    from scvnet_jax.training.ames import BANK_CHUNK
+
+    rng = np.random.default_rng(seed)
+    path.mkdir()
+    desc = rng.normal(size=(20, topk, dim)).astype(np.float16)
+    length = rng.integers(2, topk + 1, size=20).astype(np.int32)
+    for i, n in enumerate(length):
+        desc[i, n:] = 0
+    assert 20 <= BANK_CHUNK
+    files.atomic_save_npz(path / "local_00000.npz", desc=desc, length=length)
+    labels = np.arange(20) // 4
+    hard = np.stack([[j for j in range(20) if labels[j] != labels[i]][:3] for i in range(20)])
+    np.save(path / "labels.npy", labels)
+    np.save(path / "hard.npy", hard.astype(np.int32))
+    (path / "done.json").write_text("{}")
+    return desc, length, labels, hard
+
+
+def test_pairs_follow_their_definition(tmp_path):
+    from ml_collections import ConfigDict
+
+    from scvnet_jax.training.ames import PairTransform, pair_dataset
+
+    desc, length, labels, hard = _bank(tmp_path / "bank")
+    t = PairTransform(_TS(), tmp_path / "bank", (2, 5), (3, 6), 0.5, (1.0, 1.0), 10, 4)
+    rng = np.random.default_rng(0)
+    seen = {0: 0, 1: 0}
+    for pos in range(200):
+        index = pos % 20
+        out = t.random_map((pos, index), rng)
+        assert out["q"].shape == (5, 8) and out["d"].shape == (6, 8)
+        assert out["q_mask"].shape == (5,) and out["d_mask"].shape == (6,)
+        nq, nd = int((~out["q_mask"]).sum()), int((~out["d_mask"]).sum())
+        assert 2 <= nq <= min(5, length[index]) and nd >= 1
+        # the strongest rows first, exactly the bank's; padding rows are zero and masked
+        np.testing.assert_array_equal(out["q"][:nq], desc[index, :nq].astype(np.float32))
+        assert not out["q_mask"][:nq].any() and out["q_mask"][nq:].all()
+        assert not out["q"][nq:].any() and not out["d"][nd:].any()
+        match = [j for j in range(20) if length[j] >= nd and np.array_equal(
+            desc[j, :nd].astype(np.float32), out["d"][:nd])]
+        assert match, "the candidate is a bank image"
+        j = match[0]
+        y = int(out["label"])
+        seen[y] += 1
+        assert y == int(labels[j] == labels[index])
+        if y == 0:   # hard_ratio 1: every negative from the query's hard-negative row
+            assert bool(out["hard"]) and j in hard[index]
+        else:
+            assert j != index                  # another image of the landmark
+    assert seen[0] > 50 and seen[1] > 50
+    # pickles without the loaded bank (grain workers get a copy)
+    t.bank()
+    again = pickle.loads(pickle.dumps(t))
+    assert again._bank is None
+    a = again.random_map((3, 3), np.random.default_rng(1))
+    b = t.random_map((3, 3), np.random.default_rng(1))
+    np.testing.assert_array_equal(a["d"], b["d"])
+    # the stream: deterministic, and each process reads its part of every global batch
+    cfg = ConfigDict({"ames": {"query_len": (2, 5), "db_len": (3, 6), "positive_fraction": 0.5,
+                               "hard_ratio": (0.5, 0.5)}, "total_steps": 10,
+                      "batch_size": 8, "seed": 1})
+    ds = pair_dataset(_TS(), tmp_path / "bank", cfg)
+    halves = [pair_dataset(_TS(), tmp_path / "bank", cfg, process_index=i,
+                           process_count=2)[3] for i in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate([h["d"] for h in halves]), ds[3]["d"])
+    np.testing.assert_array_equal(ds[3]["label"], pair_dataset(_TS(), tmp_path / "bank",
+                                                                cfg)[3]["label"])
+
+
+def test_train_step_learns_a_separable_toy_task():
+    """The step (training-mode forward, BCE, AdamW) separates pairs whose descriptors share
+    a direction from pairs that do not, and metrics are consistent."""
+    import jax
+    from ml_collections import ConfigDict
+
+    from scvnet_jax.training.ames import ames_arch, init_state, make_train_step
+    from scvnet_jax.training.config import default_config
+
+    cfg = default_config()
+    cfg.ames.update(model_dim=16, nhead=2, num_encoder_layers=1, dim_feedforward=32,
+                    query_len=(6, 6), db_len=(6, 6), topk=6)
+    cfg.optimizer.update(name="adamw", lr=1e-3, warmup_steps=5, weight_decay=0.0)
+    cfg.total_steps = 300
+    arch = ames_arch(cfg, 8)
+    state = init_state(cfg, arch, jax.random.PRNGKey(0))
+    step = jax.jit(make_train_step(cfg, arch))
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(6, 8))
+
+    def batch(n=32):
+        qc = rng.integers(0, 6, n)
+        y = rng.random(n) < 0.5
+        dc = np.where(y, qc, (qc + rng.integers(1, 6, n)) % 6)
+        q = centres[qc][:, None] + 0.1 * rng.normal(size=(n, 6, 8))
+        d = centres[dc][:, None] + 0.1 * rng.normal(size=(n, 6, 8))
+        m = np.zeros((n, 6), bool)
+        m[:, 4:] = rng.random((n, 2)) < 0.5
+        return ConfigDict({"q": q.astype(np.float32), "q_mask": m, "d": d.astype(np.float32),
+                           "d_mask": m[::-1].copy(), "label": y.astype(np.int32),
+                           "hard": np.zeros(n, bool)}).to_dict()
+
+    losses, accuracy = [], []
+    for _ in range(300):
+        state, metrics = step(state, batch())
+        losses.append(float(metrics["loss"]))
+        accuracy.append(float(metrics["accuracy"]))
+    assert bool(metrics["finite"]) and int(state.step) == 300
+    assert np.mean(losses[-20:]) < 0.5 * np.mean(losses[:5]) and np.mean(accuracy[-20:]) > 0.85
+
+
+@pytest.fixture(scope="module")
+def tiny_ames_run(tmp_path_factory, run_train, demo_tfds, tiny_model_dir):
+    work = tmp_path_factory.mktemp("ames") / "w"
+    r = run_train(work, f"--config.ames.model={tiny_model_dir}", data_dir=demo_tfds,
+                  config="ames_demo.py:tiny")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return work
+
+
+@pytest.mark.slow
+def test_sigkill_resume_is_exact_and_exports_an_ames(tmp_path, run_train, demo_tfds,
+                                                     tiny_model_dir, tiny_ames_run,
+                                                     kill_at_checkpoint,
+                                                     assert_same_checkpoint):
+    """Killed right after checkpoint 4 and rerun: bit-identical to the uninterrupted run.
+    The killed run starts from a copy of the first run's bank (reused, not rebuilt)."""
+    work = tmp_path / "killed"
+    work.mkdir()
+    shutil.copytree(tiny_ames_run / "ames_bank", work / "ames_bank")
+    args = (f"--config.ames.model={tiny_model_dir}",)
+    proc = run_train(work, *args, data_dir=demo_tfds, config="ames_demo.py:tiny", wait=False)
+    kill_at_checkpoint(proc, work / "checkpoints" / "4")
+    out = proc.stdout.read() if proc.stdout else ""
+    assert "ames bank" not in out                       # the copied bank was used
+    resumed = run_train(work, *args, data_dir=demo_tfds, config="ames_demo.py:tiny")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert_same_checkpoint(tiny_ames_run, work, 8)
+    model = sj.rerank.ames.load(work / "model")
+    local_dim = sj.load(tiny_model_dir).arch.local_dim
+    assert model.arch.model_dim == 16 and model.arch.local_dim == local_dim
+    meta = json.loads((work / "model" / "config.json").read_text())
+    assert meta["kind"] == "ames" and meta["meta"]["first_stage"] == "cvnet_global"
+    assert sj.rerank.ames.settings_of(model)["topk"] == 8
+    recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 4, 6, 8]
+    assert all(np.isfinite(r["loss"]) for r in recs)
+    # the bank: every training image's top-8 local descriptors, as the engine extracts them
+    with np.load(work / "ames_bank" / "local_00000.npz") as z:
+        assert z["desc"].dtype == np.float16 and z["desc"].shape[1:] == (8, local_dim)
+        assert (z["length"] == 8).all()
+
+
+@pytest.mark.slow
+def test_binarized_student_distils_from_a_teacher(tmp_path, run_train, demo_tfds,
+                                                  tiny_model_dir, tiny_ames_run):
+    """A binarized student trained with the tiny run's model as its teacher: the teacher's
+    term is in the loss, the export is a dist model whose codes pack to bits."""
+    work = tmp_path / "dist"
+    work.mkdir()
+    shutil.copytree(tiny_ames_run / "ames_bank", work / "ames_bank")
+    r = run_train(work, f"--config.ames.model={tiny_model_dir}", "--config.ames.binarized=True",
+                  f"--config.ames.teacher={tiny_ames_run / 'model'}",
+                  data_dir=demo_tfds, config="ames_demo.py:tiny")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss_distill"] > 0 and r["loss"] > r["loss_bce"] for r in recs)
+    model = sj.rerank.ames.load(work / "model")
+    assert model.arch.binarized and sj.rerank.ames.settings_of(model)["lamb"] == 0.5
+
+
+def test_stage4_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_error_line):
+    r = run_train(tmp_path / "w", data_dir=demo_tfds, config="ames_demo.py:tiny",
+                  *["--config.ames.model="])
+    assert r.returncode == 2
+    one_error_line(r.stderr, "stage 4 (AMES) needs --config.ames.model")
+    assert not (tmp_path / "w").exists()
