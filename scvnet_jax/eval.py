@@ -18,13 +18,16 @@ or configs/eval_demo.py with --dataset demo; any field can be set with
 Rerankers on a chosen first stage (--first_stage, default superglobal_global), selected with
 --pipelines and set with --config.<name>.<option>: icfrr (Iterative Cluster-Free
 Re-Ranking), csa (CSA transformer; --csa_weights), alpha_qe (alpha-weighted query
-expansion), dba (alpha-weighted database augmentation). results.json records each one's
+expansion), dba (alpha-weighted database augmentation), ames (AMES transformer over local
+descriptors; --ames_weights). results.json records each one's
 first stage and reranking time (rerank_ms_per_query).
 
-Protocols (CVNet reranking only; the other pipelines never look at labels):
+Protocols (CVNet and AMES reranking; the other pipelines never look at labels):
   official  what the official CVNet test does: per query and per Easy/Medium/Hard setting it
             reranks the first top-k images that the setting does not ignore, so the ground
             truth picks what is reranked (three rankings). For reproducing published numbers.
+            AMES (the authors' evaluate()): each query's shortlist has its junk (Medium),
+            resp. junk + easy (Hard) images moved to its end before the top k is reranked.
   blind     reranks the plain top-k: what your own data needs.
 
 Devices: every batch is split over all of this process's devices. On several hosts (a TPU
@@ -54,8 +57,11 @@ FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
           "output": "output", "cache_dir": "cache_dir", "save_visuals": "save_visuals",
           "dtype": "dtype", "batch_size": "batch_size", "bucket": "bucket",
           "feature_bucket": "feature_bucket", "workers": "workers", "topk": "cvnet.topk",
-          "protocol": "cvnet.protocol", "first_stage": "rerank.first_stage",
-          "csa_weights": "csa.weights"}
+          "first_stage": "rerank.first_stage",
+          "csa_weights": "csa.weights", "ames_weights": "ames.weights",
+          "ames_detector": "ames.detector"}
+# flags that set several fields
+MULTI_FIELDS = {"protocol": ("cvnet.protocol", "ames.protocol")}
 
 
 def _define(fv, argv):
@@ -82,13 +88,17 @@ def _define(fv, argv):
     s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +
       " (default: the first four, the official test scripts' pipelines; the others rerank "
       "--first_stage's ranking)", flag_values=fv)
-    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe and dba "
-      "rerank (default: superglobal_global)", flag_values=fv)
+    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe, dba "
+      "and ames rerank (default: superglobal_global)", flag_values=fv)
     s("csa_weights", None, "CSA weights for the csa pipeline: a model directory written by "
       "train.py (configs/csa_demo.py) or an official CSA checkpoint", flag_values=fv)
+    s("ames_weights", None, "AMES weights for the ames pipeline: a model directory written by "
+      "train.py (configs/ames_demo.py) or an official AMES checkpoint", flag_values=fv)
+    s("ames_detector", None, "the official AMES detector checkpoint (for official AMES "
+      "weights; our model directories record their own choice)", flag_values=fv)
     i("topk", None, "CVNet rerank depth (default: 100)", flag_values=fv)
-    e("protocol", None, ["official", "blind"], "CVNet rerank protocol (default: official; see "
-      "above)", flag_values=fv)
+    e("protocol", None, ["official", "blind"], "CVNet and AMES rerank protocol (default: "
+      "official; see above)", flag_values=fv)
     s("distractors", None, "revisitop 1M distractor list (revisitop1m.txt) to add to the "
       "database (+R1M)", flag_values=fv)
     s("distractors_dir", None, "folder the distractor paths are relative to (default: the "
@@ -122,6 +132,14 @@ def build_config(fv):
                 for p in path[:-1]:
                     node = node[p]
                 node[path[-1]] = value
+        for flag, fields in MULTI_FIELDS.items():
+            value = fv[flag].value
+            if value is not None:
+                for field in fields:
+                    node, *path = cfg, *field.split(".")
+                    for p in path[:-1]:
+                        node = node[p]
+                    node[path[-1]] = value
         if fv.pipelines is not None:
             cfg.pipelines = [p.strip() for p in fv.pipelines.split(",") if p.strip()]
     return cfg

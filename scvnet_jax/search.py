@@ -15,7 +15,9 @@ descriptor), with the same size buckets, threads, devices and progress bar.
 `search(..., rerank=NAME)` refines the ranking with any reranker of the registry
 (`scvnet_jax.rerank.registry`): "superglobal", "cvnet" (the CVNet verifier on the top
 `rerank_k`, similarity + 0.5 x score, the blind protocol), "icfrr", "csa" (options
-{"weights": ...}), "alpha_qe", "dba"; `options` sets the reranker's options.
+{"weights": ...}), "alpha_qe", "dba", "ames" (options {"weights": ...}; the top `rerank_k`,
+database tokens kept in the package's cache folder by content); `options` sets the
+reranker's options.
 """
 from __future__ import annotations
 
@@ -213,6 +215,8 @@ class Index:
             opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked
         if rerank == "cvnet" and "topk" not in opts:
             opts["topk"] = _positive_int(rerank_k, "rerank_k")
+        if rerank == "ames":    # the top rerank_k re-scored (and at least every hit)
+            opts["k"] = max(int(opts.get("k") or _positive_int(rerank_k, "rerank_k")), k)
         if rerank is not None:
             try:
                 registry.options(rerank, opts)
@@ -231,7 +235,8 @@ class Index:
         Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries")
         if self.backend is not None:     # only the candidates' vectors are read
             return self._search_shortlist(model, Q, refs, k, rerank, opts, shortlist,
-                                          {"batch_size": batch_size, "bucket": bucket})
+                                          {"batch_size": batch_size, "bucket": bucket,
+                                           "cache_dir": _token_cache()})
         X = self.descriptors.astype(np.float32)
         sim, ranks = rank(X, Q)                         # (N, n_q) each
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
@@ -239,7 +244,8 @@ class Index:
             out = registry.rerank(rerank, registry.Inputs(
                 X, Q, ranks, sim, model=model, query_images=refs,
                 db_images=[ImageRef(p) for p in self.paths],
-                settings={"batch_size": batch_size, "bucket": bucket}), **opts)
+                settings={"batch_size": batch_size, "bucket": bucket,
+                          "cache_dir": _token_cache()}), **opts)
             ranks = out.ranks
             top = np.take_along_axis(sim, ranks, axis=0)
             top[:out.scores.shape[0]] = out.scores
@@ -292,6 +298,14 @@ class Index:
 
 
 ON_ERROR = ("raise", "skip")
+
+
+def _token_cache() -> str:
+    """Where rerankers keep per-image values between queries (AMES's database tokens,
+    content-keyed): the package's cache folder ($XDG_CACHE_HOME/scvnet_jax or
+    ~/.cache/scvnet_jax), as eval.py's."""
+    from scvnet_jax.evaluation.config import default_cache_dir
+    return default_cache_dir()
 
 
 def _positive_int(v, name: str) -> int:

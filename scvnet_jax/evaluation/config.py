@@ -15,7 +15,7 @@ from scvnet_jax.errors import ConfigError
 # The official test scripts' four pipelines (the default), and the rerankers of the
 # registry that run on either global first stage (`rerank.first_stage`).
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
-RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba")
+RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba", "ames")
 ALL_PIPELINES = PIPELINES + RERANK_PIPELINES
 FIRST_STAGES = ("cvnet_global", "superglobal_global")
 
@@ -55,6 +55,18 @@ def default_config() -> ml_collections.ConfigDict:
     # topk 0: the topk a model of ours was trained with (its model directory records it),
     # 128 for official checkpoints
     c.csa = ml_collections.ConfigDict(dict(weights="", topk=0, dtype="float32"))
+    # AMES: weights = an AMES model directory (train.py, configs/ames_demo.py) or the
+    # official checkpoint; detector = the official detector checkpoint ("" = our model
+    # directory's choice; the official CVNet AMES weights need the official detector);
+    # k (shortlist reranked), lamb, temp: -1/0 = the model's defaults (official weights: the
+    # authors' best for CVNet, fp lamb 0.85 temp 0.8, dist 0.65 / 0.2; k 100); query_len,
+    # db_len: local descriptors per query / database image (0 = the model's; official
+    # weights: 600 / 50, the authors' README command); protocol "official"
+    # (the authors' evaluate(): junk, resp. junk + easy, moved to the end of each query's
+    # shortlist, Medium and Hard separately) or "blind" (the plain top k)
+    c.ames = ml_collections.ConfigDict(dict(weights="", detector="", protocol="official", k=0,
+                                            lamb=-1.0, temp=-1.0, query_len=0, db_len=0,
+                                            batch_size=0))
     # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
     c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
     c.dba = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
@@ -99,6 +111,13 @@ _RANGES = (
     ("icfrr.max_bytes", "int", lambda v: v >= 0, "an integer >= 0 (0: the default limit)"),
     ("csa.topk", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's training topk, "
                                           "128 for official checkpoints)"),
+    ("ames.k", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
+    ("ames.lamb", "num", lambda v: v == -1 or 0 <= v <= 1, "a number in [0, 1] (-1 = the "
+                                                          "model's default)"),
+    ("ames.temp", "num", lambda v: v == -1 or v > 0, "a number > 0 (-1 = the model's default)"),
+    ("ames.query_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
+    ("ames.db_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
+    ("ames.batch_size", "int", lambda v: v >= 0, "an integer >= 0 (pairs per call; 0 = auto)"),
     ("alpha_qe.k", "int", lambda v: v >= 0, "an integer >= 0"),
     ("alpha_qe.alpha", "num", lambda v: v >= 0, "a number >= 0"),
     ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),
@@ -106,7 +125,7 @@ _RANGES = (
 )
 _CHOICES = (("dataset", ("roxford5k", "rparis6k", "demo")), ("dtype", ("float32", "bfloat16")),
             ("cvnet.protocol", ("official", "blind")), ("rerank.first_stage", FIRST_STAGES),
-            ("csa.dtype", ("float32", "float64")),
+            ("csa.dtype", ("float32", "float64")), ("ames.protocol", ("official", "blind")),
             ("superglobal.descriptor.scales", (1, 3, 5)))
 
 
@@ -125,6 +144,15 @@ def validate(cfg) -> None:
                               + ("the csa pipeline needs CSA weights (a model directory "
                                  "written by train.py, or an official checkpoint)"
                                  if not cfg.csa.weights else "not found"))
+    if "ames" in cfg.pipelines:
+        for flag, field in (("--ames_weights", "weights"), ("--ames_detector", "detector")):
+            v = str(cfg.ames[field])
+            if field == "weights" and not v:
+                raise ConfigError("--ames_weights '': the ames pipeline needs AMES weights (a "
+                                  "model directory written by train.py, or an official AMES "
+                                  "checkpoint)")
+            if v and not Path(v).expanduser().exists():
+                raise ConfigError(f"{flag} {v!r}: not found")
     if not cfg.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                              for k in cfg.ks):
         raise ConfigError(f"config.ks = {list(cfg.ks)}: expected integers >= 1 (mP@k)")

@@ -10,6 +10,7 @@ and the other rerankers of the registry (`scvnet_jax.rerank.registry`) on the gl
 ranking chosen by `cfg.rerank.first_stage` (cvnet_global or superglobal_global):
 
   icfrr, csa, alpha_qe, dba   (none of them looks at labels)
+  ames                        (protocol "official" as the authors' evaluation, or "blind")
 
 `evaluate(cfg, model, dataset)` runs the pipelines named in `cfg.pipelines` (the config
 chooses the evaluators) and returns their metrics, rankings and reranking times.
@@ -155,6 +156,15 @@ def superglobal_rerank(ctx: Context) -> PipelineResult:
                      dict(ctx.cfg.superglobal.rerank))
 
 
+def ames(ctx: Context) -> PipelineResult:
+    cfg = ctx.cfg
+    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
+                "cache_dir": cfg.cache_dir or None}
+    return _reranked(ctx, "ames", "ames", cfg.rerank.first_stage, dict(cfg.ames),
+                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
+                     gnd=ctx.dataset.gnd, settings=settings)
+
+
 def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
     def run(ctx: Context) -> PipelineResult:
         return _reranked(ctx, name, name, ctx.cfg.rerank.first_stage, dict(ctx.cfg[name]))
@@ -165,7 +175,7 @@ def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
 EVALUATORS: dict[str, Callable[[Context], PipelineResult]] = {
     "cvnet_global": cvnet_global, "cvnet_rerank": cvnet_rerank,
     "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank,
-    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}}
+    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}, "ames": ames}
 
 
 def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
@@ -182,6 +192,9 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     extract.check_images(query_refs, cfg.workers)   # decodable, boxes inside: before any work
     if "csa" in cfg.pipelines:                      # a CSA, readable: before any work too
         registry.csa_model(cfg.csa.weights, cfg.csa.dtype)
+    if "ames" in cfg.pipelines:                     # AMES and its detector likewise
+        registry.ames_model(cfg.ames.weights)
+        registry.ames_detector(cfg.ames.detector)
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}

@@ -125,6 +125,7 @@ class AMES:
         self.variables = jax.tree.map(np.asarray, dict(variables))
         self.source = source
         self.dtype = dtype
+        self.meta: dict = {}        # a model directory's meta (how it was trained, defaults)
 
     def __repr__(self) -> str:
         return f"AMES({self.arch}, dtype={self.dtype}, source={self.source!r})"
@@ -457,7 +458,7 @@ def load(path, nhead: int | None = None, *, activation: str = "relu",
     without torch through the restricted unpickler; the architecture is read off the state
     dict, nhead (not recorded) defaults to 2, the official configuration's) or from a model
     directory we wrote (kind "ames"). dtype: see AMES."""
-    from scvnet_jax.convert.model_dir import is_model_dir, load_model_dir
+    from scvnet_jax.convert.model_dir import is_model_dir, load_model_dir, read_config
     from scvnet_jax.convert.torch_file import load_torch_file
 
     if is_model_dir(path):
@@ -465,7 +466,9 @@ def load(path, nhead: int | None = None, *, activation: str = "relu",
         if nhead is not None and int(nhead) != arch.nhead:
             raise CheckpointError(f"{path}: holds an AMES with {arch.nhead} heads, not "
                                   f"{nhead}")
-        return AMES(arch, variables, str(path), dtype)
+        out = AMES(arch, variables, str(path), dtype)
+        out.meta = dict(read_config(path, "ames").get("meta") or {})
+        return out
     if Path(path).is_dir():
         raise CheckpointError(f"{path}: a directory without config.json; expected an official "
                               "AMES checkpoint or a model directory written by scvnet_jax")
@@ -482,5 +485,220 @@ def load(path, nhead: int | None = None, *, activation: str = "relu",
                            source=source, dtype=dtype)
 
 
-__all__ = ["AMES", "combine", "from_state_dict", "infer_arch", "load", "pack_codes",
+# -- on images: local descriptors, the database-token store, the defaults -------------------
+
+# The authors' best (lamb, temp) for CVNet descriptors (README of github pavelsuma/ames),
+# by variant; their README command's asymmetric lengths (600 query descriptors, 50 per
+# database image: the database side is what is stored) and shortlist.
+OFFICIAL_DEFAULTS = {False: {"lamb": 0.85, "temp": 0.8}, True: {"lamb": 0.65, "temp": 0.2}}
+OFFICIAL_K, OFFICIAL_QUERY_LEN, OFFICIAL_DB_LEN = 100, 600, 50
+
+
+def settings_of(model: AMES) -> dict:
+    """What `rerank_images` uses unless told otherwise: lamb, temp, k, query_len and db_len
+    (local descriptors per query / database image), scales, detector ('' = none), backbone
+    ('' = the caller's), from the model directory's meta for models we trained (the upper
+    ends of their training ranges), else the authors' settings."""
+    from scvnet_jax.engine.local import SCALES
+    out = {**OFFICIAL_DEFAULTS[bool(model.arch.binarized)], "k": OFFICIAL_K,
+           "query_len": OFFICIAL_QUERY_LEN, "db_len": OFFICIAL_DB_LEN,
+           "scales": tuple(SCALES), "detector": None, "backbone": ""}
+    meta = getattr(model, "meta", None) or {}
+    d, r = meta.get("descriptors") or {}, meta.get("rerank") or {}
+    if d:
+        out.update(query_len=int(d.get("query_len", out["query_len"])),
+                   db_len=int(d.get("db_len", out["db_len"])),
+                   scales=tuple(float(s) for s in d.get("scales", out["scales"])),
+                   detector=d.get("detector") or "", backbone=str(d.get("model", "")))
+    for key in ("lamb", "temp", "k"):
+        if key in r:
+            out[key] = type(out[key])(r[key])
+    return out
+
+
+class TokenStore:
+    """Content-keyed database tokens on disk: per image (by its content digest) what the
+    decoder consumes (`AMES.db_tokens`: float16 tokens of an fp model, packed bits of a
+    dist model) and its number of real rows; keyed by everything they depend on (backbone,
+    detector, AMES weights, topk, scales). One small file per image, written atomically:
+    a killed run keeps every finished image."""
+
+    def __init__(self, cache_dir, key: Mapping):
+        import hashlib
+        import json
+
+        from scvnet_jax import files
+        text = json.dumps(dict(key), sort_keys=True)
+        self.dir = Path(cache_dir) / f"ames-tokens-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+        if not (self.dir / "key.json").exists():
+            files.atomic_write_text(self.dir / "key.json", json.dumps(dict(key), indent=1,
+                                                                     sort_keys=True) + "\n")
+
+    def _path(self, digest: str) -> Path:
+        return self.dir / f"{digest}.npz"
+
+    def get(self, digest: str):
+        try:
+            with np.load(self._path(digest), allow_pickle=False) as z:
+                return z["tokens"], int(z["length"])
+        except (OSError, ValueError, KeyError, EOFError):
+            return None
+
+    def put(self, digest: str, tokens: np.ndarray, length: int) -> None:
+        from scvnet_jax import files
+        files.atomic_save_npz(self._path(digest), tokens=tokens, length=np.int32(length))
+
+
+def bytes_per_image(model: AMES, db_len: int) -> int:
+    """Bytes a database image takes in the token store (its db_len tokens + its length)."""
+    per = (-(-model.arch.model_dim // 8) if model.arch.binarized else 2 * model.arch.model_dim)
+    return int(db_len) * per + 4
+
+
+def _db_tokens_of(model: AMES, feats, topk: int) -> np.ndarray:
+    """Store format of LocalFeatures `feats`: packed bits (dist) or float16 tokens (fp)."""
+    tokens = model.db_tokens(np.asarray(feats.desc, np.float32), feats.mask)
+    return pack_codes(tokens) if model.arch.binarized else tokens
+
+
+def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: int = 50,
+                    scales=None, cache_dir: str | None = None, batch_size: int = 8,
+                    bucket: int = 64, workers: int = 4, desc: str = "ames db"):
+    """(tokens (n, topk, ...), mask (n, topk) True = padding) of database images `refs` (topk:
+    the database side's number of local descriptors, `db_len`), in
+    the store format (`db_format` "packed" for dist models, "tokens" for fp), from the
+    content-keyed `TokenStore` in cache_dir where present, else extracted (float32 local
+    descriptors, exactly the official rows) and stored."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scvnet_jax.engine import local
+    from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
+    scales = tuple(scales or local.SCALES)
+    n, topk = len(refs), int(topk)
+    width = -(-model.arch.model_dim // 8) if model.arch.binarized else model.arch.model_dim
+    tokens = np.zeros((n, topk, width), np.uint8 if model.arch.binarized else np.float16)
+    length = np.zeros((n,), np.int64)
+    store = digests = None
+    todo = list(range(n))
+    if cache_dir and n:
+        key = {"format": 1, "backbone": weights_fingerprint(retrieval_model.variables, BACKBONE),
+               "model_dtype": jnp.dtype(retrieval_model.module.dtype).name,
+               "precision": str(getattr(retrieval_model.module, "precision", None)),
+               "detector": None if detector is None else detector.fingerprint,
+               "ames": _fingerprint(model), "topk": topk, "scales": [float(s) for s in scales]}
+        store = TokenStore(cache_dir, key)
+        with ThreadPoolExecutor(workers) as pool:
+            digests = content_digests(refs, pool)
+        todo = []
+        for i, dg in enumerate(digests):
+            got = store.get(dg)
+            if got is None or got[0].shape != tokens.shape[1:]:
+                todo.append(i)
+            else:
+                tokens[i], length[i] = got
+    step = 256                      # images per extraction call: stored as they finish
+    for s in range(0, len(todo), step):
+        part = todo[s:s + step]
+        feats = local.extract_local(retrieval_model, [refs[i] for i in part], detector,
+                                    topk, scales, batch_size, bucket=bucket,
+                                    dtype=np.float32, workers=workers,
+                                    desc=f"{desc} ({len(todo)} to extract)")
+        toks = _db_tokens_of(model, feats, topk)
+        for row, i in enumerate(part):
+            tokens[i], length[i] = toks[row], feats.length[row]
+            if store is not None:
+                store.put(digests[i], toks[row], int(feats.length[row]))
+    mask = np.arange(topk)[None, :] >= length[:, None]
+    return tokens, mask
+
+
+def _fingerprint(model: AMES) -> str:
+    from scvnet_jax.engine.cache import weights_fingerprint
+    if getattr(model, "_fp", None) is None:
+        model._fp = weights_fingerprint(model.variables) + "|" + str(model.arch)
+    return model._fp
+
+
+def rerank_images(model: AMES, retrieval_model, query_refs, db_refs, ranks, sims, *,
+                  detector=None, k: int | None = None, lamb: float | None = None,
+                  temp: float | None = None, query_len: int | None = None,
+                  db_len: int | None = None, scales=None,
+                  protocol: str = "blind", gnd=None, cache_dir: str | None = None,
+                  batch_size: int = 64, extract_batch_size: int = 8, bucket: int = 64,
+                  workers: int = 4):
+    """AMES re-ranking of a first stage over image files: (ranks, sims) (N or K, nq), best
+    first. The local descriptors of the queries (cropped to their boxes) and of the
+    shortlisted database images only (never the whole database: +1M costs the top k of each
+    query) are extracted with `retrieval_model` (+ `detector`): the strongest `query_len`
+    of a query, `db_len` of a database image (asymmetric, as the authors evaluate: the first
+    k rows of a top-K extraction are the top-k extraction's), the database's kept in the
+    token store (`cache_dir`). None settings come from `settings_of(model)`.
+
+    Returns {setting: (ranks (same shape as given), scores (k', nq))}: setting "" for
+    protocol "blind"; "medium" and "hard" for "official" (see `shortlist`)."""
+    from scvnet_jax.engine import local
+    d = settings_of(model)
+    k = int(k or d["k"])
+    lamb = d["lamb"] if lamb is None else float(lamb)
+    temp = d["temp"] if temp is None else float(temp)
+    query_len = int(query_len or d["query_len"])
+    db_len = int(db_len or d["db_len"])
+    scales = tuple(scales or d["scales"])
+    ranks, sims = _check_shortlist(ranks, sims)
+    if protocol not in PROTOCOLS:
+        raise ConfigError(f"ames: protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    dim = local.descriptor_dim(retrieval_model, detector)
+    if dim != model.arch.local_dim:
+        raise ConfigError(f"ames: the model reads {model.arch.local_dim}-d local descriptors; "
+                          f"this backbone{' + detector' if detector is not None else ''} gives "
+                          f"{dim}-d" + ("" if detector is not None else
+                                        " (official AMES weights need the official detector)"))
+    settings = ("",) if protocol == "blind" else SETTINGS
+    if protocol == "official" and gnd is None:
+        raise ConfigError("ames: protocol 'official' needs the ground truth; use 'blind' on "
+                          "data without labels")
+    g = gnd["gnd"] if isinstance(gnd, Mapping) else gnd
+    # the shortlist depth: enough rows that moving junk (+ easy) out still leaves k
+    depth = k
+    if protocol == "official":
+        depth += max((len(x.get("junk", ())) + len(x.get("easy", ())) for x in g), default=0)
+    depth = min(depth, ranks.shape[0])
+    lists = {s: shortlist(ranks[:depth], sims[:depth], protocol=protocol, gnd=gnd,
+                          setting=s or "medium") for s in settings}
+    kk = min(k, depth)
+    union = np.unique(np.concatenate([r[:kk].reshape(-1) for r, _ in lists.values()]))
+    q_feats = local.extract_local(retrieval_model, list(query_refs), detector, query_len, scales,
+                                  extract_batch_size, bucket=bucket, dtype=np.float32,
+                                  workers=workers, desc="ames queries")
+    tokens, mask = database_tokens(model, retrieval_model, [db_refs[i] for i in union],
+                                   detector=detector, topk=db_len, scales=scales,
+                                   cache_dir=cache_dir, batch_size=extract_batch_size,
+                                   bucket=bucket, workers=workers)
+    where = np.full(int(ranks.max()) + 1, -1, np.int64)
+    where[union] = np.arange(len(union))
+    fmt = "packed" if model.arch.binarized else "tokens"
+    out = {}
+    for s, (r, v) in lists.items():
+        logits = model.shortlist_logits(np.asarray(q_feats.desc, np.float32), q_feats.mask,
+                                        tokens, mask, where[r[:kk]], db_format=fmt,
+                                        batch_size=batch_size)
+        rr, scores = combine(r, v, logits, k=kk, lamb=lamb, temp=temp)
+        full = ranks.copy()
+        full[:depth] = rr
+        out[s] = (full, scores)
+    return out
+
+
+def __getattr__(name: str):
+    # the extraction side lives with the engine (engine/local.py); here for the contract
+    # `sj.rerank.ames.local_descriptors(...)` etc.
+    if name in ("local_descriptors", "detector_from_state_dict", "load_detector",
+                "extract_local", "describe_local", "LocalFeatures", "Detector"):
+        from scvnet_jax.engine import local
+        return getattr(local, name)
+    raise AttributeError(f"module 'scvnet_jax.rerank.ames' has no attribute {name!r}")
+
+
+__all__ = ["AMES", "TokenStore", "database_tokens", "rerank_images", "settings_of",
+           "bytes_per_image", "combine", "from_state_dict", "infer_arch", "load", "pack_codes",
            "rerank", "shortlist", "shortlist_map", "split_features", "unpack_codes"]

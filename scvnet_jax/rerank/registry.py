@@ -19,6 +19,7 @@ first rows are sorted by (`Result.scores` (n, nq), descending; n = what it reran
 | csa         | CSA transformer over affinity features, top k             | never  |
 | alpha_qe    | alpha-weighted query expansion, whole database re-ranked  | never  |
 | dba         | alpha-weighted database augmentation, then search         | never  |
+| ames        | lamb x sim + (1 - lamb) x sigmoid(temp x AMES logit), top k | protocol "official" uses them (the authors' evaluate()); "blind" never |
 """
 from __future__ import annotations
 
@@ -166,6 +167,61 @@ def _csa(inp: Inputs, weights, topk: int, dtype: str) -> Result:
     return Result(ranks, scores.astype(np.float32))
 
 
+_AMES_MODELS: dict = {}
+_DETECTORS: dict = {}
+
+
+def ames_model(weights, dtype: str = "float32"):
+    """The AMES model of `weights` (an AMES object, a model directory or an official
+    checkpoint), loaded once per process."""
+    from scvnet_jax.rerank import ames
+    if isinstance(weights, ames.AMES):
+        return weights
+    if not weights:
+        raise ConfigError("the ames reranker needs weights: an AMES model directory (train.py "
+                          "--config configs/ames_demo.py writes one) or an official "
+                          "checkpoint (--ames_weights / ames.weights)")
+    key = (str(weights), dtype)
+    if key not in _AMES_MODELS:
+        _AMES_MODELS[key] = ames.load(weights, dtype=dtype)
+    return _AMES_MODELS[key]
+
+
+def ames_detector(path):
+    """The AMES detector of `path` (loaded once per process); None for '' / None."""
+    if not path:
+        return None
+    if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
+        return path                              # a Detector already
+    from scvnet_jax.engine.local import load_detector
+    if str(path) not in _DETECTORS:
+        _DETECTORS[str(path)] = load_detector(path)
+    return _DETECTORS[str(path)]
+
+
+def _ames(inp: Inputs, weights, detector: str, k: int, lamb: float, temp: float,
+          query_len: int, db_len: int, protocol: str, batch_size: int) -> Result:
+    from scvnet_jax.rerank import ames
+    if inp.model is None or inp.query_images is None or inp.db_images is None:
+        raise ConfigError("the ames reranker reads local descriptors: it needs the model and "
+                          "the query and database images")
+    model = ames_model(weights)
+    det = ames_detector(detector or ames.settings_of(model)["detector"])
+    sim = inp.similarity()
+    ranks = np.asarray(inp.ranks)
+    s = dict(inp.settings)
+    out = ames.rerank_images(
+        model, inp.model, inp.query_images, inp.db_images, ranks,
+        np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0), detector=det,
+        k=k or None, lamb=None if lamb < 0 else lamb, temp=None if temp < 0 else temp,
+        query_len=query_len or None, db_len=db_len or None, protocol=protocol, gnd=inp.gnd, cache_dir=s.get("cache_dir"),
+        batch_size=batch_size or 64, extract_batch_size=s.get("batch_size", 8),
+        bucket=s.get("bucket", 64), workers=s.get("workers", 4))
+    if protocol == "official":      # Easy and Medium from the medium run, as the authors
+        return Result((out["medium"][0], out["medium"][0], out["hard"][0]), None, protocol)
+    return Result(*out[""], protocol)
+
+
 def _alpha_qe(inp: Inputs, k: int, alpha: float) -> Result:
     from scvnet_jax.engine import search
     from scvnet_jax.rerank.expansion import expand_queries
@@ -201,6 +257,12 @@ RERANKERS: dict[str, Reranker] = {r.name: r for r in (
     Reranker("dba", "alpha-weighted database augmentation, then exact search",
              {"k": 2, "alpha": 3.0}, _dba,
              score="similarity of the query to the augmented descriptor; every item"),
+    Reranker("ames", "AMES: a transformer over local descriptors scores the top k",
+             {"weights": "", "detector": "", "k": 0, "lamb": -1.0, "temp": -1.0,
+              "query_len": 0, "db_len": 0, "protocol": "blind", "batch_size": 64}, _ames,
+             needs_images=True,
+             score="lamb x similarity + (1 - lamb) x sigmoid(temp x AMES logit); top k "
+                   "(0 / -1: the model's defaults)"),
 )}
 
 

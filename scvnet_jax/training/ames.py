@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from scvnet_jax import files, mesh as mesh_lib
+from scvnet_jax.data.augment import augment
 from scvnet_jax.data.sources import Records, TrainingSet, process_batches
 from scvnet_jax.errors import ConfigError
 from scvnet_jax.training import optim
@@ -157,14 +158,16 @@ class PairTransform(Records, grain.transforms.RandomMap):
 
     def __init__(self, ts: TrainingSet, bank_dir: str, query_len, db_len,
                  positive_fraction: float, hard_ratio, curriculum_steps: int,
-                 global_batch: int):
+                 global_batch: int, subset: str = "top", n_train: int | None = None):
         super().__init__(ts)
+        self.n_train = int(ts.num_examples if n_train is None else n_train)
         self.bank_dir = str(bank_dir)
         self.query_len, self.db_len = tuple(int(v) for v in query_len), tuple(
             int(v) for v in db_len)
         self.positive_fraction = float(positive_fraction)
         self.hard_ratio = tuple(float(v) for v in hard_ratio)
         self.curriculum_steps, self.global_batch = int(curriculum_steps), int(global_batch)
+        self.subset = str(subset)
         self._bank = None
 
     def __getstate__(self):
@@ -176,10 +179,14 @@ class PairTransform(Records, grain.transforms.RandomMap):
         return self._bank
 
     def _side(self, i: int, lim: tuple[int, int], rng: np.random.Generator):
-        desc, n = self.bank().get(i)
+        bank = self.bank()
+        desc, n = bank.get(i, int(rng.integers(0, bank.views)))
         keep = min(int(rng.integers(lim[0], lim[1] + 1)), n)
         out = np.zeros((lim[1], desc.shape[1]), np.float32)
-        out[:keep] = desc[:keep]
+        if self.subset == "random":     # a random subset of the real rows, in weight order
+            out[:keep] = desc[np.sort(rng.choice(n, keep, replace=False))]
+        else:                           # the strongest rows, as at test time
+            out[:keep] = desc[:keep]
         mask = np.ones((lim[1],), bool)
         mask[:keep] = False
         return out, mask
@@ -201,8 +208,8 @@ class PairTransform(Records, grain.transforms.RandomMap):
                 row = row[row >= 0]
                 if len(row):
                     other, hard = int(row[rng.integers(0, len(row))]), True
-            if other is None:
-                n = self.ts.num_examples
+            if other is None:           # uniform over the training images of other landmarks
+                n = self.n_train
                 j = int(rng.integers(0, n - (hi - lo)))
                 other = j + (hi - lo) * (j >= lo)
         q, qm = self._side(index, self.query_len, rng)
@@ -218,14 +225,28 @@ def _with_position(position: int, index: int) -> tuple[int, int]:
     return position, index        # module level: grain transforms must pickle
 
 
+def split(ts, holdout_classes: int) -> int:
+    """The number of training images pairs are drawn from: all but the last
+    `holdout_classes` classes' (kept for choosing lamb and temp, `tune`)."""
+    offsets = np.asarray(ts.class_offsets)
+    n_classes = len(offsets) - 1
+    if not 0 <= int(holdout_classes) < n_classes:
+        raise ConfigError(f"config.ames.holdout_classes = {holdout_classes}: expected 0 .. "
+                          f"{n_classes - 1} (the training set has {n_classes} classes)")
+    return int(offsets[n_classes - int(holdout_classes)])
+
+
 def pair_dataset(ts: TrainingSet, bank_dir, cfg, *, process_index: int = 0,
                  process_count: int = 1) -> grain.MapDataset:
-    """This process's part of the batched, shuffled, repeated stream of pairs; each pair's
-    randomness comes from its global position (resumable, process-count independent)."""
+    """This process's part of the batched, shuffled, repeated stream of pairs (queries and
+    candidates from the training classes, never the held-out ones); each pair's randomness
+    comes from its global position (resumable, process-count independent)."""
     a = cfg.ames
+    n_train = split(ts, int(a.get("holdout_classes", 0)))
     t = PairTransform(ts, bank_dir, a.query_len, a.db_len, a.positive_fraction,
-                      a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size))
-    ds = (grain.MapDataset.range(ts.num_examples).shuffle(seed=cfg.seed).repeat(None)
+                      a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size),
+                      a.get("subset", "top"), n_train)
+    ds = (grain.MapDataset.range(n_train).shuffle(seed=cfg.seed).repeat(None)
           .map_with_index(_with_position).random_map(t, seed=cfg.seed))
     return process_batches(ds, int(cfg.batch_size), process_index, process_count)
 
@@ -236,9 +257,12 @@ BANK_CHUNK = 256
 
 
 class Bank:
-    """W/ames_bank/: local_NNNNN.npz per chunk of BANK_CHUNK training images (desc (n, topk,
-    D) float16, length (n,)), hard.npy (N, bank_k) int32 (-1 = none), labels.npy (N,),
-    done.json (written last)."""
+    """W/ames_bank/: local_NNNNN.npz per chunk of BANK_CHUNK training images (desc (n, V,
+    topk, D) float16, length (n, V); view 0 the whole image, views 1.. random augmentations
+    of it, `ames.bank_views` = V), hard.npy (n_train, bank_k) int32 (-1 = none; training
+    classes only), global.npy (N, D) float32 (the `ames.family` descriptors), labels.npy
+    (N,), key.json (the settings it was built with) and done.json (the same, written
+    last: the bank is complete)."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -246,13 +270,70 @@ class Bank:
         self.hard = np.load(self.path / "hard.npy", mmap_mode="r")
         self._chunks: dict = {}
 
-    def get(self, i: int) -> tuple[np.ndarray, int]:
+    def get(self, i: int, view: int = 0) -> tuple[np.ndarray, int]:
+        """(descriptors (topk, D) float16, number of real rows) of image i's `view`."""
         c = i // BANK_CHUNK
         if c not in self._chunks:
             with np.load(self.path / f"local_{c:05d}.npz") as z:
-                self._chunks[c] = (z["desc"], z["length"])
+                desc, length = z["desc"], z["length"]
+            if desc.ndim == 3:               # one view per image
+                desc, length = desc[:, None], length[:, None]
+            self._chunks[c] = (desc, length)
         desc, length = self._chunks[c]
-        return desc[i - c * BANK_CHUNK], int(length[i - c * BANK_CHUNK])
+        return desc[i - c * BANK_CHUNK, view], int(length[i - c * BANK_CHUNK, view])
+
+    @property
+    def views(self) -> int:
+        return self._chunk0()[0].shape[1]
+
+    def _chunk0(self):
+        self.get(0)
+        return self._chunks[0]
+
+
+LAMBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
+TEMPS = (0.1, 0.2, 0.5, 0.8, 1.0, 2.0)
+
+
+def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int) -> dict:
+    """lamb and temp chosen on the held-out classes of the training set (the authors choose
+    them on GLDv2's validation split): each held-out class's first 2 images query the rest
+    of the held-out images, the first stage ranks by the bank's global descriptors, AMES
+    scores each query's top k (every row of the bank: the database format at test time),
+    and the (lamb, temp) of the grid with the best mAP wins (lamb 1.0 = the first stage
+    alone; the first in grid order on ties). Returns {lamb, temp, mAP, first_stage,
+    queries, database}."""
+    from scvnet_jax import metrics
+    from scvnet_jax.engine import search
+    from scvnet_jax.rerank import ames
+
+    bank = Bank(bank_dir)
+    start = split(ts, holdout_classes)
+    idx = np.arange(start, ts.num_examples)
+    labels = np.asarray(bank.labels)[idx]
+    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    qi = np.sort(np.concatenate([f + np.arange(2) for f in first]))
+    di = np.setdiff1d(np.arange(len(idx)), qi)
+    glob = np.load(Path(bank_dir) / "global.npy")
+    X, Q = glob[idx[di]], glob[idx[qi]]
+    sim, ranks = search.rank(X, Q)
+    sims = np.take_along_axis(sim, ranks, axis=0)
+    local = [bank.get(int(i)) for i in idx]
+    desc = np.stack([d.astype(np.float32) for d, _ in local])
+    mask = np.arange(desc.shape[1])[None, :] >= np.array([n for _, n in local])[:, None]
+    model = ames.AMES(arch, {"params": params})
+    kk = min(int(k), len(di))
+    logits = model.shortlist_logits(desc[qi], mask[qi], desc[di], mask[di], ranks[:kk])
+    base = metrics.labelled(ranks, labels[qi], labels[di])["mAP@all"]
+    best = None
+    for lamb in LAMBS:
+        for temp in TEMPS:
+            r, _ = ames.combine(ranks, sims, logits, k=kk, lamb=lamb, temp=temp)
+            m = metrics.labelled(r, labels[qi], labels[di])["mAP@all"]
+            if best is None or m > best[0] + 1e-12:
+                best = (m, lamb, temp)
+    return {"lamb": best[1], "temp": best[2], "mAP": best[0], "first_stage": base,
+            "queries": int(len(qi)), "database": int(len(di))}
 
 
 def check_config(cfg) -> None:
@@ -360,11 +441,33 @@ class Task(_Task):
         from scvnet_jax.data.sources import Records as _Records
         from scvnet_jax.engine import extract, local
 
+        import json
+
         a = self.cfg.ames
         path = self.workdir / "ames_bank"
-        if (path / "done.json").is_file():
+        key = {"model": str(a.model), "detector": str(a.detector), "topk": int(a.topk),
+               "views": int(a.bank_views), "view_augment": dict(self.view_augment().__dict__),
+               "scales": [float(v) for v in a.scales], "family": str(a.family),
+               "bank_k": int(a.bank_k), "holdout_classes": int(a.holdout_classes),
+               "images": int(self.ts.num_examples), "data": str(self.cfg.data.name)}
+        text = json.dumps(key, sort_keys=True)
+
+        def read(name):
+            try:
+                return (path / name).read_text()
+            except OSError:
+                return None
+
+        if read("done.json") == text:
             return path
+        if read("key.json") != text and path.is_dir():     # a bank of other settings: ours
+            for old in path.glob("*.np[yz]"):              # to replace, chunk by chunk
+                old.unlink()
+            (path / "done.json").unlink(missing_ok=True)
         path.mkdir(parents=True, exist_ok=True)
+        if mesh_lib.process_index() == 0:
+            files.atomic_write_text(path / "key.json", text)
+        mesh_lib.barrier("ames_bank_key")
         t0 = time.perf_counter()
         model, det = self.retrieval_model(), self.detector()
         records = _Records(self.ts)
@@ -372,19 +475,28 @@ class Task(_Task):
         chunks = range(-(-n // BANK_CHUNK))
         mine = [c for c in chunks if mesh_lib.owner(c) == mesh_lib.process_index()]
         todo = [c for c in mine if not (path / f"local_{c:05d}.npz").is_file()]
-        with tqdm(total=sum(min(n, (c + 1) * BANK_CHUNK) - c * BANK_CHUNK for c in todo),
+        views, aug = int(a.bank_views), self.view_augment()
+        with tqdm(total=views * sum(min(n, (c + 1) * BANK_CHUNK) - c * BANK_CHUNK
+                                    for c in todo),
                   desc="ames bank (local)", unit="img", dynamic_ncols=True,
                   disable=mesh_lib.process_index() != 0) as bar:
             for c in todo:
                 idx = range(c * BANK_CHUNK, min(n, (c + 1) * BANK_CHUNK))
-                images = [records.record(i)[0] for i in idx]
-                feats = local.describe_local(model, images, detector=det, topk=int(a.topk),
-                                             scales=tuple(a.scales),
-                                             batch_size=int(a.bank_batch_size),
-                                             bucket=int(a.bank_bucket), bar=bar)
+                originals = [records.record(i)[0] for i in idx]
+                descs, lengths = [], []
+                for v in range(views):      # view v of image i: its own seed
+                    images = originals if v == 0 else [
+                        augment(im, aug, np.random.default_rng((int(self.cfg.seed), i, v)))
+                        for i, im in zip(idx, originals)]
+                    feats = local.describe_local(model, images, detector=det,
+                                                 topk=int(a.topk), scales=tuple(a.scales),
+                                                 batch_size=int(a.bank_batch_size),
+                                                 bucket=int(a.bank_bucket), bar=bar)
+                    descs.append(feats.desc.astype(np.float16))
+                    lengths.append(feats.length.astype(np.int32))
                 files.atomic_save_npz(path / f"local_{c:05d}.npz",
-                                      desc=feats.desc.astype(np.float16),
-                                      length=feats.length.astype(np.int32))
+                                      desc=np.stack(descs, axis=1),
+                                      length=np.stack(lengths, axis=1))
         mesh_lib.barrier("ames_bank_local")
         spec = extract.spec_of(a.family)
         glob = extract.extract_training_set(model, self.ts, spec,
@@ -392,16 +504,24 @@ class Task(_Task):
                                             bucket=int(a.bank_bucket),
                                             desc=f"ames bank ({a.family})")
         labels = self.ts.labels()
-        table = hard_negative_table(glob, labels, int(a.bank_k))
+        n_train = split(self.ts, int(a.holdout_classes))
+        table = hard_negative_table(glob[:n_train], labels[:n_train], int(a.bank_k))
         if mesh_lib.process_index() == 0:
+            files.atomic_save_npy(path / "global.npy", glob.astype(np.float32))
             files.atomic_save_npy(path / "labels.npy", np.asarray(labels))
             files.atomic_save_npy(path / "hard.npy", table)
-            files.atomic_write_text(path / "done.json", '{"images": %d}\n' % n)
+            files.atomic_write_text(path / "done.json", text)
             print(f"ames bank: {n} images x top-{a.topk} local descriptors "
                   f"({self.arch.local_dim}-d, float16) and top-{a.bank_k} hard negatives "
                   f"by {a.family}, {time.perf_counter() - t0:.1f} s")
         mesh_lib.barrier("ames_bank")
         return path
+
+    def view_augment(self):
+        """The augmentation of bank views 1..: data.augment's crops, flips and colour
+        jitter, resized to ames.view_size."""
+        from scvnet_jax.data.augment import Augment
+        return Augment.from_config({**self.cfg.data.augment, "size": int(self.cfg.ames.view_size)})
 
     def iterator(self, step: int, state):
         ds = pair_dataset(self.ts, self.bank(), self.cfg,
@@ -413,13 +533,22 @@ class Task(_Task):
         from scvnet_jax.convert import model_dir
 
         a = self.cfg.ames
+        rerank = {"lamb": float(a.lamb), "temp": float(a.temp), "k": int(a.num_rerank)}
+        tuned = None
+        if int(a.holdout_classes) > 0:
+            tuned = tune(self.bank(), self.arch, host(state.params), self.ts,
+                         int(a.holdout_classes), int(a.num_rerank))
+            rerank.update(lamb=tuned["lamb"], temp=tuned["temp"])
+            print(f"ames: lamb {tuned['lamb']}, temp {tuned['temp']} chosen on "
+                  f"{a.holdout_classes} held-out classes: mAP {100 * tuned['mAP']:.2f} "
+                  f"(first stage {100 * tuned['first_stage']:.2f})")
         meta = {"trained_by": "scvnet_jax train.py, stage 4 (AMES)", "step": int(step),
                 "descriptors": {"model": str(a.model), "detector": str(a.detector),
-                                "topk": int(a.topk), "scales": [float(s) for s in a.scales]},
+                                "query_len": int(a.query_len[1]), "db_len": int(a.db_len[1]),
+                                "scales": [float(s) for s in a.scales]},
                 "first_stage": {"cvnet": "cvnet_global",
                                 "superglobal": "superglobal_global"}[a.family],
-                "rerank": {"lamb": float(a.lamb), "temp": float(a.temp),
-                           "k": int(a.num_rerank)},
+                "rerank": rerank, "tuned_on_holdout": tuned,
                 "teacher": str(a.teacher), "data": self.cfg.data.name}
         return model_dir.save_model_dir(self.workdir / "model", self.arch,
                                         {"params": host(state.params)}, meta=meta,

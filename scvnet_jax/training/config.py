@@ -116,6 +116,12 @@ def default_config() -> ml_collections.ConfigDict:
                                      # first stage the model is meant to rerank)
     c.ames.query_len = (700, 700)    # descriptors per query image: drawn uniformly in [lo, hi]
     c.ames.db_len = (700, 700)       # descriptors per database image: likewise
+    c.ames.bank_views = 1            # descriptor sets per training image in the bank: the
+                                     # whole image, then random augmentations of it
+                                     # (data.augment's, resized to view_size square)
+    c.ames.view_size = 256
+    c.ames.subset = "top"            # which rows: "top" (the strongest, as at test time) or
+                                     # "random" (a random subset of the image's rows)
     c.ames.model_dim = 128
     c.ames.nhead = 2
     c.ames.num_encoder_layers = 5
@@ -129,7 +135,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.ames.bank_k = 20               # hard negatives per image (top-ranked other landmarks)
     c.ames.bank_batch_size = 8       # images per device while describing the training set
     c.ames.bank_bucket = 64
-    c.ames.lamb = 0.85               # the reranker's defaults recorded in the model dir:
+    c.ames.holdout_classes = 0       # the last N classes are left out of training; lamb and
+                                     # temp are then chosen on them (`training.ames.tune`)
+    c.ames.lamb = 0.85               # the reranker's defaults recorded in the model dir
+                                     # (when holdout_classes is 0):
     c.ames.temp = 0.8                # s = lamb x global + (1 - lamb) x sigmoid(temp x logit)
     c.ames.num_rerank = 100
 
@@ -219,10 +228,14 @@ _RANGES = (
     ("ames.bank_bucket", "int", lambda v: v >= 1, "an integer >= 1"),
     ("ames.lamb", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("ames.temp", "num", lambda v: v > 0, "a number > 0"),
+    ("ames.bank_views", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("ames.view_size", "int", lambda v: v >= 16, "an integer >= 16 (pixels)"),
+    ("ames.holdout_classes", "int", lambda v: v >= 0, "an integer >= 0"),
     ("ames.num_rerank", "int", lambda v: v >= 1, "an integer >= 1"),
 )
 _CHOICES = (
-    ("stage", (1, 2, 3, 4)), ("ames.family", ("cvnet", "superglobal")), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
+    ("stage", (1, 2, 3, 4)), ("ames.family", ("cvnet", "superglobal")),
+    ("ames.subset", ("top", "random")), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
     ("csa.family", ("cvnet", "superglobal")), ("csa.affinity_norm", ("none", "row")),
     ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
                          "float32")),
@@ -239,7 +252,8 @@ SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
                 "csa.center", "csa.affinity_norm", "ames.model", "ames.detector", "ames.topk",
                 "ames.scales", "ames.family", "ames.query_len", "ames.db_len",
                 "ames.model_dim", "ames.nhead", "ames.num_encoder_layers", "ames.dim_feedforward",
-                "ames.binarized", "ames.teacher")
+                "ames.binarized", "ames.teacher", "ames.holdout_classes", "ames.bank_views",
+                "ames.view_size")
 
 
 def validate(cfg) -> None:

@@ -318,3 +318,84 @@ def test_pre_norm_gelu_odd_heads_variant_converts_and_runs(tmp_path, torch_save)
     assert packed.shape == (3, 4, 2)
     got = model.similarity_from_tokens(q, qm, AMES.unpack_codes(packed, 9, tm), tm)
     np.testing.assert_array_equal(got, s32)
+
+
+def test_rerank_images_is_the_model_on_each_pair_and_reuses_the_token_store(tmp_path,
+                                                                             tiny_model):
+    """`rerank_images` on image files (a random fp and dist AMES on the tiny CVNet's
+    128-d features, no detector): the reranked shortlist and scores are the model's logits
+    of each (query, candidate) pair from `local_descriptors` (query_len rows of the query,
+    db_len of each database image), combined as the official code; only the shortlisted
+    database images are extracted; a second run reads their tokens from the content-keyed
+    store (no extraction) and gives the same result; the official protocol needs labels."""
+    import cv2
+
+    from scvnet_jax.engine import local
+    from scvnet_jax.images import ImageRef
+    from scvnet_jax.models.ames import AMESArch, init
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(7):
+        im = rng.integers(0, 255, (int(rng.integers(60, 110)), int(rng.integers(60, 110)), 3),
+                          dtype=np.uint8)
+        paths.append(str(tmp_path / f"im{i}.png"))
+        cv2.imwrite(paths[-1], im)
+    queries, db = [ImageRef(paths[0], (3.0, 5.0, 70.0, 58.0)), ImageRef(paths[1])], [
+        ImageRef(p) for p in paths[2:]]
+    dim = tiny_model.arch.local_dim
+    ranks = np.stack([rng.permutation(5), rng.permutation(5)], axis=1)      # (5, 2)
+    sims = np.sort(rng.uniform(0.2, 0.9, (5, 2)).astype(np.float32), axis=0)[::-1]
+    k, ql, dl = 3, 12, 6
+    for binarized in (False, True):
+        arch = AMESArch(local_dim=dim, model_dim=16, nhead=2, num_encoder_layers=1,
+                        dim_feedforward=32, binarized=binarized)
+        model = AMES.AMES(arch, init(arch, 1))
+        kw = dict(k=k, lamb=0.5, temp=2.0, query_len=ql, db_len=dl, protocol="blind")
+        out = AMES.rerank_images(model, tiny_model, queries, db, ranks, sims,
+                                 cache_dir=str(tmp_path / "cache"), **kw)
+        got_ranks, got_scores = out[""]
+        from scvnet_jax.images import read_image
+        for qi, ref in enumerate(queries):
+            q = AMES.split_features(local.local_descriptors(tiny_model, read_image(ref),
+                                                            topk=ql)[None])
+            cand = ranks[:k, qi]
+            d = [AMES.split_features(local.local_descriptors(
+                tiny_model, read_image(db[j]), topk=dl)[None]) for j in cand]
+            logits = model.similarity(np.repeat(q[0], k, 0), np.repeat(q[1], k, 0),
+                                      np.concatenate([x[0] for x in d]),
+                                      np.concatenate([x[1] for x in d]))
+            want, want_s = AMES.combine(ranks[:, qi:qi + 1], sims[:, qi:qi + 1],
+                                        logits[:, None], k=k, lamb=0.5, temp=2.0)
+            np.testing.assert_array_equal(got_ranks[:, qi], want[:, 0])
+            np.testing.assert_allclose(got_scores[:, qi], want_s[:, 0], atol=2e-6)
+        # only the shortlisted database images were extracted and stored
+        store = next((tmp_path / "cache").glob("ames-tokens-*")) if not binarized else None
+        if store is not None:
+            assert len(list(store.glob("*.npz"))) == len(np.unique(ranks[:k]))
+        calls = []
+        real = local.extract_local
+
+        def counting(model_, refs, *a, **kw_):
+            calls.append(len(refs))
+            return real(model_, refs, *a, **kw_)
+
+        local.extract_local = counting
+        try:
+            again = AMES.rerank_images(model, tiny_model, queries, db, ranks, sims,
+                                       cache_dir=str(tmp_path / "cache"), **kw)
+        finally:
+            local.extract_local = real
+        assert calls == [len(queries)]                 # the queries only: db from the store
+        np.testing.assert_array_equal(again[""][0], got_ranks)
+        np.testing.assert_array_equal(again[""][1], got_scores)
+    with pytest.raises(ConfigError, match="needs the ground truth"):
+        AMES.rerank_images(model, tiny_model, queries, db, ranks, sims,
+                           **{**kw, "protocol": "official"})
+    with pytest.raises(ConfigError, match="reads 999-d"):
+        AMES.rerank_images(AMES.AMES(AMESArch(local_dim=999, model_dim=16, nhead=2,
+                                              num_encoder_layers=1, dim_feedforward=32),
+                                     init(AMESArch(local_dim=999, model_dim=16, nhead=2,
+                                                   num_encoder_layers=1,
+                                                   dim_feedforward=32))),
+                           tiny_model, queries, db, ranks, sims, **kw)

@@ -171,7 +171,7 @@ def test_sigkill_resume_is_exact_and_exports_an_ames(tmp_path, run_train, demo_t
     assert model.arch.model_dim == 16 and model.arch.local_dim == local_dim
     meta = json.loads((work / "model" / "config.json").read_text())
     assert meta["kind"] == "ames" and meta["meta"]["first_stage"] == "cvnet_global"
-    assert sj.rerank.ames.settings_of(model)["topk"] == 8
+    assert sj.rerank.ames.settings_of(model)["db_len"] == 8
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) for r in recs)
