@@ -394,13 +394,34 @@ def test_distractors_extend_the_database(tmp_path, weights, eval_main, shared):
     for name in names:
         shutil.copy(src / "jpg" / f"{name}.jpg", dis_dir / "jpg")
     (dis_dir / "revisitop1m.txt").write_text("".join(f"jpg/{n}.jpg\n" for n in names))
+    # AMES (a random one on the tiny model's local features) reranks the top 4 of the
+    # distractor-extended ranking, with the official protocol (a ranking per setting)
+    import scvnet_jax as sj
+    from scvnet_jax.models.ames import AMESArch, init
+    arch = AMESArch(local_dim=sj.load(weights).arch.local_dim, model_dim=16, nhead=2,
+                    num_encoder_layers=1, dim_feedforward=32)
+    sj.rerank.ames.AMES(arch, init(arch, 0)).save(
+        tmp_path / "ames", meta={"descriptors": {"query_len": 16, "db_len": 8},
+                                 "rerank": {"k": 4}})
     out = tmp_path / "results.json"
     assert eval_main("--config", CONFIG, "--data_dir", tmp_path / "data", "--weights", weights,
-                     "--pipelines", "cvnet_global", "--distractors",
+                     "--pipelines", "cvnet_global,ames", "--first_stage", "cvnet_global",
+                     "--ames_weights", tmp_path / "ames", "--distractors",
                      dis_dir / "revisitop1m.txt", "--output", out, "--cache_dir", "") == 0
-    res = json.loads(out.read_text())["cvnet_global"]
+    res = json.loads(out.read_text())
     n = len(keep) + 3
-    assert res["dataset"] == "roxford5k+R1M" and res["n_db"] == n
+    assert res["cvnet_global"]["dataset"] == "roxford5k+R1M" and res["cvnet_global"]["n_db"] == n
+    assert res["ames"]["protocol"] == "official"
     with np.load(tmp_path / "results_ranks.npz") as z:
         ranks = z["cvnet_global"]
+        reranked = {k: z[k] for k in z.files if k.startswith("ames")}
     assert ranks.shape == (n, 2) and sorted(ranks[:, 0]) == list(range(n))
+    assert reranked and all(r.shape == (n, 2) and sorted(r[:, 1]) == list(range(n))
+                            for r in reranked.values())
+    # only the shortlist changes order: the top 4 after each query's junk (+ easy for Hard)
+    # is moved behind them, so the first 4 + max(junk + easy) rows
+    depth = min(n, 4 + max(len(g.get("junk", ())) + len(g.get("easy", ()))
+                           for g in small["gnd"]))
+    for r in reranked.values():
+        np.testing.assert_array_equal(r[depth:], ranks[depth:])
+        assert all(set(r[:depth, q]) == set(ranks[:depth, q]) for q in range(2))
