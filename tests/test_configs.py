@@ -15,7 +15,7 @@ TRAINING = [n for n in NAMES if not n.startswith("eval_")]
 
 def test_the_shipped_configs():
     assert set(NAMES) == {"cvnet_r50", "cvnet_r101", "cvnet_r50_rerank", "csa_demo", "csa_r50",
-                          "demo", "demo_rerank",
+                          "ames_demo", "ames_r101", "demo", "demo_rerank",
                           "eval_demo", "eval_minirevisit", "eval_revisitop"}
 
 
@@ -46,3 +46,18 @@ def test_tiny_variants(name):
     assert mod.get_config().model.width == 16            # the documented run is untouched
     with pytest.raises(ValueError, match="unknown variant 'huge'"):
         mod.get_config("huge")
+
+
+def test_ames_configs_validate():
+    """The AMES configs (and their variants) pass the training config's checks, as shipped
+    (paths aside: they name files the user supplies)."""
+    from scvnet_jax.training import ames, config
+    for name, variants in (("ames_demo", ("", "tiny")), ("ames_r101", ("", "dist"))):
+        mod = importlib.import_module(f"scvnet_jax.configs.{name}")
+        for v in variants:
+            cfg = mod.get_config(v)
+            config.validate(cfg)
+            if name == "ames_demo":
+                ames.check_config(cfg)
+    assert importlib.import_module("scvnet_jax.configs.ames_r101").get_config(
+        "dist").ames.binarized

@@ -49,13 +49,28 @@ def csa_weights(tmp_path_factory):
     return sj.rerank.csa.CSA(arch, csa.init(arch, 0)).save(out)
 
 
+@pytest.fixture(scope="module")
+def ames_weights(tmp_path_factory):
+    """A randomly initialised AMES on the demo model's 256-d local features (16 query and
+    8 database descriptors) saved as a model directory."""
+    from scvnet_jax.models.ames import AMESArch, init
+    arch = AMESArch(local_dim=256, model_dim=16, nhead=2, num_encoder_layers=1,
+                    dim_feedforward=32)
+    out = tmp_path_factory.mktemp("ames") / "model"
+    return sj.rerank.ames.AMES(arch, init(arch, 0)).save(
+        out, meta={"descriptors": {"query_len": 16, "db_len": 8}})
+
+
 @pytest.mark.parametrize("family", ["cvnet", "superglobal"])
-def test_index_search_save_load(folder, model, tmp_path, family, csa_weights):
+def test_index_search_save_load(folder, model, tmp_path, family, csa_weights, ames_weights,
+                                monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))    # AMES's token store
     index = sj.search.index_folder(model, folder, family)
     assert index.descriptors.shape == (14, 256)
     np.testing.assert_allclose(np.linalg.norm(index.descriptors, axis=1), 1, atol=1e-5)
     query = index.paths[3]
-    options = {"csa": {"weights": str(csa_weights)}, "icfrr": {"KG": 5, "KQ": 3}}
+    options = {"csa": {"weights": str(csa_weights)}, "icfrr": {"KG": 5, "KQ": 3},
+               "ames": {"weights": str(ames_weights)}}
     for rerank in (None, *sj.rerank.registry.names()):
         hits = index.search(model, query, k=5, rerank=rerank, rerank_k=3,
                             options=options.get(rerank))[0]
@@ -69,6 +84,12 @@ def test_index_search_save_load(folder, model, tmp_path, family, csa_weights):
         assert scores == sorted(scores, reverse=True), (rerank, scores)
         if rerank is None:
             assert hits[0].score == pytest.approx(1.0, abs=1e-4)
+        if rerank == "ames":    # the top 5 (k >= hits) re-sorted by 0.85 x sim + 0.15 x
+            plain = {h.path: h.score for h in index.search(model, query, k=5)[0]}  # sigmoid
+            assert {h.path for h in hits} == set(plain)
+            assert all(0.85 * plain[h.path] - 1e-5 <= h.score <= 0.85 * plain[h.path] + 0.15
+                       for h in hits)
+            assert list((tmp_path / "xdg" / "scvnet_jax").glob("ames-tokens-*/*.npz"))
         if rerank == "cvnet":   # sim + 0.5 x verification in the top 3, sim below
             plain = {h.path: h.score for h in index.search(model, query, k=5)[0]}
             assert all(h.score >= plain[h.path] for h in hits[:3])

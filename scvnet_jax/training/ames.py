@@ -447,6 +447,7 @@ class Task(_Task):
         path = self.workdir / "ames_bank"
         key = {"model": str(a.model), "detector": str(a.detector), "topk": int(a.topk),
                "views": int(a.bank_views), "view_augment": dict(self.view_augment().__dict__),
+               "view_seed": int(self.cfg.seed) if int(a.bank_views) > 1 else None,
                "scales": [float(v) for v in a.scales], "family": str(a.family),
                "bank_k": int(a.bank_k), "holdout_classes": int(a.holdout_classes),
                "images": int(self.ts.num_examples), "data": str(self.cfg.data.name)}
