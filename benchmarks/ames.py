@@ -34,8 +34,8 @@ import numpy as np
 SIZES = {
     "r101": dict(local_dim=1024, model_dim=128, nhead=2, num_encoder_layers=5,
                  dim_feedforward=1024, query_len=600, db_len=50),
-    "demo": dict(local_dim=256, model_dim=64, nhead=2, num_encoder_layers=2,
-                 dim_feedforward=256, query_len=64, db_len=64),
+    "demo": dict(local_dim=256, model_dim=32, nhead=2, num_encoder_layers=1,
+                 dim_feedforward=128, query_len=64, db_len=64),        # configs/ames_demo.py
 }
 
 

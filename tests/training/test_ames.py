@@ -175,10 +175,19 @@ def test_sigkill_resume_is_exact_and_exports_an_ames(tmp_path, run_train, demo_t
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [2, 4, 6, 8]
     assert all(np.isfinite(r["loss"]) for r in recs)
-    # the bank: every training image's top-8 local descriptors, as the engine extracts them
+    # the bank: every training image's top-8 local descriptors, as the engine extracts them,
+    # for the whole image and one augmented view of it
+    from scvnet_jax.data.sources import open_or_build, Records
+    from scvnet_jax.engine import local
     with np.load(work / "ames_bank" / "local_00000.npz") as z:
-        assert z["desc"].dtype == np.float16 and z["desc"].shape[1:] == (8, local_dim)
+        assert z["desc"].dtype == np.float16 and z["desc"].shape[1:] == (2, 8, local_dim)
         assert (z["length"] == 8).all()
+        whole = z["desc"][:2, 0].astype(np.float32)
+        assert not np.array_equal(z["desc"][:2, 1], z["desc"][:2, 0])
+    ts = open_or_build("demo_landmarks", demo_tfds)
+    ims = [Records(ts).record(i)[0] for i in range(2)]
+    want = local.describe_local(sj.load(tiny_model_dir), ims, topk=8, dtype=np.float32)
+    np.testing.assert_allclose(whole, want.desc, atol=2e-3 * np.abs(want.desc).max())
 
 
 @pytest.mark.slow
@@ -196,7 +205,7 @@ def test_binarized_student_distils_from_a_teacher(tmp_path, run_train, demo_tfds
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss_distill"] > 0 and r["loss"] > r["loss_bce"] for r in recs)
     model = sj.rerank.ames.load(work / "model")
-    assert model.arch.binarized and sj.rerank.ames.settings_of(model)["lamb"] == 0.5
+    assert model.arch.binarized and sj.rerank.ames.settings_of(model)["lamb"] == 0.85
 
 
 def test_stage4_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_error_line):
