@@ -15,8 +15,8 @@ def test_every_reranker_is_registered_once():
     for name in registry.names():
         r = registry.get(name)
         assert r.name == name and r.summary and r.score
-    with pytest.raises(ConfigError, match="unknown reranker 'ames'; choose from superglobal"):
-        registry.get("ames")
+    with pytest.raises(ConfigError, match="unknown reranker 'rrt'; choose from superglobal"):
+        registry.get("rrt")
 
 
 def test_options_are_checked():
