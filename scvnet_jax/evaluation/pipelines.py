@@ -193,8 +193,7 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
     if "csa" in cfg.pipelines:                      # a CSA, readable: before any work too
         registry.csa_model(cfg.csa.weights, cfg.csa.dtype)
     if "ames" in cfg.pipelines:                     # AMES and its detector likewise
-        registry.ames_model(cfg.ames.weights)
-        registry.ames_detector(cfg.ames.detector)
+        registry.ames_setup(cfg.ames.weights, cfg.ames.detector)
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}

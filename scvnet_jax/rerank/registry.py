@@ -199,14 +199,27 @@ def ames_detector(path):
     return _DETECTORS[str(path)]
 
 
+def ames_setup(weights, detector=""):
+    """(AMES model, detector or None) for the ames reranker, checked before any work: the
+    official CVNet AMES weights read the detector's descriptors, so they need it (a model
+    directory of ours records whether it was trained with one)."""
+    from scvnet_jax.rerank import ames
+    model = ames_model(weights)
+    det = ames_detector(detector or ames.settings_of(model)["detector"])
+    if det is None and not model.meta:
+        raise ConfigError(f"ames: {weights} holds official AMES weights, which read the "
+                          "detector's local descriptors: give the official detector "
+                          "checkpoint too (--ames_detector / the 'detector' option)")
+    return model, det
+
+
 def _ames(inp: Inputs, weights, detector: str, k: int, lamb: float, temp: float,
           query_len: int, db_len: int, protocol: str, batch_size: int) -> Result:
     from scvnet_jax.rerank import ames
     if inp.model is None or inp.query_images is None or inp.db_images is None:
         raise ConfigError("the ames reranker reads local descriptors: it needs the model and "
                           "the query and database images")
-    model = ames_model(weights)
-    det = ames_detector(detector or ames.settings_of(model)["detector"])
+    model, det = ames_setup(weights, detector)
     sim = inp.similarity()
     ranks = np.asarray(inp.ranks)
     s = dict(inp.settings)

@@ -252,6 +252,23 @@ def test_official_checkpoint_converts_without_torch_and_round_trips(fixture, tmp
             sj.load(out)
         with pytest.raises(CheckpointError, match="heads"):
             AMES.load(out, nhead=c["nhead"] + 1)
+    # the reranker refuses official weights without the detector they read, before any work
+    from scvnet_jax.rerank import registry
+    with pytest.raises(ConfigError, match="give the official detector"):
+        registry.ames_setup(str(path))
+    det = sj.rerank.ames.detector_from_state_dict(_detector_state_dict(8), channels=8)
+    assert registry.ames_setup(str(path), det)[1] is det
+
+
+def _detector_state_dict(c: int) -> dict:
+    rng = np.random.default_rng(0)
+    return {"conv1.weight": rng.normal(size=(c, c, 1, 1)).astype(np.float32),
+            "conv1.bias": np.zeros(c, np.float32), "bn.weight": np.ones(c, np.float32),
+            "bn.bias": np.zeros(c, np.float32), "bn.running_mean": np.zeros(c, np.float32),
+            "bn.running_var": np.ones(c, np.float32),
+            "bn.num_batches_tracked": np.zeros((), np.int64),
+            "conv2.weight": rng.normal(size=(1, c, 1, 1)).astype(np.float32),
+            "conv2.bias": np.zeros(1, np.float32)}
 
 
 def test_converter_lists_every_bad_key(fixture, tmp_path, torch_save):

@@ -26,7 +26,7 @@ def tiny(**over):
     ("data.image_size", 8, "config.data.image_size = 8"),
     ("optimizer.name", "adam", "config.optimizer.name = 'adam': expected one of 'sgd', 'adamw'"),
     ("model.dtype", "float16", "config.model.dtype = 'float16'"),
-    ("stage", 4, "config.stage = 4"),
+    ("stage", 5, "config.stage = 5"),
     ("loss.queue_size", 20, "config.loss.queue_size (20) must be a multiple of"),
     ("model.width", 0, "config.model"),
     ("init_from", "/no/such/model", "config.init_from = '/no/such/model': no such file"),
