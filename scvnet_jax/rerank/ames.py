@@ -524,15 +524,9 @@ class TokenStore:
     a killed run keeps every finished image."""
 
     def __init__(self, cache_dir, key: Mapping):
-        import hashlib
-        import json
-
-        from scvnet_jax import files
-        text = json.dumps(dict(key), sort_keys=True)
-        self.dir = Path(cache_dir) / f"ames-tokens-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
-        if not (self.dir / "key.json").exists():
-            files.atomic_write_text(self.dir / "key.json", json.dumps(dict(key), indent=1,
-                                                                     sort_keys=True) + "\n")
+        from scvnet_jax.engine.cache import ChunkCache
+        # the engine's cache gives the folder: named by a hash of the key, key.json inside
+        self.dir = ChunkCache(cache_dir, "ames-tokens", dict(key), 1).dir
 
     def _path(self, digest: str) -> Path:
         return self.dir / f"{digest}.npz"
@@ -555,7 +549,7 @@ def bytes_per_image(model: AMES, db_len: int) -> int:
     return int(db_len) * per + 4
 
 
-def _db_tokens_of(model: AMES, feats, topk: int) -> np.ndarray:
+def _db_tokens_of(model: AMES, feats) -> np.ndarray:
     """Store format of LocalFeatures `feats`: packed bits (dist) or float16 tokens (fp)."""
     tokens = model.db_tokens(np.asarray(feats.desc, np.float32), feats.mask)
     return pack_codes(tokens) if model.arch.binarized else tokens
@@ -581,7 +575,8 @@ def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: 
     store = digests = None
     todo = list(range(n))
     if cache_dir and n:
-        key = {"format": 1, "backbone": weights_fingerprint(retrieval_model.variables, BACKBONE),
+        key = {"token_format": 1,
+               "backbone": weights_fingerprint(retrieval_model.variables, BACKBONE),
                "model_dtype": jnp.dtype(retrieval_model.module.dtype).name,
                "precision": str(getattr(retrieval_model.module, "precision", None)),
                "detector": None if detector is None else detector.fingerprint,
@@ -603,7 +598,7 @@ def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: 
                                     topk, scales, batch_size, bucket=bucket,
                                     dtype=np.float32, workers=workers,
                                     desc=f"{desc} ({len(todo)} to extract)")
-        toks = _db_tokens_of(model, feats, topk)
+        toks = _db_tokens_of(model, feats)
         for row, i in enumerate(part):
             tokens[i], length[i] = toks[row], feats.length[row]
             if store is not None:

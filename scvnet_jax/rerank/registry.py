@@ -140,7 +140,13 @@ def _icfrr(inp: Inputs, KG: int, KQ: int, beta: float, n_times: int,
     return Result(ranks, scores)
 
 
-_CSA_MODELS: dict = {}
+_LOADED: dict = {}       # (kind, path, ...) -> a reranker model, loaded once per process
+
+
+def _load_once(key: tuple, load):
+    if key not in _LOADED:
+        _LOADED[key] = load()
+    return _LOADED[key]
 
 
 def csa_model(weights, dtype: str = "float32"):
@@ -153,10 +159,7 @@ def csa_model(weights, dtype: str = "float32"):
         raise ConfigError("the csa reranker needs weights: a CSA model directory (train.py "
                           "--config configs/csa_demo.py writes one) or an official "
                           "checkpoint (--csa_weights / csa.weights)")
-    key = (str(weights), dtype)
-    if key not in _CSA_MODELS:
-        _CSA_MODELS[key] = csa.load(weights, dtype=dtype)
-    return _CSA_MODELS[key]
+    return _load_once(("csa", str(weights), dtype), lambda: csa.load(weights, dtype=dtype))
 
 
 def _csa(inp: Inputs, weights, topk: int, dtype: str) -> Result:
@@ -165,10 +168,6 @@ def _csa(inp: Inputs, weights, topk: int, dtype: str) -> Result:
         topk = model.topk or 128
     ranks, scores = model.rerank(inp.X, inp.Q, inp.ranks, topk=topk, return_scores=True)
     return Result(ranks, scores.astype(np.float32))
-
-
-_AMES_MODELS: dict = {}
-_DETECTORS: dict = {}
 
 
 def ames_model(weights, dtype: str = "float32"):
@@ -181,10 +180,7 @@ def ames_model(weights, dtype: str = "float32"):
         raise ConfigError("the ames reranker needs weights: an AMES model directory (train.py "
                           "--config configs/ames_demo.py writes one) or an official "
                           "checkpoint (--ames_weights / ames.weights)")
-    key = (str(weights), dtype)
-    if key not in _AMES_MODELS:
-        _AMES_MODELS[key] = ames.load(weights, dtype=dtype)
-    return _AMES_MODELS[key]
+    return _load_once(("ames", str(weights), dtype), lambda: ames.load(weights, dtype=dtype))
 
 
 def ames_detector(path):
@@ -194,9 +190,7 @@ def ames_detector(path):
     if not isinstance(path, (str, bytes)) and not hasattr(path, "__fspath__"):
         return path                              # a Detector already
     from scvnet_jax.engine.local import load_detector
-    if str(path) not in _DETECTORS:
-        _DETECTORS[str(path)] = load_detector(path)
-    return _DETECTORS[str(path)]
+    return _load_once(("detector", str(path)), lambda: load_detector(path))
 
 
 def ames_setup(weights, detector=""):
