@@ -221,7 +221,8 @@ def _ames(inp: Inputs, weights, detector: str, k: int, lamb: float, temp: float,
         model, inp.model, inp.query_images, inp.db_images, ranks,
         np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0), detector=det,
         k=k or None, lamb=None if lamb < 0 else lamb, temp=None if temp < 0 else temp,
-        query_len=query_len or None, db_len=db_len or None, protocol=protocol, gnd=inp.gnd, cache_dir=s.get("cache_dir"),
+        query_len=query_len or None, db_len=db_len or None, protocol=protocol, gnd=inp.gnd,
+        cache_dir=s.get("cache_dir"),
         batch_size=batch_size or 64, extract_batch_size=s.get("batch_size", 8),
         bucket=s.get("bucket", 64), workers=s.get("workers", 4))
     if protocol == "official":      # Easy and Medium from the medium run, as the authors
