@@ -111,7 +111,8 @@ def _define(fv, argv):
       "top-10 per pipeline, bordered by label", flag_values=fv)
     e("dtype", None, ["float32", "bfloat16"], "backbone compute dtype (default float32: "
       "parity with the official code)", flag_values=fv)
-    i("batch_size", None, "images per device per batch (default: 8)", flag_values=fv)
+    i("batch_size", None, "images (or rerank pairs) per device per batch (default 0: auto, 1 "
+      "on CPU, 8 on GPU/TPU)", flag_values=fv)
     i("bucket", None, "pad image sizes up to multiples of this many pixels so that one "
       "compilation serves many sizes; results are unchanged (default: 64; 1 = exact sizes)",
       flag_values=fv)

@@ -70,7 +70,7 @@ def list_images(folder) -> list[Path]:
 
 
 def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
-             batch_size: int = 8, bucket: int = 64, workers: int = 4,
+             batch_size: int = 0, bucket: int = 64, workers: int = 4,
              desc: str = "describe") -> np.ndarray:
     """Descriptors (N, D), L2-normalised, of image files (paths, or ImageRefs with boxes)."""
     refs = [p if isinstance(p, ImageRef) else ImageRef(str(p)) for p in images]
@@ -177,7 +177,7 @@ class Index:
 
     def search(self, model: RetrievalModel, queries, k: int = 10, *, boxes=None,
                rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,
-               superglobal: dict | None = None, batch_size: int = 8, bucket: int = 64,
+               superglobal: dict | None = None, batch_size: int = 0, bucket: int = 64,
                shortlist: int = 1000) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
 
@@ -351,7 +351,7 @@ def _query_paths(queries) -> list[str]:
 
 
 def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
-                 batch_size: int = 8, bucket: int = 64, workers: int = 4,
+                 batch_size: int = 0, bucket: int = 64, workers: int = 4,
                  on_error: str = "raise") -> Index:
     """Indexes every image under `folder` (see `list_images`), with absolute paths.
 
@@ -416,7 +416,7 @@ def _read_or_reason(path: str):
 def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                  weights: str = "", dtype: str = "float16", on_error: str = "skip",
                  rebuild: bool = False, backend: str = "auto", faiss_kind: str = "hnsw",
-                 chunk_size: int = 64, batch_size: int = 8, bucket: int = 64,
+                 chunk_size: int = 64, batch_size: int = 0, bucket: int = 64,
                  workers: int = 4) -> tuple[Index, dict]:
     """Brings the index file `path` up to date with every image under `folder` and returns
     it with counts: a rerun extracts only new or changed files (by content digest, so a

@@ -168,7 +168,8 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch_size", type=_positive, default=8, help="images per device per batch")
+    p.add_argument("--batch_size", type=_nonnegative, default=0,
+                   help="images per device per batch (default 0: auto, 1 on CPU, 8 on GPU/TPU)")
     p.add_argument("--bucket", type=_positive, default=64,
                    help="pad image sides to a multiple of this (fewer compiled shapes)")
     p.add_argument("--workers", type=_positive, default=4, help="image-decoding threads")

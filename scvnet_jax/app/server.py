@@ -32,7 +32,7 @@ MAX_UPLOAD_BYTES = 20 << 20
 class Searcher:
     """The index and the model, loaded once; `search` is what POST /api/search does."""
 
-    def __init__(self, index, model, *, batch_size: int = 8, bucket: int = 64,
+    def __init__(self, index, model, *, batch_size: int = 0, bucket: int = 64,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000):
         self.index, self.model, self.shortlist = index, model, shortlist
         self.ids = {p: i for i, p in enumerate(index.paths)}   # hit path -> id, built once

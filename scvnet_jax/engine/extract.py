@@ -119,7 +119,7 @@ def check_images(refs: Sequence[ImageRef], workers: int = 4) -> None:
         raise InputError(bad)
 
 
-def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 8,
+def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 0,
                          bucket: int = 64, chunk_size: int = 256, workers: int = 4,
                          desc: str = "describe") -> np.ndarray:
     """Descriptors (N, D) of every image of a training set (`data.sources.TrainingSet`,
@@ -157,7 +157,9 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
         parts_left[i] = len(xs)
         items += [((i, j), x) for j, x in enumerate(xs)]
     parts: dict = {i: [None] * k for i, k in parts_left.items()}
-    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket):
+    batch_size = batching.resolve_batch_size(batch_size)
+    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket,
+                                         model.num_devices):
         descs = spec.run(model, batch)
         done = 0
         for row, (i, j) in enumerate(batch.ids):
@@ -168,12 +170,12 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
     return np.stack([spec.combine(parts[i]) for i in range(len(images))])
 
 
-def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size: int = 8,
+def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size: int = 0,
             bucket: int = 64, cache: ChunkCache | None = None, chunk_size: int = 256,
             workers: int = 4, desc: str = "extract") -> np.ndarray:
     """Descriptors (N, D) float32 of `refs` with `spec` (CVNetGlobal or SuperGlobal).
 
-    batch_size: images per device per batch. Every process must call this with the same
+    batch_size: images per device per batch (0: `batching.default_batch_size`). Every process must call this with the same
     arguments; each computes its share and all return the whole array."""
     chunk_size = cache.chunk_size if cache is not None else chunk_size
     n = len(refs)
@@ -212,7 +214,9 @@ def local_features(model: RetrievalModel, images: Sequence[np.ndarray], batch_si
     its valid size (host arrays)."""
     out: list = [None] * len(images)
     items = [(i, normalize(im)) for i, im in enumerate(images)]
-    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket):
+    batch_size = batching.resolve_batch_size(batch_size)
+    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket,
+                                         model.num_devices):
         feats = np.asarray(model.local_features(batch.images, batch.valid))
         for row, (i, (h, w)) in enumerate(zip(batch.ids, model.feature_valid(batch.valid))):
             out[i] = feats[row, :h, :w]

@@ -346,7 +346,9 @@ def _describe(model: RetrievalModel, images: Sequence[np.ndarray], detector, top
     else:
         # uint8 values are padded as float32 and normalised here, per batch: the same bits
         # as normalising each image; the padding's values do not matter (the stem masks it)
-        batches = batching.padded_batches(items, batch_size * model.num_devices, bucket)
+        batch_size = batching.resolve_batch_size(batch_size)
+        batches = batching.padded_batches(items, batch_size * model.num_devices, bucket,
+                                          model.num_devices)
 
     def dispatch(batch):
         feats = model.local_features(normalize(batch.images), batch.valid)
@@ -399,7 +401,7 @@ def local_descriptors(model: RetrievalModel, image: np.ndarray,
 
 def describe_local(model: RetrievalModel, images: Sequence[np.ndarray],
                    detector: Detector | None = None, topk: int = TOPK,
-                   scales: Sequence[float] = SCALES, batch_size: int = 8, bucket: int = 64,
+                   scales: Sequence[float] = SCALES, batch_size: int = 0, bucket: int = 64,
                    dtype=np.float16, bar=None) -> LocalFeatures:
     """LocalFeatures of decoded BGR uint8 images (e.g. a training set's records), in padded
     size buckets over every local device, as `extract_local` computes them for files; `bar`
@@ -441,7 +443,7 @@ def local_cache(cache_dir, model: RetrievalModel, refs: Sequence[ImageRef],
 
 def extract_local(model: RetrievalModel, refs: Sequence[ImageRef | str],
                   detector: Detector | None = None, topk: int = TOPK,
-                  scales: Sequence[float] = SCALES, batch_size: int = 8, *,
+                  scales: Sequence[float] = SCALES, batch_size: int = 0, *,
                   bucket: int = 64, dtype=np.float16,
                   cache: ChunkCache | str | os.PathLike | None = None,
                   chunk_size: int = 256, workers: int = 4,

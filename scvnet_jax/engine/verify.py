@@ -28,12 +28,13 @@ from scvnet_jax.images import ImageRef
 
 def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
                         db_refs: Sequence[ImageRef], candidates: Sequence[np.ndarray], *,
-                        batch_size: int = 8, bucket: int = 64, feature_bucket: int = 4,
+                        batch_size: int = 0, bucket: int = 64, feature_bucket: int = 4,
                         key_chunk: int = 32, cache: ChunkCache | None = None,
                         workers: int = 4, desc: str = "cvnet rerank") -> np.ndarray:
     """CVNet-Rerank scores for (candidates[i][j], query i) -> (n_db, n_q), NaN elsewhere.
-    batch_size: pairs (and images) per device per batch."""
+    batch_size: pairs (and images) per device per batch (0: `batching.default_batch_size`)."""
     scores = np.full((len(db_refs), len(query_refs)), np.nan, np.float32)
+    batch_size = batching.resolve_batch_size(batch_size, "pairs")
     wanted = {(int(d), qi) for qi, cand in enumerate(candidates) for d in cand}
     done = cached_pairs(cache)
     todo = sorted(p for p in wanted if p not in done)
@@ -82,8 +83,10 @@ def corr_features(model: RetrievalModel, features: Sequence[np.ndarray], batch_s
     """`RetrievalModel.corr_features` of each (h, w, C) local-feature map, in padded batches
     -> (h, w, 3, corr_dim) host arrays."""
     out: list = [None] * len(features)
+    batch_size = batching.resolve_batch_size(batch_size, "pairs")
     for batch in batching.padded_batches(list(enumerate(features)),
-                                         batch_size * model.num_devices, feature_bucket):
+                                         batch_size * model.num_devices, feature_bucket,
+                                         model.num_devices):
         cf = np.asarray(model.corr_features(batch.images, batch.valid))
         for row, (i, (h, w)) in enumerate(zip(batch.ids, batch.valid)):
             out[i] = cf[row, :h, :w]
@@ -97,11 +100,12 @@ def score_pairs(model: RetrievalModel, pairs, batch_size: int, feature_bucket: i
         shape = (batching.bucket_hw(*cq.shape[:2], feature_bucket),
                  batching.bucket_hw(*ck.shape[:2], feature_bucket))
         groups.setdefault(shape, []).append((pid, cq, ck))
-    rows = batch_size * model.num_devices
+    size = batching.resolve_batch_size(batch_size, "pairs") * model.num_devices
     out = {}
     for (qb, kb), members in groups.items():
-        for start in range(0, len(members), rows):
-            part = members[start:start + rows]
+        for start in range(0, len(members), size):
+            part = members[start:start + size]
+            rows = batching.batch_rows(len(part), size, model.num_devices)
             cq = batching.pad_stack([m[1] for m in part], rows, qb)
             ck = batching.pad_stack([m[2] for m in part], rows, kb)
             s = np.asarray(model.verification_score_from_corr_features(

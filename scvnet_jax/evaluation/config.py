@@ -80,7 +80,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.visuals_topn = 10
 
     c.dtype = "float32"      # "bfloat16" for speed on GPU/TPU (not bit-parity)
-    c.batch_size = 8         # images (or rerank pairs) per device per batch
+    c.batch_size = 0         # images (or rerank pairs) per device per batch; 0 = auto (CPU 1, GPU/TPU 8)
     c.bucket = 64            # pad image sizes up to multiples of this (1: exact sizes)
     c.feature_bucket = 4     # pad local-feature sizes for CVNet rerank scoring likewise
     c.chunk_size = 64        # images per cached chunk (an interrupted run keeps whole ones)
@@ -91,7 +91,7 @@ def default_config() -> ml_collections.ConfigDict:
 
 # (field, int or number, test, what is expected)
 _RANGES = (
-    ("batch_size", "int", lambda v: v >= 1, "an integer >= 1 (images per device)"),
+    ("batch_size", "int", lambda v: v >= 0, "an integer >= 0 (images per device; 0 = auto)"),
     ("bucket", "int", lambda v: v >= 1, "an integer >= 1 (pixels; 1 = exact sizes)"),
     ("feature_bucket", "int", lambda v: v >= 1, "an integer >= 1 (feature cells)"),
     ("chunk_size", "int", lambda v: v >= 1, "an integer >= 1 (images per chunk)"),

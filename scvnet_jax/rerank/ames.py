@@ -556,7 +556,7 @@ def _db_tokens_of(model: AMES, feats) -> np.ndarray:
 
 
 def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: int = 50,
-                    scales=None, cache_dir: str | None = None, batch_size: int = 8,
+                    scales=None, cache_dir: str | None = None, batch_size: int = 0,
                     bucket: int = 64, workers: int = 4, desc: str = "ames db"):
     """(tokens (n, topk, ...), mask (n, topk) True = padding) of database images `refs` (topk:
     the database side's number of local descriptors, `db_len`), in
@@ -619,7 +619,7 @@ def rerank_images(model: AMES, retrieval_model, query_refs, db_refs, ranks, sims
                   temp: float | None = None, query_len: int | None = None,
                   db_len: int | None = None, scales=None,
                   protocol: str = "blind", gnd=None, cache_dir: str | None = None,
-                  batch_size: int = 64, extract_batch_size: int = 8, bucket: int = 64,
+                  batch_size: int = 64, extract_batch_size: int = 0, bucket: int = 64,
                   workers: int = 4):
     """AMES re-ranking of a first stage over image files: (ranks, sims) (N or K, nq), best
     first. The local descriptors of the queries (cropped to their boxes) and of the

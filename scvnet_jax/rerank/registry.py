@@ -107,7 +107,7 @@ def _cvnet(inp: Inputs, topk: int, mix: float, protocol: str) -> Result:
     s = dict(inp.settings)
     scores = verify.verification_scores(
         inp.model, inp.query_images, inp.db_images, candidates,
-        batch_size=s.get("batch_size", 8), bucket=s.get("bucket", 64),
+        batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
         feature_bucket=s.get("feature_bucket", 4), cache=s.get("cache"),
         workers=s.get("workers", 4))
     sim = inp.similarity()
@@ -223,7 +223,7 @@ def _ames(inp: Inputs, weights, detector: str, k: int, lamb: float, temp: float,
         k=k or None, lamb=None if lamb < 0 else lamb, temp=None if temp < 0 else temp,
         query_len=query_len or None, db_len=db_len or None, protocol=protocol, gnd=inp.gnd,
         cache_dir=s.get("cache_dir"),
-        batch_size=batch_size or 64, extract_batch_size=s.get("batch_size", 8),
+        batch_size=batch_size or 64, extract_batch_size=s.get("batch_size", 0),
         bucket=s.get("bucket", 64), workers=s.get("workers", 4))
     if protocol == "official":      # Easy and Medium from the medium run, as the authors
         return Result((out["medium"][0], out["medium"][0], out["hard"][0]), None, protocol)

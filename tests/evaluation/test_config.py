@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.parametrize("args, expect", [
     (["--topk", "-5"], "config.cvnet.topk = -5: expected an integer >= 1"),
     (["--topk", "0"], "config.cvnet.topk = 0"),
-    (["--batch_size", "0"], "config.batch_size = 0: expected an integer >= 1"),
+    (["--batch_size", "-1"], "config.batch_size = -1: expected an integer >= 0"),
     (["--workers", "0"], "config.workers = 0"),
     (["--bucket", "0"], "config.bucket = 0"),
     (["--feature_bucket", "-1"], "config.feature_bucket = -1"),

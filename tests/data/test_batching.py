@@ -1,0 +1,35 @@
+"""Batch sizes: auto per backend, and partial batches padded to a power of two (not to the
+full batch), so a small group does not pay for a whole batch of dummy rows."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from scvnet_jax.data import batching
+
+
+def test_auto_batch_size_follows_the_backend():
+    want = batching.CPU_BATCH if jax.default_backend() == "cpu" else batching.ACCELERATOR_BATCH
+    assert batching.resolve_batch_size(0, "images") == want["images"]
+    assert batching.resolve_batch_size(None, "pairs") == want["pairs"]
+    assert batching.resolve_batch_size(5, "pairs") == 5
+
+
+@pytest.mark.parametrize("count, size, devices, rows", [
+    (8, 8, 1, 8), (5, 8, 1, 8), (3, 8, 1, 4), (2, 8, 1, 2), (1, 8, 1, 1),
+    (1, 16, 8, 8), (9, 16, 8, 16), (3, 12, 1, 4), (5, 6, 1, 6),
+])
+def test_batch_rows(count, size, devices, rows):
+    got = batching.batch_rows(count, size, devices)
+    assert got == rows and got % devices == 0 and count <= got <= size
+
+
+def test_padded_batches_use_few_dummy_rows():
+    items = [(i, np.ones((30 + i, 40, 3), np.float32)) for i in range(11)]
+    batches = list(batching.padded_batches(items, 8, 64))
+    assert [len(b.ids) for b in batches] == [8, 3]
+    assert [b.images.shape[0] for b in batches] == [8, 4]
+    last = batches[1]
+    assert last.ids == [8, 9, 10] and last.valid[:3].tolist() == [[38, 40], [39, 40], [40, 40]]
+    assert not last.images[3].any()          # the one dummy row
