@@ -61,6 +61,7 @@ class RetrievalModel:
 
     def __init__(self, module: cvnet.CVNet, variables, source: str | None = None,
                  mesh=None):
+        warm_start()
         self.module = module
         self.mesh = mesh if mesh is not None else mesh_lib.local_mesh()
         self.variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
@@ -174,6 +175,27 @@ class RetrievalModel:
                           official_quirk=official_quirk)
 
 
+_WARM_START = []
+
+
+def warm_start() -> None:
+    """Library use (`sj.load`, `sj.create`, any RetrievalModel) keeps compiled programs in
+    the package's cache folder (`<cache>/xla`, see `cli.use_compilation_cache`), as eval.py,
+    train.py and the app do, so a second process on the same shapes compiles nothing. Once
+    per process; a cache jax already has (JAX_COMPILATION_CACHE_DIR, or an entry point's)
+    wins, and SCVNET_COMPILATION_CACHE=0 turns it off."""
+    if _WARM_START:
+        return
+    _WARM_START.append(True)
+    import os
+
+    if os.environ.get("SCVNET_COMPILATION_CACHE", "1") == "0":
+        return
+    from scvnet_jax import cli
+    from scvnet_jax.evaluation.config import default_cache_dir
+    cli.use_compilation_cache(default_cache_dir())
+
+
 def _pair_valid(valid_q, valid_k, query, key):
     """Both sides' valid (B, 2) sizes of a batch of pairs (B = the key batch): a missing
     side is its full size; a single query row is broadcast to every key."""
@@ -223,6 +245,7 @@ def create(depth: int = 50, *, width: int = 64, reduction_dim: int = 2048,
            corr_dim: int = 256, seed: int = 0, dtype=jnp.float32,
            precision="auto", mesh=None) -> RetrievalModel:
     """A randomly initialised model (e.g. a baseline, or the start of training)."""
+    warm_start()            # before cvnet.init compiles
     arch = Arch(depth=depth, width=width, reduction_dim=reduction_dim, corr_dim=corr_dim)
     module = cvnet.CVNet(arch, dtype=dtype, precision=cvnet.resolve_precision(dtype, precision))
     variables = jax.tree.map(np.asarray, cvnet.init(arch, seed))

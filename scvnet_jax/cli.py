@@ -112,7 +112,9 @@ CACHE_MIN_FREE_BYTES = 1 << 30
 
 def use_compilation_cache(cache_dir: str | None) -> None:
     """Keeps compiled programs in `<cache_dir>/xla` for later runs (JAX_COMPILATION_CACHE_DIR,
-    if set, wins; '' or None and no environment variable: no persistent cache). Call after
+    if set, wins; '' or None and no environment variable: no persistent cache). Every
+    program is kept, however fast it compiled, so a second process on the same shapes
+    compiles nothing (benchmarks/warm_start.py). Call after
     `init_distributed` and before anything is compiled. With less than 1 GiB free where the
     cache lives it stays off for this run (one note on stderr).
 
@@ -125,7 +127,7 @@ def use_compilation_cache(cache_dir: str | None) -> None:
     import jax
     if cache_dir and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     if jax.process_count() > 1 and jax.default_backend() == "cpu":
         jax.config.update("jax_enable_compilation_cache", False)
     where = jax.config.jax_compilation_cache_dir

@@ -104,3 +104,39 @@ def test_padded_batches_equal_unpadded_images(model):
     want = [float(model.verification_score_from_features(alone[i][None], alone[j][None])[0])
             for i, j in pairs]
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+_WARM_CHILD = r"""
+import json
+import numpy as np
+from jax._src import dispatch, monitoring
+seen, hits = [], []
+monitoring.register_event_duration_secs_listener(
+    lambda e, s, **k: seen.append(s) if e == dispatch.BACKEND_COMPILE_EVENT else None)
+monitoring.register_event_listener(
+    lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+import scvnet_jax as sj
+model = sj.load(sj.demo_model_path())
+x = np.zeros((1, 64, 96, 3), np.float32)
+model.global_descriptor(x, [[60, 90]]).block_until_ready()
+print(json.dumps({"programs": len(seen), "compiled": len(seen) - len(hits)}))
+"""
+
+
+def test_a_second_process_compiles_nothing(tmp_path):
+    """Library use gets the persistent compilation cache by default (the package's cache
+    folder, here a fresh XDG_CACHE_HOME): the first process compiles, a second one on the
+    same shapes loads every program from the cache."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+    runs = [json.loads(subprocess.run([sys.executable, "-c", _WARM_CHILD], env=env, check=True,
+                                      capture_output=True, text=True).stdout.splitlines()[-1])
+            for _ in range(2)]
+    assert runs[0]["compiled"] == runs[0]["programs"] > 0
+    assert runs[1] == {"programs": runs[0]["programs"], "compiled": 0}
+    assert any((tmp_path / "scvnet_jax" / "xla").iterdir())
