@@ -76,19 +76,31 @@ def finish(mngr) -> None:
 
 def restore_state(mngr, step: int, abstract_state, state_sh):
     """The train state of checkpoint `step`, placed with `state_sh`; refuses a checkpoint
-    whose shapes differ from this config's (orbax would restore them silently)."""
+    whose shapes differ from this config's (one ConfigError)."""
     import orbax.checkpoint as ocp
 
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sh)
-    state = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    where = f"checkpoint {step} in {mngr.directory} does not fit this config"
+    # stage 1's classifier has num_classes columns on one device and a multiple of 1024 on
+    # several (mesh.padded_columns)
+    mesh_hint = ("if it is the classifier, resume on one device a run written on one, on "
+                 "several one written on several; ")
+    try:
+        state = mngr.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+    except ValueError as e:      # recent orbax refuses another shape itself
+        if "stored shape" not in str(e):
+            raise
+        why = " ".join(str(e).split(".")[0].split())
+        raise ConfigError(f"{where} ({why}); {mesh_hint}else use a new --workdir") from None
     bad = [jax.tree_util.keystr(p) for (p, a), b in zip(
         jax.tree_util.tree_flatten_with_path(target)[0], jax.tree.leaves(state))
         if a.shape != b.shape]
-    if bad:
-        raise ConfigError(f"checkpoint {step} in {mngr.directory} does not fit this config "
-                          f"(different shapes at {', '.join(bad[:3])}); use a new --workdir")
+    if bad:                      # older orbax restored them silently
+        hint = mesh_hint if any("classifier" in b for b in bad) else ""
+        raise ConfigError(f"{where} (different shapes at {', '.join(bad[:3])}); {hint}"
+                          f"{'else ' if hint else ''}use a new --workdir")
     return state
 
 

@@ -4,8 +4,10 @@ logging, the NaN stop. What differs between the stages (state, step, data, expor
 
 Sharding (flax examples/gemma style, no pmap): a 1-D mesh `('data',)` over every device of
 every process; the global batch is split along 'data' (each process feeds its own part,
-assembled with `jax.make_array_from_process_local_data`); the train state is replicated and
-donated to the step. One compiled program serves the whole run.
+assembled with `jax.make_array_from_process_local_data`); the train state is replicated,
+except the columns of a classifier (stage 1's, and its optimiser state), which are split over
+'data' (`mesh.state_shardings`); the state is donated to the step. One compiled program
+serves the whole run.
 
 Restarting with the same command resumes from the newest checkpoint (`checkpoints.py`);
 preemption saves one and stops. A NaN/Inf loss (or parameters) stops the run before it is
@@ -44,12 +46,16 @@ class Task:
     def check_config(cfg) -> None:
         """Raises ConfigError for settings that cannot work; runs before any data is read."""
 
-    def compile(self, make_step: Callable, init: Callable, abstract) -> None:
-        """Sets step_fn (state donated, batch split over 'data'), init and the shardings."""
-        repl = mesh_lib.replicated(self.mesh)
+    def compile(self, make_step: Callable, init: Callable, abstract, *,
+                split_columns: tuple = ()) -> None:
+        """Sets step_fn (state donated, batch split over 'data'), init and the shardings:
+        the state replicated, except the 2-D leaves under the keys `split_columns` (stage 1:
+        'classifier', in the parameters and the optimiser state), whose columns are split
+        over 'data' (`mesh.state_shardings`)."""
         self.abstract = abstract
-        self.state_sh = jax.tree.map(lambda _: repl, abstract)
+        self.state_sh = mesh_lib.state_shardings(abstract, self.mesh, split_columns)
         self.batch_sh = mesh_lib.batch_sharding(self.mesh)
+        repl = mesh_lib.replicated(self.mesh)
         self.step_fn = jax.jit(make_step, in_shardings=(self.state_sh, self.batch_sh),
                                out_shardings=(self.state_sh, repl), donate_argnums=0)
         self.init = jax.jit(init, out_shardings=self.state_sh)
@@ -93,9 +99,22 @@ def read_init_from(cfg, fields=Arch.FIELDS):
 
 
 def host(tree):
-    """Host copy (NumPy) of a tree of replicated arrays, also on a multi-process mesh."""
-    return jax.tree.map(lambda a: np.asarray(a.addressable_data(0))
-                        if isinstance(a, jax.Array) else np.asarray(a), tree)
+    """Host copy (NumPy) of a tree of arrays, also on a multi-process mesh. A replicated
+    array is read from this process's first copy; a sharded one (a classifier's columns) is
+    assembled from its shards, which on a multi-process mesh is a collective: every process
+    must then call host() on it."""
+    return jax.tree.map(_host, tree)
+
+
+def _host(a):
+    if not isinstance(a, jax.Array):
+        return np.asarray(a)
+    if a.is_fully_replicated:
+        return np.asarray(a.addressable_data(0))
+    if a.is_fully_addressable:
+        return np.asarray(jax.device_get(a))
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(a, tiled=True))
 
 
 def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:

@@ -15,16 +15,28 @@ import optax
 T_MOMENTUM = 0.01  # CurricularFace's running-average rate of t (Huang et al. 2020)
 
 
-def curricular_face(q, kernel, labels, t, *, scale: float, margin: float):
+def curricular_face(q, kernel, labels, t, *, scale: float, margin: float,
+                    num_classes: int | None = None, logits_sharding=None):
     """CurricularFace (Huang et al., CVPR 2020) on unit descriptors q (B, D) and class
     weights `kernel` (D, C), normalised here per class.
 
     Returns (loss, new t, top-1 accuracy of the unmargined cosines). `t` is the running mean
     of the target cosine (no gradient); negatives harder than the margined target get
     cos * (t + cos), so they count more as training advances.
+
+    `num_classes` < C: the kernel is padded (columns split evenly over a device mesh); the
+    logits of columns >= num_classes are -inf in the loss and the accuracy's argmax, so the
+    loss is the unpadded one and those columns get zero gradient (they must not be zero
+    vectors: the column norm's gradient at zero is NaN). `logits_sharding` (e.g. columns
+    over the mesh, like the kernel): where the (B, C) cosines are computed, so that the
+    descriptors are gathered to the kernel's shards rather than the kernel to every device.
     """
+    c = kernel.shape[1]
     w = kernel / jnp.linalg.norm(kernel, axis=0, keepdims=True).clip(1e-12)
     cos = jnp.clip(q.astype(jnp.float32) @ w.astype(jnp.float32), -1.0, 1.0)
+    if logits_sharding is not None:
+        cos = jax.lax.with_sharding_constraint(cos, logits_sharding)
+    real = None if num_classes is None or num_classes == c else jnp.arange(c) < num_classes
     target = jnp.take_along_axis(cos, labels[:, None], axis=1)             # (B, 1)
     sin = jnp.sqrt(jnp.clip(1.0 - target ** 2, 0.0, 1.0))
     cos_m = target * math.cos(margin) - sin * math.sin(margin)             # cos(theta + m)
@@ -35,8 +47,12 @@ def curricular_face(q, kernel, labels, t, *, scale: float, margin: float):
     cos = jnp.where(hard, cos * (t_new + cos), cos)
     onehot = jax.nn.one_hot(labels, cos.shape[1], dtype=bool)
     logits = scale * jnp.where(onehot, final_target, cos)
+    scores = w.T @ q.T.astype(jnp.float32)                                # (C, B)
+    if real is not None:
+        logits = jnp.where(real[None], logits, -jnp.inf)
+        scores = jnp.where(real[:, None], scores, -jnp.inf)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-    acc = jnp.mean(jnp.argmax(w.T @ q.T.astype(jnp.float32), axis=0) == labels)
+    acc = jnp.mean(jnp.argmax(scores, axis=0) == labels)
     return loss, t_new, acc
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from scvnet_jax import mesh as mesh_lib
 from scvnet_jax.data.augment import Augment, augment
 from scvnet_jax.data.sources import Records, TrainingSet, process_batches
 from scvnet_jax.errors import ConfigError
@@ -43,7 +44,7 @@ from scvnet_jax.training.loop import Task as _Task, host, read_init_from
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array
-    params: Any                 # {'encoder': ResNet params, 'classifier': {'kernel': (D, C)}}
+    params: Any                 # {'encoder': ResNet params, 'classifier': {'kernel': (D, C')}}
     batch_stats: Any
     momentum_params: Any        # EMA of params['encoder']
     momentum_batch_stats: Any
@@ -60,16 +61,31 @@ def encoder(cfg) -> ResNet:
                   dtype=dtype_of(cfg), precision=cfg.model.precision or None)
 
 
-def init_state(cfg, num_classes: int, rng, encoder_variables=None) -> TrainState:
+def classifier_kernel(key, dim: int, num_classes: int, columns: int | None = None):
+    """The initial (dim, columns) classifier: N(0, 0.01^2) columns for the classes (from
+    `key`, as without padding), then columns - num_classes padding columns, also random
+    (from another key; a zero column would make the column norm's gradient NaN)."""
+    kernel = 0.01 * jax.random.normal(key, (dim, num_classes), jnp.float32)
+    extra = (columns or num_classes) - num_classes
+    if extra > 0:
+        pad = 0.01 * jax.random.normal(jax.random.fold_in(key, 1), (dim, extra), jnp.float32)
+        kernel = jnp.concatenate([kernel, pad], axis=1)
+    return kernel
+
+
+def init_state(cfg, num_classes: int, rng, encoder_variables=None, *,
+               columns: int | None = None) -> TrainState:
     """A fresh state; `encoder_variables` ({'params', 'batch_stats'} of a ResNet, e.g. from an
-    official checkpoint) replaces the random encoder."""
+    official checkpoint) replaces the random encoder. `columns` >= num_classes: the
+    classifier's width, padded to split evenly over a mesh (`mesh.padded_columns`; the
+    loss masks the padding out); default num_classes."""
     k_enc, k_cls = jax.random.split(rng)
     variables = encoder_variables
     if variables is None:
         s = cfg.data.image_size
         variables = encoder(cfg).init(k_enc, jnp.zeros((1, s, s, 3), jnp.float32))
     d = cfg.model.reduction_dim
-    kernel = 0.01 * jax.random.normal(k_cls, (d, num_classes), jnp.float32)
+    kernel = classifier_kernel(k_cls, d, num_classes, columns)
     params = {"encoder": variables["params"], "classifier": {"kernel": kernel}}
     q = cfg.loss.queue_size
     return TrainState(
@@ -92,10 +108,17 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack(leaves))
 
 
-def make_train_step(cfg) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+def make_train_step(cfg, num_classes: int | None = None, mesh=None
+                    ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
     """The pure step (state, batch) -> (state, metrics); batch = {'image', 'positive': uint8
-    (B, S, S, 3), 'label': int32 (B,)} with B the global batch."""
+    (B, S, S, 3), 'label': int32 (B,)} with B the global batch. `num_classes`: the real
+    number of classes when the classifier has padding columns (masked out of the loss).
+    `mesh` (several devices, the classifier's columns split over them): the cosines are
+    computed column-split too, from the gathered (B, D) descriptors, instead of gathering
+    the whole classifier onto every device."""
     model = encoder(cfg)
+    n_dev = mesh.devices.size if mesh is not None else 1
+    cols_sh = mesh_lib.columns_sharding(mesh) if n_dev > 1 else None
     tx = optim.optimizer(cfg)
     lr = optim.learning_rate(cfg)
     L = cfg.loss
@@ -117,9 +140,11 @@ def make_train_step(cfg) -> Callable[[TrainState, dict], tuple[TrainState, dict]
                                        "batch_stats": state.batch_stats},
                                       x, train=True, mutable=["batch_stats"])
             q = ops.l2_normalize(d.astype(jnp.float32))
+            kernel = params["classifier"]["kernel"]
+            split = cols_sh is not None and kernel.shape[1] % n_dev == 0
             l_cls, t_new, acc = losses.curricular_face(
-                q, params["classifier"]["kernel"], y, state.curricular_t,
-                scale=L.cls_scale, margin=L.cls_margin)
+                q, kernel, y, state.curricular_t, scale=L.cls_scale, margin=L.cls_margin,
+                num_classes=num_classes, logits_sharding=cols_sh if split else None)
             l_con = losses.momentum_contrastive(q, k, y, state.queue, state.queue_labels,
                                                 temperature=L.temperature)
             loss = L.lambda_cls * l_cls + L.lambda_con * l_con
@@ -211,11 +236,19 @@ class Task(_Task):
     rate = "images_per_sec"
     bar_keys = (("loss", "loss"), ("loss_cls", "cls"), ("loss_con", "con"), ("lr", "lr"))
 
-    def __init__(self, cfg, ts, mesh, workdir):
+    def __init__(self, cfg, ts, mesh, workdir, *, split_classifier: bool = True):
+        """split_classifier (default): on several devices the classifier gets
+        `mesh.padded_columns` columns, split over the mesh with their optimiser state;
+        False: replicated, num_classes columns (for comparison: benchmarks/train_step.py)."""
         super().__init__(cfg, ts, mesh, workdir)
         n = ts.num_classes
-        abstract = jax.eval_shape(lambda k: init_state(cfg, n, k), jax.random.PRNGKey(0))
-        self.compile(make_train_step(cfg), lambda k, enc: init_state(cfg, n, k, enc), abstract)
+        cols = mesh_lib.padded_columns(n, mesh.devices.size) if split_classifier else n
+        self.columns = cols
+        abstract = jax.eval_shape(lambda k: init_state(cfg, n, k, columns=cols),
+                                  jax.random.PRNGKey(0))
+        self.compile(make_train_step(cfg, n, mesh if split_classifier else None),
+                     lambda k, enc: init_state(cfg, n, k, enc, columns=cols), abstract,
+                     split_columns=("classifier",) if split_classifier else ())
 
     @staticmethod
     def check_config(cfg) -> None:

@@ -29,36 +29,68 @@ import json, types
 import jax, numpy as np
 from scvnet_jax import mesh as mesh_lib
 from scvnet_jax.configs import demo
-from scvnet_jax.data import sources
-from scvnet_jax.data.augment import Augment
-from scvnet_jax.images import decode_image
-from scvnet_jax.training import stage1
 from scvnet_jax.training import stage1
 
 assert jax.device_count() == 8, jax.devices()
+C = 10   # classes: the 8-device classifier is padded to 1024 columns, 128 per device
 cfg = demo.set_fields(demo.get_config("tiny"), {"optimizer.name": "sgd", "optimizer.lr": 0.05,
                                                 "optimizer.warmup_steps": 0})
 rng = np.random.default_rng(0)
 batch = dict(image=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
              positive=rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8),
-             label=rng.integers(0, 5, 16).astype(np.int32))
+             label=rng.integers(0, C, 16).astype(np.int32))
 perm = rng.permutation(16)
-runs = {}
+
+def in_classifier(path):
+    return any(getattr(k, "key", None) == "classifier" for k in path)
+
+def pad(state0, abstract):
+    # the 1-device initial state with the columns the 8-device init adds: the classifier's
+    # from stage1.classifier_kernel (init_state's key), the optimiser state's zeros
+    d, cols = state0.params["classifier"]["kernel"].shape[0], abstract.params["classifier"]["kernel"].shape[1]
+    extra = np.asarray(stage1.classifier_kernel(jax.random.split(jax.random.PRNGKey(0))[1],
+                                                d, C, cols))[:, C:]
+    def f(path, x, a):
+        if x.shape == a.shape:
+            return x
+        return np.concatenate([x, extra if "params" in jax.tree_util.keystr(path)
+                               else np.zeros_like(extra)], 1)
+    return jax.tree_util.tree_map_with_path(f, state0, abstract)
+
+runs, layout = {}, {}
 for name, n, b in (("one", 1, batch), ("one_permuted", 1, {k: v[perm] for k, v in batch.items()}),
                    ("eight", 8, batch)):
     # the loop's own compiled step and init (stage1.Task), on a mesh of n devices
-    task = stage1.Task(cfg, types.SimpleNamespace(num_classes=5),
+    task = stage1.Task(cfg, types.SimpleNamespace(num_classes=C),
                        mesh_lib.make_mesh(jax.devices()[:n]), None)
     if name == "one":    # one initial state for all (compiling init again would take ~1 min)
         state0 = jax.device_get(task.init(jax.random.PRNGKey(0), None))
-    state = jax.device_put(state0, task.state_sh)
+    state = jax.device_put(pad(state0, task.abstract), task.state_sh)
     gb = mesh_lib.global_batch(b, task.batch_sh)
     assert len(gb["image"].sharding.device_set) == n
     state, metrics = task.step_fn(state, gb)
+    if name == "eight":  # where the classifier and its momentum live after the step
+        layout = [(jax.tree_util.keystr(p), list(x.sharding.spec), x.shape,
+                   sorted({s.data.shape for s in x.addressable_shards}),
+                   len(x.sharding.device_set))
+                  for p, x in jax.tree_util.tree_flatten_with_path(state)[0] if in_classifier(p)]
     runs[name] = (jax.device_get(state), jax.device_get(metrics))
+
+s8 = runs["eight"][0]
+kernel0 = pad(state0, s8).params["classifier"]["kernel"]
+# padded columns: zero gradient, so SGD's momentum there is the weight decay term alone
+trace = [x for p, x in jax.tree_util.tree_flatten_with_path(s8.opt_state)[0] if in_classifier(p)]
+wd = cfg.optimizer.weight_decay * kernel0[:, C:]
+padding = float(np.max(np.abs(trace[0][:, C:] - wd)) / np.max(np.abs(wd)))
+# the 8-device state cut back to the C real columns, to compare with one device
+runs["eight"] = (jax.tree_util.tree_map_with_path(
+    lambda p, x: x[:, :C] if in_classifier(p) else x, s8), runs["eight"][1])
 
 def leaves(s, f):
     return [np.asarray(x, np.float64) for x in jax.tree.leaves(getattr(s, f))]
+
+def rel(x, y):
+    return float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-6))
 
 def compare(r1, r2, perm=None):
     (s1, m1), (s2, m2) = r1, r2
@@ -67,19 +99,21 @@ def compare(r1, r2, perm=None):
         a, b = leaves(s1, f), leaves(s2, f)
         if perm is not None and f.startswith("queue"):  # rows 0..15: this batch's keys
             a, b = [a[0][:16]], [b[0][:16][np.argsort(perm)]]
-        errs[f] = max(float(np.max(np.abs(x - y)) / (np.max(np.abs(x)) + 1e-6))
-                      for x, y in zip(a, b))
+        errs[f] = max(rel(x, y) for x, y in zip(a, b))
     for f in ("params", "opt_state"):  # |difference| relative to the size of the update
         a, b, z = leaves(s1, f), leaves(s2, f), leaves(state0, f)
         num = sum(float(np.sum((x - y) ** 2)) for x, y in zip(a, b))
         den = sum(float(np.sum((x - w) ** 2)) for x, w in zip(a, z))
         errs[f] = (num / den) ** 0.5
-    for k in ("loss", "loss_cls", "loss_con", "curricular_t"):
+    k1, k2, k0 = (s.params["classifier"]["kernel"] for s in (s1, s2, state0))
+    errs["classifier"] = rel(k1 - k0, k2 - k0)          # its update alone
+    for k in ("loss", "loss_cls", "loss_con", "curricular_t", "accuracy", "grad_norm"):
         errs["metric " + k] = abs(float(m1[k]) - float(m2[k])) / (abs(float(m1[k])) + 1e-6)
     return errs
 
 print(json.dumps(dict(sharded=compare(runs["one"], runs["eight"]),
-                      permuted=compare(runs["one"], runs["one_permuted"], perm))))
+                      permuted=compare(runs["one"], runs["one_permuted"], perm),
+                      layout=layout, padding=padding)))
 """
 
 
@@ -90,17 +124,76 @@ def test_sharded_step_equals_single_device(fake_devices_env, repo):
     res = json.loads(r.stdout.strip().splitlines()[-1])
     sharded, permuted = res["sharded"], res["permuted"]
     # One full step (BatchNorm, CurricularFace and its t, contrastive loss against the
-    # queue, SGD, EMA, enqueue) on 8 devices against 1. The forward quantities differ only
-    # by float32 rounding. The update differs like the one-device update of the same batch
-    # in another order (the control: rounding differences pass through ReLU and
-    # CurricularFace masks). Measured on the CI machine type: forward <= 2e-5; update
-    # 1.3e-3 (8 devices) against 5.3e-4 (permuted). A sharding error (per-device BatchNorm
-    # statistics or loss means) would be orders of magnitude larger.
-    assert sharded["queue_labels"] == 0.0, res
-    forward = {k: v for k, v in sharded.items() if k not in ("params", "opt_state")}
+    # queue, SGD, EMA, enqueue) on 8 devices against 1. On 8 devices the classifier (10
+    # classes) has 1024 columns (mesh.padded_columns), split 128 per device with its SGD
+    # momentum; one device has the 10 columns, replicated, as before.
+    for path, spec, shape, shards, ndev in res["layout"]:
+        assert (spec, shape, shards, ndev) == ([None, "data"], [32, 1024],
+                                               [[32, 128]], 8), res["layout"]
+    assert [p for p, *_ in res["layout"]] == [".params['classifier']['kernel']",
+                                              ".opt_state[2][0].trace['classifier']['kernel']"]
+    # The forward quantities differ only by float32 rounding. The update differs like the
+    # one-device update of the same batch in another order (the control: rounding
+    # differences pass through ReLU and CurricularFace masks). Measured on the CI machine
+    # type (5 classes, unpadded): forward <= 2e-5; update 1.3e-3 (8 devices) against
+    # 5.3e-4 (permuted). With the padded, column-split classifier (2-core Intel Xeon,
+    # 2026-12-05): forward <= 2.4e-5 (queue), losses <= 2.9e-6, accuracy equal; update
+    # 4.4e-5 (params and momentum; the classifier's own update 1.6e-5) against 3.6e-5
+    # (permuted). A sharding error (per-device BatchNorm statistics or loss means, padding
+    # columns in the softmax) would be orders of magnitude larger.
+    assert sharded["queue_labels"] == 0.0 and sharded["metric accuracy"] == 0.0, res
+    forward = {k: v for k, v in sharded.items() if k not in ("params", "opt_state",
+                                                             "classifier", "metric grad_norm")}
     assert max(forward.values()) < 1e-4, res
-    for f in ("params", "opt_state"):
+    for f in ("params", "opt_state", "classifier", "metric grad_norm"):
         assert sharded[f] < max(10 * permuted[f], 1e-3), res
+    # the padding columns got no gradient: their SGD momentum is weight decay alone
+    # (measured: exactly)
+    assert res["padding"] < 1e-6, res
+
+
+def test_padded_curricular_face_equals_unpadded():
+    """CurricularFace on a kernel padded with random columns and told the real class count:
+    the loss, t and accuracy of the unpadded kernel, the same gradients for the real
+    columns and the descriptors, zero gradient for the padding."""
+    import jax.numpy as jnp
+
+    from scvnet_jax import mesh as mesh_lib
+    from scvnet_jax.models import ops
+    from scvnet_jax.training import losses
+
+    k_q, k_w, k_y = jax.random.split(jax.random.PRNGKey(0), 3)
+    c, d = 5, 8
+    q = ops.l2_normalize(jax.random.normal(k_q, (12, d)))
+    labels = jax.random.randint(k_y, (12,), 0, c)
+    full = stage1.classifier_kernel(k_w, d, c, 16)
+    kernel = full[:, :c]
+    assert jnp.array_equal(kernel, stage1.classifier_kernel(k_w, d, c))  # init unchanged
+    assert bool(jnp.all(jnp.linalg.norm(full[:, c:], axis=0) > 0))
+    kw = dict(scale=30.0, margin=0.2)
+
+    def run(q, kernel, **extra):
+        def f(q, k):
+            loss, t, acc = losses.curricular_face(q, k, labels, 0.3, **kw, **extra)
+            return loss, (t, acc)
+        (loss, (t, acc)), grads = jax.jit(jax.value_and_grad(f, argnums=(0, 1),
+                                                             has_aux=True))(q, kernel)
+        return loss, t, acc, grads
+
+    loss, t, acc, (gq, gk) = run(q, kernel)
+    loss_p, t_p, acc_p, (gq_p, gk_p) = run(q, full, num_classes=c)
+    np.testing.assert_allclose(loss_p, loss, rtol=1e-6)
+    assert float(t_p) == float(t) and float(acc_p) == float(acc)
+    np.testing.assert_allclose(gk_p[:, :c], gk, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(gq_p, gq, rtol=1e-5, atol=1e-7)
+    assert bool(jnp.all(gk_p[:, c:] == 0))
+    loss_unmasked = run(q, full)[0]          # the control: unmasked padding changes the loss
+    assert abs(float(loss_unmasked) - float(loss)) > 1e-2
+    # the classifier's width on a mesh: unchanged on one device, else a multiple of
+    # lcm(1024, devices): one shape for every power-of-two mesh up to 1024 devices
+    assert mesh_lib.padded_columns(81313, 1) == 81313
+    assert {mesh_lib.padded_columns(81313, n) for n in (2, 8, 64, 1024)} == {81920}
+    assert mesh_lib.padded_columns(10, 8) == 1024 and mesh_lib.padded_columns(10, 3) == 3072
 
 
 STEPS = ["--config.total_steps=12", "--config.checkpoint_every_steps=4"]
@@ -261,6 +354,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_error(tmp_path, demo_tfds, m
     assert f"cannot write checkpoint 8 in {tmp_path / 'w' / 'checkpoints'}" in msg
     assert "the last complete checkpoint is step 4" in msg, msg
     assert int(np.asarray(restore_checkpoint(tmp_path / "w", 4)["step"])) == 4
+
+
+def test_a_checkpoint_of_another_shape_is_one_error(tmp_path):
+    """A checkpoint whose classifier has other columns (e.g. written on one device, resumed
+    on several, which pad it): one ConfigError with both shapes and what to do."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    from scvnet_jax import mesh as mesh_lib
+    from scvnet_jax.errors import ConfigError
+    from scvnet_jax.training import checkpoints
+
+    mngr = checkpoints.manager(tmp_path, 1)
+    mngr.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(
+        {"classifier": {"kernel": jnp.ones((4, 10))}})), force=True)
+    mngr.wait_until_finished()
+    target = {"classifier": {"kernel": jax.ShapeDtypeStruct((4, 1024), jnp.float32)}}
+    sh = mesh_lib.state_shardings(target, mesh_lib.make_mesh(jax.devices()[:1]),
+                                  ("classifier",))
+    with pytest.raises(ConfigError, match=r"checkpoint 1 in .* does not fit this config "
+                       r"\(.*\(4, 1024\).*\(4, 10\)\); if it is the classifier, resume on"):
+        checkpoints.restore_state(mngr, 1, target, sh)
+    checkpoints.finish(mngr)
 
 
 def test_a_failed_background_write_is_one_error(tmp_path):
