@@ -11,8 +11,20 @@ features of both images, Hide-and-Seek, cross-scale correlation, CVLearner fwd+b
     python benchmarks/train_step.py --config configs/demo_rerank.py
 
 Uses every local device (data-parallel, as train.py does) and the config's model, image
-size and (stage 1) number of classes (GLDv2-clean: 81,313). Prints the rate in total and
-per device and the step time, after one compiled warm-up step.
+size and (stage 1) number of classes (GLDv2-clean: 81,313). Prints the compiled step's
+memory per device (XLA's memory analysis), then the rate in total and per device and the
+step time, after one compiled warm-up step.
+
+Memory at paper scale without an accelerator (R50, 512x512, global batch 128, 81,313
+classes on 8 fake CPU devices; compiles only, from the state's shapes, so nothing is
+allocated; stage 1 compiles the step twice: classifier columns split over the devices, as
+train.py runs it, and replicated, to show the difference):
+
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+        python benchmarks/train_step.py --memory_only
+
+CPU memory analysis is XLA's estimate for the CPU backend (its layouts and fusions); a TPU
+compile of the same program differs somewhat, so treat a near-limit result as a warning.
 """
 from __future__ import annotations
 
@@ -38,6 +50,11 @@ def main(argv=None):
     p.add_argument("--dtype", default=None, choices=("float32", "bfloat16"))
     p.add_argument("--steps", type=int, default=5, help="timed steps")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--memory_only", action="store_true",
+                   help="compile and print the memory per device; run no step")
+    p.add_argument("--replicated_classifier", action="store_true",
+                   help="stage 1: the classifier and its optimiser state replicated on every "
+                   "device (unpadded), instead of its columns split over them (train.py)")
     args = p.parse_args(argv)
 
     import types
@@ -62,22 +79,25 @@ def main(argv=None):
     b, s = cfg.batch_size, cfg.data.image_size
     images = lambda: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)  # noqa: E731
     stage = int(cfg.stage)
+    split = not args.replicated_classifier
+    classes = types.SimpleNamespace(num_classes=args.num_classes)
     if stage == 2:
         task = stage2.Task(cfg, None, mesh, None)      # the loop's own compiled step
-        state = task.init(jax.random.PRNGKey(0), cvnet.init(arch_of(cfg)))
-        batch = mesh_lib.global_batch(dict(
+        init = lambda: task.init(jax.random.PRNGKey(0), cvnet.init(arch_of(cfg)))  # noqa: E731
+        batch = lambda: mesh_lib.global_batch(dict(  # noqa: E731
             query=images(), candidate=images(), label=rng.integers(0, 2, b).astype(np.int32),
             hard=rng.random(b) < 0.5), task.batch_sh)
         what, unit = f"{b} pairs ({b // n}/device)", "pairs"
     else:
         cfg.loss.queue_size = max(cfg.batch_size, cfg.loss.queue_size // cfg.batch_size
                                   * cfg.batch_size)
-        task = stage1.Task(cfg, types.SimpleNamespace(num_classes=args.num_classes), mesh, None)
-        state = task.init(jax.random.PRNGKey(0), None)
-        batch = mesh_lib.global_batch(dict(
+        task = stage1.Task(cfg, classes, mesh, None, split_classifier=split)
+        init = lambda: task.init(jax.random.PRNGKey(0), None)  # noqa: E731
+        batch = lambda: mesh_lib.global_batch(dict(  # noqa: E731
             image=images(), positive=images(),
             label=rng.integers(0, args.num_classes, b).astype(np.int32)), task.batch_sh)
-        what = (f"{b} images ({b // n}/device), {args.num_classes} classes, queue "
+        what = (f"{b} images ({b // n}/device), {args.num_classes} classes "
+                f"({task.columns} classifier columns, {_layout(split, n)}), queue "
                 f"{cfg.loss.queue_size}")
         unit = "images"
     dev = jax.devices()[0]
@@ -85,9 +105,34 @@ def main(argv=None):
           f"{platform.processor() or platform.machine()}, jax {jax.__version__}")
     print(f"stage {stage}: R{cfg.model.depth} width {cfg.model.width}, {s}x{s}, "
           f"{cfg.model.dtype}, global batch {what}")
+    if args.memory_only:
+        res = dict(device=dev.device_kind, devices=n, stage=stage, depth=cfg.model.depth,
+                   width=cfg.model.width, image_size=s, dtype=cfg.model.dtype, global_batch=b)
+        tasks = [(split, task)]
+        if stage == 1:    # the other layout, for comparison
+            res["num_classes"] = args.num_classes
+            tasks.append((not split, stage1.Task(cfg, classes, mesh, None,
+                                                 split_classifier=not split)))
+        for sp, t in tasks:
+            label = _layout(sp, n) if stage == 1 else "state replicated"
+            state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                                 t.abstract, t.state_sh)
+            spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sh)
+                    for k, v in jax.eval_shape(batch).items()}
+            t0 = time.perf_counter()
+            compiled = t.step_fn.lower(state, spec).compile()
+            print(f"compile ({label}): {time.perf_counter() - t0:.1f} s")
+            res["memory_" + ("split" if sp and stage == 1 else "replicated")] = \
+                _print_memory(compiled, label)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
+        return
+    state, batch = init(), batch()
     t0 = time.perf_counter()
     compiled = task.step_fn.lower(state, batch).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")
+    memory = _print_memory(compiled, _layout(split, n) if stage == 1 else "state replicated")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times = []
@@ -100,6 +145,7 @@ def main(argv=None):
     res = dict(device=dev.device_kind, devices=n, stage=stage, depth=cfg.model.depth,
                width=cfg.model.width, image_size=s, dtype=cfg.model.dtype, global_batch=b,
                step_time_s=st, **{f"{unit}_per_s": b / st, f"{unit}_per_s_per_device": b / st / n})
+    res["memory"] = memory
     if stage == 1:
         res["num_classes"] = args.num_classes
     print(f"step time {st * 1000:.0f} ms (median of {args.steps}); {b / st:.2f} {unit}/s, "
@@ -107,6 +153,37 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)
+
+
+TPU_CORE_BYTES = 16 * 2 ** 30    # a 16 GB TPU core (v3 core, v5e chip: 16 GiB HBM)
+
+
+def _layout(split: bool, devices: int) -> str:
+    if not split or devices == 1:
+        return "classifier replicated" if devices > 1 else "one device"
+    return "classifier columns split over the devices"
+
+
+def _print_memory(compiled, label: str) -> dict | None:
+    """Prints XLA's memory analysis of the compiled step (per device: every device runs the
+    same partitioned program) and whether it fits a 16 GB TPU core; returns it in bytes."""
+    m = compiled.memory_analysis()
+    if m is None:
+        print(f"memory per device ({label}): not reported by this backend")
+        return None
+    names = ("argument", "output", "alias", "temp", "generated_code")
+    got = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in names}
+    # donated state: the outputs that reuse argument buffers (alias) are counted once
+    total = (got["argument"] + got["output"] - got["alias"] + got["temp"]
+             + got["generated_code"])
+    gib = lambda x: x / 2 ** 30  # noqa: E731
+    fits = "fits" if total <= TPU_CORE_BYTES else "does NOT fit"
+    print(f"memory per device ({label}): " + ", ".join(f"{k} {gib(v):.3f}" for k, v in
+                                                       got.items())
+          + f" GiB; total (argument + output - alias + temp + code) {gib(total):.3f} GiB: "
+          f"{fits} a 16 GB TPU core ({gib(TPU_CORE_BYTES):.0f} GiB)")
+    return {**{k + "_bytes": v for k, v in got.items()}, "total_bytes": total,
+            "fits_16gib": total <= TPU_CORE_BYTES}
 
 
 if __name__ == "__main__":
