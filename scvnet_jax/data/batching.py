@@ -13,23 +13,36 @@ from typing import Iterator, Sequence
 import numpy as np
 
 
-# Items per device per batch when none is given (batch_size 0 = auto, everywhere): a CPU
-# core gains nothing from large batches (per-image time at batch 8 is a quarter above batch
-# 1-2 on the 2-core machine, and a group smaller than the batch pays for its dummy rows);
-# accelerators want them. Measured with benchmarks/vs_official.py (README, Speed).
-CPU_BATCH = {"images": 1, "pairs": 1}
-ACCELERATOR_BATCH = {"images": 8, "pairs": 8}
+# Items per device per batch when none is given (batch_size 0 = auto, everywhere).
+# Accelerators want large batches: 8. A CPU core gains nothing from them on large inputs
+# (per-image time at batch 8 is a quarter above batch 1-2 at 512x512 and 768x1024) but pays
+# a call's overhead per item on small ones (the demo's 96-160 px images), so on a CPU a
+# batch holds as many items as fit a work budget: a power of two from 1 to 8. Measured
+# with benchmarks/vs_official.py (README, Benchmarks).
+ACCELERATOR_BATCH = 8
+CPU_MAX_BATCH = 8
+CPU_BUDGET = {"images": 1 << 19,    # pixels: 768x1024 -> 1, 512x512 -> 2, 160x160 -> 8
+              "features": 1 << 11,  # local-feature cells (pixels / 256): 48x64 -> 1
+              "pairs": 1 << 20}     # 4-D correlation cells hq*wq*hk*wk: 48x64 pairs -> 1
 
 
-def default_batch_size(what: str = "images") -> int:
-    """The per-device batch for `what` ("images" or "pairs") on this process's backend."""
+def default_batch_size(what: str = "images", cost: int | None = None) -> int:
+    """The per-device batch for items of `what` ("images", "features" or "pairs") whose
+    size is `cost` (pixels, feature cells or correlation cells; None: unknown) on this
+    process's backend."""
     import jax
-    return (CPU_BATCH if jax.default_backend() == "cpu" else ACCELERATOR_BATCH)[what]
+    if jax.default_backend() != "cpu":
+        return ACCELERATOR_BATCH
+    if cost is None:
+        return 1
+    n = max(1, min(CPU_MAX_BATCH, CPU_BUDGET[what] // max(1, int(cost))))
+    return 1 << (n.bit_length() - 1)
 
 
-def resolve_batch_size(batch_size: int | None, what: str = "images") -> int:
-    """`batch_size` if >= 1, else (0 or None: auto) `default_batch_size(what)`."""
-    return int(batch_size) if batch_size and batch_size > 0 else default_batch_size(what)
+def resolve_batch_size(batch_size: int | None, what: str = "images",
+                       cost: int | None = None) -> int:
+    """`batch_size` if >= 1, else (0 or None: auto) `default_batch_size(what, cost)`."""
+    return int(batch_size) if batch_size and batch_size > 0 else default_batch_size(what, cost)
 
 
 def batch_rows(count: int, batch_size: int, devices: int = 1) -> int:
@@ -54,18 +67,20 @@ class PaddedBatch:
     valid: np.ndarray    # (batch_size, 2) int32 valid (h, w); dummies are full-size
 
 
-def padded_batches(items: Sequence, batch_size: int, multiple: int,
-                   devices: int = 1) -> Iterator[PaddedBatch]:
+def padded_batches(items: Sequence, batch_size: int, multiple: int, devices: int = 1,
+                   what: str = "images") -> Iterator[PaddedBatch]:
     """Groups (id, HWC array) pairs by bucket (first-seen order) into padded batches of
-    `batch_size` rows (the last of a bucket: `batch_rows`, a multiple of `devices`)."""
+    `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`;
+    the last batch of a bucket: `batch_rows`), over `devices` devices."""
     groups: dict[tuple[int, int], list] = {}
     for item_id, arr in items:
         groups.setdefault(bucket_hw(arr.shape[0], arr.shape[1], multiple), []).append(
             (item_id, arr))
     for hw, members in groups.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
-            rows = batch_rows(len(chunk), batch_size, devices)
+        size = resolve_batch_size(batch_size, what, hw[0] * hw[1]) * devices
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
+            rows = batch_rows(len(chunk), size, devices)
             batch = pad_stack([arr for _, arr in chunk], rows, hw)
             batch.ids = [i for i, _ in chunk]
             yield batch

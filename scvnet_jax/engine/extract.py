@@ -55,8 +55,9 @@ class CVNetGlobal:
     def inputs(self, im: np.ndarray) -> list[np.ndarray]:
         return [normalize(x) for x in cvnet_scales(im, self.scales)]
 
-    def run(self, model: RetrievalModel, batch: batching.PaddedBatch) -> np.ndarray:
-        return np.asarray(model.global_descriptor(batch.images, batch.valid))
+    def run(self, model: RetrievalModel, batch: batching.PaddedBatch):
+        """The descriptors of a batch, as a (not yet computed) device array."""
+        return model.global_descriptor(batch.images, batch.valid)
 
     def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         return _unit(np.mean([_unit(p) for p in parts], axis=0))
@@ -76,10 +77,10 @@ class SuperGlobal:
     def inputs(self, im: np.ndarray) -> list[np.ndarray]:
         return [normalize(im)]
 
-    def run(self, model: RetrievalModel, batch: batching.PaddedBatch) -> np.ndarray:
-        return np.asarray(model.superglobal_descriptor(
+    def run(self, model: RetrievalModel, batch: batching.PaddedBatch):
+        return model.superglobal_descriptor(
             batch.images, scales=self.scales, rgem=self.rgem, sgem=self.sgem, relup=self.relup,
-            gemp=self.gemp, valid=batch.valid))
+            gemp=self.gemp, valid=batch.valid)
 
     def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
         (d,) = parts
@@ -157,16 +158,25 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
         parts_left[i] = len(xs)
         items += [((i, j), x) for j, x in enumerate(xs)]
     parts: dict = {i: [None] * k for i, k in parts_left.items()}
-    batch_size = batching.resolve_batch_size(batch_size)
-    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket,
-                                         model.num_devices):
-        descs = spec.run(model, batch)
-        done = 0
-        for row, (i, j) in enumerate(batch.ids):
+
+    def collect(ids, descs):
+        descs, done = np.asarray(descs), 0
+        for row, (i, j) in enumerate(ids):
             parts[i][j] = descs[row]
             parts_left[i] -= 1
             done += parts_left[i] == 0
         bar.update(done)
+
+    # The next batch is padded, traced (a new shape) and dispatched while the device runs
+    # the previous one: jax dispatches asynchronously, only np.asarray waits.
+    pending = None
+    for batch in batching.padded_batches(items, batch_size, bucket, model.num_devices):
+        current = (batch.ids, spec.run(model, batch))
+        if pending is not None:
+            collect(*pending)
+        pending = current
+    if pending is not None:
+        collect(*pending)
     return np.stack([spec.combine(parts[i]) for i in range(len(images))])
 
 
@@ -214,9 +224,7 @@ def local_features(model: RetrievalModel, images: Sequence[np.ndarray], batch_si
     its valid size (host arrays)."""
     out: list = [None] * len(images)
     items = [(i, normalize(im)) for i, im in enumerate(images)]
-    batch_size = batching.resolve_batch_size(batch_size)
-    for batch in batching.padded_batches(items, batch_size * model.num_devices, bucket,
-                                         model.num_devices):
+    for batch in batching.padded_batches(items, batch_size, bucket, model.num_devices):
         feats = np.asarray(model.local_features(batch.images, batch.valid))
         for row, (i, (h, w)) in enumerate(zip(batch.ids, model.feature_valid(batch.valid))):
             out[i] = feats[row, :h, :w]

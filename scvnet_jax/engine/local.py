@@ -346,9 +346,7 @@ def _describe(model: RetrievalModel, images: Sequence[np.ndarray], detector, top
     else:
         # uint8 values are padded as float32 and normalised here, per batch: the same bits
         # as normalising each image; the padding's values do not matter (the stem masks it)
-        batch_size = batching.resolve_batch_size(batch_size)
-        batches = batching.padded_batches(items, batch_size * model.num_devices, bucket,
-                                          model.num_devices)
+        batches = batching.padded_batches(items, batch_size, bucket, model.num_devices)
 
     def dispatch(batch):
         feats = model.local_features(normalize(batch.images), batch.valid)

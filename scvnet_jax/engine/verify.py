@@ -34,7 +34,6 @@ def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
     """CVNet-Rerank scores for (candidates[i][j], query i) -> (n_db, n_q), NaN elsewhere.
     batch_size: pairs (and images) per device per batch (0: `batching.default_batch_size`)."""
     scores = np.full((len(db_refs), len(query_refs)), np.nan, np.float32)
-    batch_size = batching.resolve_batch_size(batch_size, "pairs")
     wanted = {(int(d), qi) for qi, cand in enumerate(candidates) for d in cand}
     done = cached_pairs(cache)
     todo = sorted(p for p in wanted if p not in done)
@@ -83,10 +82,8 @@ def corr_features(model: RetrievalModel, features: Sequence[np.ndarray], batch_s
     """`RetrievalModel.corr_features` of each (h, w, C) local-feature map, in padded batches
     -> (h, w, 3, corr_dim) host arrays."""
     out: list = [None] * len(features)
-    batch_size = batching.resolve_batch_size(batch_size, "pairs")
-    for batch in batching.padded_batches(list(enumerate(features)),
-                                         batch_size * model.num_devices, feature_bucket,
-                                         model.num_devices):
+    for batch in batching.padded_batches(list(enumerate(features)), batch_size,
+                                         feature_bucket, model.num_devices, "features"):
         cf = np.asarray(model.corr_features(batch.images, batch.valid))
         for row, (i, (h, w)) in enumerate(zip(batch.ids, batch.valid)):
             out[i] = cf[row, :h, :w]
@@ -100,9 +97,10 @@ def score_pairs(model: RetrievalModel, pairs, batch_size: int, feature_bucket: i
         shape = (batching.bucket_hw(*cq.shape[:2], feature_bucket),
                  batching.bucket_hw(*ck.shape[:2], feature_bucket))
         groups.setdefault(shape, []).append((pid, cq, ck))
-    size = batching.resolve_batch_size(batch_size, "pairs") * model.num_devices
     out = {}
     for (qb, kb), members in groups.items():
+        cells = qb[0] * qb[1] * kb[0] * kb[1]
+        size = batching.resolve_batch_size(batch_size, "pairs", cells) * model.num_devices
         for start in range(0, len(members), size):
             part = members[start:start + size]
             rows = batching.batch_rows(len(part), size, model.num_devices)

@@ -9,11 +9,18 @@ import pytest
 from scvnet_jax.data import batching
 
 
-def test_auto_batch_size_follows_the_backend():
-    want = batching.CPU_BATCH if jax.default_backend() == "cpu" else batching.ACCELERATOR_BATCH
-    assert batching.resolve_batch_size(0, "images") == want["images"]
-    assert batching.resolve_batch_size(None, "pairs") == want["pairs"]
-    assert batching.resolve_batch_size(5, "pairs") == 5
+def test_auto_batch_size_follows_the_backend_and_the_size():
+    """Accelerators: 8. A CPU: as many items as fit the work budget, a power of two, 1-8:
+    one ROxford-size image or pair, eight of the demo's small ones."""
+    if jax.default_backend() != "cpu":
+        assert batching.resolve_batch_size(0, "images", 96 * 96) == 8
+        return
+    auto = batching.resolve_batch_size
+    assert auto(0, "images", 768 * 1024) == 1 and auto(0, "images", 512 * 512) == 2
+    assert auto(0, "images", 160 * 160) == 8 and auto(None, "images") == 1
+    assert auto(0, "features", 48 * 64) == 1 and auto(0, "features", 10 * 10) == 8
+    assert auto(0, "pairs", (48 * 64) ** 2) == 1 and auto(0, "pairs", 100 ** 2) == 8
+    assert auto(5, "pairs", 10) == 5 and auto(3, "images", 10 ** 7) == 3
 
 
 @pytest.mark.parametrize("count, size, devices, rows", [
@@ -28,6 +35,8 @@ def test_batch_rows(count, size, devices, rows):
 def test_padded_batches_use_few_dummy_rows():
     items = [(i, np.ones((30 + i, 40, 3), np.float32)) for i in range(11)]
     batches = list(batching.padded_batches(items, 8, 64))
+    (both,) = batching.padded_batches(items, 8, 64, devices=2)     # 8 per device
+    assert len(both.ids) == 11 and both.images.shape[0] == 16
     assert [len(b.ids) for b in batches] == [8, 3]
     assert [b.images.shape[0] for b in batches] == [8, 4]
     last = batches[1]
