@@ -46,9 +46,9 @@ def resolve_batch_size(batch_size: int | None, what: str = "images",
 
 
 def batch_rows(count: int, batch_size: int, devices: int = 1) -> int:
-    """Rows of a batch holding `count` (<= batch_size) real items: a full batch, or for a
-    smaller group the next power of two per device, so dummy rows at most double the work
-    and a bucket compiles at most log2(batch_size / devices) + 1 programs."""
+    """Rows of the batches of a group of `count` items of one shape: `batch_size`, or for a
+    smaller group the next power of two per device (its dummy rows at most double the
+    work). Every batch of the group has these rows: one compiled program per group."""
     per_device = -(-count // devices)
     return min(batch_size, devices * (1 << max(0, per_device - 1).bit_length()))
 
@@ -70,17 +70,18 @@ class PaddedBatch:
 def padded_batches(items: Sequence, batch_size: int, multiple: int, devices: int = 1,
                    what: str = "images") -> Iterator[PaddedBatch]:
     """Groups (id, HWC array) pairs by bucket (first-seen order) into padded batches of
-    `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`;
-    the last batch of a bucket: `batch_rows`), over `devices` devices."""
+    `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`),
+    over `devices` devices; a bucket with fewer items gets fewer rows (`batch_rows`). All
+    batches of a bucket have the same rows, so each bucket compiles one program."""
     groups: dict[tuple[int, int], list] = {}
     for item_id, arr in items:
         groups.setdefault(bucket_hw(arr.shape[0], arr.shape[1], multiple), []).append(
             (item_id, arr))
     for hw, members in groups.items():
         size = resolve_batch_size(batch_size, what, hw[0] * hw[1]) * devices
-        for start in range(0, len(members), size):
-            chunk = members[start:start + size]
-            rows = batch_rows(len(chunk), size, devices)
+        rows = batch_rows(len(members), size, devices)
+        for start in range(0, len(members), rows):
+            chunk = members[start:start + rows]
             batch = pad_stack([arr for _, arr in chunk], rows, hw)
             batch.ids = [i for i, _ in chunk]
             yield batch

@@ -101,9 +101,9 @@ def score_pairs(model: RetrievalModel, pairs, batch_size: int, feature_bucket: i
     for (qb, kb), members in groups.items():
         cells = qb[0] * qb[1] * kb[0] * kb[1]
         size = batching.resolve_batch_size(batch_size, "pairs", cells) * model.num_devices
-        for start in range(0, len(members), size):
-            part = members[start:start + size]
-            rows = batching.batch_rows(len(part), size, model.num_devices)
+        rows = batching.batch_rows(len(members), size, model.num_devices)
+        for start in range(0, len(members), rows):
+            part = members[start:start + rows]
             cq = batching.pad_stack([m[1] for m in part], rows, qb)
             ck = batching.pad_stack([m[2] for m in part], rows, kb)
             s = np.asarray(model.verification_score_from_corr_features(

@@ -24,21 +24,22 @@ def test_auto_batch_size_follows_the_backend_and_the_size():
 
 
 @pytest.mark.parametrize("count, size, devices, rows", [
-    (8, 8, 1, 8), (5, 8, 1, 8), (3, 8, 1, 4), (2, 8, 1, 2), (1, 8, 1, 1),
+    (8, 8, 1, 8), (5, 8, 1, 8), (3, 8, 1, 4), (2, 8, 1, 2), (1, 8, 1, 1), (30, 8, 1, 8),
     (1, 16, 8, 8), (9, 16, 8, 16), (3, 12, 1, 4), (5, 6, 1, 6),
 ])
 def test_batch_rows(count, size, devices, rows):
     got = batching.batch_rows(count, size, devices)
-    assert got == rows and got % devices == 0 and count <= got <= size
+    assert got == rows and got % devices == 0 and min(count, size) <= got <= size
 
 
-def test_padded_batches_use_few_dummy_rows():
-    items = [(i, np.ones((30 + i, 40, 3), np.float32)) for i in range(11)]
+def test_padded_batches_use_few_dummy_rows_and_one_shape_per_bucket():
+    items = [(i, np.ones((30 + i, 40, 3), np.float32)) for i in range(11)]      # one bucket
+    items += [(20 + i, np.ones((100, 40, 3), np.float32)) for i in range(3)]    # another
     batches = list(batching.padded_batches(items, 8, 64))
-    (both,) = batching.padded_batches(items, 8, 64, devices=2)     # 8 per device
-    assert len(both.ids) == 11 and both.images.shape[0] == 16
-    assert [len(b.ids) for b in batches] == [8, 3]
-    assert [b.images.shape[0] for b in batches] == [8, 4]
+    assert [len(b.ids) for b in batches] == [8, 3, 3]
+    assert [b.images.shape[0] for b in batches] == [8, 8, 4]    # 11: 8 + 8; 3 alone: 4
     last = batches[1]
     assert last.ids == [8, 9, 10] and last.valid[:3].tolist() == [[38, 40], [39, 40], [40, 40]]
-    assert not last.images[3].any()          # the one dummy row
+    assert not last.images[3:].any()          # the dummy rows
+    both = list(batching.padded_batches(items[:11], 8, 64, devices=2))   # 8 per device
+    assert [len(b.ids) for b in both] == [11] and both[0].images.shape[0] == 16
