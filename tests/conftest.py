@@ -61,6 +61,31 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+_FILE_SECONDS: dict = {}     # (xdist worker, test file) -> seconds, on the controller
+
+
+def pytest_runtest_logreport(report):
+    """Adds each test's set-up, call and tear-down time to its file and worker."""
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", "main")
+    key = (worker, report.nodeid.split("::")[0])
+    _FILE_SECONDS[key] = _FILE_SECONDS.get(key, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Per worker: its busy time and its longest files, the data for the file order of
+    `pytest_collection_modifyitems` (the suite's wall time is the busiest worker's)."""
+    if len({w for w, _ in _FILE_SECONDS}) < 2:
+        return
+    tr = terminalreporter
+    tr.section("time per worker (longest files)")
+    for worker in sorted({w for w, _ in _FILE_SECONDS}):
+        files = sorted(((s, f) for (w, f), s in _FILE_SECONDS.items() if w == worker),
+                       reverse=True)
+        tr.write_line(f"{worker}: {sum(s for s, _ in files):.0f} s in {len(files)} files; "
+                      + ", ".join(f"{f.removeprefix('tests/')} {s:.0f}" for s, f in files[:8]))
+
+
 def _require(path: Path) -> Path:
     if not path.exists():
         pytest.fail(f"ground truth not found: {path}. The tests need ../shared beside the "
