@@ -10,7 +10,7 @@ from different files of the same architecture share compiled code.
 """
 from __future__ import annotations
 
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Sequence
 
@@ -175,18 +175,13 @@ class RetrievalModel:
                           official_quirk=official_quirk)
 
 
-_WARM_START = []
-
-
+@lru_cache(maxsize=None)
 def warm_start() -> None:
     """Library use (`sj.load`, `sj.create`, any RetrievalModel) keeps compiled programs in
     the package's cache folder (`<cache>/xla`, see `cli.use_compilation_cache`), as eval.py,
     train.py and the app do, so a second process on the same shapes compiles nothing. Once
     per process; a cache jax already has (JAX_COMPILATION_CACHE_DIR, or an entry point's)
     wins, and SCVNET_COMPILATION_CACHE=0 turns it off."""
-    if _WARM_START:
-        return
-    _WARM_START.append(True)
     import os
 
     if os.environ.get("SCVNET_COMPILATION_CACHE", "1") == "0":

@@ -149,6 +149,20 @@ def extract_training_set(model: RetrievalModel, ts, spec, *, batch_size: int = 0
     return out
 
 
+def overlapped(batches, dispatch, collect) -> None:
+    """collect(dispatch(batch)) for every batch, where the next batch is dispatched before
+    the previous one is collected: jax runs asynchronously (only reading a result back
+    waits), so padding and tracing the next batch overlap the device's work on the last."""
+    pending = None
+    for batch in batches:
+        current = dispatch(batch)
+        if pending is not None:
+            collect(pending)
+        pending = current
+    if pending is not None:
+        collect(pending)
+
+
 def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> np.ndarray:
     """Descriptors (N, D) of decoded BGR uint8 images, in padded batches over every local
     device; `bar` (a tqdm) advances by one per finished image."""
@@ -159,7 +173,8 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
         items += [((i, j), x) for j, x in enumerate(xs)]
     parts: dict = {i: [None] * k for i, k in parts_left.items()}
 
-    def collect(ids, descs):
+    def collect(pending):
+        ids, descs = pending
         descs, done = np.asarray(descs), 0
         for row, (i, j) in enumerate(ids):
             parts[i][j] = descs[row]
@@ -167,16 +182,8 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
             done += parts_left[i] == 0
         bar.update(done)
 
-    # The next batch is padded, traced (a new shape) and dispatched while the device runs
-    # the previous one: jax dispatches asynchronously, only np.asarray waits.
-    pending = None
-    for batch in batching.padded_batches(items, batch_size, bucket, model.num_devices):
-        current = (batch.ids, spec.run(model, batch))
-        if pending is not None:
-            collect(*pending)
-        pending = current
-    if pending is not None:
-        collect(*pending)
+    overlapped(batching.padded_batches(items, batch_size, bucket, model.num_devices),
+               lambda batch: (batch.ids, spec.run(model, batch)), collect)
     return np.stack([spec.combine(parts[i]) for i in range(len(images))])
 
 
@@ -185,8 +192,9 @@ def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size
             workers: int = 4, desc: str = "extract") -> np.ndarray:
     """Descriptors (N, D) float32 of `refs` with `spec` (CVNetGlobal or SuperGlobal).
 
-    batch_size: images per device per batch (0: `batching.default_batch_size`). Every process must call this with the same
-    arguments; each computes its share and all return the whole array."""
+    batch_size: images per device per batch (0: `batching.default_batch_size`). Every
+    process must call this with the same arguments; each computes its share and all
+    return the whole array."""
     chunk_size = cache.chunk_size if cache is not None else chunk_size
     n = len(refs)
     starts = list(range(0, n, chunk_size))

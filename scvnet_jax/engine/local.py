@@ -48,7 +48,7 @@ from scvnet_jax.convert.torch_file import load_torch_file
 from scvnet_jax.data import batching
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
-from scvnet_jax.engine.extract import CVNET_SCALES, cvnet_scales
+from scvnet_jax.engine.extract import CVNET_SCALES, cvnet_scales, overlapped
 from scvnet_jax.errors import ConfigError, CheckpointError
 from scvnet_jax.images import ImageRef, normalize, read_image
 from scvnet_jax.models import ops
@@ -365,14 +365,7 @@ def _describe(model: RetrievalModel, images: Sequence[np.ndarray], detector, top
         if bar is not None:
             bar.update(done)
 
-    pending = None
-    for batch in batches:
-        current = dispatch(batch)
-        if pending is not None:
-            collect(pending)
-        pending = current
-    if pending is not None:
-        collect(pending)
+    overlapped(batches, dispatch, collect)
     return out
 
 
