@@ -76,9 +76,11 @@ def _define(fv, argv):
     cli.define_config(fv, argv, default, "evaluation config file with get_config() (default: "
                       "configs/eval_revisitop.py; with --dataset demo, configs/eval_demo.py)")
     s, i, e = flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_enum
-    e("dataset", None, ["roxford5k", "rparis6k", "demo"], "benchmark (default: roxford5k); "
-      "'demo' = the demo benchmark (generated from photographs shipped with scikit-image) with "
-      "the bundled demo model", flag_values=fv)
+    s("dataset", None, "benchmark: roxford5k (default), rparis6k, demo (generated from "
+      "photographs shipped with scikit-image; the bundled demo model), gldv2_retrieval (GLDv2's "
+      "retrieval benchmark, mAP@100; python -m scvnet_jax.data.build gldv2_retrieval first) or "
+      "folder:<data_dir>/<name> (the held-out split of your own photos, built by python -m "
+      "scvnet_jax.data.build folder)", flag_values=fv)
     s("data_dir", None, "folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (demo: "
       "default <cache_dir>/demo_benchmark, built on first use)", flag_values=fv)
     s("weights", None, "official CVNet checkpoint (.pyth/.pth), a model directory (written by "
@@ -181,16 +183,25 @@ def run(cfg) -> int:
         demo.build_benchmark(cfg.data_dir)    # a few seconds, once
         if not cfg.weights:
             cfg.weights = str(sj.demo_model_path())
-    if not cfg.data_dir:
+    if not cfg.data_dir and not cfg.dataset.startswith("folder:"):
         raise InputError("--data_dir is required (the folder holding "
-                         f"{cfg.dataset}/gnd_{cfg.dataset}.pkl)")
+                         + ("gldv2_retrieval/, written by python -m scvnet_jax.data.build "
+                            "gldv2_retrieval)" if cfg.dataset == "gldv2_retrieval" else
+                            f"{cfg.dataset}/gnd_{cfg.dataset}.pkl)"))
     if not cfg.weights:
         raise CheckpointError("--weights is required (an official .pyth/.pth or a converted "
                               "model directory, or 'random')")
     t0 = time.time()
     cli.use_compilation_cache(cfg.cache_dir)
     lead = jax.process_index() == 0
-    dataset = load_dataset(cfg.data_dir, cfg.dataset)
+    if cfg.dataset.startswith("folder:"):
+        from scvnet_jax.data import folder
+        dataset = folder.open_benchmark(cfg.dataset, cfg.cache_dir or default_cache_dir())
+    elif cfg.dataset == "gldv2_retrieval":
+        from scvnet_jax.data import gldv2_retrieval
+        dataset = gldv2_retrieval.load(cfg.data_dir)
+    else:
+        dataset = load_dataset(cfg.data_dir, cfg.dataset)
     distractors = (read_distractor_list(cfg.distractors, cfg.distractors_dir or None)
                    if cfg.distractors else None)
     model = load_model(cfg.weights, cfg.dataset, jnp.dtype(cfg.dtype))
@@ -200,15 +211,20 @@ def run(cfg) -> int:
               f"{f' ({len(distractors)} distractors)' if distractors else ''}; "
               f"weights {cfg.weights} (R{model.depth}, {cfg.dtype}); "
               f"pipelines {', '.join(cfg.pipelines)}; CVNet rerank top-{cfg.cvnet.topk}, "
-              f"protocol {cfg.cvnet.protocol}", flush=True)
+              f"protocol {pipelines.label_protocol_of(dataset, cfg.cvnet.protocol)}", flush=True)
+        for note in dataset.notes:
+            print(note, flush=True)
     results = pipelines.evaluate(cfg, model, dataset, distractors)
     if not lead:
         return 0
     meta = {"dataset": dataset.name + ("+R1M" if distractors else ""),
             "n_queries": dataset.n_queries, "n_db": n_db, "weights": str(cfg.weights),
-            "dtype": cfg.dtype}
+            "dtype": cfg.dtype, **({"notes": list(dataset.notes)} if dataset.notes else {})}
+    metric = "mAP@100" if dataset.protocol == "gldv2" else "mAP"
+    if dataset.protocol != "revisitop":
+        meta["metric"] = metric
     print()
-    print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):"))
+    print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):", metric))
     extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
              "superglobal_rerank": dict(cfg.superglobal.rerank),
              **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}

@@ -115,6 +115,109 @@ def revisitop(ranks, gnd, ks: Sequence[int] = (1, 5, 10)):
     return maps[0], maps[1], maps[2], np.stack(mpk)
 
 
+# -- one entry point per benchmark protocol ----------------------------------------------------
+
+# protocol -> the settings it reports
+PROTOCOLS = {"revisitop": SETTINGS,      # Easy / Medium / Hard (revisited Oxford and Paris)
+             "single": ("all",),         # revisitop's AP with one set of positives, no hard
+             "gldv2": ("public", "private")}  # GLDv2 retrieval: mAP@100 per Usage subset
+
+
+def score(protocol: str, ranks, gnd, ks: Sequence[int] = (1, 5, 10)
+          ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """({setting: mAP}, {setting: [mP@k for k in ks]}) of `ranks` (n_db, n_q), or for
+    "revisitop" also three rankings (E, M, H), under a benchmark's protocol:
+
+      revisitop  `revisitop` (gnd: easy, hard, junk).
+      single     `compute_map` with positives easy + hard and junk ignored: what a benchmark
+                 without hard labels has (the revisitop settings would all be the same).
+      gldv2      `gldv2_retrieval` (gnd: easy = the index images of the solution, usage).
+    """
+    if protocol == "revisitop":
+        mE, mM, mH, mpk = revisitop(ranks, gnd, ks)
+        return ({"E": mE, "M": mM, "H": mH},
+                {s: [float(v) for v in row] for s, row in zip(SETTINGS, mpk)})
+    if protocol == "single":
+        m, _, pr, _ = compute_map(np.asarray(ranks), setting_gnd(gnd, "M"), list(ks))
+        return {"all": m}, {"all": [float(v) for v in pr]}
+    if protocol == "gldv2":
+        return gldv2_retrieval(ranks, gnd, ks)
+    raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+
+
+def gldv2_retrieval(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100
+                    ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The Google Landmark Retrieval protocol (GLDv2; DELF's `MeanAveragePrecision` and
+    `MeanPrecisions`), per Usage subset ("public", "private"):
+
+      mAP@k  mean over the subset's queries of AP@k = sum, over the correct predictions
+             among the first k, of (correct so far / position), divided by
+             min(#ground-truth images, k); a query with none in its top k has AP 0 and
+             counts in the mean
+      mP@kk  mean over the subset's queries of (correct among the first kk) / kk
+
+    A repeated database index in a ranking counts once (its first occurrence), as the
+    official code skips duplicate predictions; positions still advance.
+
+    Args:
+      ranks: (n_rows, n_q) database indices per query, best first: the full ranking or
+        its first rows (n_rows >= 1; the first min(k, n_rows) count for mAP, and rows
+        missing below kk count as wrong predictions for mP@kk).
+      gnd: per query {"easy": ground-truth database indices, "usage": "public"|"private"}.
+    Returns:
+      ({subset: mAP@k}, {subset: [mP@kk for kk in ks]}) as floats in [0, 1]; a subset
+      without queries is left out.
+    """
+    ranks = np.asarray(ranks)
+    nq = len(gnd)
+    if ranks.ndim != 2 or ranks.shape[1] != nq or ranks.shape[0] < 1:
+        raise ValueError(f"ranks must be (n_db >= 1, n_queries={nq}), got shape {ranks.shape}")
+    ks = [int(kk) for kk in ks]
+    if int(k) < 1 or any(kk < 1 for kk in ks):
+        raise ValueError(f"k and ks must be positive, got k={k}, ks={ks}")
+    if nq == 0:
+        return {}, {}
+    top = ranks[:max([int(k), *ks])].astype(np.int64)            # (d, nq)
+    if top.min() < 0:
+        raise ValueError("ranks must hold non-negative database indices")
+    usage = np.array([str(q.get("usage")) for q in gnd])
+    bad = sorted(set(usage.tolist()) - {"public", "private"})
+    if bad:
+        raise ValueError(f"gnd 'usage' must be 'public' or 'private', got {bad}")
+    pos = [np.asarray(q["easy"], dtype=np.int64).ravel() for q in gnd]
+    n_gt = np.array([p.size for p in pos])
+    if (n_gt == 0).any():
+        raise ValueError(f"query {int(np.argmin(n_gt))} has no ground-truth images (AP@k is "
+                         "undefined; such test images are 'Ignored' in GLDv2)")
+    # Relevance of every (row, query) by one isin on (query, index) keys.
+    allpos = np.concatenate(pos)
+    base = int(max(top.max(), allpos.max())) + 1
+    qcol = np.arange(nq, dtype=np.int64)
+    keys = top + base * qcol[None, :]
+    rel = np.isin(keys, allpos + base * np.repeat(qcol, n_gt))
+    # Only the first occurrence of a repeated index counts.
+    order = np.argsort(top, axis=0, kind="stable")
+    srt = np.take_along_axis(top, order, axis=0)
+    dup = np.zeros_like(rel)
+    np.put_along_axis(dup, order, np.vstack([np.zeros((1, nq), bool), srt[1:] == srt[:-1]]),
+                      axis=0)
+    rel &= ~dup
+    hits = np.cumsum(rel, axis=0)                                 # correct so far
+    d = min(int(k), rel.shape[0])
+    position = np.arange(1, d + 1, dtype=np.float64)[:, None]
+    ap = (np.where(rel[:d], hits[:d] / position, 0.0).sum(axis=0)
+          / np.minimum(n_gt, int(k)))
+    prec = np.stack([hits[min(kk, rel.shape[0]) - 1] / kk for kk in ks], axis=1) \
+        if ks else np.zeros((nq, 0))                              # (nq, len(ks))
+    maps, mpk = {}, {}
+    for subset in PROTOCOLS["gldv2"]:
+        sel = usage == subset
+        if sel.any():
+            maps[subset] = float(ap[sel].mean())
+            mpk[subset] = [float(v) for v in prec[sel].mean(axis=0)]
+    return maps, mpk
+
+
 # -- class-labelled retrieval ----------------------------------------------------------------
 
 def labelled(ranks, query_labels, db_labels, map_at: Sequence[int | None] = (None, 200),

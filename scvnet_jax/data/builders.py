@@ -32,10 +32,11 @@ def _features():
     })
 
 
-def _class_sorted(builder, examples: Iterable[tuple[int, str, bytes]], num_classes: int
-                  ) -> Iterator[tuple[int, dict]]:
+def _class_sorted(builder, examples: Iterable[tuple[int, str, bytes]], num_classes: int,
+                  split: str = "train") -> Iterator[tuple[int, dict]]:
     """Yields (running key, example) from label-sorted (label, image_id, jpeg) triples and
-    records the class offsets in the builder's metadata."""
+    records the class offsets in the builder's metadata: `class_offsets` and `num_classes`
+    for the train split, `<split>_class_offsets` for another."""
     counts = np.zeros(num_classes, np.int64)
     key = 0
     last = -1
@@ -49,8 +50,12 @@ def _class_sorted(builder, examples: Iterable[tuple[int, str, bytes]], num_class
     empty = np.flatnonzero(counts == 0)
     if len(empty):
         raise InputError(f"class(es) {empty[:5].tolist()} have no images")
-    builder.info.metadata["num_classes"] = int(num_classes)
-    builder.info.metadata["class_offsets"] = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    offsets = np.concatenate([[0], np.cumsum(counts)]).tolist()
+    if split == "train":
+        builder.info.metadata["num_classes"] = int(num_classes)
+        builder.info.metadata["class_offsets"] = offsets
+    else:
+        builder.info.metadata[f"{split}_class_offsets"] = offsets
 
 
 class DemoLandmarks(tfds.core.GeneratorBasedBuilder):

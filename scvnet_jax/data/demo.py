@@ -270,3 +270,20 @@ def check_disjoint(a: Sequence[str] = tuple(TRAIN_PHOTOS),
     if common:
         raise AssertionError(f"photographs in both the demo training set and benchmark: "
                              f"{sorted(common)}")
+
+
+def write_class_folders(out, classes: int | None = None) -> int:
+    """Writes the demo training set's images as `out/<class>/<view>.jpg` (the first `classes`
+    classes, or all): a folder of labelled photos for trying the folder builder. Files
+    already there are left alone. Returns the number of images."""
+    out = Path(out)
+    n = 0
+    for label, image_id, _, data in training_examples():
+        if classes is not None and label >= classes:
+            break
+        cls, view = image_id.rsplit("_", 1)
+        path = out / cls / f"{view}.jpg"
+        if not path.exists():
+            files.atomic_write_bytes(path, data)
+        n += 1
+    return n

@@ -31,7 +31,13 @@ class RevisitopDataset:
     gnd_path: Path
     imlist: list[str]
     qimlist: list[str]
-    gnd: list[dict]  # per query: easy, hard, junk (int64 arrays), bbx (4 floats)
+    gnd: list[dict]  # per query: easy, hard, junk (int64 arrays), bbx (4 floats or None)
+    # Benchmarks in other layouts (a folder set's held-out split, GLDv2's retrieval
+    # benchmark) name their files and their metric:
+    db_paths: list[str] | None = None     # default: root/jpg/<imlist name>.jpg
+    query_paths: list[str] | None = None  # likewise; a query whose bbx is None is not cropped
+    protocol: str = "revisitop"           # the metric (scvnet_jax.metrics.PROTOCOLS)
+    notes: tuple[str, ...] = ()           # printed with the results, stored in results.json
 
     @property
     def n_db(self) -> int:
@@ -42,11 +48,19 @@ class RevisitopDataset:
         return len(self.qimlist)
 
     def db_images(self) -> list[ImageRef]:
-        return [ImageRef(str(self.root / "jpg" / f"{n}.jpg")) for n in self.imlist]
+        paths = self.db_paths or [str(self.root / "jpg" / f"{n}.jpg") for n in self.imlist]
+        return [ImageRef(p) for p in paths]
 
     def query_images(self) -> list[ImageRef]:
-        return [ImageRef(str(self.root / "jpg" / f"{n}.jpg"), tuple(g["bbx"]))
-                for n, g in zip(self.qimlist, self.gnd)]
+        paths = self.query_paths or [str(self.root / "jpg" / f"{n}.jpg") for n in self.qimlist]
+        return [ImageRef(p, None if g.get("bbx") is None else tuple(g["bbx"]))
+                for p, g in zip(paths, self.gnd)]
+
+    @property
+    def settings(self) -> tuple[str, ...]:
+        """The settings its metric reports (revisitop: E, M, H)."""
+        from scvnet_jax.metrics import PROTOCOLS
+        return PROTOCOLS[self.protocol]
 
     def fingerprint(self) -> str:
         """sha256 of the ground-truth file: changes whenever the lists or labels change."""

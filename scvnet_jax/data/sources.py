@@ -48,16 +48,25 @@ def open_training_set(name: str, data_dir, split: str = "train") -> TrainingSet:
     try:
         builder = tfds.builder(name, data_dir=str(data_dir))
     except Exception as e:
+        if type(e).__name__ == "DatasetNotFoundError":   # its message lists every TFDS set
+            raise InputError(
+                f"no dataset {name!r} in {data_dir} (expected {Path(data_dir) / name}/<version>"
+                "/); build one from a folder of photos with: python -m scvnet_jax.data.build "
+                f"folder --manual_dir PHOTOS --name {name} --data_dir {data_dir}") from None
         raise InputError(f"no TFDS dataset {name!r} ({type(e).__name__}: {e})") from None
     if not builder.is_prepared():
         raise InputError(f"{name} is not prepared in {data_dir}; build it first: python -m "
                          f"scvnet_jax.data.build {name} --data_dir {data_dir}"
                          + (" --manual_dir GLDV2" if "gldv2" in name else ""))
     meta = builder.info.metadata or {}
-    if "class_offsets" not in meta:
-        raise InputError(f"{builder.data_dir}: metadata has no 'class_offsets' (not written "
-                         "by scvnet_jax.data.builders)")
-    offsets = np.asarray(meta["class_offsets"], np.int64)
+    key = "class_offsets" if split == "train" else f"{split}_class_offsets"
+    if key not in meta:
+        raise InputError(f"{builder.data_dir}: metadata has no {key!r} (not written "
+                         "by scvnet_jax.data.builders or .folder)")
+    if split not in builder.info.splits:
+        raise InputError(f"{builder.data_dir}: no split {split!r}; it has "
+                         f"{', '.join(builder.info.splits)}")
+    offsets = np.asarray(meta[key], np.int64)
     n = builder.info.splits[split].num_examples
     if offsets[0] != 0 or offsets[-1] != n or np.any(np.diff(offsets) <= 0):
         raise InputError(f"{builder.data_dir}: class_offsets do not partition the {n} "

@@ -123,7 +123,8 @@ _RANGES = (
     ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),
     ("dba.alpha", "num", lambda v: v >= 0, "a number >= 0"),
 )
-_CHOICES = (("dataset", ("roxford5k", "rparis6k", "demo")), ("dtype", ("float32", "bfloat16")),
+DATASETS = ("roxford5k", "rparis6k", "demo", "gldv2_retrieval")   # or folder:<dir>/<name>
+_CHOICES = (("dtype", ("float32", "bfloat16")),
             ("cvnet.protocol", ("official", "blind")), ("rerank.first_stage", FIRST_STAGES),
             ("csa.dtype", ("float32", "float64")), ("ames.protocol", ("official", "blind")),
             ("superglobal.descriptor.scales", (1, 3, 5)))
@@ -133,6 +134,12 @@ def validate(cfg) -> None:
     """Ranges, choices and output paths of an evaluation config, before any work: one
     ConfigError naming the field (or flag), its value and what was expected."""
     check_fields(cfg, _RANGES, _CHOICES)
+    if cfg.dataset not in DATASETS and not (isinstance(cfg.dataset, str) and
+                                            cfg.dataset.startswith("folder:") and
+                                            len(cfg.dataset) > len("folder:")):
+        raise ConfigError(f"--dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)} "
+                          "or folder:<data_dir>/<name> (a set built by python -m "
+                          "scvnet_jax.data.build folder)")
     bad = [p for p in cfg.pipelines if p not in ALL_PIPELINES]
     if bad or not cfg.pipelines:
         raise ConfigError(f"config.pipelines = {list(cfg.pipelines)}: expected a non-empty list "

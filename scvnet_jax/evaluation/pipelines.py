@@ -45,8 +45,9 @@ class PipelineResult:
     name: str
     protocol: str                  # "official" / "blind" for cvnet_rerank, else "label-free"
     ranks: dict                    # {"": (n_db, n_q)} or {"E": .., "M": .., "H": ..}
-    mAP: dict                      # {"E": float, "M": float, "H": float}
-    mpk: dict                      # {"E": [..], "M": [..], "H": [..]}
+    mAP: dict                      # {"E": float, "M": float, "H": float}; other benchmarks:
+                                   # their settings ({"all": ..}, {"public": .., "private": ..})
+    mpk: dict                      # {"E": [..], "M": [..], "H": [..]} likewise
     info: dict = dataclasses.field(default_factory=dict)   # first_stage, rerank_ms_per_query
 
     def ranking(self, setting: str = "M") -> np.ndarray:
@@ -110,11 +111,19 @@ class Context:
 
 def _result(ctx: Context, name: str, protocol: str, ranks, **info) -> PipelineResult:
     per_setting = isinstance(ranks, tuple)
-    mE, mM, mH, mpk = metrics.revisitop(ranks, ctx.dataset.gnd, ks=tuple(ctx.cfg.ks))
+    maps, mpk = metrics.score(ctx.dataset.protocol, ranks, ctx.dataset.gnd, tuple(ctx.cfg.ks))
     settings = dict(zip(metrics.SETTINGS, ranks)) if per_setting else {"": ranks}
-    return PipelineResult(name, protocol, settings, {"E": mE, "M": mM, "H": mH},
-                          {s: [float(v) for v in row] for s, row in zip(metrics.SETTINGS, mpk)},
-                          info)
+    return PipelineResult(name, protocol, settings, maps, mpk, info)
+
+
+def label_protocol_of(dataset: RevisitopDataset, protocol: str) -> str:
+    """The CVNet / AMES rerank protocol to use: "official" needs revisitop's Easy/Hard/junk
+    labels, so a benchmark without them (a folder set, GLDv2) is reranked "blind"."""
+    return protocol if dataset.protocol == "revisitop" else "blind"
+
+
+def label_protocol(ctx: Context, protocol: str) -> str:
+    return label_protocol_of(ctx.dataset, protocol)
 
 
 def _reranked(ctx: Context, name: str, reranker: str, first_stage: str, options: dict,
@@ -142,7 +151,8 @@ def cvnet_rerank(ctx: Context) -> PipelineResult:
     settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket,
                 "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache}
     return _reranked(ctx, "cvnet_rerank", "cvnet", "cvnet_global",
-                     {k: cfg.cvnet[k] for k in ("topk", "mix", "protocol")},
+                     {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix,
+                      "protocol": label_protocol(ctx, cfg.cvnet.protocol)},
                      model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
                      gnd=ctx.dataset.gnd, settings=settings)
 
@@ -160,7 +170,8 @@ def ames(ctx: Context) -> PipelineResult:
     cfg = ctx.cfg
     settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
                 "cache_dir": cfg.cache_dir or None}
-    return _reranked(ctx, "ames", "ames", cfg.rerank.first_stage, dict(cfg.ames),
+    options = {**dict(cfg.ames), "protocol": label_protocol(ctx, cfg.ames.protocol)}
+    return _reranked(ctx, "ames", "ames", cfg.rerank.first_stage, options,
                      model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
                      gnd=ctx.dataset.gnd, settings=settings)
 

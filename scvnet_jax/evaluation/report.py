@@ -12,17 +12,20 @@ from scvnet_jax.evaluation.pipelines import PipelineResult
 from scvnet_jax.files import atomic_save_npz, atomic_write_bytes
 
 
-def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "") -> str:
-    """One block per pipeline: rows E, M, H; mAP and mP@k in percent."""
-    head = f"{'':4}{'mAP':>8}" + "".join(f"{f'mP@{k}':>8}" for k in ks)
+def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "",
+          metric: str = "mAP") -> str:
+    """One block per pipeline: a row per setting (E, M, H; or the benchmark's); `metric`
+    (mAP, or mAP@100 for GLDv2) and mP@k in percent."""
+    width = max([4] + [len(s) + 1 for r in results for s in r.mAP])
+    head = f"{'':{width}}{metric:>8}" + "".join(f"{f'mP@{k}':>8}" for k in ks)
     lines = [title] if title else []
     for r in results:
         on = f", on {r.info['first_stage']}" if r.name in RERANK_PIPELINES else ""
         lines.append(f"{r.name} (protocol: {r.protocol}{on})")
         lines.append(head)
-        for s in ("E", "M", "H"):
-            lines.append(f"{s:4}{100 * r.mAP[s]:8.2f}" + "".join(f"{100 * v:8.2f}"
-                                                              for v in r.mpk[s]))
+        for s in r.mAP:
+            lines.append(f"{s:{width}}{100 * r.mAP[s]:8.2f}" + "".join(f"{100 * v:8.2f}"
+                                                                   for v in r.mpk[s]))
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
