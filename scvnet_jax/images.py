@@ -41,6 +41,9 @@ class ImageRef:
     bbx: tuple[float, float, float, float] | None = None
 
 
+# What a folder of images is taken to hold (by extension, case-insensitive).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
 # Decoding refuses images with more pixels than this, from the header alone (before any
 # memory is allocated): 100 megapixels (e.g. 10000 x 10000, ~300 MB decoded) is far above
 # any retrieval benchmark's images and far below what would exhaust a machine.

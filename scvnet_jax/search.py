@@ -41,10 +41,9 @@ from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerpri
 from scvnet_jax.engine.search import rank
 from scvnet_jax.errors import InputError
 from scvnet_jax.evaluation import visuals
-from scvnet_jax.images import ImageRef, read_image
+from scvnet_jax.images import IMAGE_EXTENSIONS, ImageRef, read_image
 from scvnet_jax.rerank import registry
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 FAMILIES = tuple(extract.FAMILIES)
 FORMAT = "scvnet_jax.search.index/2"
 FORMATS = ("scvnet_jax.search.index/1", FORMAT)     # /1: no digests, model key or weights

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from scvnet_jax.errors import ScvnetError
 
@@ -108,7 +109,8 @@ def _run(args) -> int:
         from scvnet_jax.data import demo
 
         n = demo.write_class_folders(args.out, args.classes or None)
-        print(f"wrote {n} images of the demo training set into {args.out}/<class>/")
+        print(f"wrote {n} images of the demo training set into "
+              f"{Path(args.out) / '<class>'}/")
         return 0
     from scvnet_jax.data import builders
 

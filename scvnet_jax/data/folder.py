@@ -45,9 +45,9 @@ import numpy as np
 
 from scvnet_jax import files
 from scvnet_jax.errors import InputError, first_few
+from scvnet_jax.images import IMAGE_EXTENSIONS
 
 _DESCRIPTION = __doc__
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 HOLDOUTS = ("classes", "images")
 VERSION = "1.0.0"
 FORMAT = "scvnet_jax.folder/1"
@@ -114,7 +114,7 @@ def read_csv(csv_path: Path) -> list[Photo]:
     if not csv_path.is_file():
         raise InputError(f"--csv {csv_path}: not found (expected a CSV of path,label rows)")
     photos, seen = [], {}
-    with open(csv_path, newline="") as f:
+    with open(csv_path, newline="", encoding="utf-8-sig") as f:    # (Excel writes a BOM)
         for line, row in enumerate(csv.reader(f), start=1):
             if not row or not "".join(row).strip():
                 continue
@@ -188,6 +188,11 @@ def check_photos(photos: list[Photo], skip_small_classes: bool = False, workers:
     return photos, digests, notes
 
 
+def _round(x: float) -> int:
+    """Halves up (Python's round() takes 2.5 to 2)."""
+    return int(np.floor(x + 0.5))
+
+
 def split(photos: list[Photo], eval_fraction: float, holdout: str, seed: int
           ) -> tuple[list[int], list[int]]:
     """(train indices, eval indices) of `photos`, seeded."""
@@ -200,7 +205,7 @@ def split(photos: list[Photo], eval_fraction: float, holdout: str, seed: int
     members = {c: [i for i, p in enumerate(photos) if p.label == c] for c in classes}
     held: set[int] = set()
     if eval_fraction > 0 and holdout == "classes":
-        n = min(max(1, round(eval_fraction * len(classes))), len(classes) - 2)
+        n = min(max(1, _round(eval_fraction * len(classes))), len(classes) - 2)
         if n < 1:
             raise InputError(f"--holdout classes needs at least 3 classes (2 to train on, 1 to "
                              f"hold out), got {len(classes)}")
@@ -209,7 +214,7 @@ def split(photos: list[Photo], eval_fraction: float, holdout: str, seed: int
     elif eval_fraction > 0:
         for c in classes:
             m = members[c]
-            n = min(round(eval_fraction * len(m)), len(m) - 2)
+            n = min(_round(eval_fraction * len(m)), len(m) - 2)
             if n > 0:
                 held.update(m[k] for k in rng.permutation(len(m))[:n])
         if not held:
@@ -247,14 +252,23 @@ def _builder_class(name: str):
 
         def _split_generators(self, dl_manager):
             self.info.metadata.update(self._plan["metadata"])
-            return {s: self._generate_examples(s) for s in ("train", "eval")}
+            # (TFDS cannot write an empty split: with --eval_fraction 0 there is no "eval")
+            return {s: self._generate_examples(s) for s in ("train", "eval") if self._plan[s]}
 
         def _generate_examples(self, split_name):
             photos, names = self._plan[split_name], self._plan[f"{split_name}_classes"]
             label = {c: i for i, c in enumerate(names)}
-            triples = ((label[p.label], p.image_id, p.path.read_bytes()) for p in
-                       sorted(photos, key=lambda p: (label[p.label], p.image_id)))
-            yield from builders._class_sorted(self, triples, len(names), split_name)
+            digests = self._plan["digests"]
+
+            def triples():
+                for p in sorted(photos, key=lambda p: (label[p.label], p.image_id)):
+                    data = p.path.read_bytes()
+                    if hashlib.sha256(data).hexdigest() != digests[p.image_id]:
+                        raise InputError(f"{p.path}: changed while the set was being built "
+                                         "(its content differs from when it was checked); "
+                                         "run the command again")
+                    yield label[p.label], p.image_id, data
+            yield from builders._class_sorted(self, triples(), len(names), split_name)
 
     return type(f"FolderSet_{name}", (FolderSet,), {"name": name, "__module__": __name__},
                 skip_registration=True)
@@ -303,10 +317,15 @@ def build(name: str, data_dir, manual_dir=None, csv_path=None, eval_fraction: fl
     metadata = {"format": FORMAT, "fingerprint": fp, **options,
                 "source": str(Path(csv_path or manual_dir).expanduser().resolve()),
                 "class_names": train_classes, "eval_class_names": eval_classes,
-                "skipped": notes}
+                "skipped": notes, **({} if ev else {"eval_class_offsets": [0]})}
     plan = {"train": tr, "eval": ev, "train_classes": train_classes,
-            "eval_classes": eval_classes, "metadata": metadata}
+            "eval_classes": eval_classes, "metadata": metadata,
+            "digests": {p.image_id: d for p, d in zip(photos, digests)}}
+    import tensorflow_datasets as tfds
+
     builder = _builder_class(name)(plan=plan, data_dir=str(data_dir), file_format="array_record")
+    if not progress:
+        tfds.disable_progress_bar()
     builder.download_and_prepare()
     return {**dict(builder.info.metadata), "notes": notes, "reused": False}
 
@@ -321,6 +340,16 @@ def parse_spec(spec: str) -> tuple[Path, str]:
         raise InputError(f"--dataset {spec!r}: expected folder:<data_dir>/<name>, e.g. "
                          "folder:~/tensorflow_datasets/my_set")
     return p.parent, p.name
+
+
+def _cached_name(k: int, image_id: str) -> str:
+    """Where database image k is written in the benchmark's cache folder: images/<image_id>,
+    or other/<k>.<ext> for an id that would land outside it (a CSV may name files by
+    absolute path or ../)."""
+    p = Path(image_id)
+    if p.anchor or ".." in p.parts:
+        return f"other/{k:06d}{p.suffix.lower()}"
+    return f"images/{image_id}"
 
 
 def open_benchmark(spec: str, cache_dir):
@@ -358,7 +387,7 @@ def open_benchmark(spec: str, cache_dir):
                 for i in range(len(source)):
                     r = source[i]
                     image_id = r["image_id"].decode()
-                    out = tmp / "images" / image_id
+                    out = tmp / _cached_name(len(db), image_id)
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(r["image"])
                     db.append((image_id, names[int(r["label"])]))
@@ -383,7 +412,7 @@ def open_benchmark(spec: str, cache_dir):
     empty = np.zeros(0, np.int64)
     gnd = [{"easy": np.asarray(g["easy"], np.int64), "hard": empty,
             "junk": np.asarray(g["junk"], np.int64), "bbx": None} for g in doc["gnd"]]
-    db_paths = [str(root / "images" / i) for i in imlist]
+    db_paths = [str(root / _cached_name(k, i)) for k, i in enumerate(imlist)]
     held = ("held-out classes" if meta["holdout"] == "classes" else
             "held-out images of every class")
     notes = (f"{name}: {len(gnd)} queries ({held}, {meta['eval_fraction']:g} of the set, seed "
