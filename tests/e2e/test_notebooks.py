@@ -45,6 +45,10 @@ def test_notebook_runs_in_smoke_mode(path, tmp_path, monkeypatch, official_check
         assert (tmp_path / "work" / "photos.index.npz").is_file()
         assert (tmp_path / "work" / "cvnet_model" / "config.json").is_file()   # converted
         assert "RetrievalModel(R50" in text
+        # your own labelled photos: a folder set, both stages, the held-out evaluation
+        assert (tmp_path / "work" / "runs" / "mine_rerank" / "model" / "config.json").is_file()
+        assert "folder:my_photos results (percent):" in text and "one setting" in text
+        assert (tmp_path / "work" / "my_photos.index.npz").is_file()
     else:
         assert (tmp_path / "work" / "cvnet_r50_rerank" / "model" / "config.json").is_file()
         assert "demo (percent):" in text and "cvnet_rerank (protocol" in text
