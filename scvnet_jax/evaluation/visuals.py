@@ -2,6 +2,7 @@
 with a border per label: green easy, orange hard, red negative, grey junk."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -88,7 +89,7 @@ def hits_row(query: np.ndarray, hits: Sequence[tuple[np.ndarray, str]],
 
 def save_all(out_dir, results: Sequence[PipelineResult], query_refs, db_refs, gnd, names,
              topn: int = 10) -> list[Path]:
-    """Writes <out_dir>/<query name>.png for every query; official-protocol CVNet rerank
+    """Writes <out_dir>/<index>_<query name>.png for every query; official-protocol CVNet rerank
     rows show its Medium ranking."""
     out_dir = Path(out_dir)
     written, cache = [], {}
@@ -99,7 +100,8 @@ def save_all(out_dir, results: Sequence[PipelineResult], query_refs, db_refs, gn
             rows.append((title, r.ranking("M")[:, qi]))
         grid = query_grid(qref, db_refs, gnd[qi], rows, topn, cache, title=f"query {name}")
         ok, png = cv2.imencode(".png", grid)
-        path = out_dir / f"{qi:03d}_{name}.png"
+        # (a folder set's query names are relative paths: one flat file name per query)
+        path = out_dir / f"{qi:03d}_{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}.png"
         atomic_write_bytes(path, png.tobytes())
         written.append(path)
     return written

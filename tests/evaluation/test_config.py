@@ -26,6 +26,8 @@ import pytest
     (["--first_stage", "cvnet_rerank"], "--first_stage"),
     (["--pipelines", "csa"], "the csa pipeline needs CSA weights"),
     (["--pipelines", "csa", "--csa_weights", "/nonexistent/csa"], "/nonexistent/csa"),
+    (["--dataset", "roxford"], "--dataset 'roxford': expected one of roxford5k, rparis6k"),
+    (["--dataset", "folder:"], "or folder:<data_dir>/<name>"),
 ])
 def test_bad_values_are_refused_first(tmp_path, capsys, one_error_line, eval_main, args,
                                       expect):
