@@ -25,13 +25,13 @@ SOLUTION = [(TEST[3], [2, 4, 5], "Private"),
             (TEST[4], [], "Ignored")]
 
 
-def jpeg(seed: int) -> bytes:
+def jpeg(seed: int, shape=(12, 16)) -> bytes:
     import cv2
-    img = np.random.default_rng(seed).integers(0, 255, (12, 16, 3), dtype=np.uint8)
+    img = np.random.default_rng(seed).integers(0, 255, (*shape, 3), dtype=np.uint8)
     return cv2.imencode(".jpg", img)[1].tobytes()
 
 
-def fake_manual(root: Path) -> Path:
+def fake_manual(root: Path, shape=(12, 16)) -> Path:
     """A GLDv2 manual folder: the three CSVs and index/ and test/ image trees."""
     root.mkdir(parents=True)
     (root / "index.csv").write_text("id\n" + "\n".join(INDEX) + "\n")
@@ -44,7 +44,7 @@ def fake_manual(root: Path) -> Path:
         for n, i in enumerate(ids):
             p = gldv2_image_path(root / sub, i)
             p.parent.mkdir(parents=True, exist_ok=True)
-            p.write_bytes(jpeg(n))
+            p.write_bytes(jpeg(n, shape))
     return root
 
 
@@ -168,3 +168,26 @@ def test_load_errors(tmp_path):
         with pytest.raises(InputError, match=match) as e:
             g2.load(tmp_path / "data")
         assert "gnd_gldv2_retrieval.json" in str(e.value)
+
+
+def test_eval_py_runs_the_benchmark(tmp_path, capsys, eval_main):
+    """build CLI + eval.py --dataset gldv2_retrieval with the demo model: rows public and
+    private, metric mAP@100, the mAPs metrics.score gives on the ranks eval.py wrote."""
+    import scvnet_jax as sj
+    from scvnet_jax.data import build
+
+    manual = fake_manual(tmp_path / "manual", shape=(64, 80))
+    assert build.main(["gldv2_retrieval", "--manual_dir", str(manual), "--data_dir",
+                       str(tmp_path / "data")]) == 0
+    assert "3 queries, 6 index images" in capsys.readouterr().out
+    out = tmp_path / "res.json"
+    assert eval_main("--dataset", "gldv2_retrieval", "--data_dir", tmp_path / "data",
+                     "--weights", sj.demo_model_path(), "--pipelines", "superglobal_global",
+                     "--cache_dir", "", "--output", out) == 0
+    text = capsys.readouterr().out
+    assert "mAP@100" in text and "public " in text and "private " in text
+    res = json.loads(out.read_text())["superglobal_global"]
+    assert set(res["mAP"]) == {"public", "private"} and res["metric"] == "mAP@100"
+    ranks = np.load(tmp_path / "res_ranks.npz")["superglobal_global"]
+    maps, _ = metrics.score("gldv2", ranks, g2.load(tmp_path / "data").gnd, (1, 5, 10))
+    assert res["mAP"] == maps

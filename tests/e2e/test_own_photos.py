@@ -1,6 +1,7 @@
 """The README's "Your own photos" tutorial, run end to end on a small tree: the demo photos
 sorted into class folders, a folder set built from them, both training stages, an
-evaluation on the held-out classes and a search index. The commands are the README's own,
+evaluation on the held-out classes, CSA and AMES trained on the set and every reranker
+evaluated, and a search index. The commands are the README's own,
 scaled down by the substitutions below (fewer classes, the tiny configs, a few steps)."""
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ SCALE_DOWN = (("--out photos/", "--out photos/ --classes 6"),
                                                     "--eval_fraction 0.5"),
               ("configs/demo.py ", "configs/demo.py:tiny "),
               ("configs/demo_rerank.py ", "configs/demo_rerank.py:tiny "),
+              ("configs/csa_demo.py ", "configs/csa_demo.py:tiny "),
+              ("configs/ames_demo.py ", "configs/ames_demo.py:tiny "),
               ("--config.total_steps=300", "--config.total_steps=4"),
               ("--config.total_steps=200", "--config.total_steps=4"),
               ("--topk 10", "--topk 3"),
@@ -74,6 +77,11 @@ def test_the_readme_tutorial_runs_on_a_small_tree(tmp_path, repo):
     assert res["cvnet_rerank"]["protocol"] == "blind"
     ev = next(v for k, v in out.items() if "eval.py" in k)
     assert "all " in ev and "one setting" in ev
+    # the rerankers, CSA and AMES trained on the same set (stages 3 and 4)
+    rr = json.loads((tmp_path / "rerankers.json").read_text())
+    assert set(rr) == {"superglobal_global", "icfrr", "alpha_qe", "dba", "csa", "ames"}
+    assert all(set(r["mAP"]) == {"all"} for r in rr.values())
+    assert rr["ames"]["protocol"] == "blind"
     # the index holds every photo, and a query finds its own file first
     query = next(k for k in out if " query " in k)
     lines = out[query].splitlines()
