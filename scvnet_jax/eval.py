@@ -1,14 +1,18 @@
-"""Evaluate CVNet / SuperGlobal retrieval on the revisited Oxford and Paris benchmarks.
+"""Evaluate CVNet / SuperGlobal retrieval on the revisited Oxford and Paris benchmarks, GLDv2's
+retrieval benchmark (mAP@100) or the held-out part of your own photos.
 
     python -m scvnet_jax.eval --dataset demo      # the bundled demo model and benchmark
     python -m scvnet_jax.eval --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
     python -m scvnet_jax.eval --config configs/eval_revisitop.py --config.cvnet.topk=10 ...
 
 (`python eval.py ...` in a checkout is the same.) DATA follows the revisitop layout:
-DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/. Runs the pipelines
-cvnet_global, cvnet_rerank, superglobal_global and superglobal_rerank (exactly as the
-official CVNet and SuperGlobal test scripts), prints mAP and mP@k per pipeline, and writes
-results.json plus results_ranks.npz beside it. Descriptors are cached (see --cache_dir), so
+DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/. `--dataset gldv2_retrieval
+--data_dir D` reads what `python -m scvnet_jax.data.build gldv2_retrieval` wrote into D
+(rows public and private); `--dataset folder:D/NAME` the held-out split of a set built by
+`python -m scvnet_jax.data.build folder` (one setting, "all": no hard or junk labels).
+Runs the pipelines cvnet_global, cvnet_rerank, superglobal_global and superglobal_rerank
+(exactly as the official CVNet and SuperGlobal test scripts), prints mAP and mP@k per
+pipeline, and writes results.json plus results_ranks.npz beside it. Descriptors are cached (see --cache_dir), so
 an interrupted run resumes where it stopped.
 
 Settings come from an ml_collections config (--config; default: configs/eval_revisitop.py,
@@ -40,6 +44,8 @@ examples:
   python -m scvnet_jax.eval --dataset roxford5k --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
   python -m scvnet_jax.eval --config configs/eval_minirevisit.py --weights r50.pyth --topk 10
   python -m scvnet_jax.eval --dataset demo --pipelines superglobal_global,icfrr,alpha_qe,dba
+  python -m scvnet_jax.eval --dataset folder:tfds/my_photos --weights runs/mine/model
+  python -m scvnet_jax.eval --dataset gldv2_retrieval --data_dir DATA --weights CVPR2022_CVNet_R50.pyth
   python -m scvnet_jax.eval --dataset rparis6k --data_dir DATA --weights converted/cvnet_r101 \\
       --pipelines superglobal_global,superglobal_rerank --distractors DATA/revisitop1m/revisitop1m.txt
 """

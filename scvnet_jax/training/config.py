@@ -36,7 +36,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
 
     c.data = ml_collections.ConfigDict()
-    c.data.name = "gldv2_clean"      # a builder of scvnet_jax.data.builders
+    c.data.name = "gldv2_clean"      # a builder of scvnet_jax.data.builders, or the name of a
+                                     # folder set (python -m scvnet_jax.data.build folder)
     c.data.data_dir = "~/tensorflow_datasets"
     c.data.split = "train"
     c.data.image_size = 512
