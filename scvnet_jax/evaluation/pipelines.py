@@ -109,8 +109,19 @@ class Context:
         return self._global[family]
 
 
+# Rows of each ranking kept in the results (and results_ranks.npz) per benchmark protocol:
+# GLDv2 scores the top 100 of 761,757 index images for ~1.1k queries, and its full rankings
+# would take ~7 GB per pipeline.
+KEEP_ROWS = {"gldv2": 100}
+
+
 def _result(ctx: Context, name: str, protocol: str, ranks, **info) -> PipelineResult:
     per_setting = isinstance(ranks, tuple)
+    keep = KEEP_ROWS.get(ctx.dataset.protocol)
+    if keep:
+        # (copies: a view would keep the full ranking alive)
+        ranks = (tuple(np.array(r[:keep]) for r in ranks) if per_setting else
+                 np.array(ranks[:keep]))
     maps, mpk = metrics.score(ctx.dataset.protocol, ranks, ctx.dataset.gnd, tuple(ctx.cfg.ks))
     settings = dict(zip(metrics.SETTINGS, ranks)) if per_setting else {"": ranks}
     return PipelineResult(name, protocol, settings, maps, mpk, info)

@@ -170,11 +170,15 @@ def test_load_errors(tmp_path):
         assert "gnd_gldv2_retrieval.json" in str(e.value)
 
 
-def test_eval_py_runs_the_benchmark(tmp_path, capsys, eval_main):
+def test_eval_py_runs_the_benchmark(tmp_path, capsys, eval_main, monkeypatch):
     """build CLI + eval.py --dataset gldv2_retrieval with the demo model: rows public and
-    private, metric mAP@100, the mAPs metrics.score gives on the ranks eval.py wrote."""
+    private, metric mAP@100, the mAPs metrics.score gives on the ranks eval.py wrote, which
+    are each query's top rows only (100; 4 here, of the 6 index images)."""
     import scvnet_jax as sj
     from scvnet_jax.data import build
+    from scvnet_jax.evaluation import pipelines
+
+    monkeypatch.setitem(pipelines.KEEP_ROWS, "gldv2", 4)
 
     manual = fake_manual(tmp_path / "manual", shape=(64, 80))
     assert build.main(["gldv2_retrieval", "--manual_dir", str(manual), "--data_dir",
@@ -189,5 +193,6 @@ def test_eval_py_runs_the_benchmark(tmp_path, capsys, eval_main):
     res = json.loads(out.read_text())["superglobal_global"]
     assert set(res["mAP"]) == {"public", "private"} and res["metric"] == "mAP@100"
     ranks = np.load(tmp_path / "res_ranks.npz")["superglobal_global"]
+    assert ranks.shape == (4, 3)
     maps, _ = metrics.score("gldv2", ranks, g2.load(tmp_path / "data").gnd, (1, 5, 10))
     assert res["mAP"] == maps
