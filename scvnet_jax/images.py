@@ -93,7 +93,7 @@ def header_size(data: bytes, what: str) -> tuple[int, int]:
                          f"{_max_pixels / 1e6:g} megapixels{_RAISE_IT}") from None
 
 
-def _is_truncated(data: bytes) -> bool:
+def is_truncated(data: bytes) -> bool:
     """A JPEG without its end-of-image marker after the last scan, or a PNG without its
     IEND chunk: the file was cut short (OpenCV would decode it grey-filled, with only a
     warning that names no file)."""
@@ -113,7 +113,7 @@ def decode_image(data: bytes, what: str) -> np.ndarray:
     if w * h > _max_pixels:
         raise InputError(f"{what}: the image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
                          f"above the limit of {_max_pixels / 1e6:g} megapixels{_RAISE_IT}")
-    if _is_truncated(data):
+    if is_truncated(data):
         raise InputError(f"{what}: cannot read the image: the file is truncated (it ends "
                          "before the image data does); re-copy or re-download it")
     im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)

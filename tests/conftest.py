@@ -44,11 +44,15 @@ def pytest_collection_modifyitems(config, items):
     """The longest files first (xdist hands out whole files, in this order, with
     --no-loadscope-reorder), so that on two workers the long runs start at once and the
     quick tests fill the gaps, instead of a long run starting last. Then the files with
-    slow tests, then the rest; the order within a file is kept."""
+    slow tests, the notebooks, then the rest; the order within a file is kept."""
     # (xdist starts each worker with two files: the third is a quick one, so the worker of
     # the longest file takes no other long file before it is done)
     first = ("e2e/test_demo_train.py", "evaluation/test_pipelines.py", "test_metrics.py",
-             "e2e/test_demo_train_rerank.py", "e2e/test_demo_eval.py", "e2e/test_notebooks.py")
+             "e2e/test_demo_train_rerank.py", "e2e/test_demo_eval.py", "e2e/test_own_photos.py")
+    # the quickstart notebook's own-photos cell compiles what test_own_photos.py compiled
+    # (the same tiny runs on the same photos): well after it (after the other slow files),
+    # from the compilation cache
+    after_slow = ("e2e/test_notebooks.py",)
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
 
     def rank(item):
@@ -56,7 +60,9 @@ def pytest_collection_modifyitems(config, items):
         for i, name in enumerate(first):
             if path.endswith("/tests/" + name):
                 return i
-        return len(first) if item.path in slow_files else len(first) + 1
+        if any(path.endswith("/tests/" + name) for name in after_slow):
+            return len(first) + 1
+        return len(first) if item.path in slow_files else len(first) + 2
 
     items.sort(key=rank)
 

@@ -19,7 +19,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from scvnet_jax.errors import ScvnetError
+from scvnet_jax.errors import ScvnetError, first_few
 
 KINDS = ("demo", "gldv2_clean", "folder", "gldv2_retrieval", "demo_folder")
 
@@ -115,8 +115,16 @@ def _run(args) -> int:
     from scvnet_jax.data import builders
 
     b = builders.prepare(args.kind, args.data_dir, args.manual_dir)
+    meta = b.info.metadata
     print(f"{b.info.full_name}: {b.info.splits['train'].num_examples} images, "
-          f"{b.info.metadata['num_classes']} classes in {b.data_dir}")
+          f"{meta['num_classes']} classes in {b.data_dir}")
+    small, dups = meta.get("small_classes") or {}, meta.get("duplicates") or {}
+    if small.get("count"):
+        print(f"  note: {small['count']} class(es) with a single image (landmark ids "
+              f"{first_few(small['first'])}); training uses the image as its own positive")
+    if dups.get("count"):
+        print(f"  note: {dups['count']} file(s) with the same content as another: "
+              f"{first_few(' = '.join(d) for d in dups['first'])} (kept, as published)")
     return 0
 
 

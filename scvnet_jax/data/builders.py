@@ -12,6 +12,7 @@ the ranges. Training uses them to draw a same-landmark positive for each image.
 from __future__ import annotations
 
 import csv
+import hashlib
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -20,6 +21,7 @@ import tensorflow_datasets as tfds
 
 from scvnet_jax.data import demo
 from scvnet_jax.errors import InputError, first_few
+from scvnet_jax.images import is_truncated
 
 JPEG_MAGIC = b"\xff\xd8"
 
@@ -156,9 +158,16 @@ class Gldv2Clean(tfds.core.GeneratorBasedBuilder):
             raise InputError(f"{len(missing)} image file(s) listed in train_clean.csv are "
                              f"missing: {first_few(missing)}")
         self.info.metadata["landmark_ids"] = [lid for lid, _ in rows]
+        # Reported, not changed (this is the published training set): one-image classes
+        # (training uses the image itself as its positive) and files of equal content.
+        small = [lid for lid, ids in rows if len(ids) < 2]
+        self.info.metadata["small_classes"] = {"count": len(small), "first": small[:100]}
         return {"train": self._generate_examples(rows, train_dir)}
 
     def _generate_examples(self, rows, train_dir):
+        seen: dict[bytes, str] = {}
+        duplicates: list[list[str]] = []
+
         def triples():
             for label, (_, ids) in enumerate(rows):
                 for image_id in ids:
@@ -167,7 +176,17 @@ class Gldv2Clean(tfds.core.GeneratorBasedBuilder):
                     if not data.startswith(JPEG_MAGIC):
                         raise InputError(f"{path}: not a JPEG file (expected the bytes FF D8 "
                                          "at the start)")
+                    if is_truncated(data):
+                        raise InputError(f"{path}: truncated (the JPEG ends before its image "
+                                         "data does); re-extract its tarball")
+                    digest = hashlib.blake2b(data, digest_size=16).digest()
+                    if digest in seen:
+                        duplicates.append([image_id, seen[digest]])
+                    else:
+                        seen[digest] = image_id
                     yield label, image_id, data
+            self.info.metadata["duplicates"] = {"count": len(duplicates),
+                                                "first": duplicates[:100]}
         yield from _class_sorted(self, triples(), len(rows))
 
 

@@ -49,6 +49,8 @@ def test_gldv2_builder_on_fake_tree(tmp_path):
     manual = fake_gldv2(tmp_path / "manual", ROWS)
     b = builders.prepare("gldv2_clean", tmp_path / "tfds", manual)
     assert b.info.metadata["landmark_ids"] == [12, 50, 907]   # labels by sorted landmark id
+    assert b.info.metadata["small_classes"] == {"count": 1, "first": [50]}
+    assert b.info.metadata["duplicates"] == {"count": 0, "first": []}
     ts = sources.open_training_set("gldv2_clean", tmp_path / "tfds")
     assert ts.num_classes == 3 and ts.num_examples == 6
     assert ts.class_offsets.tolist() == [0, 3, 4, 6]
@@ -77,6 +79,28 @@ def test_gldv2_bad_input(tmp_path, case, match):
     with pytest.raises(InputError, match=match):
         builders.prepare("gldv2_clean", tmp_path / "tfds", manual)
     assert not (tmp_path / "tfds" / "gldv2_clean" / "1.0.0" / "dataset_info.json").exists()
+
+
+def test_gldv2_truncated_file_is_named(tmp_path):
+    manual = fake_gldv2(tmp_path / "m", ROWS)
+    path = builders.gldv2_image_path(manual / "train", "0a1b2c3e")
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(InputError, match=r"0a1b2c3e.jpg: truncated"):
+        builders.prepare("gldv2_clean", tmp_path / "tfds", manual)
+
+
+def test_gldv2_duplicates_and_one_image_classes_are_reported(tmp_path, capsys):
+    """The published set is kept as it is; what a user should know is said."""
+    from scvnet_jax.data import build
+
+    manual = fake_gldv2(tmp_path / "m", ROWS)
+    copy = builders.gldv2_image_path(manual / "train", "f00ba4ab")
+    copy.write_bytes(builders.gldv2_image_path(manual / "train", "0a1b2c3d").read_bytes())
+    assert build.main(["gldv2_clean", "--data_dir", str(tmp_path / "tfds"), "--manual_dir",
+                       str(manual)]) == 0
+    out = capsys.readouterr().out
+    assert "1 class(es) with a single image (landmark ids 50)" in out
+    assert "1 file(s) with the same content as another: f00ba4ab = 0a1b2c3d" in out
 
 
 def test_builder_cli_reports_one_error_line(tmp_path, run_module, one_error_line):

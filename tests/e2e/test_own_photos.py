@@ -11,6 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -56,8 +57,10 @@ def test_the_readme_tutorial_runs_on_a_small_tree(tmp_path, repo):
     env = {**os.environ, "PYTHONPATH": str(repo), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = {}
     for cmd in script.splitlines():
+        t0 = time.perf_counter()
         r = subprocess.run(argv(cmd, repo), cwd=tmp_path, env=env, capture_output=True,
                            text=True, timeout=900)
+        print(f"{time.perf_counter() - t0:6.1f} s  {cmd}")
         assert r.returncode == 0, (cmd, r.stdout[-3000:], r.stderr[-3000:])
         out[cmd] = r.stdout
 
