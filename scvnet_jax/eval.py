@@ -12,8 +12,8 @@ DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/. `--dataset gldv2_retri
 `python -m scvnet_jax.data.build folder` (one setting, "all": no hard or junk labels).
 Runs the pipelines cvnet_global, cvnet_rerank, superglobal_global and superglobal_rerank
 (exactly as the official CVNet and SuperGlobal test scripts), prints mAP and mP@k per
-pipeline, and writes results.json plus results_ranks.npz beside it. Descriptors are cached (see --cache_dir), so
-an interrupted run resumes where it stopped.
+pipeline, and writes results.json plus results_ranks.npz beside it. Descriptors are
+cached (see --cache_dir), so an interrupted run resumes where it stopped.
 
 Settings come from an ml_collections config (--config; default: configs/eval_revisitop.py,
 or configs/eval_demo.py with --dataset demo; any field can be set with
@@ -217,7 +217,7 @@ def run(cfg) -> int:
               f"{f' ({len(distractors)} distractors)' if distractors else ''}; "
               f"weights {cfg.weights} (R{model.depth}, {cfg.dtype}); "
               f"pipelines {', '.join(cfg.pipelines)}; CVNet rerank top-{cfg.cvnet.topk}, "
-              f"protocol {pipelines.label_protocol_of(dataset, cfg.cvnet.protocol)}", flush=True)
+              f"protocol {pipelines.label_protocol(dataset, cfg.cvnet.protocol)}", flush=True)
         for note in dataset.notes:
             print(note, flush=True)
     results = pipelines.evaluate(cfg, model, dataset, distractors)

@@ -193,13 +193,17 @@ def _round(x: float) -> int:
     return int(np.floor(x + 0.5))
 
 
-def split(photos: list[Photo], eval_fraction: float, holdout: str, seed: int
-          ) -> tuple[list[int], list[int]]:
-    """(train indices, eval indices) of `photos`, seeded."""
+def check_split_options(eval_fraction: float, holdout: str) -> None:
     if not 0 <= eval_fraction < 1:
         raise InputError(f"--eval_fraction {eval_fraction}: expected a number in [0, 1)")
     if holdout not in HOLDOUTS:
         raise InputError(f"--holdout {holdout!r}: expected one of {', '.join(HOLDOUTS)}")
+
+
+def split(photos: list[Photo], eval_fraction: float, holdout: str, seed: int
+          ) -> tuple[list[int], list[int]]:
+    """(train indices, eval indices) of `photos`, seeded."""
+    check_split_options(eval_fraction, holdout)
     rng = np.random.default_rng(seed)
     classes = sorted({p.label for p in photos})
     members = {c: [i for i, p in enumerate(photos) if p.label == c] for c in classes}
@@ -295,9 +299,8 @@ def build(name: str, data_dir, manual_dir=None, csv_path=None, eval_fraction: fl
     if (manual_dir is None) == (csv_path is None):
         raise InputError("give exactly one of --manual_dir (a folder of class subfolders) and "
                          "--csv (a path,label file)")
+    check_split_options(eval_fraction, holdout)               # before reading any photo
     photos = read_csv(Path(csv_path)) if csv_path else scan_folder(Path(manual_dir))
-    if not 0 <= eval_fraction < 1 or holdout not in HOLDOUTS:
-        split(photos, eval_fraction, holdout, seed)          # the option errors, early
     photos, digests, notes = check_photos(photos, skip_small_classes, workers, progress)
     train, held = split(photos, eval_fraction, holdout, seed)
     options = {"eval_fraction": eval_fraction, "holdout": holdout, "seed": seed}

@@ -127,14 +127,11 @@ def _result(ctx: Context, name: str, protocol: str, ranks, **info) -> PipelineRe
     return PipelineResult(name, protocol, settings, maps, mpk, info)
 
 
-def label_protocol_of(dataset: RevisitopDataset, protocol: str) -> str:
+def label_protocol(dataset: RevisitopDataset, protocol: str) -> str:
     """The CVNet / AMES rerank protocol to use: "official" needs revisitop's Easy/Hard/junk
     labels, so a benchmark without them (a folder set, GLDv2) is reranked "blind"."""
     return protocol if dataset.protocol == "revisitop" else "blind"
 
-
-def label_protocol(ctx: Context, protocol: str) -> str:
-    return label_protocol_of(ctx.dataset, protocol)
 
 
 def _reranked(ctx: Context, name: str, reranker: str, first_stage: str, options: dict,
@@ -163,7 +160,7 @@ def cvnet_rerank(ctx: Context) -> PipelineResult:
                 "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache}
     return _reranked(ctx, "cvnet_rerank", "cvnet", "cvnet_global",
                      {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix,
-                      "protocol": label_protocol(ctx, cfg.cvnet.protocol)},
+                      "protocol": label_protocol(ctx.dataset, cfg.cvnet.protocol)},
                      model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
                      gnd=ctx.dataset.gnd, settings=settings)
 
@@ -181,7 +178,7 @@ def ames(ctx: Context) -> PipelineResult:
     cfg = ctx.cfg
     settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
                 "cache_dir": cfg.cache_dir or None}
-    options = {**dict(cfg.ames), "protocol": label_protocol(ctx, cfg.ames.protocol)}
+    options = {**dict(cfg.ames), "protocol": label_protocol(ctx.dataset, cfg.ames.protocol)}
     return _reranked(ctx, "ames", "ames", cfg.rerank.first_stage, options,
                      model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
                      gnd=ctx.dataset.gnd, settings=settings)
