@@ -8,6 +8,7 @@ with `bbx = (x1, y1, x2, y2)`, as the official test code does.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import os
@@ -30,8 +31,19 @@ def normalize(image_bgr: np.ndarray) -> np.ndarray:
     im = np.asarray(image_bgr)
     if im.shape[-1:] != (3,):
         raise ValueError(f"expected BGR images with 3 channels last, got shape {im.shape}")
+    if im.dtype == np.uint8 and im.ndim == 3 and im.size:
+        # a table of the 256 x 3 values this arithmetic gives, looked up by OpenCV: the
+        # same float32 numbers bit for bit, ~20x faster than the three array passes
+        return cv2.LUT(np.ascontiguousarray(im), _normalized_values())
     im = im.astype(np.float32) / np.float32(255.0)
     return (im - MEAN_BGR) / STD_BGR
+
+
+@functools.lru_cache(maxsize=None)
+def _normalized_values() -> np.ndarray:
+    """(1, 256, 3) float32: `normalize` of every uint8 value in every BGR channel."""
+    v = np.arange(256, dtype=np.float32)[None, :, None].repeat(3, axis=2)
+    return (v / np.float32(255.0) - MEAN_BGR) / STD_BGR
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,3 +117,19 @@ def test_content_digest_follows_the_bytes(jpeg, tmp_path):
     assert images.content_digest(str(copy)) == a
     cv2.imwrite(str(copy), _photo(seed=1))     # same name and size class, other content
     assert images.content_digest(str(copy)) != a
+
+
+def test_normalize_is_the_official_arithmetic_bit_for_bit():
+    """uint8 images go through a lookup table (OpenCV): the same float32 values as
+    float32(im) / 255, minus mean, over std, for every value and channel, on crops
+    (non-contiguous views) and batches alike."""
+    from scvnet_jax.images import MEAN_BGR, STD_BGR, normalize
+
+    rng = np.random.default_rng(0)
+    im = np.concatenate([np.arange(256, dtype=np.uint8).reshape(16, 16, 1).repeat(3, 2),
+                         rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)], 1)
+    official = lambda x: (x.astype(np.float32) / np.float32(255.0) - MEAN_BGR) / STD_BGR  # noqa: E731
+    for x in (im, im[3:11, 5:29], im[None].repeat(2, 0), im.astype(np.float32)):
+        out = normalize(x)
+        assert out.dtype == np.float32 and out.shape == x.shape
+        np.testing.assert_array_equal(out, official(x))
