@@ -13,8 +13,9 @@ cache keeps that across restarts.
 
 Collection: the photographs of ../shared/minirevisit (or --photos DIR); queries: those
 photographs resized to 1024 px on the long side (the app's stated query size), searched
-whole (1 crop) and with 5 proposed regions (6 crops), with no reranking and with
-SuperGlobal reranking. Latency is measured per query after one warm-up query per size.
+whole (1 crop) and with 5 proposed regions (6 crops; the regions at one scale, as
+`search_regions` does by default, and, for comparison, at the three scales of the whole
+query), with no reranking and with SuperGlobal reranking. Latency is measured per query after one warm-up query per size.
 """
 from __future__ import annotations
 
@@ -74,22 +75,27 @@ def bench_app(args) -> dict:
         out = {"weights": args.weights, "model": repr(model), "images": len(index),
                "model_load_s": round(load_s, 2),
                "index_img_per_s": round(stats["extracted"] / index_s, 2), "latency": {}}
-        for rerank in (None, "superglobal"):
-            for crops in (1, 6):
-                def one(q):
-                    if crops == 1:
-                        return index.search(model, str(q), k=10, rerank=rerank)
-                    return index.search_regions(model, str(q), k=10, regions=crops - 1,
-                                                rerank=rerank)
-                for q in queries:     # warm-up: one compilation per size bucket and crop
-                    one(q)
-                times = []
-                for q in queries:
-                    t = time.perf_counter()
-                    one(q)
-                    times.append(time.perf_counter() - t)
-                out["latency"][f"{crops} crop{'s' if crops > 1 else ''}, rerank "
-                               f"{rerank or 'none'}"] = _percentiles(times)
+        three = sj.search.extract.spec_of(index.family).scales
+        for rerank, crops, region_scales in ((None, 1, None), (None, 6, None),
+                                             ("superglobal", 1, None),
+                                             ("superglobal", 6, None),
+                                             ("superglobal", 6, three)):
+            def one(q):
+                if crops == 1:
+                    return index.search(model, str(q), k=10, rerank=rerank)
+                return index.search_regions(model, str(q), k=10, regions=crops - 1,
+                                            rerank=rerank, region_scales=region_scales)
+            for q in queries:     # warm-up: one compilation per size bucket and crop
+                one(q)
+            times = []
+            for q in queries:
+                t = time.perf_counter()
+                one(q)
+                times.append(time.perf_counter() - t)
+            out["latency"][f"{crops} crop{'s' if crops > 1 else ''}, rerank "
+                           f"{rerank or 'none'}" + (", regions at three scales"
+                                                    if region_scales else "")
+                           ] = _percentiles(times)
         return out
     finally:
         shutil.rmtree(tmp)

@@ -70,11 +70,21 @@ def list_images(folder) -> list[Path]:
 
 def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
              batch_size: int = 0, bucket: int = 64, workers: int = 4,
-             desc: str = "describe") -> np.ndarray:
-    """Descriptors (N, D), L2-normalised, of image files (paths, or ImageRefs with boxes)."""
+             desc: str = "describe", scales=None) -> np.ndarray:
+    """Descriptors (N, D), L2-normalised, of image files (paths, or ImageRefs with boxes).
+    scales: None (the family's own: three for both), or the family's `scales` option (a
+    tuple of factors for cvnet, 1/3/5 or factors for superglobal)."""
     refs = [p if isinstance(p, ImageRef) else ImageRef(str(p)) for p in images]
-    return extract.extract(model, refs, extract.spec_of(family), batch_size=batch_size,
-                           bucket=bucket, workers=workers, desc=desc)
+    spec = extract.spec_of(family, **({} if scales is None else {"scales": scales}))
+    return extract.extract(model, refs, spec, batch_size=batch_size, bucket=bucket,
+                           workers=workers, desc=desc)
+
+
+# Proposed regions are described at one scale (the whole query at the family's three):
+# a 6-crop query costs the whole image's three passes plus five one-scale crops instead of
+# fifteen, which brings it under a second with the demo model on 2 CPU cores (README,
+# "Visual search": speed, and what it does to the results).
+REGION_SCALES = {"cvnet": (1.0,), "superglobal": 1}
 
 
 @dataclasses.dataclass
@@ -177,7 +187,7 @@ class Index:
     def search(self, model: RetrievalModel, queries, k: int = 10, *, boxes=None,
                rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,
                superglobal: dict | None = None, batch_size: int = 0, bucket: int = 64,
-               shortlist: int = 1000) -> list[list[Hit]]:
+               shortlist: int = 1000, scales=None) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
 
         boxes: None, or per query None or a box (x1, y1, x2, y2) in pixels: the query is
@@ -201,7 +211,10 @@ class Index:
 
         With an approximate backend (`backend`: faiss, qdrant) the first stage is each
         query's top `shortlist` (at least k) from it, and a reranker works on the union of
-        those candidates (`registry.from_candidates`); exact search ranks everything."""
+        those candidates (`registry.from_candidates`); exact search ranks everything.
+
+        scales: the queries' descriptor scales (`describe`; None: the family's, as the
+        index was built)."""
         queries = _query_paths(queries)
         refs = [ImageRef(q, b) for q, b in zip(queries, _boxes(boxes, len(queries)))]
         k = _positive_int(k, "k")
@@ -231,7 +244,8 @@ class Index:
         # one query image per device and batch: batches are padded to their full row count,
         # so a lone query at batch_size 8 would cost eight (its scales and regions fall in
         # different size buckets anyway); batch_size is for the database images rerankers read
-        Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries")
+        Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries",
+                     scales=scales)
         if self.backend is not None:     # only the candidates' vectors are read
             return self._search_shortlist(model, Q, refs, k, rerank, opts, shortlist,
                                           {"batch_size": batch_size, "bucket": bucket,
@@ -272,11 +286,15 @@ class Index:
                  for pos, j in enumerate(out.ranks[:k, i])] for i in range(len(Q))]
 
     def search_regions(self, model: RetrievalModel, query, k: int = 10, *, regions: int = 5,
-                       box=None, **search_options) -> tuple[list[Hit], list]:
+                       box=None, region_scales=None, **search_options
+                       ) -> tuple[list[Hit], list]:
         """One query image searched whole (or cropped to `box`) and by up to `regions`
         regions that the network proposes (`scvnet_jax.regions`); the hit lists (each the
         top k, reranked as `search_options` say) are merged by each image's best score.
-        Returns (hits, the regions searched, as boxes in pixels)."""
+        The whole query is described as the index was (the family's three scales), the
+        regions at `region_scales` (None: `REGION_SCALES`, one scale; pass the family's
+        three to describe them as the whole). Returns (hits, the regions searched, as
+        boxes in pixels)."""
         from scvnet_jax import regions as proposals
 
         (query,) = _query_paths(query)

@@ -297,8 +297,9 @@ def test_update_index_refusals(folder, model, tmp_path, capsys):
 
 
 def test_search_regions_merges_by_the_best_score(folder, model):
-    """The whole image and each proposed region are searched; each image's merged score is
-    its best over those lists; a box searches that crop."""
+    """The whole image (three scales, as indexed) and each proposed region (one scale,
+    `REGION_SCALES`) are searched; each image's merged score is its best over those lists;
+    a box searches that crop; region_scales describes the regions otherwise."""
     index = sj.search.index_folder(model, folder)
     query = index.paths[5]
     hits, found = index.search_regions(model, query, k=6, regions=2)
@@ -306,13 +307,25 @@ def test_search_regions_merges_by_the_best_score(folder, model):
     im = sj.search.read_image(query)
     assert all(0 <= x1 < x2 <= im.shape[1] and 0 <= y1 < y2 <= im.shape[0]
                for x1, y1, x2, y2 in found)
-    lists = index.search(model, [query] * (1 + len(found)), k=6, boxes=[None, *found])
-    best = {}
-    for hs in lists:
-        for h in hs:
-            best[h.path] = max(best.get(h.path, -1.0), h.score)
+    assert sj.search.REGION_SCALES["cvnet"] == (1.0,)
+
+    def merged(region_scales):
+        lists = index.search(model, query, k=6) + index.search(
+            model, [query] * len(found), k=6, boxes=found, scales=region_scales)
+        best = {}
+        for hs in lists:
+            for h in hs:
+                best[h.path] = max(best.get(h.path, -1.0), h.score)
+        return best
+
+    best = merged((1.0,))
     assert [h.path for h in hits] == sorted(best, key=lambda p: -best[p])[:6]
     assert all(h.score == best[h.path] for h in hits)
+    three = (0.7071, 1.0, 1.4142)
+    hits3, found3 = index.search_regions(model, query, k=6, regions=2, region_scales=three)
+    best3 = merged(three)
+    assert found3 == found and best3 != best
+    assert [(h.path, h.score) for h in hits3] == sorted(best3.items(), key=lambda x: -x[1])[:6]
     box = found[0]
     (crop,) = index.search(model, query, k=3, boxes=[box])
     assert crop != index.search(model, query, k=3)[0]
