@@ -34,7 +34,7 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from scvnet_jax import files
+from scvnet_jax import files, mesh
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.engine import backends, extract
 from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
@@ -304,8 +304,11 @@ class Index:
         if box is not None:     # regions of the crop, in the image's pixels
             found = [(r[0] + int(box[0]), r[1] + int(box[1]), r[2] + int(box[0]),
                       r[3] + int(box[1])) for r in found]
-        lists = self.search(model, [query] * (1 + len(found)), k, boxes=[box, *found],
-                            **search_options)
+        lists = self.search(model, query, k, boxes=[box], **search_options)
+        if found:
+            lists += self.search(model, [query] * len(found), k, boxes=found,
+                                 scales=REGION_SCALES[self.family] if region_scales is None
+                                 else region_scales, **search_options)
         best: dict = {}
         for hits in lists:
             for h in hits:
@@ -451,7 +454,16 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     `faiss_kind`, stored inside the index file, with its recall@10 against exact search
     measured on 200 of the index's own vectors), or "auto": faiss from FAISS_THRESHOLD
     images on when faiss is installed, else exact. The faiss index is rebuilt when the
-    collection changed."""
+    collection changed.
+
+    Several processes (`jax.distributed`, a filesystem they all see): every process calls
+    this with the same arguments. File i's digest is computed by process i % count and
+    chunk c of the new images is extracted by process c % count on its devices (its parts
+    saved as above, so a killed run resumes with every process's finished chunks); digests,
+    skipped files, errors (the first one raised on every process) and descriptors are
+    gathered; process 0 alone writes the index and removes the parts, the others then load
+    it. All return the same index and stats (counts over all processes); the progress bar
+    shows process 0's work."""
     if on_error not in ON_ERROR:
         raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if family not in FAMILIES:
@@ -477,6 +489,7 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                          f"{old.descriptors.dtype}); rebuild it (--rebuild) or name "
                          "another index file")
     t0 = time.perf_counter()
+    pid, nproc = mesh.process_index(), mesh.process_count()
     known: dict = {}
     if old is not None and old.model == key:
         known.update(zip(old.digests, old.descriptors))
@@ -490,26 +503,36 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
         except Exception:   # noqa: BLE001  (a damaged part is recomputed)
             continue
     with ThreadPoolExecutor(workers) as pool:
-        digests = content_digests([ImageRef(p) for p in paths], pool)
+        digests = (content_digests([ImageRef(p) for p in paths], pool) if nproc == 1
+                   else _gathered_digests(paths, pool))
         reused = sum(d in known for d in digests)
         todo = [i for i, d in enumerate(digests) if d not in known]
+        mine = [s for c, s in enumerate(range(0, len(todo), chunk_size))
+                if mesh.owner(c) == pid]
+        total = sum(len(todo[s:s + chunk_size]) for s in mine)
         spec = extract.spec_of(family)
-        skipped, extracted = [], 0
-        with tqdm(total=len(todo), desc=f"index {os.fspath(folder)}", unit="img",
-                          dynamic_ncols=True, mininterval=2.0, disable=not todo) as bar:
-            for start in range(0, len(todo), chunk_size):
+        skipped, error, rows, new = [], None, [], []   # skipped: (file index, reason)
+        with tqdm(total=total, desc=f"index {os.fspath(folder)}", unit="img",
+                  dynamic_ncols=True, mininterval=2.0, disable=pid != 0 or not total) as bar:
+            for start in mine:
                 idx = todo[start:start + chunk_size]
                 images, good = [], []
                 for i, im in zip(idx, pool.map(_read_or_reason, [paths[i] for i in idx])):
                     if isinstance(im, str):
                         if on_error == "raise":
-                            raise InputError(im)
-                        skipped.append((paths[i], im))
-                        bar.write(f"skipped: {im}", file=sys.stderr)
+                            if nproc == 1:
+                                raise InputError(im)
+                            error = (i, im)     # raised after the gather, on every process
+                            break
+                        skipped.append((i, im))
+                        if pid == 0:
+                            bar.write(f"skipped: {im}", file=sys.stderr)
                         bar.update(1)
                     else:
                         images.append(im)
                         good.append(i)
+                if error is not None:
+                    break
                 if not images:
                     continue
                 D = extract.describe_images(model, images, spec, batch_size, bucket, bar)
@@ -518,7 +541,14 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                                       model=np.array(key), descriptors=D,
                                       digests=np.array([digests[i] for i in good], dtype=str))
                 known.update(zip([digests[i] for i in good], D))
-                extracted += len(good)
+                rows += good
+                new.append(D)
+    if nproc > 1:
+        skipped, rows, D = _gathered_work(skipped, error, rows, new,
+                                          model.arch.reduction_dim, dtype)
+        known.update(zip([digests[i] for i in rows], D))
+    extracted = len(rows)
+    skipped = [(paths[i], reason) for i, reason in skipped]
     bad = {p for p, _ in skipped}
     keep = [i for i, p in enumerate(paths) if p not in bad]
     if not keep:
@@ -526,20 +556,38 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     X = np.stack([known[digests[i]] for i in keep]).astype(dtype)
     index = Index([paths[i] for i in keep], X, family, str(root), skipped,
                   [digests[i] for i in keep], key, weights)
-    if backend == "auto":
-        backend = "faiss" if len(index) >= FAISS_THRESHOLD and _has_faiss() else "exact"
-    if backend == "faiss":
-        same = (old is not None and getattr(old.backend, "kind", None) == faiss_kind
-                and old.model == key and old.paths == index.paths
-                and old.digests == index.digests)
-        index = (dataclasses.replace(index, backend=old.backend, recall_at_10=old.recall_at_10)
-                 if same else index.with_backend("faiss", kind=faiss_kind))
-    index.save(path)
-    for part in parts.glob("chunk_*.npz"):    # ours: written above or by a killed run
-        part.unlink()
-    if parts.is_dir() and not any(parts.iterdir()):
-        parts.rmdir()
+    failed = None
+    if pid == 0:
+        try:
+            if backend == "auto":
+                backend = ("faiss" if len(index) >= FAISS_THRESHOLD and _has_faiss()
+                           else "exact")
+            if backend == "faiss":
+                same = (old is not None and getattr(old.backend, "kind", None) == faiss_kind
+                        and old.model == key and old.paths == index.paths
+                        and old.digests == index.digests)
+                index = (dataclasses.replace(index, backend=old.backend,
+                                             recall_at_10=old.recall_at_10)
+                         if same else index.with_backend("faiss", kind=faiss_kind))
+            index.save(path)
+            for part in parts.glob("chunk_*.npz"):    # ours: written above or by a killed run
+                part.unlink()
+            if parts.is_dir() and not any(parts.iterdir()):
+                parts.rmdir()
+        except (InputError, OSError) as e:
+            if nproc == 1:
+                raise
+            failed = e
     seconds = time.perf_counter() - t0
+    if nproc > 1:       # waits for process 0's index file; its time is everyone's
+        message, seconds = _gather_json(
+            [None if failed is None else str(failed), seconds] if pid == 0 else None)[0]
+        if failed is not None:
+            raise failed
+        if message is not None:
+            raise InputError(f"process 0 could not write the index: {message}")
+        if pid != 0:
+            index = Index.load(path)
     now = set(index.paths)
     stats = {"images": len(paths), "indexed": len(index), "reused": reused,
              "extracted": extracted, "skipped": len(skipped),
@@ -549,3 +597,57 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
              "seconds": round(seconds, 3),
              "images_per_second": round(extracted / seconds, 3) if extracted else None}
     return index, stats
+
+
+def _gather_json(value) -> list:
+    """Every process's `value` (JSON-encodable), in process order."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = mesh.allgather_rows(np.array([data.size], np.int64))
+    data, out, at = mesh.allgather_rows(data), [], 0
+    for size in sizes:
+        out.append(json.loads(data[at:at + int(size)].tobytes()))
+        at += int(size)
+    return out
+
+
+_DIGEST_WIDTH = 64       # bytes a content digest (32 hex digits) is gathered in
+
+
+def _gathered_digests(paths: list[str], pool) -> list[str]:
+    """Several processes: the content digest of every file of `paths`, in order; file i's
+    computed by process owner(i), then gathered. An unreadable file raises everywhere."""
+    mine = [i for i in range(len(paths)) if mesh.owner(i) == mesh.process_index()]
+    try:
+        digests, error = content_digests([ImageRef(paths[i]) for i in mine], pool), None
+    except InputError as e:
+        digests, error = [], str(e)
+    errors = [e for e in _gather_json(error) if e is not None]
+    if errors:
+        raise InputError(errors[0])
+    assert all(len(d) <= _DIGEST_WIDTH for d in digests)
+    codes = np.array([d.encode() for d in digests], dtype=f"S{_DIGEST_WIDTH}")
+    rows = mesh.allgather_rows(np.asarray(mine, np.int64))
+    codes = mesh.allgather_rows(codes.view(np.uint8).reshape(-1, _DIGEST_WIDTH))
+    out: list = [None] * len(paths)
+    for i, code in zip(rows, np.ascontiguousarray(codes).view(f"S{_DIGEST_WIDTH}")[:, 0]):
+        out[int(i)] = code.decode()
+    assert all(d is not None for d in out)
+    return out
+
+
+def _gathered_work(skipped, error, rows, new, dim: int, dtype: str):
+    """Several processes: every process's skipped files (file index, reason), sorted, and
+    the file indices and descriptors it extracted; the first error (by file index) of any
+    process is raised on all. Process 0 reports the others' skipped files."""
+    found = _gather_json({"skipped": skipped, "error": error})
+    errors = sorted(tuple(f["error"]) for f in found if f["error"] is not None)
+    if errors:
+        raise InputError(errors[0][1])
+    if mesh.process_index() == 0:
+        for f in found[1:]:
+            for _, reason in f["skipped"]:
+                tqdm.write(f"skipped: {reason}", file=sys.stderr)
+    skipped = sorted((int(i), str(r)) for f in found for i, r in f["skipped"])
+    rows = mesh.allgather_rows(np.asarray(rows, np.int64))
+    D = mesh.allgather_rows(np.concatenate(new) if new else np.zeros((0, dim), dtype))
+    return skipped, [int(i) for i in rows], D

@@ -14,7 +14,8 @@ give the same descriptors) and prints the top k per query image, as a table or, 
 --json, one JSON object per query: {"query": ..., "hits": [{"path": ..., "score": ...}]}
 with the scores the final ranking is sorted by. --regions N also searches N regions of the
 query proposed from the network's own activations (scvnet_jax.regions) and merges the hit
-lists by each image's best score; --box searches a crop.
+lists by each image's best score; --box searches a crop. `index --distributed` runs one
+process per host (the same command on each, a filesystem all see) and shares the work.
 """
 from __future__ import annotations
 
@@ -108,6 +109,17 @@ def parser() -> argparse.ArgumentParser:
                     help="the faiss index (default hnsw)")
     ix.add_argument("--chunk_size", type=_positive, default=64,
                     help="new images per saved chunk: a killed run resumes from the last")
+    ix.add_argument("--distributed", action="store_true",
+                    help="call jax.distributed.initialize() first: one process per host, "
+                         "the same command on each, the folder and index on a filesystem "
+                         "all see; the work is shared and process 0 writes the index")
+    ix.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                    help="with --distributed: process 0's address (default: from the "
+                         "cluster environment)")
+    ix.add_argument("--num_processes", type=_positive, default=None,
+                    help="with --distributed: number of processes")
+    ix.add_argument("--process_id", type=_nonnegative, default=None,
+                    help="with --distributed: this process's index")
     _common(ix)
     q = sub.add_parser("query", help="search the index with query images",
                        description="Top-k images of the index for each query image.")
@@ -199,7 +211,7 @@ def _setup(args) -> None:
 
 
 def index_command(args) -> int:
-    from scvnet_jax import search
+    from scvnet_jax import mesh, search
 
     folder = Path(args.folder).expanduser()
     if not folder.is_dir():
@@ -207,6 +219,10 @@ def index_command(args) -> int:
     if Path(args.index).expanduser().is_dir():
         raise InputError(f"--index {args.index}: is a folder; the index is a file")
     weights = _weights_path(args.weights)
+    if args.distributed:        # before anything touches the devices
+        import jax
+        jax.distributed.initialize(args.coordinator_address, args.num_processes,
+                                   args.process_id)
     _setup(args)
     model = _load(weights)
     index, stats = search.update_index(
@@ -214,6 +230,8 @@ def index_command(args) -> int:
         on_error=args.on_error, rebuild=args.rebuild, backend=args.backend,
         faiss_kind=args.faiss_kind, chunk_size=args.chunk_size, batch_size=args.batch_size,
         bucket=args.bucket, workers=args.workers)
+    if mesh.process_index() != 0:
+        return 0
     rate = (f", {stats['images_per_second']:.2f} img/s"
             if stats["images_per_second"] else "")
     print(f"indexed {index.root}: {stats['indexed']} images ({stats['reused']} reused, "

@@ -152,6 +152,19 @@ def test_help(capsys):
     assert "--max_upload_mb" in out and "127.0.0.1" in out
 
 
+def test_index_help_names_the_distributed_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["index", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--distributed", "--coordinator_address", "--num_processes", "--process_id"):
+        assert flag in out, flag
+    with pytest.raises(SystemExit) as e:
+        main(["index", "photos", "--index", "i.index", "--num_processes", "0"])
+    assert e.value.code == 2
+    assert "argument --num_processes: expected an integer >= 1" in capsys.readouterr().err
+
+
 def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, run_module):
     """SIGKILL once two chunks are saved: the same command again extracts only the rest
     and writes the index an uninterrupted run writes."""

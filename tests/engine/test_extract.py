@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 SCRIPT = r"""
 import json, sys
+from pathlib import Path
 import jax, numpy as np
 args = json.loads(sys.argv[1])
 if args["processes"] > 1:
@@ -36,6 +38,16 @@ cand = [ranks[:5, i] for i in range(4)]
 out["scores"] = verify.verification_scores(model, refs[:4], refs, cand, batch_size=2,
                                            bucket=256, feature_bucket=4, key_chunk=2)
 out["ranks"] = ranks
+# the photo indexer on the same 14 images: same chunks, batches and buckets, no new programs
+index, stats = sj.search.update_index(model, args["folder"], args["index"], family="cvnet",
+                                      dtype="float32", backend="exact", chunk_size=3,
+                                      batch_size=2, bucket=256)
+root = Path(args["folder"]).resolve()
+out["index_descriptors"] = index.descriptors
+out["index_paths"] = np.array([str(Path(p).relative_to(root)) for p in index.paths])
+out["index_digests"] = np.array(index.digests)
+out["index_extracted"] = np.array(stats["extracted"])
+print("stats", json.dumps({k: v for k, v in stats.items() if k != "seconds"}, sort_keys=True))
 if jax.process_index() == 0:
     np.savez(args["out"], **out)
 print("ok", jax.process_index(), jax.device_count())
@@ -47,6 +59,14 @@ def images(demo_benchmark):
     """14 demo photographs of 160 px and their 3 scales: one size bucket, so each program
     compiles once per device layout."""
     return sorted(str(p) for p in (demo_benchmark / "demo" / "jpg").glob("*.jpg"))[:14]
+
+
+def _photos(folder, images):
+    """A folder of links to exactly `images` (the demo folder holds others too)."""
+    folder.mkdir()
+    for p in images:
+        (folder / Path(p).name).symlink_to(p)
+    return str(folder)
 
 
 def _run(args, env, repo):
@@ -66,13 +86,19 @@ def _same(a, b):
     np.testing.assert_array_equal(a["ranks"], b["ranks"])
     assert np.array_equal(np.isnan(a["scores"]), np.isnan(b["scores"]))
     np.testing.assert_allclose(a["scores"], b["scores"], atol=2e-6, equal_nan=True)
+    assert a["index_paths"].tolist() == b["index_paths"].tolist()
+    assert a["index_digests"].tolist() == b["index_digests"].tolist()
+    np.testing.assert_allclose(a["index_descriptors"], b["index_descriptors"], atol=2e-6)
+    assert int(a["index_extracted"]) == int(b["index_extracted"]) == 14
 
 
 @pytest.fixture(scope="module")
 def one_device(tmp_path_factory, images, tiny_model_dir, fake_devices_env, repo):
-    out = tmp_path_factory.mktemp("one") / "one.npz"
+    tmp = tmp_path_factory.mktemp("one")
+    out = tmp / "one.npz"
     p = _run(dict(processes=1, devices=1, images=images, weights=str(tiny_model_dir),
-                  out=str(out)), fake_devices_env(8), repo)
+                  out=str(out), folder=_photos(tmp / "photos", images),
+                  index=str(tmp / "photos.index")), fake_devices_env(8), repo)
     assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
     return _load(out)
 
@@ -81,7 +107,8 @@ def test_eight_devices_equal_one(one_device, tmp_path, images, tiny_model_dir,
                                  fake_devices_env, repo):
     out = tmp_path / "eight.npz"
     p = _run(dict(processes=1, devices=8, images=images, weights=str(tiny_model_dir),
-                  out=str(out)), fake_devices_env(8), repo)
+                  out=str(out), folder=_photos(tmp_path / "photos", images),
+                  index=str(tmp_path / "photos.index")), fake_devices_env(8), repo)
     assert p.wait(timeout=900) == 0, p.stdout.read()[-3000:]
     _same(_load(out), one_device)
     assert np.isfinite(one_device["scores"]).sum() == 4 * 5
@@ -94,11 +121,18 @@ def test_two_processes_equal_one(one_device, tmp_path, images, tiny_model_dir,
     the candidates on its 4 devices; all gather everything."""
     out = tmp_path / "two.npz"
     coordinator = f"localhost:{free_port()}"
+    folder, index = _photos(tmp_path / "photos", images), tmp_path / "photos.index"
     procs = [_run(dict(processes=2, process_id=i, coordinator=coordinator, devices=4,
-                       images=images, weights=str(tiny_model_dir), out=str(out)),
+                       images=images, weights=str(tiny_model_dir), out=str(out),
+                       folder=folder, index=str(index)),
                   fake_devices_env(4), repo) for i in (0, 1)]
     codes = [p.wait(timeout=900) for p in procs]
     logs = [p.stdout.read() for p in procs]
     assert codes == [0, 0], "\n".join(x[-3000:] for x in logs)
     assert all("ok" in x and x.strip().endswith(" 8") for x in logs), logs
     _same(_load(out), one_device)
+    # the index: written once (by process 0), its parts removed, the same stats everywhere
+    stats = [[ln for ln in x.splitlines() if ln.startswith("stats ")] for x in logs]
+    assert len(stats[0]) == 1 and stats[0] == stats[1], stats
+    assert json.loads(stats[0][0][len("stats "):])["extracted"] == 14
+    assert index.is_file() and not (tmp_path / "photos.index.parts").exists()
