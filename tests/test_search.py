@@ -333,6 +333,23 @@ def test_search_regions_merges_by_the_best_score(folder, model):
         index.search(model, query, boxes=[(1, 2, 3)])
 
 
+def test_a_repeated_region_query_compiles_nothing(folder, model):
+    """After the first query of its sizes, a region query with SuperGlobal reranking (as
+    the app serves it) runs on compiled programs only."""
+    from jax._src import dispatch, monitoring
+
+    index = sj.search.index_folder(model, folder)
+    query, compiled, counting = index.paths[3], [], []
+    monitoring.register_event_duration_secs_listener(
+        lambda e, s, **k: compiled.append(e) if counting and
+        e == dispatch.BACKEND_COMPILE_EVENT else None)
+    first = index.search_regions(model, query, k=4, regions=2, rerank="superglobal")
+    counting.append(True)
+    again = index.search_regions(model, query, k=4, regions=2, rerank="superglobal")
+    counting.clear()
+    assert again == first and compiled == []
+
+
 def test_faiss_inside_the_index_and_shortlist_search(folder, model, tmp_path):
     """A faiss index is stored inside the index file with its recall@10; with the exact
     faiss kind and a shortlist of everything, search and reranking through the shortlist
