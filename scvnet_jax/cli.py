@@ -16,7 +16,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from scvnet_jax.errors import ScvnetError
+from scvnet_jax.errors import ConfigError, ScvnetError
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
 
@@ -99,9 +99,24 @@ def define_distributed(fv: flags.FlagValues, what: str) -> None:
 
 
 def init_distributed(fv: flags.FlagValues) -> None:
-    if fv.distributed:
-        import jax
-        jax.distributed.initialize(fv.coordinator_address, fv.num_processes, fv.process_id)
+    start_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
+                      fv.process_id)
+
+
+def start_distributed(distributed: bool, coordinator_address=None, num_processes=None,
+                      process_id=None) -> None:
+    """jax.distributed.initialize() with --distributed; the coordinator flags without it
+    are an error (a run meant for several processes would go on as one)."""
+    given = [f"--{name}" for name, v in (("coordinator_address", coordinator_address),
+                                         ("num_processes", num_processes),
+                                         ("process_id", process_id)) if v is not None]
+    if not distributed:
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --distributed (add it, or drop "
+                              f"{'them' if len(given) > 1 else 'it'} for a one-process run)")
+        return
+    import jax
+    jax.distributed.initialize(coordinator_address, num_processes, process_id)
 
 
 # Free space below which the persistent compilation cache stays off: jax writes its

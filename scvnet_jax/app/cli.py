@@ -219,10 +219,8 @@ def index_command(args) -> int:
     if Path(args.index).expanduser().is_dir():
         raise InputError(f"--index {args.index}: is a folder; the index is a file")
     weights = _weights_path(args.weights)
-    if args.distributed:        # before anything touches the devices
-        import jax
-        jax.distributed.initialize(args.coordinator_address, args.num_processes,
-                                   args.process_id)
+    cli.start_distributed(args.distributed, args.coordinator_address, args.num_processes,
+                          args.process_id)     # before anything touches the devices
     _setup(args)
     model = _load(weights)
     index, stats = search.update_index(

@@ -165,6 +165,17 @@ def test_index_help_names_the_distributed_flags(capsys):
     assert "argument --num_processes: expected an integer >= 1" in capsys.readouterr().err
 
 
+def test_coordinator_flags_need_distributed(tmp_path, capsys, one_error_line):
+    """A run meant for several processes does not go on as one: one error line, nothing
+    written."""
+    (tmp_path / "photos").mkdir()
+    assert main(["index", str(tmp_path / "photos"), "--index", str(tmp_path / "i.index"),
+                 "--coordinator_address", "localhost:1234"]) == 2
+    one_error_line(capsys.readouterr().err,
+                   "--coordinator_address: only with --distributed (add it, or drop it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
+
+
 def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, run_module):
     """SIGKILL once two chunks are saved: the same command again extracts only the rest
     and writes the index an uninterrupted run writes."""

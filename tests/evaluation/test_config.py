@@ -28,6 +28,8 @@ import pytest
     (["--pipelines", "csa", "--csa_weights", "/nonexistent/csa"], "/nonexistent/csa"),
     (["--dataset", "roxford"], "--dataset 'roxford': expected one of roxford5k, rparis6k"),
     (["--dataset", "folder:"], "or folder:<data_dir>/<name>"),
+    (["--num_processes", "2", "--process_id", "1"],
+     "--num_processes, --process_id: only with --distributed (add it, or drop them"),
 ])
 def test_bad_values_are_refused_first(tmp_path, capsys, one_error_line, eval_main, args,
                                       expect):
