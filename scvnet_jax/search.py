@@ -70,14 +70,14 @@ def list_images(folder) -> list[Path]:
 
 def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
              batch_size: int = 0, bucket: int = 64, workers: int = 4,
-             desc: str = "describe", scales=None) -> np.ndarray:
+             desc: str = "describe", scales=None, progress: bool = True) -> np.ndarray:
     """Descriptors (N, D), L2-normalised, of image files (paths, or ImageRefs with boxes).
     scales: None (the family's own: three for both), or the family's `scales` option (a
     tuple of factors for cvnet, 1/3/5 or factors for superglobal)."""
     refs = [p if isinstance(p, ImageRef) else ImageRef(str(p)) for p in images]
     spec = extract.spec_of(family, **({} if scales is None else {"scales": scales}))
     return extract.extract(model, refs, spec, batch_size=batch_size, bucket=bucket,
-                           workers=workers, desc=desc)
+                           workers=workers, desc=desc, progress=progress)
 
 
 # Proposed regions are described at one scale (the whole query at the family's three):
@@ -244,8 +244,8 @@ class Index:
         # one query image per device and batch: batches are padded to their full row count,
         # so a lone query at batch_size 8 would cost eight (its scales and regions fall in
         # different size buckets anyway); batch_size is for the database images rerankers read
-        Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, desc="queries",
-                     scales=scales)
+        Q = describe(model, refs, self.family, batch_size=1, bucket=bucket, scales=scales,
+                     progress=False)    # a bar per query would fill the server's log
         if self.backend is not None:     # only the candidates' vectors are read
             return self._search_shortlist(model, Q, refs, k, rerank, opts, shortlist,
                                           {"batch_size": batch_size, "bucket": bucket,

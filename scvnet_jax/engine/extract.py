@@ -189,12 +189,12 @@ def describe_images(model, images, spec, batch_size: int, bucket: int, bar) -> n
 
 def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size: int = 0,
             bucket: int = 64, cache: ChunkCache | None = None, chunk_size: int = 256,
-            workers: int = 4, desc: str = "extract") -> np.ndarray:
+            workers: int = 4, desc: str = "extract", progress: bool = True) -> np.ndarray:
     """Descriptors (N, D) float32 of `refs` with `spec` (CVNetGlobal or SuperGlobal).
 
     batch_size: images per device per batch (0: `batching.default_batch_size`). Every
     process must call this with the same arguments; each computes its share and all
-    return the whole array."""
+    return the whole array. progress: a bar on process 0 (off for a search's queries)."""
     chunk_size = cache.chunk_size if cache is not None else chunk_size
     n = len(refs)
     starts = list(range(0, n, chunk_size))
@@ -202,7 +202,8 @@ def extract(model: RetrievalModel, refs: Sequence[ImageRef], spec, *, batch_size
     total = sum(min(n, starts[c] + chunk_size) - starts[c] for c in mine)
     rows, chunks = [], []
     with tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, mininterval=2.0,
-              disable=mesh.process_index() != 0) as bar, ThreadPoolExecutor(workers) as pool:
+              disable=not progress or mesh.process_index() != 0) as bar, \
+            ThreadPoolExecutor(workers) as pool:
         for c in mine:
             start, stop = starts[c], min(n, starts[c] + chunk_size)
             chunk = sources = None
