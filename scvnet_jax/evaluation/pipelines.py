@@ -133,7 +133,6 @@ def label_protocol(dataset: RevisitopDataset, protocol: str) -> str:
     return protocol if dataset.protocol == "revisitop" else "blind"
 
 
-
 def _reranked(ctx: Context, name: str, reranker: str, first_stage: str, options: dict,
               **inputs) -> PipelineResult:
     """`reranker` (from the registry) on `first_stage`'s ranking, timed."""
