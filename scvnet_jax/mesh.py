@@ -10,6 +10,7 @@ replicated). No pmap: `jax.jit` with NamedShardings (flax examples/gemma style).
 """
 from __future__ import annotations
 
+import json
 import math
 
 import jax
@@ -129,6 +130,18 @@ def allgather_rows(rows: np.ndarray) -> np.ndarray:
     padded[:rows.shape[0]] = rows
     every = np.asarray(multihost_utils.process_allgather(padded))
     return np.concatenate([every[p, :int(c)] for p, c in enumerate(counts)])
+
+
+def allgather_json(value) -> list:
+    """Every process's `value` (anything JSON can encode), in process order; with one
+    process, [value]."""
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    sizes = allgather_rows(np.array([data.size], np.int64))
+    data, out, at = allgather_rows(data), [], 0
+    for size in sizes:
+        out.append(json.loads(data[at:at + int(size)].tobytes()))
+        at += int(size)
+    return out
 
 
 def barrier(name: str) -> None:

@@ -580,7 +580,7 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
             failed = e
     seconds = time.perf_counter() - t0
     if nproc > 1:       # waits for process 0's index file; its time is everyone's
-        message, seconds = _gather_json(
+        message, seconds = mesh.allgather_json(
             [None if failed is None else str(failed), seconds] if pid == 0 else None)[0]
         if failed is not None:
             raise failed
@@ -599,20 +599,6 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     return index, stats
 
 
-def _gather_json(value) -> list:
-    """Every process's `value` (JSON-encodable), in process order."""
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = mesh.allgather_rows(np.array([data.size], np.int64))
-    data, out, at = mesh.allgather_rows(data), [], 0
-    for size in sizes:
-        out.append(json.loads(data[at:at + int(size)].tobytes()))
-        at += int(size)
-    return out
-
-
-_DIGEST_WIDTH = 64       # bytes a content digest (32 hex digits) is gathered in
-
-
 def _gathered_digests(paths: list[str], pool) -> list[str]:
     """Several processes: the content digest of every file of `paths`, in order; file i's
     computed by process owner(i), then gathered. An unreadable file raises everywhere."""
@@ -621,17 +607,14 @@ def _gathered_digests(paths: list[str], pool) -> list[str]:
         digests, error = content_digests([ImageRef(paths[i]) for i in mine], pool), None
     except InputError as e:
         digests, error = [], str(e)
-    errors = [e for e in _gather_json(error) if e is not None]
+    found = mesh.allgather_json({"rows": mine, "digests": digests, "error": error})
+    errors = [f["error"] for f in found if f["error"] is not None]
     if errors:
         raise InputError(errors[0])
-    assert all(len(d) <= _DIGEST_WIDTH for d in digests)
-    codes = np.array([d.encode() for d in digests], dtype=f"S{_DIGEST_WIDTH}")
-    rows = mesh.allgather_rows(np.asarray(mine, np.int64))
-    codes = mesh.allgather_rows(codes.view(np.uint8).reshape(-1, _DIGEST_WIDTH))
     out: list = [None] * len(paths)
-    for i, code in zip(rows, np.ascontiguousarray(codes).view(f"S{_DIGEST_WIDTH}")[:, 0]):
-        out[int(i)] = code.decode()
-    assert all(d is not None for d in out)
+    for f in found:
+        for i, d in zip(f["rows"], f["digests"]):
+            out[i] = d
     return out
 
 
@@ -639,7 +622,7 @@ def _gathered_work(skipped, error, rows, new, dim: int, dtype: str):
     """Several processes: every process's skipped files (file index, reason), sorted, and
     the file indices and descriptors it extracted; the first error (by file index) of any
     process is raised on all. Process 0 reports the others' skipped files."""
-    found = _gather_json({"skipped": skipped, "error": error})
+    found = mesh.allgather_json({"skipped": skipped, "error": error})
     errors = sorted(tuple(f["error"]) for f in found if f["error"] is not None)
     if errors:
         raise InputError(errors[0][1])
