@@ -11,7 +11,6 @@ The speed side of the same choice is timed by benchmarks/app.py.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import numpy as np
@@ -27,7 +26,6 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="cvnet", choices=("cvnet", "superglobal"))
     p.add_argument("--regions", type=int, default=5)
     args = p.parse_args(argv)
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
     import scvnet_jax as sj
     from scvnet_jax import metrics
