@@ -26,7 +26,13 @@ def main(argv=None) -> int:
     p.add_argument("--family", default="cvnet", choices=("cvnet", "superglobal"))
     p.add_argument("--regions", type=int, default=5)
     args = p.parse_args(argv)
+    if args.regions < 1:
+        p.error(f"--regions {args.regions}: expected an integer >= 1")
+    from scvnet_jax import cli
+    return cli.run(lambda: bench(args))     # bad data or weights: one error line, exit 2
 
+
+def bench(args) -> int:
     import scvnet_jax as sj
     from scvnet_jax import metrics
     from scvnet_jax.data.revisitop import load_dataset
