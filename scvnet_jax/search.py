@@ -75,6 +75,7 @@ def describe(model: RetrievalModel, images: Sequence, family: str = "cvnet", *,
     scales: None (the family's own: three for both), or the family's `scales` option (a
     tuple of factors for cvnet, 1/3/5 or factors for superglobal)."""
     refs = [p if isinstance(p, ImageRef) else ImageRef(str(p)) for p in images]
+    scales = _scales(family, scales)
     spec = extract.spec_of(family, **({} if scales is None else {"scales": scales}))
     return extract.extract(model, refs, spec, batch_size=batch_size, bucket=bucket,
                            workers=workers, desc=desc, progress=progress)
@@ -218,6 +219,7 @@ class Index:
         queries = _query_paths(queries)
         refs = [ImageRef(q, b) for q, b in zip(queries, _boxes(boxes, len(queries)))]
         k = _positive_int(k, "k")
+        scales = _scales(self.family, scales)
         if rerank is not None and rerank not in registry.RERANKERS:
             raise InputError(f"rerank must be None or one of {', '.join(registry.names())}, "
                              f"got {rerank!r}")
@@ -299,6 +301,8 @@ class Index:
 
         (query,) = _query_paths(query)
         regions = _positive_int(regions, "regions") if regions else 0
+        region_scales = _scales(self.family, REGION_SCALES[self.family]
+                                if region_scales is None else region_scales)
         im = read_image(ImageRef(query, _boxes([box], 1)[0]))
         found = proposals.propose(model, im, regions, search_options.get("bucket", 64))
         if box is not None:     # regions of the crop, in the image's pixels
@@ -307,8 +311,7 @@ class Index:
         lists = self.search(model, query, k, boxes=[box], **search_options)
         if found:
             lists += self.search(model, [query] * len(found), k, boxes=found,
-                                 scales=REGION_SCALES[self.family] if region_scales is None
-                                 else region_scales, **search_options)
+                                 scales=region_scales, **search_options)
         best: dict = {}
         for hits in lists:
             for h in hits:
@@ -332,6 +335,22 @@ def _positive_int(v, name: str) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
         raise InputError(f"{name} must be an integer >= 1, got {v!r}")
     return int(v)
+
+
+def _scales(family: str, scales):
+    """None, or descriptor scales checked for `family`: positive factors, or for superglobal
+    also 1, 3 or 5 (its official scale lists)."""
+    if scales is None or (family == "superglobal" and not isinstance(scales, bool)
+                          and scales in (1, 3, 5)):
+        return scales
+    try:
+        factors = () if isinstance(scales, str) else tuple(float(v) for v in scales)
+    except (TypeError, ValueError):
+        factors = ()
+    if not factors or not all(0 < v < float("inf") for v in factors):
+        raise InputError(f"scales {scales!r}: expected positive scale factors, e.g. (1.0,)"
+                         + (" or 1, 3, 5" if family == "superglobal" else ""))
+    return factors
 
 
 def _boxes(boxes, n: int) -> list:

@@ -1,6 +1,7 @@
 """scvnet_jax.search on a few demo-benchmark images with the bundled demo model."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -331,6 +332,21 @@ def test_search_regions_merges_by_the_best_score(folder, model):
     assert crop != index.search(model, query, k=3)[0]
     with pytest.raises(InputError, match="expected four numbers"):
         index.search(model, query, boxes=[(1, 2, 3)])
+
+
+@pytest.mark.parametrize("scales", ["1.0", (), (1.0, -2.0), (float("nan"),), 3, [[1.0]]])
+def test_bad_descriptor_scales_are_one_error(folder, model, scales):
+    """Query and region scales are checked before any image is read or described."""
+    query = sorted(folder.rglob("*.jpg"))[0]
+    index = sj.search.Index([str(query)], np.ones((1, 256), np.float32), "cvnet")
+    for call in (lambda: index.search(model, query, scales=scales),
+                 lambda: index.search_regions(model, query, region_scales=scales),
+                 lambda: sj.search.describe(model, [query], "cvnet", scales=scales)):
+        with pytest.raises(InputError, match="expected positive scale factors"):
+            call()
+    sg = dataclasses.replace(index, family="superglobal")
+    with pytest.raises(InputError, match="or 1, 3, 5"):
+        sg.search(model, query, scales=(0.0,))
 
 
 def test_a_repeated_region_query_compiles_nothing(folder, model):
