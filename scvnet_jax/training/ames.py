@@ -158,8 +158,10 @@ class PairTransform(Records, grain.transforms.RandomMap):
 
     def __init__(self, ts: TrainingSet, bank_dir: str, query_len, db_len,
                  positive_fraction: float, hard_ratio, curriculum_steps: int,
-                 global_batch: int, subset: str = "top", n_train: int | None = None):
+                 global_batch: int, subset: str = "top", n_train: int | None = None,
+                 same_image: float = 0.0):
         super().__init__(ts)
+        self.same_image = float(same_image)
         self.n_train = int(ts.num_examples if n_train is None else n_train)
         self.bank_dir = str(bank_dir)
         self.query_len, self.db_len = tuple(int(v) for v in query_len), tuple(
@@ -178,9 +180,10 @@ class PairTransform(Records, grain.transforms.RandomMap):
             self._bank = Bank(self.bank_dir)
         return self._bank
 
-    def _side(self, i: int, lim: tuple[int, int], rng: np.random.Generator):
+    def _side(self, i: int, lim: tuple[int, int], rng: np.random.Generator,
+              view: int | None = None):
         bank = self.bank()
-        desc, n = bank.get(i, int(rng.integers(0, bank.views)))
+        desc, n = bank.get(i, int(rng.integers(0, bank.views)) if view is None else view)
         keep = min(int(rng.integers(lim[0], lim[1] + 1)), n)
         out = np.zeros((lim[1], desc.shape[1]), np.float32)
         if self.subset == "random":     # a random subset of the real rows, in weight order
@@ -197,9 +200,13 @@ class PairTransform(Records, grain.transforms.RandomMap):
         label = self.ts_label(index)
         lo, hi = self.class_range(index, label)
         hard = False
+        views = None
         if rng.random() < self.positive_fraction:
             target = 1
             other = index if hi - lo == 1 else self.other_in(lo, hi, index, rng)
+            if self.same_image and rng.random() < self.same_image and self.bank().views > 1:
+                other = index           # two views of one image: content they share
+                views = [int(v) for v in rng.choice(self.bank().views, 2, replace=False)]
         else:
             target = 0
             other = None
@@ -212,8 +219,8 @@ class PairTransform(Records, grain.transforms.RandomMap):
                 n = self.n_train
                 j = int(rng.integers(0, n - (hi - lo)))
                 other = j + (hi - lo) * (j >= lo)
-        q, qm = self._side(index, self.query_len, rng)
-        d, dm = self._side(other, self.db_len, rng)
+        q, qm = self._side(index, self.query_len, rng, None if views is None else views[0])
+        d, dm = self._side(other, self.db_len, rng, None if views is None else views[1])
         return {"q": q, "q_mask": qm, "d": d, "d_mask": dm, "label": np.int32(target),
                 "hard": np.bool_(hard)}
 
@@ -223,6 +230,57 @@ class PairTransform(Records, grain.transforms.RandomMap):
 
 def _with_position(position: int, index: int) -> tuple[int, int]:
     return position, index        # module level: grain transforms must pickle
+
+
+INITS = ("random", "matching")
+
+
+def pca_projection(bank: "Bank", n_images: int, model_dim: int, *, max_rows: int = 200_000
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(kernel (local_dim, model_dim), bias (model_dim,)) of remap_local's first Linear as
+    the principal directions of the L2-normalised local descriptors of the first `n_images`
+    bank images (view 0, real rows; at most `max_rows`, evenly spaced): tokens start as
+    the descriptors' coordinates in the top `model_dim` directions, centred, so that the
+    projection keeps what tells descriptors apart instead of a random subspace of it."""
+    rows = []
+    for i in range(n_images):
+        d, n = bank.get(i, 0)
+        rows.append(np.asarray(d[:n], np.float64))
+    x = np.concatenate(rows)
+    if len(x) > max_rows:
+        x = x[np.linspace(0, len(x) - 1, max_rows).astype(np.int64)]
+    x /= np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    mean = x.mean(0)
+    _, sv, vt = np.linalg.svd(x - mean, full_matrices=False)
+    k = min(model_dim, len(sv))
+    kernel = np.zeros((x.shape[1], model_dim))
+    kernel[:, :k] = vt[:k].T
+    for j in range(k):                        # a deterministic sign: largest entry positive
+        if kernel[np.argmax(np.abs(kernel[:, j])), j] < 0:
+            kernel[:, j] *= -1
+    return kernel.astype(np.float32), (-(mean @ kernel)).astype(np.float32)
+
+
+def matching_init(params, arch, kernel, bias):
+    """`ames.init = "matching"`: params (from the official initialisation) with remap_local's
+    projection the descriptors' principal directions (`pca_projection`; a binarized model's
+    W, which then gives sign bits of them) and every attention's query and key projections
+    the identity (value and output projections as initialised), so that from the first
+    step attention weighs tokens by the similarity of their descriptors: cross-attention
+    starts as descriptor matching instead of having to learn it from the pairs."""
+    params = flax.core.unfreeze(jax.tree.map(np.asarray, params))
+    if arch.binarized:
+        params["remap_local_0"] = {"W": kernel}
+    else:
+        params["remap_local_0"] = {"kernel": kernel, "bias": bias}
+    d = arch.model_dim
+    for layer in params["decoder"].values():
+        for att in ("self_attn", "cross_attn"):
+            w = np.array(layer[att]["in_proj_weight"])
+            w[:d] = np.eye(d, dtype=w.dtype)
+            w[d:2 * d] = np.eye(d, dtype=w.dtype)
+            layer[att]["in_proj_weight"] = w
+    return jax.tree.map(jnp.asarray, params)
 
 
 def split(ts, holdout_classes: int) -> int:
@@ -245,7 +303,7 @@ def pair_dataset(ts: TrainingSet, bank_dir, cfg, *, process_index: int = 0,
     n_train = split(ts, int(a.get("holdout_classes", 0)))
     t = PairTransform(ts, bank_dir, a.query_len, a.db_len, a.positive_fraction,
                       a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size),
-                      a.get("subset", "top"), n_train)
+                      a.get("subset", "top"), n_train, float(a.get("same_image", 0.0)))
     ds = (grain.MapDataset.range(n_train).shuffle(seed=cfg.seed).repeat(None)
           .map_with_index(_with_position).random_map(t, seed=cfg.seed))
     return process_batches(ds, int(cfg.batch_size), process_index, process_count)
@@ -360,6 +418,14 @@ def check_config(cfg) -> None:
     if a.teacher and not a.binarized:
         raise ConfigError("config.ames.teacher is for a binarized student "
                           "(config.ames.binarized = True)")
+    if a.init not in INITS:
+        raise ConfigError(f"config.ames.init = {a.init!r}: expected one of {INITS}")
+    if not 0.0 <= float(a.same_image) <= 1.0:
+        raise ConfigError(f"config.ames.same_image = {a.same_image}: expected a probability")
+    if float(a.same_image) > 0 and int(a.bank_views) < 2:
+        raise ConfigError(f"config.ames.same_image = {a.same_image} needs two views of each "
+                          f"image in the bank (config.ames.bank_views >= 2, got "
+                          f"{a.bank_views})")
     s = tuple(a.scales)
     if not s or not all(float(x) > 0 for x in s):
         raise ConfigError(f"config.ames.scales = {s}: expected positive scale factors")
@@ -432,6 +498,13 @@ class Task(_Task):
                 raise ConfigError(f"config.init_from = {self.cfg.init_from}: holds "
                                   f"{start.arch}, the config asks for {self.arch}")
             params = jax.tree.map(jnp.asarray, start.variables["params"])
+        elif self.cfg.ames.init == "matching":
+            a = self.arch
+            params = init_state(self.cfg, a, jax.random.PRNGKey(self.cfg.seed)).params
+            kernel, bias = pca_projection(Bank(self.bank()),
+                                          split(self.ts, self.cfg.ames.holdout_classes),
+                                          a.model_dim)
+            params = matching_init(params, a, kernel, bias)
         return self.init(jax.random.PRNGKey(self.cfg.seed), params, self._teacher_params())
 
     def bank(self) -> Path:

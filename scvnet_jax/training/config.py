@@ -124,6 +124,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ames.subset = "top"            # which rows: "top" (the strongest, as at test time) or
                                      # "random" (a random subset of the image's rows)
     c.ames.model_dim = 128
+    c.ames.init = "random"           # "random" (the official initialisation) or "matching"
+                                     # (training.ames.matching_init: PCA projection, identity
+                                     # query/key projections)
     c.ames.nhead = 2
     c.ames.num_encoder_layers = 5
     c.ames.dim_feedforward = 1024
@@ -132,6 +135,7 @@ def default_config() -> ml_collections.ConfigDict:
                                      # distil from ("" = no distillation)
     c.ames.distill_weight = 1.0      # loss = BCE(label) + w x BCE(sigmoid(teacher logit))
     c.ames.positive_fraction = 0.5   # P(candidate is another image of the query's landmark)
+    c.ames.same_image = 0.0          # P(a positive is another bank view of the query image)
     c.ames.hard_ratio = (0.5, 0.5)   # P(a negative is hard), ramped start -> end
     c.ames.bank_k = 20               # hard negatives per image (top-ranked other landmarks)
     c.ames.bank_batch_size = 8       # images per device while describing the training set

@@ -97,6 +97,89 @@ def test_pairs_follow_their_definition(tmp_path):
                                                                 cfg)[3]["label"])
 
 
+def test_same_image_positives_are_two_views_of_the_query_image(tmp_path):
+    """`ames.same_image`: that fraction of positives pairs two different bank views of the
+    query's own image (content they surely share); the rest as before."""
+    from scvnet_jax import files
+    from scvnet_jax.training.ames import PairTransform
+
+    rng = np.random.default_rng(0)
+    bank = tmp_path / "bank"
+    bank.mkdir()
+    desc = rng.normal(size=(20, 3, 5, 4)).astype(np.float16)      # 3 views per image
+    files.atomic_save_npz(bank / "local_00000.npz", desc=desc,
+                          length=np.full((20, 3), 5, np.int32))
+    labels = np.arange(20) // 4
+    np.save(bank / "labels.npy", labels)
+    np.save(bank / "hard.npy", np.full((20, 1), -1, np.int32))
+    (bank / "done.json").write_text("{}")
+
+    def source(rows):           # (image, view) of a pair side's rows
+        return [(i, v) for i in range(20) for v in range(3)
+                if np.array_equal(desc[i, v].astype(np.float32), rows)]
+
+    for frac, expect in ((1.0, "same"), (0.0, "other")):
+        t = PairTransform(_TS(), bank, (5, 5), (5, 5), 1.0, (0.0, 0.0), 10, 4,
+                          same_image=frac)
+        for pos in range(40):
+            out = t.random_map((pos, pos % 20), rng)
+            (qi, qv), = source(out["q"])
+            (di, dv), = source(out["d"])
+            assert int(out["label"]) == 1 and qi == pos % 20 and labels[di] == labels[qi]
+            if expect == "same":
+                assert di == qi and dv != qv
+            else:
+                assert di != qi
+
+
+def test_matching_init_starts_attention_as_descriptor_matching(tmp_path):
+    """`ames.init = "matching"`: remap_local's projection is the bank descriptors' principal
+    directions (centred), every attention's query/key projection the identity; the rest is
+    the official initialisation. A binarized model gets the directions as its W."""
+    import jax
+
+    from scvnet_jax.training.ames import (Bank, ames_arch, init_state, matching_init,
+                                          pca_projection)
+    from scvnet_jax.training.config import default_config
+
+    desc, length, _, _ = _bank(tmp_path / "bank", topk=6, dim=8)
+    kernel, bias = pca_projection(Bank(tmp_path / "bank"), 20, 4)
+    rows = np.concatenate([desc[i, :n].astype(np.float64) for i, n in enumerate(length)])
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    cov = np.cov(rows.T, bias=True)
+    w, v = np.linalg.eigh(cov)
+    top = v[:, ::-1][:, :4]
+    assert kernel.shape == (8, 4) and bias.shape == (4,)
+    np.testing.assert_allclose(np.abs(kernel.T @ top), np.eye(4), atol=1e-5)
+    np.testing.assert_allclose(bias, -rows.mean(0) @ kernel, atol=1e-6)
+    # a projection wider than the descriptors keeps them all, the rest zero
+    wide, _ = pca_projection(Bank(tmp_path / "bank"), 20, 10)
+    assert wide.shape == (8, 10) and not wide[:, 8:].any()
+
+    cfg = default_config()
+    cfg.ames.update(model_dim=4, nhead=2, num_encoder_layers=2, dim_feedforward=8,
+                    query_len=(3, 3), db_len=(3, 3), topk=6)
+    for binarized in (False, True):
+        cfg.ames.binarized = binarized
+        arch = ames_arch(cfg, 8)
+        start = init_state(cfg, arch, jax.random.PRNGKey(0)).params
+        p = matching_init(start, arch, kernel, bias)
+        assert jax.tree.structure(p) == jax.tree.structure(start)
+        if binarized:
+            np.testing.assert_array_equal(p["remap_local_0"]["W"], kernel)
+        else:
+            np.testing.assert_array_equal(p["remap_local_0"]["kernel"], kernel)
+            np.testing.assert_array_equal(p["remap_local_0"]["bias"], bias)
+        for name, layer in p["decoder"].items():
+            for att in ("self_attn", "cross_attn"):
+                w = np.asarray(layer[att]["in_proj_weight"])
+                np.testing.assert_array_equal(w[:4], np.eye(4))
+                np.testing.assert_array_equal(w[4:8], np.eye(4))
+                np.testing.assert_array_equal(
+                    w[8:], np.asarray(start["decoder"][name][att]["in_proj_weight"])[8:])
+        np.testing.assert_array_equal(p["classifier"]["kernel"], start["classifier"]["kernel"])
+
+
 def test_train_step_learns_a_separable_toy_task():
     """The step (training-mode forward, BCE, AdamW) separates pairs whose descriptors share
     a direction from pairs that do not, and metrics are consistent."""
@@ -214,3 +297,20 @@ def test_stage4_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_erro
     assert r.returncode == 2
     one_error_line(r.stderr, "stage 4 (AMES) needs --config.ames.model")
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init", "pca", "config.ames.init = 'pca': expected one of ('random', 'matching')"),
+    ("same_image", 1.5, "config.ames.same_image = 1.5: expected a probability"),
+    ("same_image", 0.5, "needs two views of each image in the bank"),
+])
+def test_stage4_config_errors(field, value, message):
+    from scvnet_jax.errors import ConfigError
+    from scvnet_jax.training.ames import check_config
+    from scvnet_jax.training.config import default_config
+
+    cfg = default_config()
+    cfg.stage, cfg.ames.model, cfg.ames.bank_views = 4, "demo", 1
+    cfg.ames[field] = value
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_config(cfg)
