@@ -31,11 +31,23 @@ from pathlib import Path
 
 import numpy as np
 
+
+
+def _demo_size() -> dict:
+    """configs/ames_demo.py's model on the demo model's 256-d descriptors (read from the
+    config, so the benchmark follows it)."""
+    from scvnet_jax.configs import ames_demo
+    a = ames_demo.get_config().ames
+    return dict(local_dim=256, model_dim=int(a.model_dim), nhead=int(a.nhead),
+                num_encoder_layers=int(a.num_encoder_layers),
+                dim_feedforward=int(a.dim_feedforward), query_len=int(a.topk),
+                db_len=int(a.topk))
+
+
 SIZES = {
     "r101": dict(local_dim=1024, model_dim=128, nhead=2, num_encoder_layers=5,
                  dim_feedforward=1024, query_len=600, db_len=50),
-    "demo": dict(local_dim=256, model_dim=32, nhead=2, num_encoder_layers=1,
-                 dim_feedforward=128, query_len=64, db_len=64),        # configs/ames_demo.py
+    "demo": _demo_size(),
 }
 
 
