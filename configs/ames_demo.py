@@ -37,7 +37,8 @@ lose 0.2 to 4.7 points):
     The demo's other images of a landmark are independent crops of a tile that can share
     no content at all, so as positives they teach "same photograph", not "same content",
     which is what separates a benchmark query's views from other tiles of its photograph.
-  * 1500 steps (600 left the seeds between -0.5 and +1.7 Medium points).
+  * 1500 steps (with 600, the same seeds moved Medium by -0.5 to +2.6 points, top 100
+    re-ranked blind).
 A training-free baseline shows what the descriptors hold: scoring pairs by the mean over
 query descriptors of their best cosine in the database image (chamfer) gives Medium 66.2
 alone on the same 64 descriptors; the trained AMES alone gives 38-46, fused with the
