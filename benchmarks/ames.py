@@ -32,7 +32,6 @@ from pathlib import Path
 import numpy as np
 
 
-
 def _demo_size() -> dict:
     """configs/ames_demo.py's model on the demo model's 256-d descriptors (read from the
     config, so the benchmark follows it)."""

@@ -219,8 +219,9 @@ class PairTransform(Records, grain.transforms.RandomMap):
                 n = self.n_train
                 j = int(rng.integers(0, n - (hi - lo)))
                 other = j + (hi - lo) * (j >= lo)
-        q, qm = self._side(index, self.query_len, rng, None if views is None else views[0])
-        d, dm = self._side(other, self.db_len, rng, None if views is None else views[1])
+        q_view, d_view = views or (None, None)
+        q, qm = self._side(index, self.query_len, rng, q_view)
+        d, dm = self._side(other, self.db_len, rng, d_view)
         return {"q": q, "q_mask": qm, "d": d, "d_mask": dm, "label": np.int32(target),
                 "hard": np.bool_(hard)}
 
