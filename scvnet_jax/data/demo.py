@@ -198,6 +198,17 @@ def _encode(im: np.ndarray) -> bytes:
 BENCHMARK_KINDS = (("easy", 3), ("hard", 3), ("junk", 1))
 
 
+def instance_views(photos: dict[str, np.ndarray], inst: Instance, rng: np.random.Generator
+                   ) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
+    """One instance's benchmark views, drawn in the benchmark's order: ({kind: views} for
+    BENCHMARK_KINDS, the query view). `photos`: name -> BGR image (`read_photo`)."""
+    views = {}
+    for kind, n in BENCHMARK_KINDS:
+        views[kind] = [make_view(photos[inst.photos[j % len(inst.photos)]], inst.box,
+                                 VIEWS[kind], rng) for j in range(n)]
+    return views, make_view(photos[inst.photos[0]], inst.box, VIEWS["query"], rng)
+
+
 def build_benchmark(data_dir, name: str = "demo") -> Path:
     """Writes the held-out benchmark to `<data_dir>/<name>/` (revisitop layout) unless it is
     already there and complete; returns that folder. Deterministic."""
@@ -210,13 +221,11 @@ def build_benchmark(data_dir, name: str = "demo") -> Path:
     insts = instances(BENCHMARK_PHOTOS)
     images, queries, kinds = {}, {}, []   # kinds: (instance index, kind) per db image
     for i, inst in enumerate(insts):
-        for kind, n in BENCHMARK_KINDS:
-            for j in range(n):
-                photo = photos[inst.photos[j % len(inst.photos)]]
-                images[f"{inst.name}_{kind}{j}"] = make_view(photo, inst.box, VIEWS[kind], rng)
+        views, queries[f"{inst.name}_query"] = instance_views(photos, inst, rng)
+        for kind, _ in BENCHMARK_KINDS:
+            for j, im in enumerate(views[kind]):
+                images[f"{inst.name}_{kind}{j}"] = im
                 kinds.append((i, kind))
-        queries[f"{inst.name}_query"] = make_view(photos[inst.photos[0]], inst.box,
-                                                  VIEWS["query"], rng)
     # database order is shuffled so that a ranking by file order means nothing
     order = rng.permutation(len(images))
     names = list(images)

@@ -32,6 +32,17 @@ def test_demo_benchmark_is_deterministic_and_loads(tmp_path):
         assert len(g["easy"]) == 3 and len(g["hard"]) == 3 and len(g["junk"]) == 1
     all_db = np.concatenate([np.concatenate([g["easy"], g["hard"], g["junk"]]) for g in ds.gnd])
     assert sorted(all_db.tolist()) == list(range(ds.n_db))
+    # instance_views (benchmarks/context_signal.py draws training-tile views with it) is
+    # the benchmark's own recipe: the first instance's views are the files, byte for byte
+    photos = {n: demo.read_photo(n, p) for n, p in demo.BENCHMARK_PHOTOS.items()}
+    inst = demo.instances(demo.BENCHMARK_PHOTOS)[0]
+    views, query = demo.instance_views(photos, inst,
+                                       np.random.default_rng(demo.BENCHMARK_SEED))
+    assert demo._encode(query) == (a / "jpg" / f"{inst.name}_query.jpg").read_bytes()
+    for kind, n in demo.BENCHMARK_KINDS:
+        assert len(views[kind]) == n
+        for j, im in enumerate(views[kind]):
+            assert demo._encode(im) == (a / "jpg" / f"{inst.name}_{kind}{j}.jpg").read_bytes()
 
 
 def test_demo_photo_hash_is_checked(monkeypatch):
