@@ -39,7 +39,7 @@ import numpy as np
 def views(seed: int):
     """(db images, query images, gnd) of benchmark-recipe views of every training tile."""
     from scvnet_jax.data import demo
-    photos = {n: demo.read_photo(n, p) for n, p in demo.TRAIN_PHOTOS.items()}
+    photos = demo.read_photos(demo.TRAIN_PHOTOS)
     db, queries, owner = [], [], []
     for label, inst in enumerate(demo.train_instances()):
         rng = np.random.default_rng([seed, label])
@@ -76,11 +76,14 @@ def main(argv=None) -> int:
                     "is another; training views are yet others)")
     ap.add_argument("--json", help="also write the table here")
     args = ap.parse_args(argv)
+    if args.topk < 2:
+        print(f"error: --topk {args.topk}: expected an integer >= 2", file=sys.stderr)
+        return 2
 
     import scvnet_jax as sj
     from tqdm import tqdm
     from scvnet_jax import metrics
-    from scvnet_jax.engine import extract, local
+    from scvnet_jax.engine import extract, local, search
     from scvnet_jax.errors import ScvnetError
 
     try:
@@ -94,8 +97,8 @@ def main(argv=None) -> int:
     with tqdm(total=len(db) + len(qs), desc=args.family, unit="img") as bar:
         X = extract.describe_images(model, db, spec, 16, 64, bar)
         Q = extract.describe_images(model, qs, spec, 16, 64, bar)
-    S = Q @ X.T
-    ranks = np.argsort(-S, 1, kind="stable").T
+    sim, ranks = search.rank(X, Q)
+    S = sim.T
     k = min(args.topk, X.shape[0])
     G = X @ X.T
 
@@ -114,7 +117,7 @@ def main(argv=None) -> int:
     rows = {"first stage": ranks}
     rows["alpha-QE (k 2, alpha 1)"] = sj.rerank.alpha_qe(X, Q, ranks, k=2, alpha=1.0)
     Xd = sj.rerank.dba(X, k=2, alpha=1.0)
-    rows["DBA (k 2, alpha 1)"] = np.argsort(-(Q @ Xd.T), 1, kind="stable").T
+    rows["DBA (k 2, alpha 1)"] = search.rank(Xd, Q)[1]
     for m, lam in ((3, 0.5), (5, 0.2), (5, 1.0)):
         rows[f"qe m {m}, weight {lam}"] = rescore(S, ranks, k, qe(m, lam))
     for lam in (0.01, 0.03, 0.1):

@@ -186,7 +186,8 @@ def photometric(im: np.ndarray, s: Strength, rng: np.random.Generator) -> np.nda
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def _photos(table: dict) -> dict[str, np.ndarray]:
+def read_photos(table: dict) -> dict[str, np.ndarray]:
+    """name -> BGR image of every photograph of `table` (TRAIN_PHOTOS, BENCHMARK_PHOTOS)."""
     return {name: read_photo(name, photo) for name, photo in table.items()}
 
 
@@ -201,7 +202,7 @@ BENCHMARK_KINDS = (("easy", 3), ("hard", 3), ("junk", 1))
 def instance_views(photos: dict[str, np.ndarray], inst: Instance, rng: np.random.Generator
                    ) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
     """One instance's benchmark views, drawn in the benchmark's order: ({kind: views} for
-    BENCHMARK_KINDS, the query view). `photos`: name -> BGR image (`read_photo`)."""
+    BENCHMARK_KINDS, the query view). `photos`: name -> BGR image (`read_photos`)."""
     views = {}
     for kind, n in BENCHMARK_KINDS:
         views[kind] = [make_view(photos[inst.photos[j % len(inst.photos)]], inst.box,
@@ -216,7 +217,7 @@ def build_benchmark(data_dir, name: str = "demo") -> Path:
     gnd_path = root / f"gnd_{name}.pkl"
     if gnd_path.is_file():
         return root
-    photos = _photos(BENCHMARK_PHOTOS)
+    photos = read_photos(BENCHMARK_PHOTOS)
     rng = np.random.default_rng(BENCHMARK_SEED)
     insts = instances(BENCHMARK_PHOTOS)
     images, queries, kinds = {}, {}, []   # kinds: (instance index, kind) per db image
@@ -253,7 +254,7 @@ def build_benchmark(data_dir, name: str = "demo") -> Path:
 
 def training_examples() -> Iterator[tuple[int, str, int, bytes]]:
     """(label, image id, instance index, JPEG bytes) of every training image, label-sorted."""
-    photos = _photos(TRAIN_PHOTOS)
+    photos = read_photos(TRAIN_PHOTOS)
     for label, inst in enumerate(train_instances()):
         # one generator per instance: adding instances later leaves the others unchanged
         rng = np.random.default_rng([TRAIN_SEED, label])

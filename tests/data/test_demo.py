@@ -34,7 +34,7 @@ def test_demo_benchmark_is_deterministic_and_loads(tmp_path):
     assert sorted(all_db.tolist()) == list(range(ds.n_db))
     # instance_views (benchmarks/context_signal.py draws training-tile views with it) is
     # the benchmark's own recipe: the first instance's views are the files, byte for byte
-    photos = {n: demo.read_photo(n, p) for n, p in demo.BENCHMARK_PHOTOS.items()}
+    photos = demo.read_photos(demo.BENCHMARK_PHOTOS)
     inst = demo.instances(demo.BENCHMARK_PHOTOS)[0]
     views, query = demo.instance_views(photos, inst,
                                        np.random.default_rng(demo.BENCHMARK_SEED))
