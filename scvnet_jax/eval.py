@@ -12,8 +12,9 @@ DATA/roxford5k/gnd_roxford5k.pkl and DATA/roxford5k/jpg/. `--dataset gldv2_retri
 `python -m scvnet_jax.data.build folder` (one setting, "all": no hard or junk labels).
 Runs the pipelines cvnet_global, cvnet_rerank, superglobal_global and superglobal_rerank
 (exactly as the official CVNet and SuperGlobal test scripts), prints mAP and mP@k per
-pipeline, and writes results.json plus results_ranks.npz beside it. Descriptors are
-cached (see --cache_dir), so an interrupted run resumes where it stopped.
+pipeline, and writes results/<dataset>/results.json plus results_ranks.npz beside it
+(--output). Descriptors are cached (see --cache_dir), so an interrupted run resumes where
+it stopped.
 
 Settings come from an ml_collections config (--config; default: configs/eval_revisitop.py,
 or configs/eval_demo.py with --dataset demo; any field can be set with
@@ -111,7 +112,8 @@ def _define(fv, argv):
       "database (+R1M)", flag_values=fv)
     s("distractors_dir", None, "folder the distractor paths are relative to (default: the "
       "list's folder)", flag_values=fv)
-    s("output", None, "results JSON (default: results.json); ranks go to <stem>_ranks.npz",
+    s("output", None, "results JSON (default: results/{dataset}/results.json, {dataset} "
+      "being the dataset's name; results/ is ignored by git); ranks go to <stem>_ranks.npz",
       flag_values=fv)
     s("cache_dir", None, "descriptor cache (default: ~/.cache/scvnet_jax); '' disables it",
       flag_values=fv)
@@ -168,7 +170,7 @@ def load_model(weights: str, dataset: str, dtype):
 
 
 def run(cfg) -> int:
-    from scvnet_jax.evaluation.config import default_cache_dir, validate
+    from scvnet_jax.evaluation.config import default_cache_dir, output_path, validate
 
     validate(cfg)                             # before any work (and before JAX loads)
     import jax
@@ -234,7 +236,7 @@ def run(cfg) -> int:
     extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
              "superglobal_rerank": dict(cfg.superglobal.rerank),
              **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
-    out, ranks = report.write(results, cfg.ks, meta, cfg.output, extra)
+    out, ranks = report.write(results, cfg.ks, meta, output_path(cfg), extra)
     print(f"wrote {out} and {ranks} in {time.time() - t0:.0f} s")
     if cfg.save_visuals:
         paths = visuals.save_all(cfg.save_visuals, results, dataset.query_images(),

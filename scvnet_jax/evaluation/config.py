@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import ml_collections
@@ -74,7 +75,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.distractors = ""       # revisitop1m.txt (one image path per line) for +R1M
     c.distractors_dir = ""   # folder those paths are relative to (default: the list's folder)
 
-    c.output = "results.json"
+    # results JSON ({dataset}: the dataset's name, e.g. demo, roxford5k+R1M, my_photos for
+    # folder:tfds/my_photos); the rankings go beside it, <stem>_ranks.npz
+    c.output = "results/{dataset}/results.json"
     c.cache_dir = default_cache_dir()  # "" disables caching
     c.save_visuals = ""
     c.visuals_topn = 10
@@ -167,8 +170,10 @@ def validate(cfg) -> None:
                                        for s in cfg.cvnet.scales):
         raise ConfigError(f"config.cvnet.scales = {list(cfg.cvnet.scales)}: expected "
                           "positive numbers")
-    out = Path(cfg.output).expanduser()
-    if not cfg.output or out.is_dir():
+    if not isinstance(cfg.output, str) or not cfg.output:
+        raise ConfigError(f"--output {cfg.output!r}: expected a file path for the results JSON")
+    out = output_path(cfg)
+    if out.is_dir():
         raise ConfigError(f"--output {cfg.output!r}: expected a file path for the results JSON"
                           + (" (this is a directory)" if cfg.output else ""))
     if out.exists() and not _is_our_results(out):
@@ -180,6 +185,19 @@ def validate(cfg) -> None:
     if cfg.cache_dir and Path(cfg.cache_dir).expanduser().exists() and not Path(
             cfg.cache_dir).expanduser().is_dir():
         raise ConfigError(f"--cache_dir {cfg.cache_dir}: exists and is not a directory")
+
+
+def output_path(cfg) -> Path:
+    """Where the results JSON goes: `cfg.output` with {dataset} replaced by the dataset's
+    name (the folder name of folder:<dir>/<name>; +R1M with distractors)."""
+    name = str(cfg.dataset)
+    if name.startswith("folder:"):
+        name = Path(name[len("folder:"):].rstrip("/")).name or "folder"
+    name = re.sub(r"[^A-Za-z0-9_.+-]", "_", name) + ("+R1M" if cfg.distractors else "")
+    if "{" in cfg.output.replace("{dataset}", ""):
+        raise ConfigError(f"--output {cfg.output!r}: the only placeholder it may hold is "
+                          "{dataset}")
+    return Path(cfg.output.replace("{dataset}", name)).expanduser()
 
 
 def _is_our_results(path) -> bool:

@@ -98,7 +98,8 @@ def test_installed_wheel_works_from_any_directory(tmp_path, demo_tfds, repo):
                        capture_output=True, text=True, cwd=work, env=env)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "cvnet_global (protocol: label-free)" in r.stdout
-    assert (work / "results.json").is_file()
+    assert (work / "results" / "demo" / "results.json").is_file()   # not loose in the cwd
+    assert not (work / "results.json").exists()
 
 
 @pytest.mark.parametrize("module, args", [

@@ -70,7 +70,7 @@ def test_the_readme_tutorial_runs_on_a_small_tree(tmp_path, repo):
     # both stages wrote a model; the evaluation ran every default pipeline on one setting
     assert (tmp_path / "runs" / "mine" / "model" / "config.json").is_file()
     assert (tmp_path / "runs" / "mine_rerank" / "model" / "config.json").is_file()
-    res = json.loads((tmp_path / "results.json").read_text())
+    res = json.loads((tmp_path / "results" / "my_photos" / "results.json").read_text())
     assert set(res) >= {"cvnet_global", "cvnet_rerank", "superglobal_global",
                         "superglobal_rerank"}
     for name, r in res.items():
@@ -81,7 +81,7 @@ def test_the_readme_tutorial_runs_on_a_small_tree(tmp_path, repo):
     ev = next(v for k, v in out.items() if "eval.py" in k)
     assert "all " in ev and "one setting" in ev
     # the rerankers, CSA and AMES trained on the same set (stages 3 and 4)
-    rr = json.loads((tmp_path / "rerankers.json").read_text())
+    rr = json.loads((tmp_path / "results" / "my_photos" / "rerankers.json").read_text())
     assert set(rr) == {"superglobal_global", "icfrr", "alpha_qe", "dba", "csa", "ames"}
     assert all(set(r["mAP"]) == {"all"} for r in rr.values())
     assert rr["ames"]["protocol"] == "blind"

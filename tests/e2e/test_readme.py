@@ -46,3 +46,15 @@ def test_own_first_stage_output_matches_readme(readme, repo, demo_home):
                          capture_output=True, text=True, check=True,
                          env={**os.environ, "XDG_CACHE_HOME": str(demo_home / "cache")}).stdout
     assert out == block.group(1)
+
+
+def test_gitignore_covers_what_the_documented_commands_write(repo):
+    """results/, runs/, tfds/, vis/ and index files from the README's commands."""
+    import subprocess
+    written = ["results/demo/results.json", "runs/demo/model/config.json",
+               "tfds/my_photos/1.0.0/x", "vis/q0.png", "photos/cls/00.jpg", "demo.index",
+               "mine.index", "CVPR2022_CVNet_R50.pyth",
+               "demo.index.parts/chunk_0.npz", "photos.index.npz"]
+    r = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=repo,
+                       capture_output=True, text=True)
+    assert sorted(r.stdout.split()) == sorted(written), r.stdout

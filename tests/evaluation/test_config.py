@@ -64,3 +64,20 @@ def test_csa_weights_that_are_not_a_csa(tmp_path, capsys, one_error_line, eval_m
                      tiny_model_dir, "--pipelines", "csa", "--csa_weights", tiny_model_dir,
                      "--cache_dir", tmp_path / "cache", "--output", tmp_path / "r.json") == 2
     one_error_line(capsys.readouterr().err, "holds a cvnet model, not a csa model")
+
+
+@pytest.mark.parametrize("dataset, distractors, expect", [
+    ("demo", "", "results/demo/results.json"),
+    ("roxford5k", "/data/revisitop1m.txt", "results/roxford5k+R1M/results.json"),
+    ("folder:tfds/my_photos/", "", "results/my_photos/results.json"),
+])
+def test_results_go_under_results_by_dataset(dataset, distractors, expect):
+    """By default results land in results/<dataset>/ (ignored by git), not loose in the
+    current directory; another --output is taken as given."""
+    from scvnet_jax.evaluation.config import default_config, output_path
+    cfg = default_config()
+    cfg.dataset, cfg.distractors = dataset, distractors
+    assert str(output_path(cfg)) == expect
+    cfg.output = "mine.json"
+    assert str(output_path(cfg)) == "mine.json"
+
