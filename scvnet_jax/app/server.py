@@ -332,15 +332,23 @@ def create_app(searcher: Searcher):
             data=data, filename=(image.filename or "upload") if image else "upload", id=id,
             k=k, rerank=rerank, regions=regions, box=box))
 
-    @app.get("/api/image/{id}")
-    def image_file(id: int):
+    def indexed_file(id: int):
+        """(the file of indexed image `id`, None) or (None, the 404 to answer)."""
         try:
             path = searcher.path_of(id)
         except KeyError:
-            return JSONResponse({"error": f"no indexed image with id {id}"}, status_code=404)
+            return None, JSONResponse({"error": f"no indexed image with id {id}"},
+                                      status_code=404)
         if not os.path.isfile(path):
-            return JSONResponse({"error": f"image {id} is no longer at {path}"},
-                                status_code=404)
+            return None, JSONResponse({"error": f"image {id} is no longer at {path}"},
+                                      status_code=404)
+        return path, None
+
+    @app.get("/api/image/{id}")
+    def image_file(id: int):
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
         kind = browser_type(path)
         if kind is not None:
             return FileResponse(path, media_type=kind)
@@ -352,26 +360,18 @@ def create_app(searcher: Searcher):
 
     @app.get("/api/original/{id}")
     def original_file(id: int):
-        try:
-            path = searcher.path_of(id)
-        except KeyError:
-            return JSONResponse({"error": f"no indexed image with id {id}"}, status_code=404)
-        if not os.path.isfile(path):
-            return JSONResponse({"error": f"image {id} is no longer at {path}"},
-                                status_code=404)
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
         name = os.path.basename(path).encode("utf-8", "surrogateescape").decode(
             "utf-8", "replace")
         return FileResponse(path, filename=name)
 
     @app.get("/api/thumb/{id}")
     def thumb_file(id: int, request: Request):
-        try:
-            path = searcher.path_of(id)
-        except KeyError:
-            return JSONResponse({"error": f"no indexed image with id {id}"}, status_code=404)
-        if not os.path.isfile(path):
-            return JSONResponse({"error": f"image {id} is no longer at {path}"},
-                                status_code=404)
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
         data, etag = searcher.thumbnail(path)
         headers = {"ETag": etag, "Cache-Control": "no-cache"}   # ids change on re-index
         if request.headers.get("if-none-match") == etag:
