@@ -63,7 +63,8 @@ def test_health_images_and_the_page(client, searcher):
         assert r.status_code in (404, 422) and "/etc/passwd" not in r.text, bad
     page = client.get("/").text
     for part in ('id="file"', 'id="canvas"', 'id="rerank"', 'id="k"', 'id="regions"',
-                 'id="grid"', "/static/app.js", "/static/style.css"):
+                 'id="grid"', 'id="rerank_k"', 'id="viewer"', "/static/app.js",
+                 "/static/style.css"):
         assert part in page
     assert f"{len(searcher.index)} images" in page
     for name in server.STATIC:
@@ -222,3 +223,29 @@ def test_a_reindexed_collection_is_searched_without_a_restart(collection, tmp_pa
         assert c.get(f"/api/original/{r['hits'][0]['id']}").content == spare.read_bytes()
         assert f"{before + 1} images" in c.get("/").text
     assert mixed.model is model
+
+
+def test_a_reload_swaps_the_index_and_its_ids_together(tmp_path):
+    """Requests racing a re-index each get one index with its own ids (never the new
+    paths with the old ids), and a damaged file leaves the loaded index in use."""
+    from scvnet_jax.search import Index
+
+    path = tmp_path / "x.index"
+
+    def write(n):
+        Index([f"/p/{n}/{i}.jpg" for i in range(n)], np.eye(n, 8, dtype=np.float32),
+              root="/p").save(path)
+    write(3)
+    s = server.Searcher(Index.load(path), None, index_path=path)
+    seen = []
+
+    def read(_):
+        index, ids = s.current()
+        return ids == {p: i for i, p in enumerate(index.paths)}, len(index)
+    with ThreadPoolExecutor(4) as pool:
+        for n in range(4, 8):
+            write(n)
+            seen += pool.map(read, range(50))
+    assert all(ok for ok, _ in seen) and s.current()[0].paths[0] == "/p/7/0.jpg"
+    path.write_bytes(b"not an index")
+    assert len(s.current()[0]) == 7 and s.path_of(6) == "/p/7/6.jpg"
