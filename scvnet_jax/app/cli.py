@@ -339,9 +339,14 @@ def serve_command(args) -> int:
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)
     index, model = _index_and_model(args)
+    from scvnet_jax import search
+
+    path = Path(args.index).expanduser()     # re-indexed: reloaded on the next request
     searcher = server.Searcher(index, model, batch_size=args.batch_size, bucket=args.bucket,
                                max_upload_bytes=args.max_upload_mb << 20,
-                               shortlist=args.shortlist)
+                               shortlist=args.shortlist, index_path=path, load=lambda: (
+                                   _with_backend(search.Index.load(path, root=args.root),
+                                                 args)))
     t0 = time.perf_counter()
     searcher.search(id=0, k=1)           # compile now, not on the first user's query
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "

@@ -6,20 +6,32 @@ API (FastAPI; every script and style is shipped in this package, nothing from a 
     GET  /api/health       {"status": "ok", "images": N, "family": ..., "weights": ...}
     POST /api/search       multipart field `image` (or query parameter `id`: an indexed image),
                            query parameters k, rerank, regions, box=x1,y1,x2,y2 ->
-                           {"query", "rerank", ["box"], ["regions"], "hits": [{"id", "path",
-                           "score"}], "timings": {"search_ms", "total_ms"}}
-    GET  /api/image/{id}   an indexed image, by its id only (no paths: nothing else is served)
+                           {"query", "rerank", "score_kind", ["box"], ["regions"], "hits":
+                           [{"id", "path", "score"}], "timings": {"search_ms", "total_ms"}}
+                           (score_kind: what the scores are, on the reranker's own scale:
+                           not probabilities)
+    GET  /api/image/{id}   an indexed image, by its id only (no paths: nothing else is
+                           served), as the browser can show it: JPEG, PNG, WebP, GIF and BMP
+                           files as they are, other formats (TIFF, ...) converted to JPEG
+    GET  /api/original/{id}  the untouched file, as a download
+    GET  /api/thumb/{id}   its thumbnail: upright JPEG, longest side 256 px (kept in memory,
+                           at most 64 MB, least recently used dropped)
     GET  /docs             the OpenAPI documentation
 
 Bad requests (not an image, corrupt or truncated, over the pixel limit, too large an upload,
 an unknown reranker, k < 1, a bad box) get HTTP 4xx with {"error": "..."}, never a 500.
-Searches run one at a time on the loaded model (a lock); requests queue.
+Searches run one at a time on the loaded model (a lock); requests queue. A Searcher given
+the index file's path notices when it is re-indexed (its size, mtime or inode change) and
+loads it on the next request (the model stays): no restart needed.
 """
 
+import hashlib
+import logging
 import os
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from importlib import resources
 from pathlib import Path
 
@@ -27,18 +39,84 @@ from scvnet_jax.errors import InputError
 
 STATIC = ("app.js", "style.css")
 MAX_UPLOAD_BYTES = 20 << 20
+THUMB_SIDE = 256                    # a thumbnail's longest side, pixels
+THUMB_CACHE_BYTES = 64 << 20        # thumbnails kept in memory, at most
+# formats every current browser shows, served as they are (PIL's names -> media type)
+BROWSER_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png",
+                   "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+FIRST_STAGE_SCORE = "cosine similarity of the global descriptors, -1 to 1"
+log = logging.getLogger("scvnet_jax.app")
+
+
+def score_kind(rerank: str) -> str:
+    """What a search's scores are, on the reranker's own scale (not probabilities)."""
+    from scvnet_jax.rerank import registry
+    if rerank == "none":
+        return (f"{FIRST_STAGE_SCORE} (not a probability: unrelated photos can score "
+                "0.9)")
+    return (f"{rerank}: {registry.RERANKERS[rerank].score} (its own scale, not a "
+            f"probability; hits it did not re-score keep the {FIRST_STAGE_SCORE})")
 
 
 class Searcher:
     """The index and the model, loaded once; `search` is what POST /api/search does."""
 
     def __init__(self, index, model, *, batch_size: int = 0, bucket: int = 64,
-                 max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000):
-        self.index, self.model, self.shortlist = index, model, shortlist
-        self.ids = {p: i for i, p in enumerate(index.paths)}   # hit path -> id, built once
+                 max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000,
+                 index_path=None, load=None):
+        """index_path: the index file, reloaded when it changes on disk (by `load()`,
+        default `Index.load(index_path)`); None: the index stays as given."""
+        self.model, self.shortlist = model, shortlist
+        self._state = (index, {p: i for i, p in enumerate(index.paths)})  # swapped whole
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()
+        self.index_path = index_path
+        self._load = load
+        self._signature = _file_signature(index_path)
+        self._reload_lock = threading.Lock()
+        self.thumbs = _LRU(THUMB_CACHE_BYTES)
+
+    @property
+    def index(self):
+        return self._state[0]
+
+    @property
+    def ids(self):       # hit path -> id
+        return self._state[1]
+
+    def current(self):
+        """(index, ids) for one request: first the index file reloaded if it changed on disk
+        since it was read (one reader loads it, then both are swapped at once; a file
+        that cannot be read, or that was built with another model, leaves the index
+        in use as it is, said in the log)."""
+        if self.index_path is None:
+            return self._state
+        signature = _file_signature(self.index_path)
+        if signature is None or signature == self._signature:
+            return self._state
+        with self._reload_lock:
+            if signature == self._signature:           # another request loaded it
+                return self._state
+            self._signature = signature
+            try:
+                if self._load is not None:
+                    index = self._load()
+                else:
+                    from scvnet_jax.search import Index
+                    index = Index.load(self.index_path)
+            except InputError as e:
+                log.warning("%s changed but cannot be read; still searching the index "
+                            "loaded before: %s", self.index_path, e)
+                return self._state
+            if self.index.model and index.model != self.index.model:
+                log.warning("%s was re-indexed with another model (%s) than the server "
+                            "runs; still searching the index loaded before (restart the "
+                            "server to use the new one)", self.index_path, index.weights)
+                return self._state
+            self._state = (index, {p: i for i, p in enumerate(index.paths)})
+            log.warning("%s changed: reloaded, %d images", self.index_path, len(index))
+            return self._state
 
     def search(self, *, data: bytes | None = None, filename: str = "upload", id=None,
                k: int = 10, rerank: str = "none", regions: int = 0, box=None) -> dict:
@@ -46,6 +124,7 @@ class Searcher:
         from scvnet_jax.rerank import registry
 
         t0 = time.perf_counter()
+        index, ids = self.current()     # this request's, even if a re-index lands meanwhile
         if (data is None) == (id is None):
             raise InputError("give an image (multipart field 'image') or the id of an "
                              "indexed image (query parameter 'id'), not both")
@@ -60,10 +139,10 @@ class Searcher:
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
             if id is not None:
                 try:
-                    path = name = self.path_of(id)
+                    path = name = self.path_of(id, index)
                 except KeyError:
                     raise InputError(f"id {id!r}: no indexed image with this id (0 to "
-                                     f"{len(self.index) - 1})") from None
+                                     f"{len(index) - 1})") from None
             else:
                 if len(data) > self.max_upload_bytes:
                     raise InputError(f"{filename}: the upload is {len(data) / 2**20:.1f} MB, "
@@ -79,26 +158,103 @@ class Searcher:
             with self.lock:
                 t1 = time.perf_counter()
                 if regions or box is not None:
-                    hits, found = self.index.search_regions(self.model, path, regions=regions,
+                    hits, found = index.search_regions(self.model, path, regions=regions,
                                                             box=box, **options)
                 else:
-                    hits, found = self.index.search(self.model, path, **options)[0], []
+                    hits, found = index.search(self.model, path, **options)[0], []
                 t2 = time.perf_counter()
-        out = {"query": name, "rerank": rerank}
+        out = {"query": name, "rerank": rerank, "score_kind": score_kind(rerank)}
         if box is not None:
             out["box"] = list(box)
         if regions:
             out["regions"] = [list(r) for r in found]
-        out["hits"] = [{"id": self.ids[h.path], "path": h.path, "score": round(h.score, 6)}
+        out["hits"] = [{"id": ids[h.path], "path": h.path, "score": round(h.score, 6)}
                        for h in hits]
         out["timings"] = {"search_ms": round(1000 * (t2 - t1), 1),
                           "total_ms": round(1000 * (time.perf_counter() - t0), 1)}
         return out
 
-    def path_of(self, id) -> str:
-        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < len(self.index):
+    def path_of(self, id, index=None) -> str:
+        index = self.current()[0] if index is None else index
+        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < len(index):
             raise KeyError(id)
-        return self.index.paths[id]
+        return index.paths[id]
+
+    def thumbnail(self, path: str) -> tuple[bytes, str]:
+        """(JPEG bytes, ETag) of an image's thumbnail: upright (as `read_image` decodes
+        it), longest side THUMB_SIDE, never enlarged. Kept in memory by the file's path,
+        size, mtime and inode (a changed file gets a new one without reading it twice)."""
+        import cv2
+
+        from scvnet_jax.images import read_image
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise InputError(f"{path}: cannot read the image file "
+                             f"({e.strerror or e})") from None
+        key = (path, st.st_size, st.st_mtime_ns, st.st_ino)
+        etag = '"' + hashlib.blake2b(repr(key).encode("utf-8", "surrogateescape"),
+                                     digest_size=12).hexdigest() + '"'
+        data = self.thumbs.get(key)
+        if data is None:
+            im = read_image(path)
+            h, w = im.shape[:2]
+            scale = THUMB_SIDE / max(h, w)
+            if scale < 1:
+                im = cv2.resize(im, (max(1, round(w * scale)), max(1, round(h * scale))),
+                                interpolation=cv2.INTER_AREA)
+            ok, enc = cv2.imencode(".jpg", im, [cv2.IMWRITE_JPEG_QUALITY, 85])
+            data = enc.tobytes()
+            self.thumbs.put(key, data)
+        return data, etag
+
+
+class _LRU:
+    """bytes values, at most `max_bytes` in all, the least recently used dropped first."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes, self.size = max_bytes, 0
+        self.items: OrderedDict = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+                return self.items[key]
+        return None
+
+    def put(self, key, value: bytes) -> None:
+        with self.lock:
+            if key in self.items:
+                self.size -= len(self.items.pop(key))
+            self.items[key] = value
+            self.size += len(value)
+            while self.size > self.max_bytes and len(self.items) > 1:
+                self.size -= len(self.items.popitem(last=False)[1])
+
+
+def _file_signature(path):
+    """(size, mtime, inode) of a file, None if it is not there now."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def browser_type(path: str) -> str | None:
+    """The media type of an image file browsers show as it is, None for one to convert
+    (TIFF, ...): from the file's header, not its name."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            fmt = im.format
+    except Exception:         # not an image PIL knows: decoding says what is wrong
+        fmt = None
+    return BROWSER_FORMATS.get(fmt)
 
 
 def parse_box(text: str) -> tuple[float, ...]:
@@ -114,7 +270,7 @@ def parse_box(text: str) -> tuple[float, ...]:
 
 def create_app(searcher: Searcher):
     """The FastAPI application over `searcher`."""
-    from fastapi import FastAPI, File, Query, UploadFile
+    from fastapi import FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
@@ -153,7 +309,7 @@ def create_app(searcher: Searcher):
 
     @app.get("/api/health")
     def health():
-        ix = searcher.index
+        ix = searcher.current()[0]
         return {"status": "ok", "images": len(ix), "family": ix.family,
                 "weights": ix.weights, "dtype": ix.descriptors.dtype.name,
                 "backend": "exact" if ix.backend is None else
@@ -176,16 +332,51 @@ def create_app(searcher: Searcher):
             data=data, filename=(image.filename or "upload") if image else "upload", id=id,
             k=k, rerank=rerank, regions=regions, box=box))
 
-    @app.get("/api/image/{id}")
-    def image_file(id: int):
+    def indexed_file(id: int):
+        """(the file of indexed image `id`, None) or (None, the 404 to answer)."""
         try:
             path = searcher.path_of(id)
         except KeyError:
-            return JSONResponse({"error": f"no indexed image with id {id}"}, status_code=404)
+            return None, JSONResponse({"error": f"no indexed image with id {id}"},
+                                      status_code=404)
         if not os.path.isfile(path):
-            return JSONResponse({"error": f"image {id} is no longer at {path}"},
-                                status_code=404)
-        return FileResponse(path)
+            return None, JSONResponse({"error": f"image {id} is no longer at {path}"},
+                                      status_code=404)
+        return path, None
+
+    @app.get("/api/image/{id}")
+    def image_file(id: int):
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
+        kind = browser_type(path)
+        if kind is not None:
+            return FileResponse(path, media_type=kind)
+        import cv2
+
+        from scvnet_jax.images import read_image
+        ok, enc = cv2.imencode(".jpg", read_image(path), [cv2.IMWRITE_JPEG_QUALITY, 92])
+        return Response(enc.tobytes(), media_type="image/jpeg")
+
+    @app.get("/api/original/{id}")
+    def original_file(id: int):
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
+        name = os.path.basename(path).encode("utf-8", "surrogateescape").decode(
+            "utf-8", "replace")
+        return FileResponse(path, filename=name)
+
+    @app.get("/api/thumb/{id}")
+    def thumb_file(id: int, request: Request):
+        path, missing = indexed_file(id)
+        if missing:
+            return missing
+        data, etag = searcher.thumbnail(path)
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}   # ids change on re-index
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(data, media_type="image/jpeg", headers=headers)
 
     return app
 
@@ -193,7 +384,7 @@ def create_app(searcher: Searcher):
 def page_html(searcher: Searcher, rerankers) -> str:
     """The page, rendered on the server (the index's facts and the reranker list)."""
     from html import escape
-    ix = searcher.index
+    ix = searcher.current()[0]
     opts = "".join(f'<option value="{escape(n)}">{escape(n)}</option>'
                    for n in ["none", *rerankers])
     return f"""<!doctype html>
@@ -212,8 +403,11 @@ model {escape(ix.weights or 'unknown')} &middot; <a href="/docs">API</a></p></he
   <div id="stage" hidden><canvas id="canvas"></canvas>
     <p class="hint">Drag on the image to search a region; <button id="clearbox"
     type="button">clear box</button></p></div>
-  <form id="controls">
+  <form id="controls" novalidate>
     <label>reranker <select id="rerank" name="rerank">{opts}</select></label>
+    <label title="how many of the first stage's best the reranker re-scores (cvnet, csa,
+ames)">rerank k <input id="rerank_k" name="rerank_k" type="number" min="1" max="1000"
+      value="100" disabled></label>
     <label>k <input id="k" name="k" type="number" min="1" max="1000" value="10"></label>
     <label>regions <input id="regions" name="regions" type="number" min="0" max="20"
       value="0"></label>
@@ -221,8 +415,18 @@ model {escape(ix.weights or 'unknown')} &middot; <a href="/docs">API</a></p></he
   </form>
   <p id="status" role="status"></p>
 </section>
-<section id="results"><div id="grid"></div></section>
+<section id="results"><p id="scorekind"></p><div id="grid"></div></section>
 </main>
+<div id="viewer" role="dialog" aria-modal="true" aria-label="image viewer" hidden>
+  <div id="viewer-bar">
+    <span id="viewer-path"></span>
+    <span id="viewer-score"></span>
+    <a id="viewer-original" class="button" href="#" download>original</a>
+    <button id="viewer-search" type="button">search with this</button>
+    <button id="viewer-close" type="button" aria-label="close (Esc)">close &times;</button>
+  </div>
+  <img id="viewer-image" alt="">
+</div>
 <script src="/static/app.js"></script>
 </body></html>
 """

@@ -24,19 +24,59 @@ def searcher(tmp_path_factory, demo_benchmark):
 
 
 @pytest.fixture(scope="session")
-def live_server(searcher, free_port):
-    """The app over `searcher` served by uvicorn on localhost (a thread): its base URL."""
+def serve(free_port):
+    """serve(searcher): a context manager serving the app over `searcher` with uvicorn on
+    localhost (a thread), giving its base URL."""
+    import contextlib
+
     import uvicorn
 
-    port = free_port()
-    live = uvicorn.Server(uvicorn.Config(server.create_app(searcher), host="127.0.0.1",
-                                         port=port, log_level="warning"))
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not live.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    live.should_exit = True
-    thread.join(30)
+    @contextlib.contextmanager
+    def served(searcher):
+        port = free_port()
+        live = uvicorn.Server(uvicorn.Config(server.create_app(searcher), host="127.0.0.1",
+                                             port=port, log_level="warning"))
+        thread = threading.Thread(target=live.run, daemon=True)
+        thread.start()
+        deadline = time.time() + 60
+        while not live.started:
+            assert time.time() < deadline and thread.is_alive(), "the server did not start"
+            time.sleep(0.05)
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            live.should_exit = True
+            thread.join(30)
+    return served
+
+
+@pytest.fixture(scope="session")
+def live_server(searcher, serve):
+    """The app over `searcher` served by uvicorn on localhost (a thread): its base URL."""
+    with serve(searcher) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def collection(searcher, demo_benchmark):
+    """collection(folder) -> a Searcher over a small collection it writes into `folder`,
+    as a user's photos are: two different photos both named x.jpg (in a/ and b/), a TIFF
+    (c.tif), and `folder/photos.index`, reloaded when re-indexed (`searcher.model`).
+    collection.spare: a demo photo that is not in it."""
+    jpg = sorted((demo_benchmark / "demo" / "jpg").glob("*.jpg"))
+    photos = [next(p for p in jpg if p.name.startswith(s))
+              for s in ("chelsea", "camera", "coins")]
+
+    def make(folder):
+        import cv2
+
+        for sub, photo in zip(("a", "b"), photos):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(photo, folder / sub / "x.jpg")
+        cv2.imwrite(str(folder / "c.tif"), cv2.imread(str(photos[2])))
+        path = folder / "photos.index"
+        index, _ = sj.search.update_index(searcher.model, folder, path, weights="demo")
+        return server.Searcher(index, searcher.model, max_upload_bytes=200_000,
+                               index_path=path)
+    make.spare = [p for p in jpg if p.name.startswith("coffee")][0]
+    return make

@@ -1,8 +1,10 @@
 """The search page in a real headless Chromium (Debian's chromium and chromium-driver, driven
 by selenium; the README's test set-up installs them): upload a query, wait for the grid,
-check its hits are the REST API's, draw a box, see the grid follow, click a hit, and save a
-screenshot that is checked not to be blank (SCVNET_SCREENSHOT=path keeps a copy, e.g. for
-the README)."""
+check its hits are the REST API's, draw a box, see the grid follow, search with a hit, and
+save a screenshot that is checked not to be blank (SCVNET_SCREENSHOT=path keeps a copy, e.g.
+for the README; the other tests keep theirs next to it: path-viewer.png, ...). Then the
+thumbnails, the viewer, a 420-px-wide window, bad numbers, a failed upload, repeated file
+names, a TIFF and a re-indexed collection."""
 import os
 import shutil
 from pathlib import Path
@@ -99,9 +101,186 @@ def test_upload_box_click_and_screenshot(browser, live_server, searcher, tmp_pat
 
     first = driver.find_elements("css selector", "#grid .hit")[1]   # search with a hit
     path = first.get_attribute("data-path")
-    first.click()
+    first.find_element("css selector", "button.use").click()
     clicked = _wait_for_results(driver, previous=boxed)
     with httpx.Client(base_url=live_server, timeout=120) as c:
         ids = {p: i for i, p in enumerate(searcher.index.paths)}
         by_id = c.post("/api/search", params={"id": ids[path], "k": 10}).json()["hits"]
     assert [p for p, _ in clicked] == [hit["path"] for hit in by_id]
+
+
+def _wait(driver, script, timeout=60):
+    """Waits until `script` (a JavaScript expression) is truthy; its value."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        lambda d: d.execute_script("return " + script))
+
+
+def _loaded(selector):
+    """JavaScript: every image `selector` finds has loaded (and there is one)."""
+    return (f"(() => {{ const a = Array.from(document.querySelectorAll('{selector}'));"
+            " return a.length > 0 && a.every(i => i.complete && i.naturalWidth > 0); })()")
+
+
+def _status(driver):
+    return driver.execute_script("const s = document.getElementById('status');"
+                                 "return [s.className, s.textContent];")
+
+
+def _check_screenshot(driver, path: Path, suffix: str):
+    driver.save_screenshot(str(path))
+    image = cv2.imread(str(path))
+    assert image is not None and image.std() > 20
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 1000
+    if os.environ.get("SCVNET_SCREENSHOT"):
+        shutil.copy(path, os.environ["SCVNET_SCREENSHOT"].replace(".png", suffix + ".png"))
+
+
+def test_thumbnails_viewer_and_search_with_this(browser, live_server, searcher, tmp_path):
+    """The grid shows thumbnails (no original is downloaded for it) and says what its
+    scores are; a click opens the viewer (full image, path, score, the original file),
+    Esc closes it, and "search with this" (in the viewer and on a tile) searches by id."""
+    driver = browser
+    driver.get(live_server + "/")
+    query = sj.search.list_images(searcher.index.root)[4]
+    driver.find_element("id", "file").send_keys(str(query))
+    hits = _wait_for_results(driver)
+    _wait(driver, _loaded("#grid .hit img"))
+    srcs = driver.execute_script("return Array.from(document.querySelectorAll("
+                                 "'#grid .hit img')).map(i => i.getAttribute('src'));")
+    ids = {p: i for i, p in enumerate(searcher.index.paths)}
+    assert srcs == [f"/api/thumb/{ids[p]}" for p, _ in hits]
+    fetched = driver.execute_script("return performance.getEntriesByType('resource')"
+                                    ".map(e => e.name);")
+    assert not [u for u in fetched if "/api/image/" in u or "/api/original/" in u], fetched
+    kind = driver.find_element("id", "scorekind").text
+    assert "cosine similarity" in kind and "not a probability" in kind
+    tile = driver.find_elements("css selector", "#grid .hit")[2]
+    assert "cosine similarity" in tile.get_attribute("title")
+    _check_screenshot(driver, tmp_path / "results.png", "")
+
+    path, hit = tile.get_attribute("data-path"), int(tile.get_attribute("data-id"))
+    tile.find_element("css selector", "img").click()           # the viewer
+    viewer = driver.find_element("id", "viewer")
+    assert viewer.is_displayed()
+    _wait(driver, _loaded("#viewer-image"))
+    width = driver.execute_script("return document.getElementById('viewer-image')"
+                                  ".naturalWidth;")
+    assert width == cv2.imread(path).shape[1]
+    assert driver.find_element("id", "viewer-path").text == path
+    assert driver.find_element("id", "viewer-score").text == f"score {hits[2][1]:.4f}"
+    original = driver.find_element("id", "viewer-original").get_attribute("href")
+    assert original == f"{live_server}/api/original/{hit}"
+    assert httpx.get(original).content == Path(path).read_bytes()
+    _check_screenshot(driver, tmp_path / "viewer.png", "-viewer")
+    from selenium.webdriver.common.keys import Keys
+    driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    _wait(driver, "document.getElementById('viewer').hidden")
+
+    def by_id(i):
+        with httpx.Client(base_url=live_server, timeout=120) as c:
+            return [h["path"] for h in c.post("/api/search", params={"id": i, "k": 10})
+                    .json()["hits"]]
+    tile.click()                                     # the viewer's "search with this"
+    driver.find_element("id", "viewer-search").click()
+    assert not viewer.is_displayed()
+    clicked = _wait_for_results(driver, previous=hits)
+    assert [p for p, _ in clicked] == by_id(hit)
+    other = driver.find_elements("css selector", "#grid .hit")[3]   # the tile's button
+    other_id = int(other.get_attribute("data-id"))
+    other.find_element("css selector", "button.use").click()
+    assert not viewer.is_displayed()
+    assert [p for p, _ in _wait_for_results(driver, previous=clicked)] == by_id(other_id)
+
+
+def test_narrow_window_bad_numbers_and_failed_upload(browser, live_server, searcher,
+                                                     tmp_path):
+    """At 420 px nothing overflows (the page nor the viewer); an invalid k or rerank k is
+    said, not silently blocked; rerank_k is sent only with a reranker; a failed upload
+    empties the grid and says why."""
+    driver = browser
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+        "width": 420, "height": 860, "deviceScaleFactor": 1, "mobile": False})
+    try:
+        driver.get(live_server + "/")
+        driver.execute_script("window._urls = []; const f = window.fetch; window.fetch ="
+                              " (u, o) => { window._urls.push(String(u)); return f(u, o); };")
+        query = sj.search.list_images(searcher.index.root)[9]
+        driver.find_element("id", "file").send_keys(str(query))
+        hits = _wait_for_results(driver)
+        _wait(driver, _loaded("#grid .hit img"))
+        assert driver.execute_script("return window.innerWidth;") == 420
+        width = "return document.documentElement.scrollWidth;"
+        assert driver.execute_script(width) <= 420
+        _check_screenshot(driver, tmp_path / "narrow.png", "-narrow")
+        driver.find_elements("css selector", "#grid .hit img")[0].click()
+        _wait(driver, _loaded("#viewer-image"))
+        assert driver.execute_script(width) <= 420
+        _check_screenshot(driver, tmp_path / "narrow-viewer.png", "-narrow-viewer")
+        driver.find_element("id", "viewer-close").click()
+        assert not driver.find_element("id", "viewer").is_displayed()
+        assert "rerank_k" not in driver.execute_script("return window._urls;")[-1]
+
+        def set_value(id, value):
+            driver.execute_script(f"document.getElementById('{id}').value = '{value}';")
+            driver.find_element("id", "search").click()
+        set_value("k", "0")                              # said, and nothing stale shown
+        _wait(driver, "document.getElementById('status').className === 'error'")
+        assert _status(driver)[1] == ("not searched: k must be a whole number from 1 to 1000"
+                                      ' (got "0")')
+        assert _grid(driver) == []
+        set_value("k", "5")
+        assert len(_wait_for_results(driver)) == 5
+        from selenium.webdriver.support.ui import Select
+        Select(driver.find_element("id", "rerank")).select_by_value("superglobal")
+        set_value("rerank_k", "2000")
+        _wait(driver, "document.getElementById('status').className === 'error'")
+        assert "rerank k must be a whole number from 1 to 1000" in _status(driver)[1]
+        set_value("rerank_k", "50")
+        assert len(_wait_for_results(driver)) == 5
+        assert "rerank_k=50" in driver.execute_script("return window._urls;")[-1]
+        Select(driver.find_element("id", "rerank")).select_by_value("none")
+        set_value("k", "10")
+        assert [p for p, _ in _wait_for_results(driver)] == [p for p, _ in hits]
+
+        broken = tmp_path / "broken.jpg"                 # a failed upload
+        broken.write_bytes(b"this is not a photo")
+        driver.find_element("id", "file").send_keys(str(broken))
+        _wait(driver, "document.getElementById('status').className === 'error'")
+        assert "broken.jpg: cannot read the image" in _status(driver)[1]
+        assert _grid(driver) == [] and driver.find_element("id", "scorekind").text == ""
+        assert not driver.find_element("id", "stage").is_displayed()
+    finally:
+        driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_repeated_names_tiff_and_a_reindex_in_the_page(browser, collection, serve, tmp_path):
+    """Two hits named x.jpg show their folders; a TIFF shows (thumbnail and viewer, served
+    as JPEG); re-indexing the collection into the served file is seen by the next search
+    without restarting the server."""
+    folder = tmp_path / "photos"
+    mixed = collection(folder)
+    driver = browser
+    with serve(mixed) as base:
+        driver.get(base + "/")
+        driver.find_element("id", "file").send_keys(str(collection.spare))
+        hits = _wait_for_results(driver)
+        assert len(hits) == 3
+        names = driver.execute_script("return Array.from(document.querySelectorAll("
+                                      "'#grid .hit .name')).map(e => e.textContent);")
+        assert sorted(names) == ["a/x.jpg", "b/x.jpg", "c.tif"]
+        _wait(driver, _loaded("#grid .hit img"))        # the TIFF's thumbnail too
+        tif = [e for e in driver.find_elements("css selector", "#grid .hit")
+               if e.get_attribute("data-path").endswith("c.tif")][0]
+        tif.click()
+        _wait(driver, _loaded("#viewer-image"))
+        assert driver.execute_script("return document.getElementById('viewer-image')"
+                                     ".naturalWidth;") == cv2.imread(str(folder / "c.tif"))\
+            .shape[1]
+        driver.find_element("id", "viewer-close").click()
+
+        shutil.copy(collection.spare, folder / "new.jpg")     # re-indexed meanwhile
+        sj.search.update_index(mixed.model, folder, folder / "photos.index", weights="demo")
+        driver.find_element("id", "search").click()
+        again = _wait_for_results(driver, previous=hits)
+        assert len(again) == 4 and again[0][0] == str(folder / "new.jpg")

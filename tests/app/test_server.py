@@ -2,6 +2,7 @@
 id only, the page and its files shipped in the package, and 200 requests at 8 at a time on
 a live server."""
 import re
+import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -62,7 +63,8 @@ def test_health_images_and_the_page(client, searcher):
         assert r.status_code in (404, 422) and "/etc/passwd" not in r.text, bad
     page = client.get("/").text
     for part in ('id="file"', 'id="canvas"', 'id="rerank"', 'id="k"', 'id="regions"',
-                 'id="grid"', "/static/app.js", "/static/style.css"):
+                 'id="grid"', 'id="rerank_k"', 'id="viewer"', "/static/app.js",
+                 "/static/style.css"):
         assert part in page
     assert f"{len(searcher.index)} images" in page
     for name in server.STATIC:
@@ -139,3 +141,111 @@ def test_live_server_takes_200_requests_8_at_a_time(searcher, live_server):
     assert codes == [200] * 200, sorted(set(codes))
     assert httpx.get(base + "/api/health").json()["status"] == "ok"
     print(f"200 requests, 8 at a time: {seconds:.1f} s")
+
+
+def test_thumbnails_browser_formats_and_originals(client, searcher, collection, tmp_path):
+    """Hits are shown as thumbnails (upright JPEG, longest side 256, revalidated by ETag),
+    a TIFF is served as a JPEG the browser shows, and the untouched file is a download."""
+    import cv2
+    from fastapi.testclient import TestClient
+
+    full = cv2.imread(searcher.index.paths[3])
+    r = client.get("/api/thumb/3")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+    thumb = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+    assert max(thumb.shape[:2]) == min(256, max(full.shape[:2]))
+    assert abs(thumb.shape[1] / thumb.shape[0] - full.shape[1] / full.shape[0]) < 0.02
+    big = tmp_path / "big.jpg"           # (the demo photos are 160 px: kept as they are)
+    cv2.imwrite(str(big), cv2.resize(full, (1200, 800)))
+    data, etag = searcher.thumbnail(str(big))
+    small = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    assert small.shape == (171, 256, 3) and len(data) < big.stat().st_size / 5
+    assert searcher.thumbnail(str(big)) == (data, etag)          # kept
+    again = client.get("/api/thumb/3", headers={"If-None-Match": r.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    assert client.get("/api/thumb/999").status_code == 404
+    original = client.get("/api/original/3")
+    assert original.content == open(searcher.index.paths[3], "rb").read()
+    assert original.headers["content-disposition"].startswith("attachment")
+    assert client.get("/api/original/999").json()["error"].startswith("no indexed image")
+
+    mixed = collection(tmp_path / "photos")
+    tif = mixed.index.paths.index(str(tmp_path / "photos" / "c.tif"))
+    with TestClient(server.create_app(mixed)) as c:
+        r = c.get(f"/api/image/{tif}")
+        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        shown = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
+        want = cv2.imread(mixed.index.paths[tif])
+        assert shown.shape == want.shape and np.abs(shown.astype(int) - want).mean() < 3
+        assert c.get(f"/api/original/{tif}").content == open(mixed.index.paths[tif],
+                                                             "rb").read()
+        assert c.get(f"/api/thumb/{tif}").headers["content-type"] == "image/jpeg"
+        jpg = 1 - (tif == 0)
+        assert c.get(f"/api/image/{jpg}").content == open(mixed.index.paths[jpg], "rb").read()
+
+
+def test_thumbnail_cache_is_bounded():
+    cache = server._LRU(100)
+    for i in range(10):
+        cache.put(i, bytes(30))
+        assert cache.get(0) is not None       # used: kept
+    assert cache.size <= 100 and cache.get(0) is not None and cache.get(1) is None
+    assert sorted(cache.items) == [0, 8, 9]
+
+
+def test_scores_say_what_they_are(client):
+    from scvnet_jax.rerank import registry
+
+    first = client.post("/api/search", params={"id": 1, "k": 3}).json()
+    assert "cosine similarity" in first["score_kind"]
+    assert "not a probability" in first["score_kind"]
+    sg = client.post("/api/search", params={"id": 1, "k": 3, "rerank": "superglobal"}).json()
+    assert registry.RERANKERS["superglobal"].score in sg["score_kind"]
+
+
+def test_a_reindexed_collection_is_searched_without_a_restart(collection, tmp_path):
+    """Re-indexing into the served index file: the next request searches the new index
+    (same model object), found by the file's change, not by a restart."""
+    from fastapi.testclient import TestClient
+
+    folder = tmp_path / "photos"
+    mixed = collection(folder)
+    model, before = mixed.model, len(mixed.index)
+    spare = collection.spare
+    with TestClient(server.create_app(mixed)) as c:
+        r = c.post("/api/search", params={"k": 10}, files=_upload(spare)).json()
+        assert len(r["hits"]) == before and r["hits"][0]["score"] < 0.99
+        shutil.copy(spare, folder / "new.jpg")
+        sj.search.update_index(model, folder, folder / "photos.index", weights="demo")
+        assert c.get("/api/health").json()["images"] == before + 1
+        r = c.post("/api/search", params={"k": 10}, files=_upload(spare)).json()
+        assert r["hits"][0]["path"] == str(folder / "new.jpg") and r["hits"][0]["score"] > 0.99
+        assert c.get(f"/api/original/{r['hits'][0]['id']}").content == spare.read_bytes()
+        assert f"{before + 1} images" in c.get("/").text
+    assert mixed.model is model
+
+
+def test_a_reload_swaps_the_index_and_its_ids_together(tmp_path):
+    """Requests racing a re-index each get one index with its own ids (never the new
+    paths with the old ids), and a damaged file leaves the loaded index in use."""
+    from scvnet_jax.search import Index
+
+    path = tmp_path / "x.index"
+
+    def write(n):
+        Index([f"/p/{n}/{i}.jpg" for i in range(n)], np.eye(n, 8, dtype=np.float32),
+              root="/p").save(path)
+    write(3)
+    s = server.Searcher(Index.load(path), None, index_path=path)
+    seen = []
+
+    def read(_):
+        index, ids = s.current()
+        return ids == {p: i for i, p in enumerate(index.paths)}, len(index)
+    with ThreadPoolExecutor(4) as pool:
+        for n in range(4, 8):
+            write(n)
+            seen += pool.map(read, range(50))
+    assert all(ok for ok, _ in seen) and s.current()[0].paths[0] == "/p/7/0.jpg"
+    path.write_bytes(b"not an index")
+    assert len(s.current()[0]) == 7 and s.path_of(6) == "/p/7/6.jpg"

@@ -1,5 +1,6 @@
 // scvnet-search: the page's only script (no libraries). Upload or drop an image, draw a
-// box on it, search; the proposed regions are drawn on the query; click a hit to search
+// box on it, search; the proposed regions are drawn on the query; the hits are thumbnails:
+// click one to see it full size (with its original file), "search with this" to search
 // with it.
 "use strict";
 (function () {
@@ -10,6 +11,8 @@
   let box = null;        // [x1, y1, x2, y2] in image pixels
   let regions = [];      // proposed regions of the last search
   let drag = null;
+  let scoreKind = "";    // what the last search's scores are
+  let viewing = null;    // the hit open in the viewer
 
   function status(text, error) {
     $("status").textContent = text;
@@ -39,7 +42,11 @@
       draw();
       search();
     };
-    im.onerror = () => status("the browser cannot show this image", true);
+    im.onerror = () => {   // (a TIFF, or no image at all): the server says which
+      image = null; query = q; box = null; regions = [];
+      $("stage").hidden = true; $("search").disabled = false;
+      search("the browser cannot show this file; ");
+    };
     im.src = src;
   }
 
@@ -79,55 +86,147 @@
     useFile(ev.dataTransfer.files[0]);
   });
   $("controls").addEventListener("submit", (ev) => { ev.preventDefault(); search(); });
+  $("rerank").addEventListener("change", () => {
+    $("rerank_k").disabled = $("rerank").value === "none";
+  });
+  $("rerank_k").disabled = $("rerank").value === "none";
 
-  async function search() {
+  // the number fields, checked here: the browser's own min/max check would block the
+  // form without a word
+  function number(id, lo, hi) {
+    const text = $(id).value.trim();
+    const v = Number(text);
+    if (text === "" || !Number.isInteger(v) || v < lo || v > hi) {
+      throw new Error(`${id.replace("_", " ")} must be a whole number from ${lo} to ${hi}` +
+                      ` (got ${text === "" ? "nothing" : JSON.stringify(text)})`);
+    }
+    return String(v);
+  }
+
+  function clear(text) {      // no stale hits next to an error
+    grid([]);
+    scoreKind = "";
+    $("scorekind").textContent = "";
+    status(text, true);
+  }
+
+  async function search(note) {
     if (!query) return;
-    const params = new URLSearchParams({k: $("k").value, rerank: $("rerank").value,
-                                        regions: $("regions").value});
+    const rerank = $("rerank").value;
+    const params = new URLSearchParams({rerank: rerank});
+    try {
+      params.set("k", number("k", 1, 1000));
+      params.set("regions", number("regions", 0, 20));
+      if (rerank !== "none") params.set("rerank_k", number("rerank_k", 1, 1000));
+    } catch (e) {
+      clear("not searched: " + e.message);
+      return;
+    }
     if (box) params.set("box", box.join(","));
     const body = new FormData();
     if (query.file) body.append("image", query.file);
     else params.set("id", query.id);
-    status("searching ...");
+    status((note || "") + "searching ...");
     $("search").disabled = true;
     try {
       const res = await fetch("/api/search?" + params, {method: "POST", body: body});
-      const out = await res.json();
-      if (!res.ok) { status(out.error || res.statusText, true); return; }
+      let out;
+      try { out = await res.json(); } catch (e) { out = {}; }
+      if (!res.ok) { clear((note || "") + (out.error || res.statusText)); return; }
       regions = out.regions || [];
       draw();
+      scoreKind = out.score_kind || "";
+      $("scorekind").textContent = scoreKind ? "Scores: " + scoreKind : "";
       grid(out.hits);
-      status(`${out.hits.length} hits in ${out.timings.search_ms} ms ` +
+      status((note || "") + `${out.hits.length} hits in ${out.timings.search_ms} ms ` +
              `(${out.timings.total_ms} ms in all)` +
              (regions.length ? `; ${regions.length} regions searched too` : ""));
     } catch (e) {
-      status("the server did not answer: " + e, true);
+      clear("the server did not answer: " + e);
     } finally {
       $("search").disabled = false;
     }
   }
 
+  // the shortest path tails that tell the hits apart: "name", or "folder/name" when two
+  // hits share a file name (and so on up)
+  function labels(paths) {
+    const parts = paths.map((p) => p.split(/[\\/]/).filter((s) => s !== ""));
+    const depth = parts.map(() => 1);
+    for (;;) {
+      const names = parts.map((ps, i) => ps.slice(-depth[i]).join("/"));
+      const count = new Map();
+      for (const n of names) count.set(n, (count.get(n) || 0) + 1);
+      let longer = false;
+      names.forEach((n, i) => {
+        if (count.get(n) > 1 && depth[i] < parts[i].length) { depth[i] += 1; longer = true; }
+      });
+      if (!longer) return names;
+    }
+  }
+
+  function useHit(h) {
+    closeViewer();
+    show("/api/image/" + h.id, {id: h.id});
+  }
+
   function grid(hits) {
     const g = $("grid");
     g.replaceChildren();
-    for (const h of hits) {
+    const names = labels(hits.map((h) => h.path));
+    hits.forEach((h, i) => {
       const div = document.createElement("div");
       div.className = "hit";
       div.dataset.id = h.id;
       div.dataset.path = h.path;
-      div.title = h.path + " (click: search with it)";
+      div.title = `${h.path}\nscore ${h.score.toFixed(4)}: ${scoreKind}\n` +
+                  "click: view it; the button: search with it";
       const img = document.createElement("img");
-      img.src = "/api/image/" + h.id;
+      img.src = "/api/thumb/" + h.id;
       img.alt = h.path;
+      img.loading = "lazy";
       const score = document.createElement("div");
       score.className = "score";
       score.textContent = h.score.toFixed(4);
       const name = document.createElement("div");
       name.className = "name";
-      name.textContent = h.path.split("/").pop();
-      div.append(img, score, name);
-      div.addEventListener("click", () => show("/api/image/" + h.id, {id: h.id}));
+      name.textContent = names[i];
+      const use = document.createElement("button");
+      use.type = "button";
+      use.className = "use";
+      use.textContent = "search with this";
+      use.addEventListener("click", (ev) => { ev.stopPropagation(); useHit(h); });
+      div.append(img, score, name, use);
+      div.addEventListener("click", () => openViewer(h));
       g.append(div);
-    }
+    });
   }
+
+  function openViewer(h) {
+    viewing = h;
+    $("viewer-image").src = "/api/image/" + h.id;
+    $("viewer-image").alt = h.path;
+    $("viewer-path").textContent = h.path;
+    $("viewer-score").textContent = `score ${h.score.toFixed(4)}`;
+    $("viewer-score").title = scoreKind;
+    $("viewer-original").href = "/api/original/" + h.id;
+    $("viewer").hidden = false;
+    $("viewer-close").focus();
+  }
+
+  function closeViewer() {
+    if ($("viewer").hidden) return;
+    $("viewer").hidden = true;
+    $("viewer-image").removeAttribute("src");
+    viewing = null;
+  }
+
+  $("viewer-close").addEventListener("click", closeViewer);
+  $("viewer-search").addEventListener("click", () => { if (viewing) useHit(viewing); });
+  $("viewer").addEventListener("click", (ev) => {   // the dark margin closes it
+    if (ev.target === $("viewer")) closeViewer();
+  });
+  document.addEventListener("keydown", (ev) => {
+    if (ev.key === "Escape") closeViewer();
+  });
 })();
