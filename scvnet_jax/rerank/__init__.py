@@ -7,10 +7,13 @@
   ames          AMES, a transformer over (query, database) local descriptors (`ames.load`,
                 `ames.rerank`)
   alpha_qe      alpha-weighted query expansion; `dba`: alpha-weighted database augmentation
+
+`registry` names them all, with their options (`registry.names()`, `registry.rerank`).
 """
-from scvnet_jax.rerank import ames, csa, cvnet, expansion
+from scvnet_jax.rerank import ames, csa, cvnet, expansion, registry
 from scvnet_jax.rerank.expansion import alpha_qe, dba
 from scvnet_jax.rerank.icfrr import icfrr
 from scvnet_jax.rerank.superglobal import superglobal
 
-__all__ = ["alpha_qe", "ames", "csa", "cvnet", "dba", "expansion", "icfrr", "superglobal"]
+__all__ = ["alpha_qe", "ames", "csa", "cvnet", "dba", "expansion", "icfrr", "registry",
+           "superglobal"]

@@ -58,3 +58,15 @@ def test_from_candidates_keeps_the_given_order_and_maps_back():
         registry.from_candidates(Q, hits, {k: v for k, v in store.items() if k != "id5"})
     with pytest.raises(ConfigError, match="candidate_ids must be"):
         registry.from_candidates(Q, hits[:2], store)
+
+
+def test_the_registry_is_reachable_from_the_package():
+    """`sj.rerank.registry` (as the docs write it) in a fresh process after `import
+    scvnet_jax` alone (issue 35: an AttributeError, the submodule was never imported)."""
+    import subprocess
+    import sys
+    code = ("import scvnet_jax as sj\n"
+            "print(' '.join(sj.rerank.registry.names()))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(r.stdout.split()) == set(registry.names())
