@@ -275,3 +275,27 @@ def test_options_of_the_wrong_type_in_python(tmp_path):
             ("csa", {"topk": 2.5}, "option topk = 2.5, expected int")]:
         with pytest.raises(sj.errors.InputError, match=message.replace("(", r"\(")):
             index.search(None, str(query), rerank=rerank, options=options)
+
+
+def test_names_that_are_not_utf8(demo_benchmark, tmp_path, capsys):
+    """A collection holding a file whose name is not UTF-8 (Linux bytes): indexed, and a
+    query that hits it answers, as a table and as JSON, the name's odd byte as \\xe9."""
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    jpg = sorted((demo_benchmark / "demo" / "jpg").glob("coins_*"))
+    shutil.copy(jpg[0], photos / jpg[0].name)
+    odd = os.fsdecode(os.fsencode(photos) + b"/caf\xe9.jpg")
+    shutil.copy(jpg[1], odd)
+    index = tmp_path / "i.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    assert ": 2 images (0 reused, 2 extracted" in capsys.readouterr().out
+    shown = f"{photos}/caf\\xe9.jpg"
+    assert main(["query", "--index", str(index), odd, "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"{shown}  (rerank none; 2 images")
+    assert shown in [ln.split()[2] for ln in table[2:4]]
+    assert main(["query", "--index", str(index), odd, "-k", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["query"] == shown and shown in [h["path"] for h in got["hits"]]
