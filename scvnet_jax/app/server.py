@@ -309,8 +309,9 @@ def docs_html(schema: dict) -> str:
                        f"{escape(t)}</td><td>{escape(d)}</td></tr>" for n, w, t, d in rows)
 
     def kind(s):
-        s = s.get("anyOf", [s])[0] if "anyOf" in s else s
-        return s.get("format", s.get("type", ""))
+        s = s.get("anyOf", [s])[0]
+        return ("file" if s.get("format") == "binary" or "contentMediaType" in s
+                else s.get("type", ""))
     parts = []
     for route, methods in schema.get("paths", {}).items():
         for method, op in methods.items():
