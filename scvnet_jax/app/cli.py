@@ -368,8 +368,9 @@ def _listening_socket(host: str, port: int):
 
     sock = None
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        family, kind, proto, _, address = socket.getaddrinfo(   # IPv6 for "::1" as uvicorn
+            host, port, socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
