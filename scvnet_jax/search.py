@@ -224,6 +224,12 @@ class Index:
             raise InputError(f"rerank must be None or one of {', '.join(registry.names())}, "
                              f"got {rerank!r}")
         opts = dict(options or {})
+        if rerank is not None:      # the caller's values, checked before any is converted
+            try:
+                registry.options(rerank, {**(superglobal or {}), **opts}
+                                 if rerank == "superglobal" else opts)
+            except ValueError as e:     # ConfigError: the option, its value, the type
+                raise InputError(str(e)) from None
         if rerank == "superglobal":
             opts = {**(superglobal or {}), **opts}
             opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked

@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from scvnet_jax import cli
+from scvnet_jax.app.server import shown
 from scvnet_jax.errors import InputError
 
 FAMILIES = ("cvnet", "superglobal")
@@ -57,6 +58,12 @@ def _nonnegative(text: str) -> int:
     if v < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
     return v
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in 1..65535, got {text!r}")
+    return int(text)
 
 
 def _box(text: str) -> tuple[float, ...]:
@@ -155,7 +162,7 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1: this machine only)")
-    sv.add_argument("--port", type=_positive, default=8000, help="port (default 8000)")
+    sv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     sv.add_argument("--weights", default=None, help="as for query")
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
@@ -232,11 +239,11 @@ def index_command(args) -> int:
         return 0
     rate = (f", {stats['images_per_second']:.2f} img/s"
             if stats["images_per_second"] else "")
-    print(f"indexed {index.root}: {stats['indexed']} images ({stats['reused']} reused, "
+    print(f"indexed {shown(index.root)}: {stats['indexed']} images ({stats['reused']} reused, "
           f"{stats['extracted']} extracted, {stats['removed']} removed, {stats['skipped']} "
           f"skipped) in {stats['seconds']:.1f} s{rate}")
     size = os.path.getsize(Path(args.index).expanduser())
-    print(f"wrote {args.index}: {len(index)} x {index.descriptors.shape[1]} "
+    print(f"wrote {shown(args.index)}: {len(index)} x {index.descriptors.shape[1]} "
           f"{index.descriptors.dtype} ({index.family}), {size / 2**20:.1f} MB; search "
           f"{_backend_text(index)}")
     return 0
@@ -286,6 +293,8 @@ def query_command(args) -> int:
     if rerank is not None and rerank not in registry.names():
         raise InputError(f"--rerank {args.rerank}: expected none or one of "
                          f"{', '.join(registry.names())}")
+    if rerank is not None:      # a bad --option value: said now, not after the model loads
+        registry.options(rerank, dict(args.option))
     for q in args.queries:
         if not Path(q).is_file():
             raise InputError(f"{q}: query image not found")
@@ -303,23 +312,23 @@ def query_command(args) -> int:
     seconds = time.perf_counter() - t0
     for q, hs, rs in zip(args.queries, hits, regions):
         if args.json:
-            out = {"query": str(Path(q).resolve()), "rerank": args.rerank}
+            out = {"query": shown(str(Path(q).resolve())), "rerank": args.rerank}
             if args.box:
                 out["box"] = list(args.box)
             if args.regions:
                 out["regions"] = [list(r) for r in rs]
-            out["hits"] = [{"path": h.path, "score": round(h.score, 6)} for h in hs]
+            out["hits"] = [{"path": shown(h.path), "score": round(h.score, 6)} for h in hs]
             print(json.dumps(out))
             continue
         crop = f"; box {','.join(f'{v:g}' for v in args.box)}" if args.box else ""
-        print(f"{q}  (rerank {args.rerank}; {len(index)} images{crop}; search "
+        print(f"{shown(q)}  (rerank {args.rerank}; {len(index)} images{crop}; search "
               f"{_backend_text(index)})")
         if args.regions:
             print(f"  regions searched too: {', '.join(str(tuple(r)) for r in rs) or 'none'}"
                   " (merged by best score)")
         print(f"  {'rank':>4}  {'score':>8}  path")
         for i, h in enumerate(hs, 1):
-            print(f"  {i:>4}  {h.score:8.4f}  {h.path}")
+            print(f"  {i:>4}  {h.score:8.4f}  {shown(h.path)}")
     if not args.json:
         print(f"{len(args.queries)} quer{'y' if len(args.queries) == 1 else 'ies'} in "
               f"{seconds:.2f} s")
@@ -336,6 +345,7 @@ def serve_command(args) -> int:
     from scvnet_jax.app import server
     from scvnet_jax.images import set_max_pixels
 
+    sock = _listening_socket(args.host, args.port)     # before the model loads
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)
     index, model = _index_and_model(args)
@@ -351,12 +361,37 @@ def serve_command(args) -> int:
     searcher.search(id=0, k=1)           # compile now, not on the first user's query
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "
           f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs)", flush=True)
-    uvicorn.run(server.create_app(searcher), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.Server(uvicorn.Config(server.create_app(searcher), host=args.host,
+                                  port=args.port, log_level="warning")).run(sockets=[sock])
     return 0
 
 
+def _listening_socket(host: str, port: int):
+    """A socket bound to host:port (as uvicorn binds: SO_REUSEADDR), or one InputError: a
+    port in use or a host that is not this machine's is said before the model loads."""
+    import socket
+
+    sock = None
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(   # IPv6 for "::1" as uvicorn
+            host, port, socket.AF_INET6 if ":" in host else socket.AF_INET,
+            socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        return sock
+    except OSError as e:
+        if sock is not None:
+            sock.close()
+        raise InputError(f"--host {host} --port {port}: cannot listen there "
+                         f"({e.strerror or e})") from None
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i in range(len(argv) - 1, 0, -1):   # "--box -5,0,10,10": argparse would take the
+        if argv[i - 1] == "--box" and str(argv[i]).startswith("-"):   # value for an option;
+            argv[i - 1:i + 1] = [f"--box={argv[i]}"]        # glued, it reaches the box check
     args = parser().parse_args(argv)
     commands = {"index": index_command, "query": query_command, "serve": serve_command}
     return cli.run(lambda: commands[args.command](args))

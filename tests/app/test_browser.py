@@ -284,3 +284,49 @@ def test_repeated_names_tiff_and_a_reindex_in_the_page(browser, collection, serv
         driver.find_element("id", "search").click()
         again = _wait_for_results(driver, previous=hits)
         assert len(again) == 4 and again[0][0] == str(folder / "new.jpg")
+
+
+def test_page_and_docs_work_with_no_other_host(live_server, searcher):
+    """Offline means offline: in a browser that cannot resolve any host but this one, the
+    page searches and /docs shows the API, and nothing was requested from another host
+    (the resource timing entries and the DevTools network log)."""
+    import json
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1280,900",
+                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    driver.set_page_load_timeout(60)
+    try:
+        requested = []
+
+        def requests_made():
+            requested.extend(driver.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.name);"))
+            for entry in driver.get_log("performance"):
+                message = entry["message"]
+                if '"Network.requestWillBeSent"' in message:
+                    requested.append(json.loads(message)["message"]["params"]["request"]
+                                     ["url"])
+        driver.get(live_server + "/")
+        query = sj.search.list_images(searcher.index.root)[4]
+        driver.find_element("id", "file").send_keys(str(query))
+        assert _wait_for_results(driver)
+        requests_made()
+        driver.get(live_server + "/docs")
+        requests_made()
+        assert any(u.endswith("/static/app.js") for u in requested), requested
+        elsewhere = [u for u in requested if not u.startswith((live_server, "data:", "blob:"))]
+        assert not elsewhere, f"requested from another host: {elsewhere}"
+        assert "API" in driver.find_element("tag name", "h1").text
+        routes = [e.text for e in driver.find_elements("css selector", "section h2")]
+        assert "POST /api/search" in routes and "GET /api/image/{id}" in routes, routes
+    finally:
+        driver.quit()

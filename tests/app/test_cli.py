@@ -206,3 +206,96 @@ def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, r
     a, b = sj.search.Index.load(index), sj.search.Index.load(ref)
     assert a.paths == b.paths and a.digests == b.digests and not parts.exists()
     np.testing.assert_array_equal(a.descriptors, b.descriptors)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", "--index", "none.index", "q.jpg", "--rerank", "superglobal", "--option",
+      "M=abc"], "reranker superglobal: option M = 'abc', expected int"),
+    (["query", "--index", "none.index", "q.jpg", "--box", "-5,0,10,10"], "argument --box: "
+     "box must be x1,y1,x2,y2 with 0 <= x1 < x2 and 0 <= y1 < y2 (pixels), got '-5,0,10,10'"),
+    (["serve", "--index", "none.index", "--port", "80000"], "argument --port: expected a "
+     "port in 1..65535, got '80000'"),
+    (["serve", "--index", "none.index", "--port", "0"], "expected a port in 1..65535"),
+    (["serve", "--index", "none.index", "--host", "no-such-host.invalid", "--port", "8000"],
+     "--host no-such-host.invalid --port 8000: cannot listen there"),
+])
+def test_bad_values_are_one_error_before_the_model(args, message, capsys, one_error_line,
+                                                   monkeypatch):
+    """Each refused with one error line, exit 2, before any model or index is read (the
+    index named does not exist)."""
+    monkeypatch.setattr("scvnet_jax.app.cli._load", lambda w: pytest.fail("model loaded"))
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, message)
+
+
+def test_serve_refuses_a_port_in_use_then_listens_on_the_one_it_names(
+        searcher, free_port, capsys, one_error_line, monkeypatch):
+    """A port in use: one error before the model loads. A free one: the socket bound then
+    is the one uvicorn serves on (the port printed is the port listened on)."""
+    import socket
+
+    import uvicorn
+
+    from scvnet_jax.app import cli as app_cli
+    loaded = []
+    monkeypatch.setattr(app_cli, "_index_and_model",
+                        lambda args: loaded.append(1) or (searcher.index, searcher.model))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--index", "i.index", "--port", str(port)]) == 2
+    one_error_line(capsys.readouterr().err, f"--host 127.0.0.1 --port {port}: cannot listen "
+                   "there (Address already in use)")
+    assert not loaded
+    served = []     # (uvicorn.Config would set up logging: pytest's handlers closed)
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: kw)
+    monkeypatch.setattr(uvicorn, "Server", lambda config: type(
+        "Served", (), {"run": lambda self, sockets: served.extend(sockets)})())
+    port = free_port()
+    assert main(["serve", "--index", "i.index", "--port", str(port)]) == 0
+    assert f"at http://127.0.0.1:{port}/ " in capsys.readouterr().out
+    assert len(served) == 1 and served[0].getsockname() == ("127.0.0.1", port)
+    served[0].close()
+
+
+def test_options_of_the_wrong_type_in_python(tmp_path):
+    """Index.search(options={"M": "abc"}): one InputError naming the option, before any
+    image is read (no model is needed to say it)."""
+    query = tmp_path / "q.jpg"
+    query.write_bytes(b"not read")
+    index = sj.search.Index([str(query)], np.ones((1, 4), np.float32))
+    for rerank, options, message in [
+            ("superglobal", {"M": "abc"}, "option M = 'abc', expected int"),
+            ("ames", {"k": "x"}, "option k = 'x', expected int"),
+            ("csa", {"topk": 2.5}, "option topk = 2.5, expected int")]:
+        with pytest.raises(sj.errors.InputError, match=message.replace("(", r"\(")):
+            index.search(None, str(query), rerank=rerank, options=options)
+
+
+def test_names_that_are_not_utf8(demo_benchmark, tmp_path, capsys):
+    """A collection holding a file whose name is not UTF-8 (Linux bytes): indexed, and a
+    query that hits it answers, as a table and as JSON, the name's odd byte as \\xe9."""
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    jpg = sorted((demo_benchmark / "demo" / "jpg").glob("coins_*"))
+    shutil.copy(jpg[0], photos / jpg[0].name)
+    odd = os.fsdecode(os.fsencode(photos) + b"/caf\xe9.jpg")
+    shutil.copy(jpg[1], odd)
+    index = tmp_path / "i.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    assert ": 2 images (0 reused, 2 extracted" in capsys.readouterr().out
+    shown = f"{photos}/caf\\xe9.jpg"
+    assert main(["query", "--index", str(index), odd, "-k", "2"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].startswith(f"{shown}  (rerank none; 2 images")
+    assert shown in [ln.split()[2] for ln in table[2:4]]
+    assert main(["query", "--index", str(index), odd, "-k", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["query"] == shown and shown in [h["path"] for h in got["hits"]]

@@ -1,6 +1,7 @@
 """scvnet-search serve: the REST API against sj.search, bad requests as JSON 4xx, images by
 id only, the page and its files shipped in the package, and 200 requests at 8 at a time on
 a live server."""
+import os
 import re
 import shutil
 import time
@@ -87,7 +88,7 @@ def test_bad_requests_are_json_4xx(client, searcher, tmp_path):
          "read the image"),
         ({"files": {"image": ("cut.jpg", data[:len(data) // 2], "image/jpeg")}}, 400,
          "cut.jpg: cannot read the image"),
-        ({"files": {"image": ("big.png", big.read_bytes(), "image/png")}}, 400, "above the "
+        ({"files": {"image": ("big.png", big.read_bytes(), "image/png")}}, 413, "above the "
          "limit of 0.190735 MB"),
         ({"files": _upload(query), "params": {"k": 0}}, 400, "k must be an integer in"),
         ({"files": _upload(query), "params": {"k": "x"}}, 422, "k"),
@@ -96,7 +97,7 @@ def test_bad_requests_are_json_4xx(client, searcher, tmp_path):
         ({"files": _upload(query), "params": {"box": "500,500,900,900"}}, 400, "crops nothing"),
         ({"files": _upload(query), "params": {"regions": 99}}, 400, "regions must be"),
         ({"params": {"id": 10 ** 6}}, 400, "no indexed image with this id"),
-        ({}, 400, "give an image"),
+        ({}, 400, "the multipart field 'image' (the image file) is missing"),
         ({"files": _upload(query), "params": {"id": 1}}, 400, "not both"),
     ]
     for kwargs, status, message in cases:
@@ -249,3 +250,100 @@ def test_a_reload_swaps_the_index_and_its_ids_together(tmp_path):
     assert all(ok for ok, _ in seen) and s.current()[0].paths[0] == "/p/7/0.jpg"
     path.write_bytes(b"not an index")
     assert len(s.current()[0]) == 7 and s.path_of(6) == "/p/7/6.jpg"
+
+
+def test_a_huge_upload_is_refused_while_it_arrives(searcher, live_server):
+    """A 2 GB body, with its Content-Length or chunked: 413 with the size or "over the
+    limit", after far less than the body was sent (nothing spooled to disk in full)."""
+    import httpx
+
+    sent = []
+    head = (b'--x\r\nContent-Disposition: form-data; name="image"; filename="huge.jpg"\r\n'
+            b"Content-Type: image/jpeg\r\n\r\n")
+
+    def body(chunk=b"\xff" * (1 << 20)):        # 2 GB of a JPEG that never ends
+        yield head
+        for _ in range(2048):
+            sent.append(len(chunk))
+            yield chunk
+    for length, message in [(str(len(head) + (2 << 30)), "the upload is 2048.0 MB, above "
+                             "the limit of 0.190735 MB"),
+                            (None, "the upload is over the limit of 0.190735 MB (refused "
+                             "after 0.")]:
+        sent.clear()
+        headers = {"content-type": "multipart/form-data; boundary=x"}
+        if length:
+            headers["content-length"] = length
+        r = httpx.post(live_server + "/api/search", content=body(), headers=headers,
+                       timeout=120)
+        assert r.status_code == 413 and r.json()["error"].startswith(message), r.text
+        assert sum(sent) < 64 << 20, f"{sum(sent) / 2**20:.0f} MB sent before the refusal"
+        print(f"{sum(sent) / 2**20:.0f} MB of 2048 sent before the refusal")
+    assert httpx.get(live_server + "/api/health").json()["status"] == "ok"
+
+
+def test_errors_speak_the_users_words(client, searcher):
+    """Box errors name the uploaded file (not the server's temporary copy); no `image`
+    field, or two, is said; unknown routes and methods answer {"error": ...} too."""
+    query = sj.search.list_images(searcher.index.root)[0]
+    r = client.post("/api/search", params={"box": "500,500,900,900"},
+                    files={"image": ("my photo.jpg", query.read_bytes(), "image/jpeg")})
+    assert r.status_code == 400 and r.json()["error"].startswith("my photo.jpg: query box ")
+    assert "scvnet-query-" not in r.text and "/tmp" not in r.text
+    r = client.post("/api/search", files={"file": ("q.jpg", query.read_bytes(), "image/jpeg")})
+    assert r.status_code == 400 and "the multipart field 'image' (the image file) is " \
+        "missing" in r.json()["error"]
+    r = client.post("/api/search", files=[("image", ("a.jpg", query.read_bytes())),
+                                          ("image", ("b.jpg", query.read_bytes()))])
+    assert r.status_code == 400
+    assert r.json() == {"error": "several 'image' fields: send one image per search"}
+    for method, route, status, message in [
+            ("GET", "/nowhere", 404, "no such page or API route: GET /nowhere (the API: "
+             "/docs)"),
+            ("GET", "/api/search", 405, "method not allowed: GET /api/search (allowed: "
+             "POST)"),
+            ("DELETE", "/api/image/1", 405, "method not allowed: DELETE /api/image/1 "
+             "(allowed: GET)")]:
+        r = client.request(method, route)
+        assert r.status_code == status and r.json() == {"error": message}, r.text
+
+
+def test_docs_load_nothing_from_elsewhere(client):
+    """/docs is a page of ours made from the OpenAPI schema: every route and parameter,
+    and no URL of another host (FastAPI's Swagger UI loads from a CDN)."""
+    page = client.get("/docs")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert not re.findall(r"(?:https?:)?//[^\s\"'<>]+", page.text)
+    for text in ("POST /api/search", "GET /api/image/{id}", "GET /api/health", "rerank",
+                 "regions", "box", "x1,y1,x2,y2: search a crop", "the query image",
+                 "<td><code>image</code></td><td>multipart body</td><td>file</td>",
+                 "/openapi.json"):
+        assert text in page.text, text
+    assert client.get("/redoc").status_code == 404
+
+
+def test_names_that_are_not_utf8(searcher, tmp_path):
+    """A file whose name is not UTF-8 (Linux bytes): indexed, kept by Index.save/load,
+    searched over REST with its name escaped, its image served by id."""
+    from fastapi.testclient import TestClient
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    src = sj.search.list_images(searcher.index.root)
+    shutil.copy(src[0], photos / src[0].name)
+    odd = os.fsdecode(os.fsencode(photos) + b"/caf\xe9.jpg")
+    shutil.copy(src[1], odd)
+    index, _ = sj.search.update_index(searcher.model, photos, tmp_path / "p.index",
+                                      weights="demo")
+    assert odd in index.paths and sj.search.Index.load(tmp_path / "p.index").paths == \
+        index.paths
+    client = TestClient(server.create_app(server.Searcher(index, searcher.model)))
+    i = index.paths.index(odd)
+    r = client.post("/api/search", params={"id": i, "k": 2})
+    assert r.status_code == 200, r.text
+    assert {"id": i, "path": f"{photos}/caf\\xe9.jpg"} in [
+        {"id": h["id"], "path": h["path"]} for h in r.json()["hits"]]
+    assert r.json()["query"] == f"{photos}/caf\\xe9.jpg"
+    assert client.get(f"/api/image/{i}").content == src[1].read_bytes()
+    r = client.post("/api/search", params={"k": 2}, files=_upload(src[1]))
+    assert f"{photos}/caf\\xe9.jpg" in [h["path"] for h in r.json()["hits"]]
