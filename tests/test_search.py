@@ -445,3 +445,17 @@ def test_a_text_file_is_not_an_index(tmp_path):
         sj.search.Index.load(tmp_path / "notes.txt")
     assert "pickle" not in str(e.value) and "\n" not in str(e.value)
     assert str(e.value).startswith(f"{tmp_path / 'notes.txt'}: cannot read the search index")
+
+
+def test_rerankers_without_their_weights_are_refused_before_extraction(folder, model,
+                                                                      monkeypatch):
+    from scvnet_jax.engine import extract
+
+    def no(*a, **k):
+        raise AssertionError("an image was described")
+    monkeypatch.setattr(extract, "extract", no)
+    query = sj.search.list_images(folder)[0]
+    index = sj.search.Index([str(query)], np.ones((1, 256), np.float32), "cvnet")
+    for name in ("ames", "csa"):
+        with pytest.raises(InputError, match=f"rerank {name} needs weights: options"):
+            index.search(model, query, rerank=name)
