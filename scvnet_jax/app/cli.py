@@ -375,7 +375,6 @@ def serve_command(args) -> int:
                          "'scvnet_jax[app]'") from None
     from scvnet_jax.app import server
     from scvnet_jax.images import set_max_pixels
-
     from scvnet_jax.rerank import registry
 
     if args.max_image_pixels:
