@@ -39,7 +39,7 @@ from scvnet_jax.api import RetrievalModel
 from scvnet_jax.engine import backends, extract
 from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
 from scvnet_jax.engine.search import rank
-from scvnet_jax.errors import InputError
+from scvnet_jax.errors import InputError, OutputError
 from scvnet_jax.evaluation import visuals
 from scvnet_jax.images import IMAGE_EXTENSIONS, ImageRef, read_image
 from scvnet_jax.rerank import registry
@@ -54,6 +54,16 @@ DTYPES = ("float16", "float32")
 class Hit:
     path: str
     score: float
+
+
+class Hits(list):
+    """One query's hits (Hit), best first; `missing`: the indexed files that ranked among
+    them, or among the candidates a reranker reads, but no longer exist (left out)."""
+    missing: tuple = ()
+
+    def __init__(self, hits=(), missing=()):
+        super().__init__(hits)
+        self.missing = tuple(missing)
 
 
 def list_images(folder) -> list[Path]:
@@ -135,6 +145,14 @@ class Index:
         A missing, damaged or foreign file is one InputError naming it."""
         if not Path(path).is_file():
             raise InputError(f"{path}: no such index file")
+        try:                                # a text file, an image...: no numpy hint
+            with open(path, "rb") as f:
+                zipped = f.read(4) == b"PK\x03\x04"
+        except OSError as e:
+            raise InputError(f"{path}: cannot read the search index ({e.strerror})") from None
+        if not zipped:
+            raise InputError(f"{path}: cannot read the search index: not an index file "
+                             "(expected the .npz file that `scvnet-search index` writes)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 if "format" not in z.files or str(z["format"]) not in FORMATS:
@@ -242,6 +260,11 @@ class Index:
                 registry.options(rerank, opts)
             except Exception as e:
                 raise InputError(str(e)) from None
+        if rerank is not None and registry.get(rerank).needs_weights and not opts.get("weights"):
+            raise InputError(f"rerank {rerank} needs weights: options {{'weights': PATH}} (a "
+                             f"{rerank} model directory or an official checkpoint)")
+        if rerank == "ames":    # official weights without their detector: refused now
+            registry.ames_setup(opts["weights"], opts.get("detector", ""))
         if rerank == "csa":     # a model of ours: its training topk; CSA scores are not
             if not opts.get("topk"):    # similarities, so every hit is reranked
                 trained = registry.csa_model(opts.get("weights", ""),
@@ -260,6 +283,9 @@ class Index:
                                            "cache_dir": _token_cache()})
         X = self.descriptors.astype(np.float32)
         sim, ranks = rank(X, Q)                         # (N, n_q) each
+        found, gone = {}, [{} for _ in refs]
+        if rerank is not None and registry.get(rerank).needs_images:
+            ranks, opts = _without_gone(self.paths, ranks, rerank, opts, found, gone)
         top = np.take_along_axis(sim, ranks, axis=0)    # similarity, in ranking order
         if rerank is not None:
             out = registry.rerank(rerank, registry.Inputs(
@@ -270,18 +296,23 @@ class Index:
             ranks = out.ranks
             top = np.take_along_axis(sim, ranks, axis=0)
             top[:out.scores.shape[0]] = out.scores
-        return [[Hit(self.paths[int(j)], float(top[pos, i]))
-                 for pos, j in enumerate(ranks[:k, i])] for i in range(len(queries))]
+        return [_hits(self.paths, ranks[:, i], top[:, i], k, found, gone[i])
+                for i in range(len(queries))]
 
     def _search_shortlist(self, model, Q, refs, k, rerank, opts, shortlist, settings):
         S = min(len(self), max(k, _positive_int(shortlist, "shortlist")))
         scores, ids = self.backend.search(Q, S)
+        found, gone = {}, [{} for _ in refs]
         if rerank is None:
-            return [[Hit(self.paths[int(j)], float(v)) for v, j in zip(scores[i], ids[i])
-                     if j >= 0][:k] for i in range(len(Q))]
+            return [_hits(self.paths, ids[i][ids[i] >= 0], scores[i][ids[i] >= 0], k, found,
+                          gone[i]) for i in range(len(Q))]
         ids = np.where(ids < 0, ids[:, :1], ids)         # too few found: repeat the best
         inputs, rows = registry.from_candidates(
             Q, ids, lambda r: self.descriptors[np.asarray(r)].astype(np.float32))
+        paths = [self.paths[int(j)] for j in rows]
+        if registry.get(rerank).needs_images:
+            ranks, opts = _without_gone(paths, inputs.ranks, rerank, opts, found, gone)
+            inputs = dataclasses.replace(inputs, ranks=ranks)
         inputs = dataclasses.replace(inputs, model=model, query_images=refs,
                                      db_images=[ImageRef(self.paths[int(j)]) for j in rows],
                                      settings=settings)
@@ -290,8 +321,8 @@ class Index:
         out = registry.rerank(rerank, inputs, **opts)
         top = np.take_along_axis(inputs.sim, out.ranks, axis=0)
         top[:out.scores.shape[0]] = out.scores
-        return [[Hit(self.paths[int(rows[j])], float(top[pos, i]))
-                 for pos, j in enumerate(out.ranks[:k, i])] for i in range(len(Q))]
+        return [_hits(paths, out.ranks[:, i], top[:, i], k, found, gone[i])
+                for i in range(len(Q))]
 
     def search_regions(self, model: RetrievalModel, query, k: int = 10, *, regions: int = 5,
                        box=None, region_scales=None, **search_options
@@ -323,10 +354,53 @@ class Index:
             for h in hits:
                 best[h.path] = max(best.get(h.path, -np.inf), h.score)
         merged = sorted(best.items(), key=lambda ps: -ps[1])[:k]
-        return [Hit(p, s) for p, s in merged], found
+        missing = dict.fromkeys(p for hits in lists for p in getattr(hits, "missing", ()))
+        return Hits([Hit(p, s) for p, s in merged], missing), found
 
 
 ON_ERROR = ("raise", "skip")
+
+
+def _first_present(paths, column, depth: int, found: dict, gone: dict) -> list[int]:
+    """Positions of the first `depth` entries of `column` (rows of `paths`) whose files
+    exist; each file is looked at once per search (`found`: row -> exists) and the ones
+    that no longer exist are added to `gone` (path -> None, in ranking order)."""
+    out = []
+    for pos, j in enumerate(column):
+        j = int(j)
+        if j not in found:
+            found[j] = os.path.isfile(paths[j])
+        if not found[j]:
+            gone[paths[j]] = None
+        elif len(out) < depth:
+            out.append(pos)
+            if len(out) == depth:
+                break
+    return out
+
+
+def _without_gone(paths, ranks, rerank, opts, found, gone):
+    """For a reranker that reads the database images: its candidates (each query's top
+    topk / k) without the files deleted since indexing: those are moved to the end of
+    every ranking and the depth is capped to the files still there."""
+    key = "topk" if rerank == "cvnet" else "k"
+    for i in range(ranks.shape[1]):
+        _first_present(paths, ranks[:, i], int(opts[key]), found, gone[i])
+    missing = [j for j, there in found.items() if not there]
+    if not missing:
+        return ranks, opts
+    if len(missing) == len(paths):
+        raise InputError(f"none of the indexed files exists any more (e.g. {paths[0]}): "
+                         "re-index the collection, or give --root if it moved")
+    last = np.isin(ranks, missing)
+    ranks = np.take_along_axis(ranks, np.argsort(last, axis=0, kind="stable"), axis=0)
+    return ranks, {**opts, key: min(int(opts[key]), len(paths) - len(missing))}
+
+
+def _hits(paths, column, scores, k: int, found: dict, gone: dict) -> Hits:
+    """The top k of one ranking whose files still exist, and those that do not."""
+    keep = _first_present(paths, column, k, found, gone)
+    return Hits([Hit(paths[int(column[pos])], float(scores[pos])) for pos in keep], gone)
 
 
 def _token_cache() -> str:
@@ -471,7 +545,9 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     as they are done, so a run killed at any point and rerun extracts only what is still
     missing; the index is written atomically at the end, then the parts are removed. An
     existing file at `path` that is not an index is refused, never overwritten; an index
-    built with another model, descriptor or dtype is refused unless `rebuild`.
+    built with another model, descriptor or dtype is refused unless `rebuild`, which
+    re-extracts every image (neither the old index nor earlier parts are reused). A folder
+    the index cannot be written to (read-only, full) is refused before any extraction.
     `weights` is recorded for the queries ("demo" or the path the model came from; by
     default the one the index already records).
 
@@ -507,6 +583,8 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     root = Path(folder).expanduser().resolve()
     paths = [str(p) for p in list_images(root)]
     old = Index.load(path) if path.exists() else None
+    if mesh.process_index() == 0:
+        _check_writable(path)       # before any extraction
     key = model_key(model, family, dtype)
     if old is not None and old.model != key and not rebuild:
         raise InputError(f"{path}: built with another model, descriptor family or dtype "
@@ -516,11 +594,12 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     t0 = time.perf_counter()
     pid, nproc = mesh.process_index(), mesh.process_count()
     known: dict = {}
-    if old is not None and old.model == key:
+    if old is not None and old.model == key and not rebuild:
         known.update(zip(old.digests, old.descriptors))
+    if old is not None and old.model == key:
         weights = weights or old.weights
     parts = path.with_name(path.name + ".parts")
-    for part in sorted(parts.glob("chunk_*.npz")):
+    for part in [] if rebuild else sorted(parts.glob("chunk_*.npz")):
         try:
             with np.load(part, allow_pickle=False) as z:
                 if str(z["model"]) == key:
@@ -562,9 +641,14 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                     continue
                 D = extract.describe_images(model, images, spec, batch_size, bucket, bar)
                 D = D.astype(dtype)
-                files.atomic_save_npz(parts / f"chunk_{uuid.uuid4().hex}.npz",
-                                      model=np.array(key), descriptors=D,
-                                      digests=np.array([digests[i] for i in good], dtype=str))
+                try:
+                    files.atomic_save_npz(parts / f"chunk_{uuid.uuid4().hex}.npz",
+                                          model=np.array(key), descriptors=D, digests=np.array(
+                                              [digests[i] for i in good], dtype=str))
+                except OSError:     # OutputError (e.g. the disk filled): no empty folder left
+                    if parts.is_dir() and not any(parts.iterdir()):
+                        parts.rmdir()
+                    raise
                 known.update(zip([digests[i] for i in good], D))
                 rows += good
                 new.append(D)
@@ -622,6 +706,27 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
              "seconds": round(seconds, 3),
              "images_per_second": round(extracted / seconds, 3) if extracted else None}
     return index, stats
+
+
+def _check_writable(path: Path) -> None:
+    """An InputError unless a file can be written next to the index `path` (a read-only,
+    full or missing folder is found before any extraction): a probe is created there and
+    removed."""
+    probe = path.with_name(f".{path.name}.{uuid.uuid4().hex}.probe")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"\0" * 4096)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"{path}: cannot write the index in {path.parent} "
+                          f"({e.strerror or e}); nothing was extracted") from None
+    finally:
+        try:
+            probe.unlink()
+        except OSError:
+            pass
 
 
 def _gathered_digests(paths: list[str], pool) -> list[str]:

@@ -392,3 +392,70 @@ def test_faiss_inside_the_index_and_shortlist_search(folder, model, tmp_path):
     assert stats["extracted"] == 0 and stats["recall_at_10"] == 1.0
     with pytest.raises(InputError, match="backend must be auto, exact or faiss"):
         sj.search.update_index(model, folder, path, backend="annoy")
+
+
+def test_rebuild_re_extracts_everything(folder, model, tmp_path, monkeypatch):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for p in sj.search.list_images(folder)[:3]:
+        shutil.copy(p, photos / p.name)
+    path = tmp_path / "i.index"
+    sj.search.update_index(model, photos, path)
+    calls = _count_extracted(monkeypatch)
+    index, stats = sj.search.update_index(model, photos, path, rebuild=True)
+    assert sum(calls) == 3 and (stats["extracted"], stats["reused"]) == (3, 0)
+    assert len(index) == 3 and not (tmp_path / "i.index.parts").exists()
+
+
+def test_an_unwritable_destination_is_refused_before_extraction(folder, model, tmp_path,
+                                                               monkeypatch):
+    """Tests run as root, where permission bits do not stop writes: the folder of the index
+    is a regular file (fails for root too), then a full disk (the probe's fsync fails with
+    ENOSPC), then the disk fills after the probe (a chunk cannot be written): refused with
+    one error, no extraction for the first two and no empty .parts folder left."""
+    import errno
+    import os
+
+    from scvnet_jax import files
+    from scvnet_jax.engine import extract
+    from scvnet_jax.errors import OutputError
+    calls = _count_extracted(monkeypatch)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(OutputError, match="afile/i.index: cannot write the index in"):
+        sj.search.update_index(model, folder, tmp_path / "afile" / "i.index")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match="i.index: cannot write the index in .*No space"):
+        sj.search.update_index(model, folder, tmp_path / "i.index")
+    assert calls == [] and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+    monkeypatch.undo()
+    monkeypatch.setattr(files.tempfile, "mkstemp", full)
+    monkeypatch.setattr(extract, "describe_images",
+                        lambda model, images, *a, **k: np.zeros((len(images), 256)))
+    with pytest.raises(OutputError, match="chunk_.*No space"):
+        sj.search.update_index(model, folder, tmp_path / "i.index")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_text_file_is_not_an_index(tmp_path):
+    (tmp_path / "notes.txt").write_text("my notes\n")
+    with pytest.raises(InputError) as e:
+        sj.search.Index.load(tmp_path / "notes.txt")
+    assert "pickle" not in str(e.value) and "\n" not in str(e.value)
+    assert str(e.value).startswith(f"{tmp_path / 'notes.txt'}: cannot read the search index")
+
+
+def test_rerankers_without_their_weights_are_refused_before_extraction(folder, model,
+                                                                      monkeypatch):
+    from scvnet_jax.engine import extract
+
+    def no(*a, **k):
+        raise AssertionError("an image was described")
+    monkeypatch.setattr(extract, "extract", no)
+    query = sj.search.list_images(folder)[0]
+    index = sj.search.Index([str(query)], np.ones((1, 256), np.float32), "cvnet")
+    for name in ("ames", "csa"):
+        with pytest.raises(InputError, match=f"rerank {name} needs weights: options"):
+            index.search(model, query, rerank=name)

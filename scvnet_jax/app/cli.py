@@ -167,6 +167,14 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
                     help="largest query upload accepted (default 20 MB)")
+    sv.add_argument("--csa_weights", default=None, metavar="MODEL",
+                    help="offer the csa reranker: a CSA model directory (train.py --config "
+                         "configs/csa_demo.py writes one) or an official checkpoint")
+    sv.add_argument("--ames_weights", default=None, metavar="MODEL",
+                    help="offer the ames reranker: an AMES model directory (train.py "
+                         "--config configs/ames_demo.py) or an official checkpoint")
+    sv.add_argument("--ames_detector", default=None, metavar="CHECKPOINT",
+                    help="the detector official AMES weights read (with --ames_weights)")
     _backend_flags(sv)
     sv.add_argument("--max_image_pixels", type=_positive, default=None,
                     help="largest query image, in pixels, from its header (default 100 "
@@ -273,6 +281,9 @@ def _index_and_model(args):
     from scvnet_jax import search
 
     index = search.Index.load(Path(args.index).expanduser(), root=args.root)
+    if args.root is None and index.root and not Path(index.root).is_dir():
+        raise InputError(f"{args.index}: the indexed folder {index.root} no longer exists; "
+                         "if the collection moved, give its new place with --root FOLDER")
     weights = args.weights or index.weights
     if not weights:
         raise InputError(f"{args.index}: the index records no weights; pass --weights")
@@ -293,24 +304,41 @@ def query_command(args) -> int:
     if rerank is not None and rerank not in registry.names():
         raise InputError(f"--rerank {args.rerank}: expected none or one of "
                          f"{', '.join(registry.names())}")
+    options = dict(args.option)
     if rerank is not None:      # a bad --option value: said now, not after the model loads
-        registry.options(rerank, dict(args.option))
-    for q in args.queries:
-        if not Path(q).is_file():
-            raise InputError(f"{q}: query image not found")
+        registry.options(rerank, options)
+        if registry.get(rerank).needs_weights:
+            _reranker_weights(rerank, options.get("weights"), "--option weights=MODEL")
+    from scvnet_jax.engine.extract import image_errors
+    from scvnet_jax.images import ImageRef
+
+    # an unreadable query is reported and the others answered; the exit status is then 2
+    errors = [e if Path(q).is_file() else f"{q}: query image not found" for q, e in
+              zip(args.queries, image_errors([ImageRef(q, args.box) for q in args.queries],
+                                             args.workers))]
+    for e in errors:
+        if e is not None:
+            print(f"error: {e}", file=sys.stderr)
+    queries = [q for q, e in zip(args.queries, errors) if e is None]
+    if not queries:
+        return 2
     index, model = _index_and_model(args)
     t0 = time.perf_counter()
-    options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=dict(args.option),
+    options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=options,
                    batch_size=args.batch_size, bucket=args.bucket, shortlist=args.shortlist)
     if args.regions or args.box:
         found = [index.search_regions(model, q, regions=args.regions, box=args.box,
-                                      **options) for q in args.queries]
+                                      **options) for q in queries]
         hits, regions = [f[0] for f in found], [f[1] for f in found]
     else:
-        hits = index.search(model, args.queries, **options)
-        regions = [[] for _ in args.queries]
+        hits = index.search(model, queries, **options)
+        regions = [[] for _ in queries]
     seconds = time.perf_counter() - t0
-    for q, hs, rs in zip(args.queries, hits, regions):
+    for q, hs, rs in zip(queries, hits, regions):
+        if hs.missing:
+            print(f"warning: {q}: {len(hs.missing)} indexed file(s) no longer exist, left "
+                  f"out: {', '.join(shown(p) for p in hs.missing[:3])}{' ...' if len(hs.missing) > 3 else ''}"
+                  " (re-index the collection, or give --root if it moved)", file=sys.stderr)
         if args.json:
             out = {"query": shown(str(Path(q).resolve())), "rerank": args.rerank}
             if args.box:
@@ -318,6 +346,8 @@ def query_command(args) -> int:
             if args.regions:
                 out["regions"] = [list(r) for r in rs]
             out["hits"] = [{"path": shown(h.path), "score": round(h.score, 6)} for h in hs]
+            if hs.missing:
+                out["missing"] = [shown(p) for p in hs.missing]
             print(json.dumps(out))
             continue
         crop = f"; box {','.join(f'{v:g}' for v in args.box)}" if args.box else ""
@@ -330,9 +360,19 @@ def query_command(args) -> int:
         for i, h in enumerate(hs, 1):
             print(f"  {i:>4}  {h.score:8.4f}  {shown(h.path)}")
     if not args.json:
-        print(f"{len(args.queries)} quer{'y' if len(args.queries) == 1 else 'ies'} in "
+        print(f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} in "
               f"{seconds:.2f} s")
-    return 0
+    return 0 if len(queries) == len(args.queries) else 2
+
+
+def _reranker_weights(name: str, weights, option: str) -> None:
+    """Weights a reranker needs, checked before the model loads: given, and there."""
+    if not weights:
+        raise InputError(f"--rerank {name} needs weights: {option} (a {name} model directory, "
+                         f"e.g. written by train.py --config configs/{name}_demo.py, or an "
+                         "official checkpoint)")
+    if isinstance(weights, str) and not Path(weights).expanduser().exists():
+        raise InputError(f"{option.split('=')[0]} {weights}: no such file or model directory")
 
 
 def serve_command(args) -> int:
@@ -344,21 +384,34 @@ def serve_command(args) -> int:
                          "'scvnet_jax[app]'") from None
     from scvnet_jax.app import server
     from scvnet_jax.images import set_max_pixels
+    from scvnet_jax.rerank import registry
 
     sock = _listening_socket(args.host, args.port)     # before the model loads
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)
+    rerankers = {}      # the rerankers with weights of their own, loaded before the model
+    if args.csa_weights:
+        _reranker_weights("csa", args.csa_weights, "--csa_weights")
+        rerankers["csa"] = {"weights": registry.csa_model(args.csa_weights)}
+    if args.ames_weights:
+        _reranker_weights("ames", args.ames_weights, "--ames_weights")
+        ames, detector = registry.ames_setup(args.ames_weights, args.ames_detector or "")
+        rerankers["ames"] = {"weights": ames, **({"detector": detector} if detector else {})}
+    elif args.ames_detector:
+        raise InputError("--ames_detector goes with --ames_weights")
     index, model = _index_and_model(args)
     from scvnet_jax import search
 
     path = Path(args.index).expanduser()     # re-indexed: reloaded on the next request
     searcher = server.Searcher(index, model, batch_size=args.batch_size, bucket=args.bucket,
                                max_upload_bytes=args.max_upload_mb << 20,
-                               shortlist=args.shortlist, index_path=path, load=lambda: (
+                               shortlist=args.shortlist, reranker_options=rerankers,
+                               index_path=path, load=lambda: (
                                    _with_backend(search.Index.load(path, root=args.root),
                                                  args)))
     t0 = time.perf_counter()
-    searcher.search(id=0, k=1)           # compile now, not on the first user's query
+    there = next((i for i, p in enumerate(index.paths) if os.path.isfile(p)), 0)
+    searcher.search(id=there, k=1)       # compile now, not on the first user's query
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "
           f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs)", flush=True)
     uvicorn.Server(uvicorn.Config(server.create_app(searcher), host=args.host,

@@ -5,9 +5,10 @@ API (FastAPI; every script and style is shipped in this package, nothing from a 
                            choose the reranker and k, see the hits; click one to search with it
     GET  /api/health       {"status": "ok", "images": N, "family": ..., "weights": ...}
     POST /api/search       multipart field `image` (or query parameter `id`: an indexed image),
-                           query parameters k, rerank, regions, box=x1,y1,x2,y2 ->
-                           {"query", "rerank", "score_kind", ["box"], ["regions"], "hits":
-                           [{"id", "path", "score"}], "timings": {"search_ms", "total_ms"}}
+                           query parameters k, rerank, rerank_k, regions, box=x1,y1,x2,y2
+                           -> {"query", "rerank", "score_kind", ["box"], ["regions"], "hits":
+                           [{"id", "path", "score"}], "missing": [paths of indexed files that
+                           are gone, left out], "timings": {"search_ms", "total_ms"}}
                            (score_kind: what the scores are, on the reranker's own scale:
                            not probabilities)
     GET  /api/image/{id}   an indexed image, by its id only (no paths: nothing else is
@@ -25,9 +26,13 @@ never a 500. An upload over the limit is refused while it arrives (413), from it
 Content-Length before any byte is read, else once the bytes received pass the limit: it is
 never spooled to disk in full. File names that are not UTF-8 (Linux allows any bytes) are
 shown with \\xNN escapes for those bytes (`shown`); their images are still served by id.
-Searches run one at a time on the loaded model (a lock); requests queue. A Searcher given
-the index file's path notices when it is re-indexed (its size, mtime or inode change) and
-loads it on the next request (the model stays): no restart needed.
+Searches run on the loaded model in two lanes, each one search at a time (a lock): the
+rerankers that read database images again (cvnet, ames: seconds per candidate) in one, every
+other search in the other, so a plain search never waits behind such a rerank; at most two
+searches are in memory at once. Rerankers that need weights of their own (csa, ames) are
+offered only when the server was given them (`serve --csa_weights / --ames_weights`).
+A Searcher given the index file's path notices when it is re-indexed (its size, mtime or
+inode change) and loads it on the next request (the model stays): no restart needed.
 """
 
 import contextlib
@@ -69,14 +74,21 @@ class Searcher:
 
     def __init__(self, index, model, *, batch_size: int = 0, bucket: int = 64,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000,
-                 index_path=None, load=None):
-        """index_path: the index file, reloaded when it changes on disk (by `load()`,
-        default `Index.load(index_path)`); None: the index stays as given."""
+                 reranker_options: dict | None = None, index_path=None, load=None):
+        """reranker_options: name -> options (e.g. {"csa": {"weights": path}}): a reranker
+        that needs weights is offered only with them. index_path: the index file, reloaded
+        when it changes on disk (by `load()`, default `Index.load(index_path)`); None: the
+        index stays as given."""
+        from scvnet_jax.rerank import registry
         self.model, self.shortlist = model, shortlist
+        self.reranker_options = {n: dict(o) for n, o in (reranker_options or {}).items()}
+        self.rerankers = [n for n in registry.names() if not registry.get(n).needs_weights
+                          or self.reranker_options.get(n, {}).get("weights")]
         self._state = (index, {p: i for i, p in enumerate(index.paths)})  # swapped whole
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()            # plain searches and light rerankers
+        self.rerank_lock = threading.Lock()     # rerankers that read the database images
         self.index_path = index_path
         self._load = load
         self._signature = _file_signature(index_path)
@@ -125,7 +137,8 @@ class Searcher:
             return self._state
 
     def search(self, *, data: bytes | None = None, filename: str = "upload", id=None,
-               k: int = 10, rerank: str = "none", regions: int = 0, box=None) -> dict:
+               k: int = 10, rerank: str = "none", regions: int = 0, box=None,
+               rerank_k: int = 100) -> dict:
         from scvnet_jax.images import decode_image
         from scvnet_jax.rerank import registry
 
@@ -142,9 +155,15 @@ class Searcher:
             raise InputError(f"k must be an integer in [1, 1000], got {k!r}")
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= 20:
             raise InputError(f"regions must be an integer in [0, 20], got {regions!r}")
+        if isinstance(rerank_k, bool) or not isinstance(rerank_k, int) or \
+                not 1 <= rerank_k <= 1000:
+            raise InputError(f"rerank_k must be an integer in [1, 1000], got {rerank_k!r}")
         if rerank != "none" and rerank not in registry.names():
-            raise InputError(f"rerank must be none or one of {', '.join(registry.names())}, "
+            raise InputError(f"rerank must be none or one of {', '.join(self.rerankers)}, "
                              f"got {rerank!r}")
+        if rerank != "none" and rerank not in self.rerankers:
+            raise InputError(f"rerank {rerank} needs weights, and this server has none for "
+                             f"it: start it with --{rerank}_weights MODEL")
         box = parse_box(box) if isinstance(box, str) else box
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
             if id is not None:
@@ -163,13 +182,15 @@ class Searcher:
                 Path(path).write_bytes(data)
                 name = filename
             options = dict(k=k, rerank=None if rerank == "none" else rerank,
+                           rerank_k=rerank_k, options=self.reranker_options.get(rerank),
                            batch_size=self.batch_size, bucket=self.bucket,
                            shortlist=self.shortlist)
-            with self.lock, _in_user_words(path, name):
+            slow = rerank != "none" and registry.get(rerank).needs_images
+            with self.rerank_lock if slow else self.lock, _in_user_words(path, name):
                 t1 = time.perf_counter()
                 if regions or box is not None:
                     hits, found = index.search_regions(self.model, path, regions=regions,
-                                                            box=box, **options)
+                                                       box=box, **options)
                 else:
                     hits, found = index.search(self.model, path, **options)[0], []
                 t2 = time.perf_counter()
@@ -180,6 +201,7 @@ class Searcher:
             out["regions"] = [list(r) for r in found]
         out["hits"] = [{"id": ids[h.path], "path": shown(h.path),
                         "score": round(h.score, 6)} for h in hits]
+        out["missing"] = [shown(p) for p in getattr(hits, "missing", ())]
         out["timings"] = {"search_ms": round(1000 * (t2 - t1), 1),
                           "total_ms": round(1000 * (time.perf_counter() - t0), 1)}
         return out
@@ -362,7 +384,6 @@ def create_app(searcher: Searcher):
     from starlette.exceptions import HTTPException
 
     from scvnet_jax.errors import ScvnetError
-    from scvnet_jax.rerank import registry
 
     app = FastAPI(title="scvnet-search", description="Search an indexed photo collection "
                   "by image or region (scvnet_jax).", docs_url=None, redoc_url=None)
@@ -396,7 +417,7 @@ def create_app(searcher: Searcher):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return page_html(searcher, registry.names())
+        return page_html(searcher, searcher.rerankers)
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str):
@@ -418,7 +439,7 @@ def create_app(searcher: Searcher):
                 "backend": "exact" if ix.backend is None else
                 f"{ix.backend.name} {getattr(ix.backend, 'kind', '')}".strip(),
                 "recall_at_10": ix.recall_at_10,
-                "rerankers": ["none", *registry.names()]}
+                "rerankers": ["none", *searcher.rerankers]}
 
     @app.post("/api/search")
     async def search(request: Request,
@@ -426,6 +447,8 @@ def create_app(searcher: Searcher):
                      id: int | None = Query(None, description="search with indexed image id"),
                      k: int = Query(10, description="hits to return (1..1000)"),
                      rerank: str = Query("none", description="none or a registry reranker"),
+                     rerank_k: int = Query(100, description="candidates the cvnet, csa and "
+                                           "ames rerankers re-order (1..1000)"),
                      regions: int = Query(0, description="regions of the query to search too"),
                      box: str | None = Query(None, description="x1,y1,x2,y2: search a crop")):
         """Top-k hits for an uploaded image (multipart field `image`) or an indexed one
@@ -438,7 +461,7 @@ def create_app(searcher: Searcher):
         import anyio
         return await anyio.to_thread.run_sync(lambda: searcher.search(
             data=data, filename=(image.filename or "upload") if image else "upload", id=id,
-            k=k, rerank=rerank, regions=regions, box=box))
+            k=k, rerank=rerank, regions=regions, box=box, rerank_k=rerank_k))
 
     def indexed_file(id: int):
         """(the file of indexed image `id`, None) or (None, the 404 to answer)."""

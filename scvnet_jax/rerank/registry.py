@@ -75,6 +75,7 @@ class Reranker:
     defaults: Mapping[str, Any]
     run: Callable[..., Result]
     needs_images: bool = False           # the CVNet verifier reads the images again
+    needs_weights: bool = False          # a trained model of its own: option "weights"
     score: str = ""                      # what Result.scores means
 
 
@@ -257,7 +258,7 @@ RERANKERS: dict[str, Reranker] = {r.name: r for r in (
               "shortlist": 0, "max_bytes": 0}, _icfrr,
              score="-distance + beta x votes of the last iteration; every item"),
     Reranker("csa", "CSA: a transformer over affinity features re-orders the top k",
-             {"weights": "", "topk": 0, "dtype": "float32"}, _csa,
+             {"weights": "", "topk": 0, "dtype": "float32"}, _csa, needs_weights=True,
              score="cosine of the candidate's and the query's CSA output tokens; top k"),
     Reranker("alpha_qe", "alpha-weighted query expansion, the whole database re-ranked",
              {"k": 2, "alpha": 3.0}, _alpha_qe,
@@ -268,7 +269,7 @@ RERANKERS: dict[str, Reranker] = {r.name: r for r in (
     Reranker("ames", "AMES: a transformer over local descriptors scores the top k",
              {"weights": "", "detector": "", "k": 0, "lamb": -1.0, "temp": -1.0,
               "query_len": 0, "db_len": 0, "protocol": "blind", "batch_size": 64}, _ames,
-             needs_images=True,
+             needs_images=True, needs_weights=True,
              score="lamb x similarity + (1 - lamb) x sigmoid(temp x AMES logit); top k "
                    "(0 / -1: the model's defaults)"),
 )}

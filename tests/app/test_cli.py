@@ -299,3 +299,75 @@ def test_names_that_are_not_utf8(demo_benchmark, tmp_path, capsys):
     assert main(["query", "--index", str(index), odd, "-k", "2", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["query"] == shown and shown in [h["path"] for h in got["hits"]]
+
+
+def test_unreadable_queries_moved_and_deleted_files(photos, tmp_path, capsys):
+    """One unreadable query among three is reported and the other two answered (exit 2);
+    hits whose files were deleted are left out and said; a collection moved without --root
+    and a text file given as --index are one error line each."""
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    index = tmp_path / "my.index"
+    assert main(["index", str(folder), "--index", str(index)]) == 0
+    capsys.readouterr()
+    a, b, c = sorted(folder.rglob("*.jpg"))[:3]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(a.read_bytes()[:200])
+    assert main(["query", "--index", str(index), str(a), str(broken), str(c), "--json",
+                 "-k", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert [json.loads(ln)["query"] for ln in out.splitlines()] == [str(a), str(c)]
+    assert err.count("error: ") == 1 and "broken.jpg: cannot read the image" in err, err
+
+    a_copy = tmp_path / "a.jpg"
+    shutil.copy(a, a_copy)
+    a.unlink()                                      # deleted after indexing
+    assert main(["query", "--index", str(index), str(a_copy), "--json", "-k", "3"]) == 0
+    out, err = capsys.readouterr()
+    got = json.loads(out)
+    assert got["missing"] == [str(a)] and str(a) not in [h["path"] for h in got["hits"]]
+    assert len(got["hits"]) == 3 and "1 indexed file(s) no longer exist" in err, err
+
+    folder.rename(tmp_path / "moved")
+    assert main(["query", "--index", str(index), str(a_copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "no longer exists" in err and "--root" in err, err
+    assert main(["query", "--index", str(index), str(a_copy), "--root",
+                 str(tmp_path / "moved")]) == 0
+    capsys.readouterr()
+
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert main(["query", "--index", str(notes), str(a_copy)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "notes.txt: cannot read the search index" in err, err
+    assert "pickle" not in err, err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["query", "--index", "{index}", "{query}", "--rerank", "csa"],
+     "--rerank csa needs weights: --option weights=MODEL"),
+    (["query", "--index", "{index}", "{query}", "--rerank", "ames"],
+     "--rerank ames needs weights: --option weights=MODEL"),
+    (["query", "--index", "{index}", "{query}", "--rerank", "csa", "--option",
+      "weights={tmp}/none"], "--option weights {tmp}/none: no such file"),
+    (["serve", "--index", "{index}", "--csa_weights", "{tmp}/none"],
+     "--csa_weights {tmp}/none: no such file"),
+    (["serve", "--index", "{index}", "--ames_weights", "{tmp}/none"],
+     "--ames_weights {tmp}/none: no such file"),
+])
+def test_missing_reranker_weights_are_found_before_the_model_loads(args, message, tmp_path,
+                                                                    monkeypatch, capsys):
+    from scvnet_jax.app import cli
+
+    def no(*a, **k):
+        raise AssertionError("the model was loaded")
+    monkeypatch.setattr(cli, "_load", no)
+    monkeypatch.setattr(cli, "_index_and_model", no)
+    query = tmp_path / "q.jpg"
+    query.write_bytes(b"")
+    args = [a.format(index=tmp_path / "my.index", query=query, tmp=tmp_path) for a in args]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message.format(tmp=tmp_path) \
+        in err, err

@@ -347,3 +347,106 @@ def test_names_that_are_not_utf8(searcher, tmp_path):
     assert client.get(f"/api/image/{i}").content == src[1].read_bytes()
     r = client.post("/api/search", params={"k": 2}, files=_upload(src[1]))
     assert f"{photos}/caf\\xe9.jpg" in [h["path"] for h in r.json()["hits"]]
+
+
+def _copy_of(searcher, tmp_path):
+    """A searcher over copies of the session searcher's photos (they may be deleted)."""
+    import dataclasses
+    import shutil
+    paths = []
+    for i, p in enumerate(searcher.index.paths):
+        paths.append(str(tmp_path / f"{i:02d}_{p.rsplit('/', 1)[-1]}"))
+        shutil.copy(p, paths[-1])
+    index = dataclasses.replace(searcher.index, paths=paths, root=str(tmp_path))
+    return server.Searcher(index, searcher.model)
+
+
+def test_a_deleted_file_drops_out_of_the_cvnet_rerank_and_is_said(searcher, tmp_path):
+    """A photo deleted after indexing (here: the query's own copy, the first hit) is not
+    read by the cvnet verifier nor returned: the answer lists it under "missing"; rerank_k
+    reaches Index.search."""
+    copy = _copy_of(searcher, tmp_path)
+    query = searcher.index.paths[4]
+    gone = copy.index.paths[4]
+    import os
+    os.remove(gone)
+    for rerank in ("none", "cvnet"):
+        got = copy.search(data=open(query, "rb").read(), filename="q.jpg", k=4,
+                          rerank=rerank, rerank_k=3)
+        assert got["missing"] == [gone], got
+        assert len(got["hits"]) == 4 and gone not in [h["path"] for h in got["hits"]]
+    seen = {}
+    real = copy.index.search
+
+    def spy(*a, **kw):
+        seen.update(kw)
+        return real(*a, **kw)
+    copy.index.search = spy
+    copy.search(id=0, k=2, rerank="alpha_qe", rerank_k=7)
+    assert seen["rerank_k"] == 7
+    assert copy.search(id=0, k=2)["missing"] == []
+
+
+def test_rerank_k_from_rest(client, searcher, monkeypatch):
+    seen = []
+    real = searcher.search
+    monkeypatch.setattr(searcher, "search", lambda **kw: seen.append(kw) or real(**kw))
+    assert client.post("/api/search", params={"id": 1, "k": 2}).status_code == 200
+    assert client.post("/api/search", params={"id": 1, "k": 2, "rerank_k": 5}).status_code \
+        == 200
+    assert [kw["rerank_k"] for kw in seen] == [100, 5]
+    for bad in (0, 1001, "x"):
+        r = client.post("/api/search", params={"id": 1, "rerank_k": bad})
+        assert r.status_code in (400, 422) and "rerank_k" in r.json()["error"], r.text
+
+
+def test_a_plain_search_answers_while_a_slow_rerank_runs(searcher, monkeypatch):
+    """A rerank that reads the images (cvnet: about a second per candidate on real photos)
+    runs in its own lane: a plain search started meanwhile answers at once."""
+    import dataclasses
+    import threading
+
+    from scvnet_jax.rerank import registry
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(inp, **options):
+        entered.set()
+        release.wait(60)
+        return registry.Result(inp.ranks, np.take_along_axis(inp.similarity(), inp.ranks,
+                                                             axis=0))
+    monkeypatch.setitem(registry.RERANKERS, "cvnet",
+                        dataclasses.replace(registry.RERANKERS["cvnet"], run=slow))
+    reranked = []
+    heavy = threading.Thread(target=lambda: reranked.append(
+        searcher.search(id=2, k=3, rerank="cvnet")))
+    heavy.start()
+    try:
+        assert entered.wait(120), "the rerank did not start"
+        plain = []
+        light = threading.Thread(target=lambda: plain.append(searcher.search(id=5, k=3)))
+        light.start()
+        light.join(30)
+        assert plain and not reranked, "the plain search waited for the rerank"
+    finally:
+        release.set()
+        heavy.join(60)
+    assert len(reranked) == 1 and len(reranked[0]["hits"]) == 3
+
+
+def test_rerankers_that_need_weights_are_offered_only_with_them(searcher):
+    """csa and ames are absent from the page's menu and /api/health without weights, and
+    asking for them says which serve option gives them."""
+    from fastapi.testclient import TestClient
+    bare = TestClient(server.create_app(searcher))
+    assert "csa" not in bare.get("/api/health").json()["rerankers"]
+    assert "ames" not in bare.get("/api/health").json()["rerankers"]
+    page = bare.get("/").text
+    assert 'value="cvnet"' in page and 'value="csa"' not in page and 'value="ames"' not in page
+    for name in ("csa", "ames"):
+        r = bare.post("/api/search", params={"id": 0, "rerank": name})
+        assert r.status_code == 400 and f"--{name}_weights" in r.json()["error"], r.text
+    armed = server.Searcher(searcher.index, searcher.model,
+                            reranker_options={"csa": {"weights": "some/csa_model"}})
+    assert "csa" in armed.rerankers and "ames" not in armed.rerankers
+    health = TestClient(server.create_app(armed)).get("/api/health").json()
+    assert "csa" in health["rerankers"] and "ames" not in health["rerankers"]

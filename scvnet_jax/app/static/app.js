@@ -140,7 +140,9 @@
       grid(out.hits);
       status((note || "") + `${out.hits.length} hits in ${out.timings.search_ms} ms ` +
              `(${out.timings.total_ms} ms in all)` +
-             (regions.length ? `; ${regions.length} regions searched too` : ""));
+             (regions.length ? `; ${regions.length} regions searched too` : "") +
+             ((out.missing || []).length ? `; ${out.missing.length} indexed file(s) no ` +
+              `longer exist and were left out (re-index the collection)` : ""));
     } catch (e) {
       clear("the server did not answer: " + e);
     } finally {
