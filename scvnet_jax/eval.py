@@ -91,7 +91,8 @@ def _define(fv, argv):
     s("data_dir", None, "folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (demo: "
       "default <cache_dir>/demo_benchmark, built on first use)", flag_values=fv)
     s("weights", None, "official CVNet checkpoint (.pyth/.pth), a model directory (written by "
-      "`python -m scvnet_jax.convert` or train.py), or 'random': an untrained model of the "
+      "`python -m scvnet_jax.convert` or train.py), a training run's checkpoint step "
+      "(W/checkpoints/<step>, stages 1 and 2), or 'random': an untrained model of the "
       "default model's shape (demo: the bundled demo model's; else the official R50's), seed "
       "0. Default for demo: the bundled demo model", flag_values=fv)
     s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +

@@ -108,3 +108,22 @@ def test_resume_with_validation_is_exact(tmp_path, run, run_train, demo_tfds, de
     val = lambda w: [{k: v for k, v in rec.items() if k.startswith("val/")}
                      for rec in _records(w)]
     assert val(work) == val(full)
+
+
+@pytest.mark.parametrize("over, text", [
+    ({"stage": 3}, "validation during training is for the CVNet stages 1 and 2"),
+    ({"eval.dataset": "nope"}, "config.eval.dataset = 'nope': expected one of"),
+    ({"eval.dataset": "roxford5k"}, "needs config.eval.data_dir"),
+    ({"eval.pipelines": ("csa",)}, "config.eval.pipelines = ['csa']"),
+    ({"eval.best_by": "cvnet_rerank/M"}, "config.eval.best_by = 'cvnet_rerank/M'"),
+    ({"eval.every_steps": -1}, "config.eval.every_steps = -1"),
+])
+def test_bad_eval_settings_are_one_config_error(over, text):
+    from scvnet_jax.configs import demo
+    from scvnet_jax.errors import ConfigError
+    from scvnet_jax.training import config
+
+    cfg = demo.set_fields(demo.get_config("tiny"), {"eval.every_steps": 2, **over})
+    with pytest.raises(ConfigError, match=None) as e:
+        config.validate(cfg)
+    assert text in str(e.value), str(e.value)
