@@ -8,6 +8,10 @@ Command (build the dataset once, then train; rerun the same train command to res
     python eval.py --dataset roxford5k --data_dir DATA --weights runs/cvnet_r50/model \
         --pipelines cvnet_global
 
+Validation during training is off here (GLDv2-clean has no held-out split); to score the
+model on ROxford5k every 5000 steps and keep the best in W/model_best, add
+--config.eval.every_steps=5000 --config.eval.dataset=roxford5k --config.eval.data_dir=DATA.
+
 Hardware: any JAX backend; the global batch (128) is split over all devices and hosts
 (one GPU, an 8-GPU box, or a TPU pod slice with --distributed on every host).
 Expected time: steps x batch / (images/s). benchmarks/train_step.py measures images/s per

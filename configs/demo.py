@@ -23,16 +23,22 @@ noisy: 1200 steps (this config until 2026-12-05) gave 67.7 / 53.6 / 24.6, 600 st
 65.7 / 47.9 / 14.6 (no Medium gain); with Flax's one-pass BatchNorm variance 1200 steps
 reached 77.5 / 59.4 / 24.2.
 
+Validation (`config.eval`): at steps 400 and 800 the cvnet_global pipeline scores the
+current model on the demo benchmark (for `--config.data.name=<a folder set>`: its held-out
+split); the mAPs go to metrics.jsonl and TensorBoard (`val/cvnet_global/mAP/M`), and
+W/model_best is the best step's model. `--config.eval.every_steps=0` turns it off.
+
 Variant `tiny` (`--config configs/demo.py:tiny`): a width-8 model on 64x64 crops, a few
 seconds per run on a CPU; the tests and the notebooks' smoke mode use it for the mechanics
-(sharding, resume, the NaN stop), not for results.
+(sharding, resume, the NaN stop), not for results; no validation unless
+--config.eval.every_steps is set.
 """
 from scvnet_jax.training.config import default_config
 
 
 TINY = {"model.width": 8, "model.reduction_dim": 32, "model.corr_dim": 16,
         "data.image_size": 64, "batch_size": 16, "loss.queue_size": 32,
-        "optimizer.warmup_steps": 2, "log_every_steps": 2}
+        "optimizer.warmup_steps": 2, "log_every_steps": 2, "eval.every_steps": 0}
 
 
 def get_config(variant: str = ""):
@@ -57,6 +63,8 @@ def get_config(variant: str = ""):
     c.optimizer.lr = 2e-3
     c.optimizer.weight_decay = 0.05
     c.optimizer.warmup_steps = 30
+    c.eval.every_steps = 400             # validation at steps 400 and 800 (about 20 s each)
+    c.eval.dataset = "auto"              # the demo benchmark; a folder set's held-out split
     return apply_variant(c, variant, {"tiny": TINY})
 
 

@@ -19,6 +19,10 @@ The frozen demo backbone (width 16, 800 steps on 72 tile classes) hardly separat
 of the same photograph: on training pairs the head reaches ~0.96 accuracy on positives
 but ~0.2 on hard negatives.
 
+Validation (`config.eval`): at steps 500 and 1000, cvnet_global and cvnet_rerank (top 20,
+official protocol) on the demo benchmark or a folder set's held-out split; W/model_best is
+the step with the best cvnet_rerank mAP (Medium; folder sets: all).
+
 Variant `tiny` (`--config configs/demo_rerank.py:tiny`): the tiny stage-1 model of
 configs/demo.py:tiny, 64x64 pairs, batch 8, a bank of 4 refreshed every 8 steps: seconds on
 a CPU, for the mechanics (resume across a bank refresh), not for results.
@@ -47,4 +51,6 @@ def get_config(variant: str = ""):
     c.optimizer.lr = 1e-3
     c.optimizer.weight_decay = 0.01
     c.optimizer.warmup_steps = 20
+    c.eval.every_steps = 500             # validation at steps 500 and 1000: cvnet_global and
+    c.eval.topk = 20                     # cvnet_rerank (top 20: ~30 s each on 2 CPU cores)
     return demo.apply_variant(c, variant, {"tiny": TINY})

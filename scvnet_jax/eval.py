@@ -91,7 +91,8 @@ def _define(fv, argv):
     s("data_dir", None, "folder holding <dataset>/gnd_<dataset>.pkl and <dataset>/jpg/ (demo: "
       "default <cache_dir>/demo_benchmark, built on first use)", flag_values=fv)
     s("weights", None, "official CVNet checkpoint (.pyth/.pth), a model directory (written by "
-      "`python -m scvnet_jax.convert` or train.py), or 'random': an untrained model of the "
+      "`python -m scvnet_jax.convert` or train.py), a training run's checkpoint step "
+      "(W/checkpoints/<step>, stages 1 and 2), or 'random': an untrained model of the "
       "default model's shape (demo: the bundled demo model's; else the official R50's), seed "
       "0. Default for demo: the bundled demo model", flag_values=fv)
     s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +
@@ -177,7 +178,7 @@ def run(cfg) -> int:
     import jax.numpy as jnp
 
     import scvnet_jax as sj
-    from scvnet_jax.data.revisitop import load_dataset, read_distractor_list
+    from scvnet_jax.data.revisitop import read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
     from scvnet_jax.evaluation.config import RERANK_PIPELINES
@@ -202,14 +203,8 @@ def run(cfg) -> int:
     t0 = time.time()
     cli.use_compilation_cache(cfg.cache_dir)
     lead = jax.process_index() == 0
-    if cfg.dataset.startswith("folder:"):
-        from scvnet_jax.data import folder
-        dataset = folder.open_benchmark(cfg.dataset, cfg.cache_dir or default_cache_dir())
-    elif cfg.dataset == "gldv2_retrieval":
-        from scvnet_jax.data import gldv2_retrieval
-        dataset = gldv2_retrieval.load(cfg.data_dir)
-    else:
-        dataset = load_dataset(cfg.data_dir, cfg.dataset)
+    dataset = pipelines.open_dataset(cfg.dataset, cfg.data_dir,
+                                     cfg.cache_dir or default_cache_dir())
     distractors = (read_distractor_list(cfg.distractors, cfg.distractors_dir or None)
                    if cfg.distractors else None)
     model = load_model(cfg.weights, cfg.dataset, jnp.dtype(cfg.dtype))

@@ -99,6 +99,12 @@ def revisitop(ranks, gnd, ks: Sequence[int] = (1, 5, 10)):
       (mapE, mapM, mapH, mpk): mAPs as fractions in [0, 1] and mpk, (3, len(ks)) mean
       precisions with rows E, M, H.
     """
+    maps, mpk, _ = _revisitop(ranks, gnd, ks)
+    return maps[0], maps[1], maps[2], np.stack(mpk)
+
+
+def _revisitop(ranks, gnd, ks):
+    """`revisitop`'s ([mAP E, M, H], [mP@ks E, M, H]) and [per-query AP E, M, H]."""
     if isinstance(gnd, Mapping):
         gnd = gnd["gnd"]
     if isinstance(ranks, np.ndarray) and ranks.ndim == 2:
@@ -107,12 +113,13 @@ def revisitop(ranks, gnd, ks: Sequence[int] = (1, 5, 10)):
         per_setting = list(ranks)
         if len(per_setting) != 3:
             raise ValueError("ranks must be one (n_db, n_q) array or three of them (E, M, H)")
-    maps, mpk = [], []
+    maps, mpk, aps = [], [], []
     for setting, r in zip(SETTINGS, per_setting):
-        m, _, pr, _ = compute_map(np.asarray(r), setting_gnd(gnd, setting), list(ks))
+        m, ap, pr, _ = compute_map(np.asarray(r), setting_gnd(gnd, setting), list(ks))
         maps.append(m)
         mpk.append(pr)
-    return maps[0], maps[1], maps[2], np.stack(mpk)
+        aps.append(ap)
+    return maps, mpk, aps
 
 
 # -- one entry point per benchmark protocol ----------------------------------------------------
@@ -133,15 +140,24 @@ def score(protocol: str, ranks, gnd, ks: Sequence[int] = (1, 5, 10)
                  without hard labels has (the revisitop settings would all be the same).
       gldv2      `gldv2_retrieval` (gnd: easy = the index images of the solution, usage).
     """
+    return score_queries(protocol, ranks, gnd, ks)[:2]
+
+
+def score_queries(protocol: str, ranks, gnd, ks: Sequence[int] = (1, 5, 10)
+                  ) -> tuple[dict[str, float], dict[str, list[float]], dict[str, np.ndarray]]:
+    """`score`'s (mAP, mP@k) and, per setting, every query's AP (n_q,) float64: NaN where
+    the query does not count in that setting's mAP (revisitop: no positives; GLDv2: a query
+    of the other Usage subset), so each setting's mAP is the mean of its non-NaN APs."""
     if protocol == "revisitop":
-        mE, mM, mH, mpk = revisitop(ranks, gnd, ks)
-        return ({"E": mE, "M": mM, "H": mH},
-                {s: [float(v) for v in row] for s, row in zip(SETTINGS, mpk)})
+        maps, mpk, aps = _revisitop(ranks, gnd, ks)
+        return (dict(zip(SETTINGS, maps)),
+                {s: [float(v) for v in row] for s, row in zip(SETTINGS, mpk)},
+                dict(zip(SETTINGS, aps)))
     if protocol == "single":
-        m, _, pr, _ = compute_map(np.asarray(ranks), setting_gnd(gnd, "M"), list(ks))
-        return {"all": m}, {"all": [float(v) for v in pr]}
+        m, ap, pr, _ = compute_map(np.asarray(ranks), setting_gnd(gnd, "M"), list(ks))
+        return {"all": m}, {"all": [float(v) for v in pr]}, {"all": ap}
     if protocol == "gldv2":
-        return gldv2_retrieval(ranks, gnd, ks)
+        return _gldv2(ranks, gnd, ks)
     raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
 
 
@@ -168,6 +184,11 @@ def gldv2_retrieval(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100
       ({subset: mAP@k}, {subset: [mP@kk for kk in ks]}) as floats in [0, 1]; a subset
       without queries is left out.
     """
+    return _gldv2(ranks, gnd, ks, k)[:2]
+
+
+def _gldv2(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100):
+    """gldv2_retrieval's (mAP, mP@k) and per-subset per-query AP@k (NaN elsewhere)."""
     ranks = np.asarray(ranks)
     nq = len(gnd)
     if ranks.ndim != 2 or ranks.shape[1] != nq or ranks.shape[0] < 1:
@@ -176,7 +197,7 @@ def gldv2_retrieval(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100
     if int(k) < 1 or any(kk < 1 for kk in ks):
         raise ValueError(f"k and ks must be positive, got k={k}, ks={ks}")
     if nq == 0:
-        return {}, {}
+        return {}, {}, {}
     top = ranks[:max([int(k), *ks])].astype(np.int64)            # (d, nq)
     if top.min() < 0:
         raise ValueError("ranks must hold non-negative database indices")
@@ -209,13 +230,14 @@ def gldv2_retrieval(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100
           / np.minimum(n_gt, int(k)))
     prec = np.stack([hits[min(kk, rel.shape[0]) - 1] / kk for kk in ks], axis=1) \
         if ks else np.zeros((nq, 0))                              # (nq, len(ks))
-    maps, mpk = {}, {}
+    maps, mpk, aps = {}, {}, {}
     for subset in PROTOCOLS["gldv2"]:
         sel = usage == subset
         if sel.any():
             maps[subset] = float(ap[sel].mean())
             mpk[subset] = [float(v) for v in prec[sel].mean(axis=0)]
-    return maps, mpk
+            aps[subset] = np.where(sel, ap, np.nan)
+    return maps, mpk, aps
 
 
 # -- class-labelled retrieval ----------------------------------------------------------------

@@ -18,7 +18,11 @@ passes `variant` to its get_config(). Any config field can be overridden with
 --config.<field>=<value>. The run writes W/checkpoints/ (orbax; resumable), W/metrics.jsonl
 (one JSON object per logged step), W/tensorboard/ (TensorBoard summaries), W/config.json,
 stage 2 also W/hard_negatives/, and when done W/model/, a model directory that eval.py and
-scvnet_jax.load read. Rerun the same command to resume after a crash or preemption.
+scvnet_jax.load read (as they read a checkpoint step, W/checkpoints/<step>). With
+--config.eval.every_steps=N (on in configs/demo*.py) the current model is scored on a
+held-out benchmark every N steps (config.eval.dataset: the demo benchmark, a folder set's
+held-out split, ...; val/... in metrics.jsonl and TensorBoard) and W/model_best/ keeps the
+best step's model. Rerun the same command to resume after a crash or preemption.
 
 Multi-host (TPU pod slice, multi-node GPU): run the same command on every host with
 --distributed (the workdir must be a shared filesystem); give --coordinator_address,

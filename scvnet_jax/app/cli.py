@@ -97,8 +97,9 @@ def parser() -> argparse.ArgumentParser:
     ix.add_argument("folder", help="folder of images (.jpg .jpeg .png .bmp .webp .tif .tiff)")
     ix.add_argument("--index", required=True, help="the index file to create or update")
     ix.add_argument("--weights", default="demo",
-                    help="official .pyth/.pth checkpoint or a converted model directory "
-                         "(default: the bundled demo model)")
+                    help="official .pyth/.pth checkpoint, a model directory, or a training "
+                         "run's checkpoint step W/checkpoints/<step> (default: the bundled "
+                         "demo model)")
     ix.add_argument("--family", choices=FAMILIES, default="cvnet",
                     help="global descriptor: CVNet-Global (3 scales) or SuperGlobal")
     ix.add_argument("--dtype", choices=DTYPES, default="float16",

@@ -48,9 +48,17 @@ def read_official(path, *, depth: int | None = None) -> tuple[Arch, dict]:
 
 
 def read_checkpoint(path, *, depth: int | None = None) -> tuple[Arch, dict]:
-    """(arch, variables) from an official checkpoint file or a converted model directory."""
+    """(arch, variables) from an official checkpoint file, a converted model directory, or
+    a training run's checkpoint step `W/checkpoints/<step>` (stages 1 and 2)."""
     if is_model_dir(path):
         return load_model_dir(path, depth=depth)
+    from scvnet_jax.training import checkpoints
+    if checkpoints.is_run_checkpoint(path):
+        arch, variables = checkpoints.read_model(path)
+        if depth is not None and int(depth) != arch.depth:
+            raise CheckpointError(f"{path}: holds a ResNet-{arch.depth} CVNet, but depth "
+                                  f"{depth} was asked for")
+        return arch, variables
     if Path(path).is_dir():
         raise CheckpointError(f"{path}: a directory without config.json; expected a "
                               "directory written by `python -m scvnet_jax.convert`")

@@ -427,4 +427,5 @@ def open_benchmark(spec: str, cache_dir):
     return RevisitopDataset(f"folder:{name}", root, gnd_path, imlist,
                             [imlist[q] for q in doc["queries"]], gnd, db_paths=db_paths,
                             query_paths=[db_paths[q] for q in doc["queries"]],
-                            protocol="single", notes=notes)
+                            protocol="single", notes=notes,
+                            query_classes=[doc["labels"][q] for q in doc["queries"]])

@@ -38,6 +38,7 @@ class RevisitopDataset:
     query_paths: list[str] | None = None  # likewise; a query whose bbx is None is not cropped
     protocol: str = "revisitop"           # the metric (scvnet_jax.metrics.PROTOCOLS)
     notes: tuple[str, ...] = ()           # printed with the results, stored in results.json
+    query_classes: list[str] | None = None  # each query's class (folder sets), for per-class AP
 
     @property
     def n_db(self) -> int:

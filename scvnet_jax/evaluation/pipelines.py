@@ -49,6 +49,10 @@ class PipelineResult:
                                    # their settings ({"all": ..}, {"public": .., "private": ..})
     mpk: dict                      # {"E": [..], "M": [..], "H": [..]} likewise
     info: dict = dataclasses.field(default_factory=dict)   # first_stage, rerank_ms_per_query
+    aps: dict = dataclasses.field(default_factory=dict)    # {setting: (n_q,) AP; NaN: the
+                                                           # query does not count in it}
+    queries: list = dataclasses.field(default_factory=list)  # the queries' names
+    classes: list | None = None                            # their classes (folder sets)
 
     def ranking(self, setting: str = "M") -> np.ndarray:
         return self.ranks.get(setting, self.ranks.get(""))
@@ -122,9 +126,11 @@ def _result(ctx: Context, name: str, protocol: str, ranks, **info) -> PipelineRe
         # (copies: a view would keep the full ranking alive)
         ranks = (tuple(np.array(r[:keep]) for r in ranks) if per_setting else
                  np.array(ranks[:keep]))
-    maps, mpk = metrics.score(ctx.dataset.protocol, ranks, ctx.dataset.gnd, tuple(ctx.cfg.ks))
+    maps, mpk, aps = metrics.score_queries(ctx.dataset.protocol, ranks, ctx.dataset.gnd,
+                                           tuple(ctx.cfg.ks))
     settings = dict(zip(metrics.SETTINGS, ranks)) if per_setting else {"": ranks}
-    return PipelineResult(name, protocol, settings, maps, mpk, info)
+    return PipelineResult(name, protocol, settings, maps, mpk, info, aps,
+                          list(ctx.dataset.qimlist), ctx.dataset.query_classes)
 
 
 def label_protocol(dataset: RevisitopDataset, protocol: str) -> str:
@@ -194,6 +200,20 @@ EVALUATORS: dict[str, Callable[[Context], PipelineResult]] = {
     "cvnet_global": cvnet_global, "cvnet_rerank": cvnet_rerank,
     "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank,
     **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}, "ames": ames}
+
+
+def open_dataset(name: str, data_dir, cache_dir) -> RevisitopDataset:
+    """The benchmark `name`: folder:<data_dir>/<name> (its held-out images written once
+    under `cache_dir`), gldv2_retrieval or a revisitop dataset (demo, roxford5k, rparis6k)
+    in `data_dir`."""
+    if name.startswith("folder:"):
+        from scvnet_jax.data import folder
+        return folder.open_benchmark(name, cache_dir)
+    if name == "gldv2_retrieval":
+        from scvnet_jax.data import gldv2_retrieval
+        return gldv2_retrieval.load(data_dir)
+    from scvnet_jax.data.revisitop import load_dataset
+    return load_dataset(data_dir, name)
 
 
 def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,

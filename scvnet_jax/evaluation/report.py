@@ -33,11 +33,47 @@ def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "",
 def to_json(results: Sequence[PipelineResult], ks: Sequence[int], meta: dict,
             extra: dict | None = None) -> dict:
     """{"<pipeline>": {"mAP": {E, M, H}, "mP@k": {E: [..], ..}, "ks": [..], "protocol": ..,
-    (rerankers: "first_stage", "rerank_ms_per_query"), **meta, **extra[pipeline]}} with
-    fractions in [0, 1]."""
+    (rerankers: "first_stage", "rerank_ms_per_query"), **meta, **extra[pipeline],
+    "per_query": [..], ("per_class": {..})}} with fractions in [0, 1] (`per_query_json`)."""
     extra = extra or {}
     return {r.name: {"mAP": r.mAP, "mP@k": r.mpk, "ks": list(ks), "protocol": r.protocol,
-                     **r.info, **meta, **extra.get(r.name, {})} for r in results}
+                     **r.info, **meta, **extra.get(r.name, {}), **per_query_json(r)}
+            for r in results}
+
+
+def per_query_json(r: PipelineResult) -> dict:
+    """{"per_query": [{"query": name, ("class": its class,) "AP": {setting: AP or None}}],
+    and for a benchmark whose queries have classes (folder sets) "per_class": {class:
+    {"queries": n, "AP": {setting: mean AP of its queries or None}}}}. None: the query does
+    not count in that setting (no positives; GLDv2: the other Usage subset), so each
+    setting's mAP is the mean of its queries' non-None APs."""
+    if not r.aps:
+        return {}
+    aps = {s: np.asarray(v, np.float64) for s, v in r.aps.items()}
+    n = len(next(iter(aps.values())))
+    names = r.queries or [str(i) for i in range(n)]
+
+    def num(v):
+        return None if np.isnan(v) else float(v)
+
+    rows = []
+    for i in range(n):
+        row = {"query": names[i]}
+        if r.classes is not None:
+            row["class"] = r.classes[i]
+        rows.append({**row, "AP": {s: num(a[i]) for s, a in aps.items()}})
+    out = {"per_query": rows}
+    if r.classes is not None:
+        labels = np.asarray(r.classes, dtype=object)
+        out["per_class"] = {}
+        for c in sorted(set(r.classes)):
+            sel = labels == c
+            means = {}
+            for s, a in aps.items():
+                v = a[sel][~np.isnan(a[sel])]
+                means[s] = float(v.mean()) if v.size else None
+            out["per_class"][c] = {"queries": int(sel.sum()), "AP": means}
+    return out
 
 
 def ranks_arrays(results: Sequence[PipelineResult]) -> dict[str, np.ndarray]:

@@ -2,7 +2,9 @@
 
   config.py       default settings (configs/*.py start from them)
   loop.py         the loop: mesh, sharded jitted step, logging, the NaN stop, resume
-  checkpoints.py  orbax checkpoints of the state and every process's data position
+  checkpoints.py  orbax checkpoints of the state and every process's data position (and a
+                  checkpoint step read as a model: --weights W/checkpoints/<step>)
+  validation.py   validation during training (config.eval): scores, W/model_best
   optim.py        optimiser and learning-rate schedule
   losses.py       CurricularFace and the momentum contrastive loss
   stage1.py       stage 1 (CVNet-Global): state, step, image-pair stream, task, export

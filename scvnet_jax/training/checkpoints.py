@@ -11,6 +11,7 @@ import signal
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from scvnet_jax.errors import ConfigError, OutputError, ScvnetError
 
@@ -134,3 +135,61 @@ class Preemption:
     def close(self) -> None:
         if self._old is not None:
             signal.signal(signal.SIGTERM, self._old)
+
+
+# -- a checkpoint step as a model (eval.py / scvnet-search --weights W/checkpoints/<step>) ----
+
+def is_run_checkpoint(path) -> bool:
+    """`W/checkpoints/<step>` of a training run of ours (W holds its config.json)."""
+    p = Path(path).expanduser()
+    return (p.name.isdigit() and p.parent.name == "checkpoints" and (p / "state").is_dir()
+            and (p.parent.parent / "config.json").is_file())
+
+
+def read_state(step_dir) -> dict:
+    """The raw train state saved in `step_dir` (W/checkpoints/<step>), every leaf a NumPy
+    array, whatever devices and processes saved it."""
+    import orbax.checkpoint as ocp
+
+    path = Path(step_dir).expanduser().resolve() / "state"
+    ckptr = ocp.PyTreeCheckpointer()
+    tree = ckptr.metadata(path).item_metadata.tree
+    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+
+
+def read_model(step_dir):
+    """(arch, CVNet variables) of a stage-1 or stage-2 run's checkpoint step, as its
+    W/model would hold them at that step (the run's config.json says how). Stage 1's rerank
+    head comes from its init_from when that is still there, else it is random (seeded)."""
+    import json
+    import types
+
+    import ml_collections
+
+    from scvnet_jax.errors import CheckpointError
+    from scvnet_jax.training import stage1, stage2
+    from scvnet_jax.training.config import arch_of
+
+    step_dir = Path(step_dir).expanduser().resolve()
+    run = step_dir.parent.parent
+    try:
+        cfg = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
+        stage = int(cfg.stage)
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
+        raise CheckpointError(f"{run / 'config.json'}: cannot read the run's config "
+                              f"({e})") from None
+    if stage not in (1, 2):
+        raise CheckpointError(f"{step_dir}: a checkpoint of a stage-{stage} run (a reranker); "
+                              "only CVNet runs (stages 1 and 2) load as a retrieval model")
+    try:
+        raw = read_state(step_dir)
+    except Exception as e:    # orbax/tensorstore raise many kinds
+        raise CheckpointError(f"{step_dir}: cannot restore the checkpoint "
+                              f"({type(e).__name__}: {str(e)[:300]})") from None
+    if stage == 1:
+        enc = stage1.export_variables(types.SimpleNamespace(**raw), cfg.export)
+        variables, _ = stage1.cvnet_variables(cfg, enc)
+    else:
+        variables = stage2.variables(raw["backbone"], raw["params"])
+    return arch_of(cfg), jax.tree.map(lambda x: np.asarray(x, np.float32), variables)

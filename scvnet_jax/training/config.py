@@ -147,6 +147,26 @@ def default_config() -> ml_collections.ConfigDict:
     c.ames.temp = 0.8                # s = lamb x global + (1 - lamb) x sigmoid(temp x logit)
     c.ames.num_rerank = 100
 
+    # Validation during training (stages 1 and 2): a held-out benchmark scored by eval.py's
+    # pipelines with the current parameters every `every_steps` steps and at the last step
+    # (0 = off); the mAPs go to metrics.jsonl and TensorBoard ("val/<pipeline>/mAP/<setting>"),
+    # and W/model_best is the model directory of the best step so far by `best_by`.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every_steps = 0
+    c.eval.dataset = "auto"          # "demo", "folder:<data_dir>/<name>" (a folder set's
+                                     # held-out split), roxford5k / rparis6k /
+                                     # gldv2_retrieval (with eval.data_dir), or "auto": demo
+                                     # for demo_landmarks, the held-out split of a folder set
+    c.eval.data_dir = ""
+    c.eval.pipelines = ()            # () = the stage's own: stage 1 cvnet_global; stage 2
+                                     # cvnet_global and cvnet_rerank
+    c.eval.best_by = ""              # "<pipeline>/<setting>"; "" = the last pipeline's M
+                                     # (revisitop), all (folder sets) or private (GLDv2)
+    c.eval.topk = 100                # CVNet rerank depth
+    c.eval.protocol = "official"     # CVNet rerank protocol (folder sets: always blind)
+    c.eval.batch_size = 0            # images per device (0 = auto: 1 on CPU, 8 on GPU/TPU)
+    c.eval.bucket = 64
+
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"
     c.optimizer.lr = 0.01
@@ -237,6 +257,10 @@ _RANGES = (
     ("ames.view_size", "int", lambda v: v >= 16, "an integer >= 16 (pixels)"),
     ("ames.holdout_classes", "int", lambda v: v >= 0, "an integer >= 0"),
     ("ames.num_rerank", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.every_steps", "int", lambda v: v >= 0, "an integer >= 0 (0 = no validation)"),
+    ("eval.topk", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("eval.batch_size", "int", lambda v: v >= 0, "an integer >= 0 (0 = auto)"),
+    ("eval.bucket", "int", lambda v: v >= 1, "an integer >= 1 (pixels)"),
 )
 _CHOICES = (
     ("stage", (1, 2, 3, 4)), ("ames.family", ("cvnet", "superglobal")),
@@ -246,7 +270,7 @@ _CHOICES = (
                          "float32")),
     ("data.positive", ("same_class", "same_image")), ("optimizer.name", ("sgd", "adamw")),
     ("optimizer.schedule", ("cosine", "constant")),
-    ("rerank.head_init", ("random", "checkpoint")),
+    ("rerank.head_init", ("random", "checkpoint")), ("eval.protocol", ("official", "blind")),
 )
 # Fields that change the shape of the saved state: a workdir's checkpoints only resume
 # under the same values.
@@ -270,6 +294,8 @@ def validate(cfg) -> None:
         raise ConfigError(f"config.loss.queue_size ({cfg.loss.queue_size}) must be a multiple "
                           f"of config.batch_size ({cfg.batch_size}): the queue takes whole "
                           "batches")
+    from scvnet_jax.training import validation
+    validation.check_config(cfg)
     if cfg.init_from:
         if not Path(cfg.init_from).expanduser().exists():
             raise ConfigError(f"config.init_from = {cfg.init_from!r}: no such file or "
@@ -278,7 +304,8 @@ def validate(cfg) -> None:
 
 
 # What a run writes into its workdir (and nothing else).
-RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "config.json",
+RUN_ENTRIES = ("checkpoints", "tensorboard", "metrics.jsonl", "model", "model_best",
+               "config.json",
                "hard_negatives", "csa_bank.npz", "ames_bank")
 
 

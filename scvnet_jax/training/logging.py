@@ -1,5 +1,7 @@
 """Training metrics: `W/metrics.jsonl` (one JSON object per logged step, always with `step`
-and `loss`), TensorBoard summaries in `W/tensorboard/`, and the console progress bar."""
+and `loss`; at validation steps also `val/<pipeline>/mAP/<setting>` and
+`val/<pipeline>/mP@<k>/<setting>`), TensorBoard summaries in `W/tensorboard/` (tags
+`train/<metric>` and `val/...`), and the console progress bar."""
 from __future__ import annotations
 
 import json
@@ -38,16 +40,22 @@ class MetricsWriter:
         tmp.write_text("".join(ln + "\n" for ln in keep))
         os.replace(tmp, self.path)
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, validation: dict | None = None) -> None:
+        """`metrics` of training (TensorBoard: train/<name>) and `validation` scores (their
+        names, val/..., as they are)."""
         if not self.enabled:
             return
-        rec = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()}}
+        validation = validation or {}
+        rec = {"step": int(step), **{k: _clean(v) for k, v in metrics.items()},
+               **{k: _clean(v) for k, v in validation.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
             f.flush()
         if self._tb is not None:
             for k, v in metrics.items():
                 self._tb.add_scalar(f"train/{k}", float(v), int(step))
+            for k, v in validation.items():
+                self._tb.add_scalar(k, float(v), int(step))
             self._tb.flush()
 
     def close(self) -> None:

@@ -29,8 +29,8 @@ from scvnet_jax.data.augment import Augment
 from scvnet_jax.data import sources
 from scvnet_jax.errors import ConfigError, NonFiniteLossError
 from scvnet_jax.models.arch import Arch
-from scvnet_jax.training import checkpoints, config
-from scvnet_jax.training.logging import MetricsWriter
+from scvnet_jax.training import checkpoints, config, validation
+from scvnet_jax.training.logging import MetricsWriter, read_metrics
 
 
 class Task:
@@ -145,6 +145,9 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
         print(f"{task.name}: {jax.device_count()} device(s) ({jax.devices()[0].platform}), "
               f"{jax.process_count()} process(es); global batch {cfg.batch_size}; "
               f"{ts.name}: {ts.num_examples} images, {ts.num_classes} classes")
+    validator = validation.make(cfg, task, workdir, lead)   # after the data, before compiling
+    if validator is not None and writer.path.is_file():
+        validator.resume(read_metrics(workdir))
 
     preempt = checkpoints.Preemption(mngr)
     total = int(cfg.total_steps)
@@ -159,7 +162,7 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
             if lead:
                 print(f"compiled the train step in {time.perf_counter() - t0:.1f} s")
             state, stopped = _loop(cfg, task, compiled, state, batch, it, mngr, writer, start,
-                                   preempt, progress and lead)
+                                   preempt, progress and lead, validator)
             if stopped:
                 return 0
         elif total == 0:
@@ -180,7 +183,8 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
-def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, progress):
+def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, progress,
+          validator=None):
     """Steps from `start` to cfg.total_steps -> (last state, whether preemption stopped it)."""
     from tqdm import tqdm
 
@@ -200,10 +204,12 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                 _check_finite(prev, step - 1, mngr)   # the step before; this one still runs
             prev = metrics
             stop = preempt.reached(step)
-            if step % cfg.checkpoint_every_steps == 0 or step == total or stop:
+            save = step % cfg.checkpoint_every_steps == 0 or step == total or stop
+            # validation: a logged step of its own (the time it takes is not step_time)
+            due = validator is not None and not stop and validator.due(step, total)
+            if save or due:
                 _check_finite(metrics, step, mngr)
-                checkpoints.save(mngr, step, state, it)
-            if step % cfg.log_every_steps == 0 or step == total:
+            if step % cfg.log_every_steps == 0 or step == total or due:
                 hosts = [{k: float(v) for k, v in host(m).items()} for m in window]
                 now = time.perf_counter()
                 dt = (now - t_last) / max(len(window), 1)
@@ -211,7 +217,7 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                        if k != "finite"}
                 rate = task.rate
                 rec.update({"step_time": dt, rate: cfg.batch_size / dt})
-                writer.write(step, rec)
+                writer.write(step, rec, validator.run(state, step) if due else None)
                 bar.set_postfix_str(" ".join(f"{label} {_fmt(rec[k])}"
                                              for k, label in task.bar_keys)
                                     + f" {rec[rate]:.1f} {rate.split('_')[0]}/s "
@@ -220,6 +226,8 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                     print(f"step {step}: " + json.dumps({k: round(v, 5) for k, v in
                                                           rec.items()}), flush=True)
                 window, t_last = [], time.perf_counter()
+            if save:     # after the step's record and validation: a checkpoint implies them
+                checkpoints.save(mngr, step, state, it)
             bar.update(1)
             if stop:
                 print(f"\npreempted: saved a checkpoint at step {step}; run the same command "

@@ -264,28 +264,46 @@ class Task(_Task):
             positive=cfg.data.positive, process_index=jax.process_index(),
             process_count=jax.process_count()))
 
-    def export(self, state, step: int) -> Path:
-        """W/model: a model directory eval.py and scvnet_jax.load read (the trained encoder;
-        the rerank head comes from init_from if it has the same architecture, else it is
-        randomly initialised)."""
-        from scvnet_jax.convert import model_dir, read_checkpoint
-        from scvnet_jax.models import cvnet
+    def cvnet_variables(self, state) -> tuple[dict, str]:
+        """(the CVNet variables of `state` as host arrays, where the rerank head is from)."""
+        if getattr(self, "_base", None) is None:
+            self._base = base_variables(self.cfg)
+        return cvnet_variables(self.cfg, export_variables(state, self.cfg.export), self._base)
+
+    def export(self, state, step: int, out: str = "model", meta: dict | None = None) -> Path:
+        """W/model (or W/`out`): a model directory eval.py and scvnet_jax.load read (the
+        trained encoder; the rerank head comes from init_from if it has the same
+        architecture, else it is randomly initialised)."""
+        from scvnet_jax.convert import model_dir
 
         cfg = self.cfg
-        arch = arch_of(cfg)
-        base, head = None, "random (untrained)"
-        if cfg.init_from:
-            a, v = read_checkpoint(cfg.init_from)
-            if a == arch:
-                base, head = v, f"from {cfg.init_from}"
-        if base is None:
-            base = host(cvnet.init(arch, cfg.seed))
-        enc = export_variables(state, cfg.export)
-        variables = {c: {**base[c], "encoder_q": enc[c]} for c in ("params", "batch_stats")}
+        variables, head = self.cvnet_variables(state)
         meta = {"trained_by": "scvnet_jax train.py, stage 1 (CVNet-Global)", "step": int(step),
-                "export": cfg.export, "data": cfg.data.name, "rerank_head": head}
-        return model_dir.save_model_dir(self.workdir / "model", arch, variables, meta=meta,
-                                        overwrite=True)
+                "export": cfg.export, "data": cfg.data.name, "rerank_head": head,
+                **(meta or {})}
+        return model_dir.save_model_dir(self.workdir / out, arch_of(cfg), variables,
+                                        meta=meta, overwrite=True)
+
+
+def base_variables(cfg) -> tuple[dict, str]:
+    """(the CVNet variables stage 1's encoder goes into, where its rerank head is from):
+    init_from's when it has the same architecture (and is there), else random."""
+    from scvnet_jax.convert import read_checkpoint
+    from scvnet_jax.models import cvnet
+
+    arch = arch_of(cfg)
+    if cfg.init_from and Path(cfg.init_from).expanduser().exists():
+        a, v = read_checkpoint(cfg.init_from)
+        if a == arch:
+            return v, f"from {cfg.init_from}"
+    return host(cvnet.init(arch, cfg.seed)), "random (untrained)"
+
+
+def cvnet_variables(cfg, encoder_variables: dict, base=None) -> tuple[dict, str]:
+    """(CVNet variables: `base_variables` with the encoder replaced, where the head is from)."""
+    base, head = base or base_variables(cfg)
+    return ({c: {**base[c], "encoder_q": encoder_variables[c]}
+             for c in ("params", "batch_stats")}, head)
 
 
 def check_config(cfg) -> None:

@@ -399,10 +399,16 @@ class Task(_Task):
             np.concatenate(descs).astype(np.float32))
         return out
 
-    def export(self, state, step: int) -> Path:
+    def cvnet_variables(self, state) -> tuple[dict, str]:
+        """(the CVNet variables of `state` as host arrays, where the rerank head is from)."""
+        return host(variables(state)), "trained"
+
+    def export(self, state, step: int, out: str = "model", meta: dict | None = None) -> Path:
         from scvnet_jax.convert import model_dir
 
         meta = {"trained_by": "scvnet_jax train.py, stage 2 (CVNet-Rerank)", "step": int(step),
-                "backbone": f"frozen, from {self.cfg.init_from}", "data": self.cfg.data.name}
-        return model_dir.save_model_dir(self.workdir / "model", arch_of(self.cfg),
-                                        host(variables(state)), meta=meta, overwrite=True)
+                "backbone": f"frozen, from {self.cfg.init_from}", "data": self.cfg.data.name,
+                **(meta or {})}
+        return model_dir.save_model_dir(self.workdir / out, arch_of(self.cfg),
+                                        self.cvnet_variables(state)[0], meta=meta,
+                                        overwrite=True)

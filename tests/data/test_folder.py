@@ -339,6 +339,21 @@ def test_benchmark_of_held_out_classes(tmp_path):
     maps, mpk = metrics.score("single", same_order, ds.gnd, (1,))
     assert maps["all"] == pytest.approx(787 / 1260, abs=1e-12)
     assert mpk["all"] == [0.5]
+    # results.json's per-class AP: the queries' classes, AP 1 and 157/630 per class
+    from scvnet_jax.evaluation import report
+    from scvnet_jax.evaluation.pipelines import PipelineResult
+
+    assert ds.query_classes == [labels[i] for i in ds.qimlist]
+    aps = metrics.score_queries("single", same_order, ds.gnd, (1,))[2]
+    per = report.per_query_json(PipelineResult("p", "", {}, maps, mpk, {}, aps, ds.qimlist,
+                                               ds.query_classes))
+    assert per["per_class"][held[0]] == {"queries": 4, "AP": {"all": 1.0}}
+    assert per["per_class"][held[1]]["AP"]["all"] == pytest.approx(157 / 630, abs=1e-12)
+    # validation during training finds this held-out split by itself (eval.dataset "auto")
+    from scvnet_jax.configs import demo
+    from scvnet_jax.training import validation
+    cfg = demo.set_fields(demo.get_config(), {"data.name": "my_set", "data.data_dir": str(data)})
+    assert validation.resolve_dataset(cfg) == f"folder:{data / 'my_set'}"
 
     before = snapshot(ds.root)                                # a second call: the cache
     again = folder.open_benchmark(f"folder:{data}/my_set", cache)

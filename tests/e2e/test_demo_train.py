@@ -32,6 +32,11 @@ def test_demo_training_loss_falls_and_beats_the_random_initialisation(tmp_path, 
                             "cvnet_global", output=f"stage1_{name}.json")
         res[name] = json.loads(path.read_text())["cvnet_global"]["mAP"]
     trained, random_init = res["demo"], res["init"]
+    # the config's validation (steps 400 and 800) scored the same model as eval.py
+    val = {r["step"]: r for r in recs if "val/cvnet_global/mAP/M" in r}
+    assert sorted(val) == [400, 800], sorted(val)
+    assert {s: val[800][f"val/cvnet_global/mAP/{s}"] for s in "EMH"} == trained
+    assert (tmp_path / "demo" / "model_best" / "config.json").is_file()
     print("demo benchmark mAP, trained:", trained, "random init:", random_init)
     # measured on the CI machine type: E/M/H 69.0/53.8/23.3 against 63.8/47.9/19.8
     assert trained["M"] > random_init["M"] + 0.03, (trained, random_init)
