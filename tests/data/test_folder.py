@@ -393,3 +393,46 @@ def test_benchmark_writes_only_under_its_cache_folder(tmp_path):
     assert snapshot(photos) == originals
     assert sorted(p.name for p in (tmp_path / "cache" / "folder_sets").iterdir()) == [
         ds.root.name]
+
+
+# -- a data_dir that is a file; what the scan leaves out -----------------------------------
+
+@pytest.mark.parametrize("where", ["data_dir", "data_dir/name", "under_a_file"])
+def test_data_dir_that_is_a_file_is_one_error_line_and_writes_nothing(tmp_path, capsys,
+                                                                      one_error_line, where):
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    data = tmp_path / "tfds"
+    if where == "data_dir":
+        data.write_text("")
+        target, text = data, f"--data_dir {data}: is a file"
+    elif where == "data_dir/name":
+        data.mkdir()
+        (data / "my_set").write_text("")
+        target, text = data, f"{data / 'my_set'} is a file"
+    else:
+        data.write_text("")
+        target, text = data / "sub", f"{data} is a file"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert build_cli.main(["folder", "--manual_dir", str(photos), "--name", "my_set",
+                           "--data_dir", str(target), "--workers", "2"]) == 2
+    one_error_line(capsys.readouterr().err, text)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_empty_class_folder_and_dangling_link_are_reported(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    (photos / "empty").mkdir()
+    (photos / "empty" / "notes.txt").write_text("no images here")
+    (photos / "arch" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (photos / "lost").symlink_to(tmp_path / "no_folder")
+    assert build_cli.main(["folder", "--manual_dir", str(photos), "--name", "my_set",
+                           "--data_dir", str(tmp_path / "tfds"), "--workers", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(f"class folder {photos / 'empty'}: no image files" in ln for ln in out), out
+    for link in (photos / "arch" / "gone.jpg", photos / "lost"):
+        assert any(f"left out {link}: a symbolic link to nothing" in ln for ln in out), out
+    meta = folder.prepared_metadata("my_set", tmp_path / "tfds")
+    assert len(meta["skipped"]) == 3 and "empty" not in meta["class_names"] + meta[
+        "eval_class_names"]
