@@ -18,12 +18,14 @@ passes `variant` to its get_config(). Any config field can be overridden with
 --config.<field>=<value>. The run writes W/checkpoints/ (orbax; resumable), W/metrics.jsonl
 (one JSON object per logged step), W/tensorboard/ (TensorBoard summaries), W/config.json,
 stage 2 also W/hard_negatives/, and when done W/model/, a model directory that eval.py and
-scvnet_jax.load read. Rerun the same command to resume after a crash or preemption.
+scvnet_jax.load read. Rerun the same command to resume after a crash or preemption; Ctrl-C
+(SIGINT) and SIGTERM save a checkpoint at the next step and stop.
 
 Multi-host (TPU pod slice, multi-node GPU): run the same command on every host with
 --distributed (the workdir must be a shared filesystem); give --coordinator_address,
 --num_processes and --process_id where the cluster does not provide them.
-Exit status: 0 done, 2 bad input, 3 non-finite loss.
+Exit status: 0 done (or preempted by SIGTERM, saved), 2 bad input, 3 non-finite loss,
+130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -50,7 +52,13 @@ def main(argv=None) -> int:
     fv = cli.parse(argv, _define, "python -m scvnet_jax.train", __doc__)
     if isinstance(fv, int):
         return fv
-    return cli.run(lambda: _train(fv))
+    try:
+        return cli.run(lambda: _train(fv))
+    except KeyboardInterrupt:    # before the loop could save (Ctrl-C in the loop saves)
+        print(f"interrupted before this progress could be saved; the checkpoints in "
+              f"{fv.workdir} are as they were; run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 def _train(fv) -> int:

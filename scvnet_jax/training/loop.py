@@ -161,7 +161,7 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
             state, stopped = _loop(cfg, task, compiled, state, batch, it, mngr, writer, start,
                                    preempt, progress and lead)
             if stopped:
-                return 0
+                return preempt.stopped(int(host(state.step)), workdir)[1]
         elif total == 0:
             print("total_steps=0: exporting the initialisation (a random-init baseline)")
         else:
@@ -222,8 +222,7 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                 window, t_last = [], time.perf_counter()
             bar.update(1)
             if stop:
-                print(f"\npreempted: saved a checkpoint at step {step}; run the same command "
-                      "to resume", file=sys.stderr)
+                print("\n" + preempt.stopped(step, task.workdir)[0], file=sys.stderr)
                 return state, True
             if step < total:
                 if task.needs_new_iterator(step):   # stage 2: a refreshed descriptor bank
