@@ -127,7 +127,9 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
     lead = jax.process_index() == 0
     ts = sources.open_or_build(cfg.data.name, cfg.data.data_dir)
     workdir.mkdir(parents=True, exist_ok=True)   # only now: a refused run creates nothing
-    if lead and not (workdir / "config.json").exists():   # first thing in it: marks it ours
+    # first thing in it: marks it ours; rewritten while no checkpoint holds the old one's
+    # total_steps (config.check_workdir compares them)
+    if lead and not ((workdir / "config.json").exists() and config.checkpoint_steps(workdir)):
         from scvnet_jax import files
         files.atomic_write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
     task = task_cls(cfg, ts, mesh_lib.make_mesh(), workdir)
