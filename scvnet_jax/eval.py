@@ -222,6 +222,10 @@ def run(cfg) -> int:
               f"protocol {pipelines.label_protocol(dataset, cfg.cvnet.protocol)}", flush=True)
         for note in dataset.notes:
             print(note, flush=True)
+    notes = _pipeline_notes(cfg, dataset, n_db)
+    if lead:
+        for note in notes.values():
+            print(f"note: {note}", flush=True)
     results = pipelines.evaluate(cfg, model, dataset, distractors)
     if not lead:
         return 0
@@ -236,6 +240,8 @@ def run(cfg) -> int:
     extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
              "superglobal_rerank": dict(cfg.superglobal.rerank),
              **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
+    for name, note in notes.items():
+        extra[name]["notes"] = meta.get("notes", []) + [note]
     out, ranks = report.write(results, cfg.ks, meta, output_path(cfg), extra)
     print(f"wrote {out} and {ranks} in {time.time() - t0:.0f} s")
     if cfg.save_visuals:
@@ -244,6 +250,29 @@ def run(cfg) -> int:
                                  dataset.qimlist, cfg.visuals_topn)
         print(f"wrote {len(paths)} result grids to {cfg.save_visuals}")
     return 0
+
+
+def _pipeline_notes(cfg, dataset, n_db: int) -> dict[str, str]:
+    """{pipeline: note} where a setting asked for is not what runs: the official rerank
+    protocol on a benchmark without revisitop's labels (it runs blind), ICFRR's KG / KQ
+    above the database size (clipped)."""
+    from scvnet_jax.evaluation import pipelines
+    from scvnet_jax.rerank.icfrr import clipped
+
+    notes = {}
+    for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames")):
+        asked = cfg[section].protocol
+        used = pipelines.label_protocol(dataset, asked)
+        if name in cfg.pipelines and used != asked:
+            notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk labels, "
+                           f"which {dataset.name} has not; it runs {used} (the plain top-k)")
+    if "icfrr" in cfg.pipelines:
+        o = cfg.icfrr
+        g = min(n_db, o.shortlist) if o.shortlist else n_db
+        note = clipped(o.KG, o.KQ, g)[2]
+        if note:
+            notes["icfrr"] = note + (f" (the shortlist of {g})" if o.shortlist else "")
+    return notes
 
 
 def main(argv=None) -> int:

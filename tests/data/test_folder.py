@@ -436,3 +436,33 @@ def test_empty_class_folder_and_dangling_link_are_reported(tmp_path, capsys):
     meta = folder.prepared_metadata("my_set", tmp_path / "tfds")
     assert len(meta["skipped"]) == 3 and "empty" not in meta["class_names"] + meta[
         "eval_class_names"]
+
+
+def test_eval_on_a_folder_set_notes_blind_protocol_and_clipped_icfrr(tmp_path, capsys,
+                                                                    tiny_model_dir):
+    """eval.py --protocol official on a folder set (no revisitop labels) says the CVNet
+    rerank runs blind, and ICFRR's default KG 256 / KQ 250 on a 5-image database says they
+    are clipped: a printed note each, and in results.json."""
+    import json
+
+    from scvnet_jax import eval as ev
+
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    build("my_set", tmp_path / "tfds", manual_dir=photos)
+    out = tmp_path / "res" / "results.json"
+    assert ev.main(["--dataset", f"folder:{tmp_path / 'tfds' / 'my_set'}",
+                    "--weights", str(tiny_model_dir), "--protocol", "official",
+                    "--topk", "2", "--pipelines", "cvnet_global,cvnet_rerank,icfrr",
+                    "--cache_dir", str(tmp_path / "cache"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    blind = ("note: cvnet_rerank: protocol official needs revisitop's Easy/Hard/junk labels, "
+             "which folder:my_set has not; it runs blind")
+    clip = "note: icfrr: KG=256, KQ=250 clipped to the database size (5 images): KG=5, KQ=5"
+    for note in (blind, clip):
+        assert sum(ln.startswith(note) for ln in printed) == 1, printed
+    res = json.loads(out.read_text())
+    assert res["cvnet_rerank"]["protocol"] == "blind"
+    assert any(n.startswith(blind[len("note: "):]) for n in res["cvnet_rerank"]["notes"])
+    assert clip[len("note: "):] in res["icfrr"]["notes"]
+    assert not any("clipped" in n or "blind" in n for n in res["cvnet_global"].get("notes", []))
