@@ -169,7 +169,9 @@ def load_model(weights: str, dataset: str, dtype):
     return sj.create(**arch, seed=0, dtype=dtype)
 
 
-def run(cfg) -> int:
+def run(cfg, *, protocol_flag: str | None = None) -> int:
+    """Evaluates `cfg`; `protocol_flag`: the --protocol given, if any (a note says when it
+    cannot be followed)."""
     from scvnet_jax.evaluation.config import default_cache_dir, output_path, validate
 
     validate(cfg)                             # before any work (and before JAX loads)
@@ -222,7 +224,7 @@ def run(cfg) -> int:
               f"protocol {pipelines.label_protocol(dataset, cfg.cvnet.protocol)}", flush=True)
         for note in dataset.notes:
             print(note, flush=True)
-    notes = _pipeline_notes(cfg, dataset, n_db)
+    notes = _pipeline_notes(cfg, dataset, n_db, protocol_flag)
     if lead:
         for note in notes.values():
             print(f"note: {note}", flush=True)
@@ -252,10 +254,11 @@ def run(cfg) -> int:
     return 0
 
 
-def _pipeline_notes(cfg, dataset, n_db: int) -> dict[str, str]:
-    """{pipeline: note} where a setting asked for is not what runs: the official rerank
-    protocol on a benchmark without revisitop's labels (it runs blind), ICFRR's KG / KQ
-    above the database size (clipped)."""
+def _pipeline_notes(cfg, dataset, n_db: int, protocol_flag=None) -> dict[str, str]:
+    """{pipeline: note} where a setting asked for is not what runs: --protocol official on
+    a benchmark without revisitop's labels (it runs blind; the default "official" turns
+    blind there without a note, as the header line says), ICFRR's KG / KQ above the
+    database size (clipped)."""
     from scvnet_jax.evaluation import pipelines
     from scvnet_jax.rerank.icfrr import clipped
 
@@ -263,7 +266,7 @@ def _pipeline_notes(cfg, dataset, n_db: int) -> dict[str, str]:
     for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames")):
         asked = cfg[section].protocol
         used = pipelines.label_protocol(dataset, asked)
-        if name in cfg.pipelines and used != asked:
+        if name in cfg.pipelines and used != asked and protocol_flag == asked:
             notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk labels, "
                            f"which {dataset.name} has not; it runs {used} (the plain top-k)")
     if "icfrr" in cfg.pipelines:
@@ -284,7 +287,7 @@ def main(argv=None) -> int:
     def go():
         cli.init_distributed(fv)
         try:
-            return run(build_config(fv))
+            return run(build_config(fv), protocol_flag=fv.protocol)
         except KeyboardInterrupt:
             print("interrupted; finished chunks are cached, run the same command to resume",
                   file=sys.stderr)

@@ -3,7 +3,7 @@ of `path,label`) -> the TFDS ArrayRecord format the trainer reads, with a held-o
 evaluation.
 
     python -m scvnet_jax.data.build folder --manual_dir PHOTOS/ --name my_set --data_dir TFDS/
-    python train.py --config configs/demo.py --config.data.name=my_set --config.data.data_dir=TFDS/
+    python -m scvnet_jax.train --config demo.py --workdir runs/my_set --config.data.name=my_set --config.data.data_dir=TFDS/
     python -m scvnet_jax.eval --dataset folder:TFDS/my_set --weights runs/my_set/model
 
 Layout read: `PHOTOS/<class>/<any/depth>/<image>` (one class per top-level subfolder; image

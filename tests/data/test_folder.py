@@ -466,3 +466,55 @@ def test_eval_on_a_folder_set_notes_blind_protocol_and_clipped_icfrr(tmp_path, c
     assert any(n.startswith(blind[len("note: "):]) for n in res["cvnet_rerank"]["notes"])
     assert clip[len("note: "):] in res["icfrr"]["notes"]
     assert not any("clipped" in n or "blind" in n for n in res["cvnet_global"].get("notes", []))
+
+
+def _printed_next_commands(tmp_path, capsys, monkeypatch):
+    """Builds a set from tmp_path (relative paths, as a user types them) -> the printed
+    (train, evaluate) commands, split into words."""
+    import shlex
+
+    make_tree(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    assert build_cli.main(["folder", "--manual_dir", "photos", "--name", "my_set",
+                           "--data_dir", "tfds", "--workers", "2"]) == 0
+    printed = {ln.split(":", 1)[0].strip(): shlex.split(ln.split(":", 1)[1])
+               for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
+    train, evaluate = printed["train"], printed["evaluate"]
+    assert train[:3] == ["python", "-m", "scvnet_jax.train"], train
+    assert evaluate[:3] == ["python", "-m", "scvnet_jax.eval"], evaluate
+    return train, evaluate
+
+
+def test_the_printed_next_commands_parse_and_chain(tmp_path, capsys, monkeypatch):
+    """The printed commands' flags and configs are accepted (up to where the work would
+    start), and the evaluate command reads the model the train command writes."""
+    from scvnet_jax import eval as ev
+    from scvnet_jax import train as tr
+    from scvnet_jax import training
+
+    train, evaluate = _printed_next_commands(tmp_path, capsys, monkeypatch)
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda cfg, workdir, **kw: seen.update(
+        cfg=cfg, workdir=workdir) or 0)
+    monkeypatch.setattr(ev, "run", lambda cfg, **kw: seen.update(eval=cfg) or 0)
+    assert tr.main(train[3:]) == 0, capsys.readouterr().err
+    assert seen["cfg"].data.name == "my_set" and seen["cfg"].data.data_dir == "tfds"
+    assert ev.main(evaluate[3:]) == 0, capsys.readouterr().err
+    assert seen["eval"].weights == f"{seen['workdir']}/model"
+    assert seen["eval"].dataset == "folder:tfds/my_set"
+
+
+@pytest.mark.slow   # a train command (total_steps 0) and an evaluation of an R50: ~100 s
+def test_the_printed_next_commands_run_as_printed(tmp_path, capsys, monkeypatch, run_module):
+    """After `data.build folder`, the "train:" and "evaluate:" lines run as printed, from
+    the same folder: the train command (with total_steps 0: it exports its initialisation)
+    writes the model the evaluate command reads."""
+    from scvnet_jax import eval as ev
+
+    train, evaluate = _printed_next_commands(tmp_path, capsys, monkeypatch)
+    r = run_module("train", *train[3:], "--config.total_steps=0", "--noprogress",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ev.main([*evaluate[3:], "--pipelines", "cvnet_global",
+                    "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "results" / "my_set" / "results.json").is_file()
