@@ -8,6 +8,7 @@ coordination service agrees on the step), on one process through SIGTERM or SIGI
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -125,11 +126,15 @@ class Preemption:
         self._old = {}
         if jax.process_count() == 1:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                self._old[sig] = signal.signal(sig, self._handle)
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # (nohup, a background job)
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if signum == signal.SIGINT and self.signalled == signal.SIGINT:
             raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again: stop without "
+                  "saving)", file=sys.stderr, flush=True)
         self.signalled = signum
 
     def reached(self, step: int) -> bool:
