@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     try:
         return cli.run(lambda: _train(fv))
     except KeyboardInterrupt:    # before the loop could save (Ctrl-C in the loop saves)
-        print(f"interrupted before this progress could be saved; the checkpoints in "
-              f"{fv.workdir} are as they were; run the same command to resume",
+        print(f"interrupted before this progress could be saved (the checkpoints in "
+              f"{fv.workdir}, if any, are kept); run the same command to resume",
               file=sys.stderr)
         return 130
 
