@@ -129,3 +129,22 @@ def test_resuming_a_checkpointed_run_with_other_total_steps_is_refused(tmp_path,
     config.check_workdir(run, tiny(total_steps=12))             # the same: resumes
     (run / "checkpoints" / "12").rmdir()
     config.check_workdir(run, tiny(total_steps=24))             # nothing trained yet: fine
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the loop's handler is in place (loading, building, restoring): no
+    traceback, one line saying how to resume, exit status 130. (In the loop it saves a
+    checkpoint first: tests/training/test_stage1.py, test_signal_saves_...)."""
+    from scvnet_jax import train as tr
+    from scvnet_jax import training
+
+    def interrupted(cfg, workdir, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(tmp_path / "w")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"interrupted before this progress could be saved (the checkpoints in {tmp_path / 'w'},"
+        " if any, are kept); run the same command to resume"]
