@@ -170,7 +170,9 @@ def load_model(weights: str, dataset: str, dtype):
     return sj.create(**arch, seed=0, dtype=dtype)
 
 
-def run(cfg) -> int:
+def run(cfg, *, protocol_flag: str | None = None) -> int:
+    """Evaluates `cfg`; `protocol_flag`: the --protocol given, if any (a note says when it
+    cannot be followed)."""
     from scvnet_jax.evaluation.config import default_cache_dir, output_path, validate
 
     validate(cfg)                             # before any work (and before JAX loads)
@@ -217,6 +219,10 @@ def run(cfg) -> int:
               f"protocol {pipelines.label_protocol(dataset, cfg.cvnet.protocol)}", flush=True)
         for note in dataset.notes:
             print(note, flush=True)
+    notes = _pipeline_notes(cfg, dataset, n_db, protocol_flag)
+    if lead:
+        for note in notes.values():
+            print(f"note: {note}", flush=True)
     results = pipelines.evaluate(cfg, model, dataset, distractors)
     if not lead:
         return 0
@@ -231,6 +237,8 @@ def run(cfg) -> int:
     extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
              "superglobal_rerank": dict(cfg.superglobal.rerank),
              **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
+    for name, note in notes.items():
+        extra[name]["notes"] = meta.get("notes", []) + [note]
     out, ranks = report.write(results, cfg.ks, meta, output_path(cfg), extra)
     print(f"wrote {out} and {ranks} in {time.time() - t0:.0f} s")
     if cfg.save_visuals:
@@ -239,6 +247,30 @@ def run(cfg) -> int:
                                  dataset.qimlist, cfg.visuals_topn)
         print(f"wrote {len(paths)} result grids to {cfg.save_visuals}")
     return 0
+
+
+def _pipeline_notes(cfg, dataset, n_db: int, protocol_flag=None) -> dict[str, str]:
+    """{pipeline: note} where a setting asked for is not what runs: --protocol official on
+    a benchmark without revisitop's labels (it runs blind; the default "official" turns
+    blind there without a note, as the header line says), ICFRR's KG / KQ above the
+    database size (clipped)."""
+    from scvnet_jax.evaluation import pipelines
+    from scvnet_jax.rerank.icfrr import clipped
+
+    notes = {}
+    for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames")):
+        asked = cfg[section].protocol
+        used = pipelines.label_protocol(dataset, asked)
+        if name in cfg.pipelines and used != asked and protocol_flag == asked:
+            notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk labels, "
+                           f"which {dataset.name} has not; it runs {used} (the plain top-k)")
+    if "icfrr" in cfg.pipelines:
+        o = cfg.icfrr
+        g = min(n_db, o.shortlist) if o.shortlist else n_db
+        note = clipped(o.KG, o.KQ, g)[2]
+        if note:
+            notes["icfrr"] = note + (f" (the shortlist of {g})" if o.shortlist else "")
+    return notes
 
 
 def main(argv=None) -> int:
@@ -250,7 +282,7 @@ def main(argv=None) -> int:
     def go():
         cli.init_distributed(fv)
         try:
-            return run(build_config(fv))
+            return run(build_config(fv), protocol_flag=fv.protocol)
         except KeyboardInterrupt:
             print("interrupted; finished chunks are cached, run the same command to resume",
                   file=sys.stderr)

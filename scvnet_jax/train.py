@@ -22,12 +22,14 @@ scvnet_jax.load read (as they read a checkpoint step, W/checkpoints/<step>). Wit
 --config.eval.every_steps=N (on in configs/demo*.py) the current model is scored on a
 held-out benchmark every N steps (config.eval.dataset: the demo benchmark, a folder set's
 held-out split, ...; val/... in metrics.jsonl and TensorBoard) and W/model_best/ keeps the
-best step's model. Rerun the same command to resume after a crash or preemption.
+best step's model. Rerun the same command to resume after a crash or preemption; Ctrl-C
+(SIGINT) and SIGTERM save a checkpoint at the next step and stop.
 
 Multi-host (TPU pod slice, multi-node GPU): run the same command on every host with
 --distributed (the workdir must be a shared filesystem); give --coordinator_address,
 --num_processes and --process_id where the cluster does not provide them.
-Exit status: 0 done, 2 bad input, 3 non-finite loss.
+Exit status: 0 done (or preempted by SIGTERM, saved), 2 bad input, 3 non-finite loss,
+130 interrupted (Ctrl-C).
 """
 from __future__ import annotations
 
@@ -54,7 +56,13 @@ def main(argv=None) -> int:
     fv = cli.parse(argv, _define, "python -m scvnet_jax.train", __doc__)
     if isinstance(fv, int):
         return fv
-    return cli.run(lambda: _train(fv))
+    try:
+        return cli.run(lambda: _train(fv))
+    except KeyboardInterrupt:    # before the loop could save (Ctrl-C in the loop saves)
+        print(f"interrupted before this progress could be saved (the checkpoints in "
+              f"{fv.workdir}, if any, are kept); run the same command to resume",
+              file=sys.stderr)
+        return 130
 
 
 def _train(fv) -> int:

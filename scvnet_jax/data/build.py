@@ -16,6 +16,7 @@ ground truth for `eval.py --dataset gldv2_retrieval --data_dir D`.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -76,6 +77,20 @@ def main(argv=None) -> int:
         return 130
 
 
+def next_commands(name: str, data_dir: str, evaluate: bool) -> list[str]:
+    """What to run after building the folder set `name`, as it runs from the same folder
+    (the package's commands, not a checkout's train.py): train it into runs/<name>, then
+    evaluate that run's model on the held-out split."""
+    work = f"runs/{name}"
+    lines = [f"  train: python -m scvnet_jax.train --config demo.py --workdir {work} "
+             f"--config.data.name={name} --config.data.data_dir={shlex.quote(data_dir)}"]
+    if evaluate:
+        spec = shlex.quote(f"folder:{data_dir.rstrip('/')}/{name}")
+        lines.append(f"  evaluate: python -m scvnet_jax.eval --dataset {spec} --weights "
+                     f"{work}/model")
+    return lines
+
+
 def _run(args) -> int:
     if args.kind == "folder":
         from scvnet_jax.data import folder
@@ -90,11 +105,8 @@ def _run(args) -> int:
               f"{args.data_dir}: train {off[-1]} images of {len(off) - 1} classes; eval "
               f"({meta['holdout']} held out, {meta['eval_fraction']:g}, seed {meta['seed']}) "
               f"{eoff[-1]} images of {len(eoff) - 1} classes")
-        print(f"  train: python train.py --config configs/demo.py --config.data.name="
-              f"{args.name} --config.data.data_dir={args.data_dir}")
-        if eoff[-1]:
-            print(f"  evaluate: python eval.py --dataset folder:{args.data_dir.rstrip('/')}/"
-                  f"{args.name} --weights MODEL_DIR")
+        for line in next_commands(args.name, args.data_dir, bool(eoff[-1])):
+            print(line)
         return 0
     if args.kind == "gldv2_retrieval":
         from scvnet_jax.data import gldv2_retrieval
@@ -102,8 +114,9 @@ def _run(args) -> int:
         path = gldv2_retrieval.prepare(args.manual_dir, args.data_dir)
         ds = gldv2_retrieval.load(args.data_dir)
         print(f"wrote {path}: {ds.n_queries} queries, {ds.n_db} index images")
-        print(f"  evaluate: python eval.py --dataset gldv2_retrieval --data_dir {args.data_dir}"
-              " --weights MODEL")
+        print(f"  evaluate: python -m scvnet_jax.eval --dataset gldv2_retrieval --data_dir "
+              f"{shlex.quote(args.data_dir)} --weights MODEL (a model directory or an official "
+              "checkpoint)")
         return 0
     if args.kind == "demo_folder":
         from scvnet_jax.data import demo

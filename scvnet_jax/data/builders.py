@@ -193,10 +193,27 @@ class Gldv2Clean(tfds.core.GeneratorBasedBuilder):
 BUILDERS = {"demo": DemoLandmarks, "demo_landmarks": DemoLandmarks, "gldv2_clean": Gldv2Clean}
 
 
+def check_data_dir(data_dir, name: str) -> None:
+    """Refuses (one InputError, before anything is written) a --data_dir, or a
+    `<data_dir>/<name>`, that is a file or lies under one: TFDS would create folders there
+    and fail half-way with a traceback."""
+    d = Path(data_dir).expanduser()
+    if d.exists() and not d.is_dir():
+        raise InputError(f"--data_dir {d}: is a file, not a folder (expected a folder to "
+                         f"write the set {name!r} into)")
+    up = next((a for a in d.absolute().parents if a.exists()), None)
+    if not d.exists() and up is not None and not up.is_dir():
+        raise InputError(f"--data_dir {d}: {up} is a file, not a folder")
+    if (d / name).exists() and not (d / name).is_dir():
+        raise InputError(f"--data_dir {d}: {d / name} is a file, where the set {name!r} is "
+                         "written (a folder); move it away or choose another --data_dir")
+
+
 def prepare(name: str, data_dir, manual_dir=None) -> tfds.core.DatasetBuilder:
     """Builds `name` ('demo' or 'gldv2_clean') into `data_dir` as ArrayRecord (no-op if done)."""
     if name not in BUILDERS:
         raise InputError(f"unknown training set {name!r}; choose from {sorted(BUILDERS)}")
+    check_data_dir(data_dir, BUILDERS[name].name)
     builder = BUILDERS[name](data_dir=str(data_dir), file_format="array_record")
     config = tfds.download.DownloadConfig(manual_dir=str(manual_dir) if manual_dir else None)
     builder.download_and_prepare(download_config=config)

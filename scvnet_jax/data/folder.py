@@ -3,7 +3,7 @@ of `path,label`) -> the TFDS ArrayRecord format the trainer reads, with a held-o
 evaluation.
 
     python -m scvnet_jax.data.build folder --manual_dir PHOTOS/ --name my_set --data_dir TFDS/
-    python train.py --config configs/demo.py --config.data.name=my_set --config.data.data_dir=TFDS/
+    python -m scvnet_jax.train --config demo.py --workdir runs/my_set --config.data.name=my_set --config.data.data_dir=TFDS/
     python -m scvnet_jax.eval --dataset folder:TFDS/my_set --weights runs/my_set/model
 
 Layout read: `PHOTOS/<class>/<any/depth>/<image>` (one class per top-level subfolder; image
@@ -36,6 +36,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -82,8 +83,10 @@ def check_name(name: str) -> None:
                          "TFDS or this package); choose another name")
 
 
-def scan_folder(root: Path) -> list[Photo]:
-    """Image files under `root/<class>/`, sorted."""
+def scan_folder(root: Path, notes: list[str] | None = None) -> list[Photo]:
+    """Image files under `root/<class>/`, sorted. What is left out that a user may have
+    meant to include (a class folder without images, a link to nothing) is appended to
+    `notes`, a line each."""
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"--manual_dir {root}: not a folder (expected one subfolder of "
@@ -95,12 +98,23 @@ def scan_folder(root: Path) -> list[Photo]:
                          f"({first_few(loose)}); expected every image in a class subfolder "
                          f"({root}/<class>/<image>)")
     photos = []
+    notes = [] if notes is None else notes
+    dangling = sorted(p for p in root.iterdir() if p.is_symlink() and not p.exists()
+                      and not p.name.startswith("."))
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        n = len(photos)
         for p in sorted(d.rglob("*")):
             rel = p.relative_to(root)
-            if (p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                    and not any(part.startswith(".") for part in rel.parts)):
+            if any(part.startswith(".") for part in rel.parts):
+                continue
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
                 photos.append(Photo(p, rel.as_posix(), d.name))
+            elif p.is_symlink() and not p.exists():
+                dangling.append(p)
+        if len(photos) == n:
+            notes.append(f"left out the class folder {d}: no image files in it")
+    notes.extend(f"left out {p}: a symbolic link to nothing ({os.readlink(p)})"
+                 for p in sorted(dangling))
     if not photos:
         raise InputError(f"{root}: no image files in class subfolders (expected "
                          f"{root}/<class>/<image> with extensions "
@@ -300,8 +314,12 @@ def build(name: str, data_dir, manual_dir=None, csv_path=None, eval_fraction: fl
         raise InputError("give exactly one of --manual_dir (a folder of class subfolders) and "
                          "--csv (a path,label file)")
     check_split_options(eval_fraction, holdout)               # before reading any photo
-    photos = read_csv(Path(csv_path)) if csv_path else scan_folder(Path(manual_dir))
+    from scvnet_jax.data.builders import check_data_dir
+    check_data_dir(data_dir, name)
+    left_out: list[str] = []
+    photos = read_csv(Path(csv_path)) if csv_path else scan_folder(Path(manual_dir), left_out)
     photos, digests, notes = check_photos(photos, skip_small_classes, workers, progress)
+    notes = left_out + notes
     train, held = split(photos, eval_fraction, holdout, seed)
     options = {"eval_fraction": eval_fraction, "holdout": holdout, "seed": seed}
     fp = fingerprint(photos, digests, options)

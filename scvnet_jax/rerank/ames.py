@@ -614,6 +614,21 @@ def _fingerprint(model: AMES) -> str:
     return model._fp
 
 
+def _image_refs(items, what: str) -> list:
+    """ImageRefs of `items`: ImageRefs as they are, paths (str or Path) as whole images."""
+    from scvnet_jax.images import ImageRef
+    out = []
+    for i, r in enumerate(items):
+        if isinstance(r, ImageRef):
+            out.append(r)
+        elif isinstance(r, (str, os.PathLike)):
+            out.append(ImageRef(os.fspath(r)))
+        else:
+            raise InputError(f"ames.rerank_images: {what}[{i}] is a {type(r).__name__}; "
+                             "expected an image file path (str or Path) or an ImageRef")
+    return out
+
+
 def rerank_images(model: AMES, retrieval_model, query_refs, db_refs, ranks, sims, *,
                   detector=None, k: int | None = None, lamb: float | None = None,
                   temp: float | None = None, query_len: int | None = None,
@@ -622,9 +637,10 @@ def rerank_images(model: AMES, retrieval_model, query_refs, db_refs, ranks, sims
                   batch_size: int = 64, extract_batch_size: int = 0, bucket: int = 64,
                   workers: int = 4):
     """AMES re-ranking of a first stage over image files: (ranks, sims) (N or K, nq), best
-    first. The local descriptors of the queries (cropped to their boxes) and of the
-    shortlisted database images only (never the whole database: +1M costs the top k of each
-    query) are extracted with `retrieval_model` (+ `detector`): the strongest `query_len`
+    first. query_refs, db_refs: image file paths (str or Path) or ImageRefs (a query's
+    may carry its box). The local descriptors of the queries (cropped to their boxes) and
+    of the shortlisted database images only (never the whole database: +1M costs the top k
+    of each query) are extracted with `retrieval_model` (+ `detector`): the strongest `query_len`
     of a query, `db_len` of a database image (asymmetric, as the authors evaluate: the first
     k rows of a top-K extraction are the top-k extraction's), the database's kept in the
     token store (`cache_dir`). None settings come from `settings_of(model)`.
@@ -632,6 +648,7 @@ def rerank_images(model: AMES, retrieval_model, query_refs, db_refs, ranks, sims
     Returns {setting: (ranks (same shape as given), scores (k', nq))}: setting "" for
     protocol "blind"; "medium" and "hard" for "official" (see `shortlist`)."""
     from scvnet_jax.engine import local
+    query_refs, db_refs = _image_refs(query_refs, "query_refs"), _image_refs(db_refs, "db_refs")
     d = settings_of(model)
     k = int(k or d["k"])
     lamb = d["lamb"] if lamb is None else float(lamb)

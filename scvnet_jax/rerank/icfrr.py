@@ -84,6 +84,18 @@ def memory_bytes(n_gallery: int, n_queries: int = 1) -> int:
     return 20 * g * g + 16 * g * int(n_queries)
 
 
+def clipped(KG: int, KQ: int, n_gallery: int) -> tuple[int, int, str]:
+    """(KG, KQ) as ICFRR uses them on a gallery of `n_gallery` items (neither can exceed
+    it: the defaults 256 / 250 are for galleries of thousands), and a note saying so when
+    that changed them ("" otherwise)."""
+    g = int(n_gallery)
+    kg, kq = min(int(KG), g), min(int(KQ), g)
+    if (kg, kq) == (int(KG), int(KQ)):
+        return kg, kq, ""
+    return kg, kq, (f"icfrr: KG={KG}, KQ={KQ} clipped to the database size ({g} images): "
+                    f"KG={kg}, KQ={kq}")
+
+
 def _check(qg, gg, KG, KQ, beta, n_times):
     if qg.ndim != 2 or gg.ndim != 2 or gg.shape != (qg.shape[1], qg.shape[1]):
         raise InputError(f"qg_dists must be (n_queries, G) and gg_dists (G, G); got "
@@ -110,7 +122,8 @@ def icfrr(qg_dists, gg_dists, KG: int = 256, KQ: int = 250, beta: float = 0.5,
         descriptors, or sqrt(2 - 2 * similarity)); smaller is closer.
       gg_dists: (G, G) gallery-to-gallery distances.
       KG: only a gallery item's KG nearest gallery neighbours get a vote (weight > 0).
-      KQ: how many of the query's current top items vote.
+      KQ: how many of the query's current top items vote. Both are clipped to the gallery
+        (or shortlist) size (`clipped`; eval.py prints a note when they are).
       beta: weight of the votes against the original (negated) distances.
       n_times: iterations.
       limited_memory: the official `--limited_memory` profile (ranks along columns of
@@ -170,7 +183,7 @@ def iterations(qg_dists, gg_dists, KG: int, KQ: int, beta: float, n_times: int,
         z = np.zeros((n_times, qg.shape[0], g), np.float32)
         return r, z, z + np.asarray(-qg)[None], np.asarray(-qg)
     R = _ranks(gg_dists, bool(limited_memory))
-    kg, kq = min(int(KG), g), min(int(KQ), g)
+    kg, kq, _ = clipped(KG, KQ, g)
     if max(kq * (g - 1), kq * kg * 2) >= _EXACT:
         raise InputError(f"icfrr: KQ={KQ} with a gallery of {g} is past the exact range of "
                          "the vote sums (KQ * G < 2^24); use a shortlist")

@@ -3,11 +3,12 @@ keep-N), each holding the whole train state (`state/`) and every process's data-
 position (`data/process_<i>-of-<n>.json`, grain's own checkpoint handler), so a restarted
 run continues the same data stream on every host. All processes save the same steps; on a
 multi-host run preemption goes through the manager's `reached_preemption` (JAX's
-coordination service agrees on the step), on one process through SIGTERM.
+coordination service agrees on the step), on one process through SIGTERM or SIGINT (Ctrl-C).
 """
 from __future__ import annotations
 
 import signal
+import sys
 from pathlib import Path
 
 import jax
@@ -117,24 +118,41 @@ def restore_iterator(mngr, step: int, iterator):
 class Preemption:
     """Whether to save and stop now. Multi-host: the checkpoint manager's
     `reached_preemption` (every host gets the same answer at the same step); one process:
-    a SIGTERM received since start."""
+    a SIGTERM or SIGINT (Ctrl-C) received since start. A second Ctrl-C stops at once
+    (KeyboardInterrupt), without saving."""
 
     def __init__(self, mngr):
         self.mngr = mngr
-        self.signalled = False
-        self._old = None
+        self.signalled = None          # the signal received, once one is
+        self._old = {}
         if jax.process_count() == 1:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(sig) is not signal.SIG_IGN:   # (nohup, a background job)
+                    self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.signalled = True
+        if signum == signal.SIGINT and self.signalled == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: saving a checkpoint after this step (Ctrl-C again: stop without "
+                  "saving)", file=sys.stderr, flush=True)
+        self.signalled = signum
 
     def reached(self, step: int) -> bool:
-        return self.signalled or self.mngr.reached_preemption(step)
+        return bool(self.signalled) or self.mngr.reached_preemption(step)
+
+    def stopped(self, step: int, workdir) -> tuple[str, int]:
+        """(the line to print, the exit status) once the run saved `step` and stops."""
+        if self.signalled == signal.SIGINT:
+            return (f"interrupted at step {step}: checkpoint saved in {workdir}; run the same "
+                    "command to resume", 130)
+        return (f"preempted: saved a checkpoint at step {step}; run the same command to "
+                "resume", 0)
 
     def close(self) -> None:
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
 
 
 # -- a checkpoint step as a model (eval.py / scvnet-search --weights W/checkpoints/<step>) ----

@@ -297,10 +297,41 @@ def validate(cfg) -> None:
     from scvnet_jax.training import validation
     validation.check_config(cfg)
     if cfg.init_from:
-        if not Path(cfg.init_from).expanduser().exists():
-            raise ConfigError(f"config.init_from = {cfg.init_from!r}: no such file or "
-                              "directory (expected an official .pyth/.pth checkpoint or a "
-                              "model directory)")
+        check_init_from(cfg.init_from)
+
+
+# The first bytes of what torch.save writes: a zip archive, or (the legacy format) a pickle.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def check_init_from(path) -> None:
+    """A cheap look (before the workdir is made) that `path` can be a model: a model
+    directory (config.json, as train.py and the converter write) or an official PyTorch
+    checkpoint file. Reading it (loop.read_init_from, csa/ames.load) checks the rest."""
+    p = Path(path).expanduser()
+    expected = ("expected an official .pyth/.pth checkpoint or a model directory (written "
+                "by train.py or python -m scvnet_jax.convert)")
+    if not p.exists():
+        raise ConfigError(f"config.init_from = {path!r}: no such file or directory "
+                          f"({expected})")
+    if p.is_dir():
+        try:
+            ok = isinstance(json.loads((p / "config.json").read_text()), dict)
+        except (OSError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"config.init_from = {path!r}: a directory without a readable "
+                              f"config.json, so not a model directory ({expected})")
+        return
+    try:
+        with open(p, "rb") as f:
+            head = f.read(4)
+    except OSError as e:
+        raise ConfigError(f"config.init_from = {path!r}: cannot be read ({e.strerror}); "
+                          f"{expected}") from None
+    if not head.startswith(_TORCH_MAGIC):
+        raise ConfigError(f"config.init_from = {path!r}: not a model (neither a PyTorch "
+                          f"checkpoint file nor a model directory); {expected}")
 
 
 # What a run writes into its workdir (and nothing else).
@@ -341,3 +372,29 @@ def check_workdir(workdir, cfg) -> None:
             raise ConfigError(f"--workdir {w}: its run has {name} = {old!r}, this config "
                               f"{new!r}; a run resumes only with the same {name} (use another "
                               "--workdir, or the same value)")
+    _check_total_steps(w, saved, cfg)
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    """The steps of the (complete) checkpoints in a run's workdir, ascending."""
+    d = Path(workdir).expanduser() / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def _check_total_steps(w: Path, saved: dict, cfg) -> None:
+    """Refuses to resume a checkpointed run with another total_steps: the learning-rate
+    schedule (and stage 2's curriculum) is built from it, so another value would change
+    the rate mid-run, and on a finished run silently restart it."""
+    old, new = saved.get("total_steps"), cfg.get("total_steps")
+    steps = checkpoint_steps(w)
+    if old is None or new is None or int(old) == int(new) or not steps:
+        return
+    done = (f"finished at step {steps[-1]}" if steps[-1] >= int(old)
+            else f"checkpointed at step {steps[-1]}")
+    model = w / "model"
+    raise ConfigError(
+        f"--workdir {w}: its run has total_steps = {old} ({done}), this config {new}; the "
+        "learning-rate schedule is built from total_steps, so resuming with another value "
+        f"would change it mid-run. Resume with --config.total_steps={old}, or train on "
+        f"from its model with a new schedule: --workdir NEW_DIR --config.init_from={model}"
+        + ("" if model.is_dir() else " (written when the run finishes)"))

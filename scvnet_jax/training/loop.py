@@ -127,7 +127,9 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
     lead = jax.process_index() == 0
     ts = sources.open_or_build(cfg.data.name, cfg.data.data_dir)
     workdir.mkdir(parents=True, exist_ok=True)   # only now: a refused run creates nothing
-    if lead and not (workdir / "config.json").exists():   # first thing in it: marks it ours
+    # first thing in it: marks it ours; rewritten while no checkpoint holds the old one's
+    # total_steps (config.check_workdir compares them)
+    if lead and not ((workdir / "config.json").exists() and config.checkpoint_steps(workdir)):
         from scvnet_jax import files
         files.atomic_write_text(workdir / "config.json", cfg.to_json_best_effort(indent=2) + "\n")
     task = task_cls(cfg, ts, mesh_lib.make_mesh(), workdir)
@@ -164,7 +166,7 @@ def train(task_cls, cfg, workdir, *, progress: bool = True) -> int:
             state, stopped = _loop(cfg, task, compiled, state, batch, it, mngr, writer, start,
                                    preempt, progress and lead, validator)
             if stopped:
-                return 0
+                return preempt.stopped(int(host(state.step)), workdir)[1]
         elif total == 0:
             print("total_steps=0: exporting the initialisation (a random-init baseline)")
         else:
@@ -230,8 +232,7 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                 checkpoints.save(mngr, step, state, it)
             bar.update(1)
             if stop:
-                print(f"\npreempted: saved a checkpoint at step {step}; run the same command "
-                      "to resume", file=sys.stderr)
+                print("\n" + preempt.stopped(step, task.workdir)[0], file=sys.stderr)
                 return state, True
             if step < total:
                 if task.needs_new_iterator(step):   # stage 2: a refreshed descriptor bank

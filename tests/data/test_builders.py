@@ -111,6 +111,22 @@ def test_builder_cli_reports_one_error_line(tmp_path, run_module, one_error_line
     one_error_line(r.stderr, "f00ba4aa.jpg")
 
 
+@pytest.mark.parametrize("kind", ["demo", "gldv2_clean"])
+def test_builder_data_dir_that_is_a_file_is_one_error_line(tmp_path, capsys, one_error_line,
+                                                           kind):
+    from scvnet_jax.data import build as build_cli
+
+    manual = fake_gldv2(tmp_path / "m", ROWS)
+    data = tmp_path / "tfds"
+    data.mkdir()
+    name = builders.BUILDERS[kind].name
+    (data / name).write_text("")
+    args = ["--manual_dir", str(manual)] if kind == "gldv2_clean" else []
+    assert build_cli.main([kind, "--data_dir", str(data), *args]) == 2
+    one_error_line(capsys.readouterr().err, f"{data / name} is a file")
+    assert sorted(p.name for p in data.iterdir()) == [name]     # nothing written beside it
+
+
 def test_unprepared_set_names_the_build_command(tmp_path):
     with pytest.raises(InputError, match="python -m scvnet_jax.data.build gldv2_clean"):
         sources.open_training_set("gldv2_clean", tmp_path)

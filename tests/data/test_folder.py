@@ -408,3 +408,128 @@ def test_benchmark_writes_only_under_its_cache_folder(tmp_path):
     assert snapshot(photos) == originals
     assert sorted(p.name for p in (tmp_path / "cache" / "folder_sets").iterdir()) == [
         ds.root.name]
+
+
+# -- a data_dir that is a file; what the scan leaves out -----------------------------------
+
+@pytest.mark.parametrize("where", ["data_dir", "data_dir/name", "under_a_file"])
+def test_data_dir_that_is_a_file_is_one_error_line_and_writes_nothing(tmp_path, capsys,
+                                                                      one_error_line, where):
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    data = tmp_path / "tfds"
+    if where == "data_dir":
+        data.write_text("")
+        target, text = data, f"--data_dir {data}: is a file"
+    elif where == "data_dir/name":
+        data.mkdir()
+        (data / "my_set").write_text("")
+        target, text = data, f"{data / 'my_set'} is a file"
+    else:
+        data.write_text("")
+        target, text = data / "sub", f"{data} is a file"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    assert build_cli.main(["folder", "--manual_dir", str(photos), "--name", "my_set",
+                           "--data_dir", str(target), "--workers", "2"]) == 2
+    one_error_line(capsys.readouterr().err, text)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_empty_class_folder_and_dangling_link_are_reported(tmp_path, capsys):
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    (photos / "empty").mkdir()
+    (photos / "empty" / "notes.txt").write_text("no images here")
+    (photos / "arch" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (photos / "lost").symlink_to(tmp_path / "no_folder")
+    assert build_cli.main(["folder", "--manual_dir", str(photos), "--name", "my_set",
+                           "--data_dir", str(tmp_path / "tfds"), "--workers", "2"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert any(f"class folder {photos / 'empty'}: no image files" in ln for ln in out), out
+    for link in (photos / "arch" / "gone.jpg", photos / "lost"):
+        assert any(f"left out {link}: a symbolic link to nothing" in ln for ln in out), out
+    meta = folder.prepared_metadata("my_set", tmp_path / "tfds")
+    assert len(meta["skipped"]) == 3 and "empty" not in meta["class_names"] + meta[
+        "eval_class_names"]
+
+
+def test_eval_on_a_folder_set_notes_blind_protocol_and_clipped_icfrr(tmp_path, capsys,
+                                                                    tiny_model_dir):
+    """eval.py --protocol official on a folder set (no revisitop labels) says the CVNet
+    rerank runs blind, and ICFRR's default KG 256 / KQ 250 on a 5-image database says they
+    are clipped: a printed note each, and in results.json."""
+    import json
+
+    from scvnet_jax import eval as ev
+
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    build("my_set", tmp_path / "tfds", manual_dir=photos)
+    out = tmp_path / "res" / "results.json"
+    assert ev.main(["--dataset", f"folder:{tmp_path / 'tfds' / 'my_set'}",
+                    "--weights", str(tiny_model_dir), "--protocol", "official",
+                    "--topk", "2", "--pipelines", "cvnet_global,cvnet_rerank,icfrr",
+                    "--cache_dir", str(tmp_path / "cache"), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    blind = ("note: cvnet_rerank: protocol official needs revisitop's Easy/Hard/junk labels, "
+             "which folder:my_set has not; it runs blind")
+    clip = "note: icfrr: KG=256, KQ=250 clipped to the database size (5 images): KG=5, KQ=5"
+    for note in (blind, clip):
+        assert sum(ln.startswith(note) for ln in printed) == 1, printed
+    res = json.loads(out.read_text())
+    assert res["cvnet_rerank"]["protocol"] == "blind"
+    assert any(n.startswith(blind[len("note: "):]) for n in res["cvnet_rerank"]["notes"])
+    assert clip[len("note: "):] in res["icfrr"]["notes"]
+    assert not any("clipped" in n or "blind" in n for n in res["cvnet_global"].get("notes", []))
+
+
+def _printed_next_commands(tmp_path, capsys, monkeypatch):
+    """Builds a set from tmp_path (relative paths, as a user types them) -> the printed
+    (train, evaluate) commands, split into words."""
+    import shlex
+
+    make_tree(tmp_path / "photos")
+    monkeypatch.chdir(tmp_path)
+    assert build_cli.main(["folder", "--manual_dir", "photos", "--name", "my_set",
+                           "--data_dir", "tfds", "--workers", "2"]) == 0
+    printed = {ln.split(":", 1)[0].strip(): shlex.split(ln.split(":", 1)[1])
+               for ln in capsys.readouterr().out.splitlines() if ln.startswith("  ")}
+    train, evaluate = printed["train"], printed["evaluate"]
+    assert train[:3] == ["python", "-m", "scvnet_jax.train"], train
+    assert evaluate[:3] == ["python", "-m", "scvnet_jax.eval"], evaluate
+    return train, evaluate
+
+
+def test_the_printed_next_commands_parse_and_chain(tmp_path, capsys, monkeypatch):
+    """The printed commands' flags and configs are accepted (up to where the work would
+    start), and the evaluate command reads the model the train command writes."""
+    from scvnet_jax import eval as ev
+    from scvnet_jax import train as tr
+    from scvnet_jax import training
+
+    train, evaluate = _printed_next_commands(tmp_path, capsys, monkeypatch)
+    seen = {}
+    monkeypatch.setattr(training, "train", lambda cfg, workdir, **kw: seen.update(
+        cfg=cfg, workdir=workdir) or 0)
+    monkeypatch.setattr(ev, "run", lambda cfg, **kw: seen.update(eval=cfg) or 0)
+    assert tr.main(train[3:]) == 0, capsys.readouterr().err
+    assert seen["cfg"].data.name == "my_set" and seen["cfg"].data.data_dir == "tfds"
+    assert ev.main(evaluate[3:]) == 0, capsys.readouterr().err
+    assert seen["eval"].weights == f"{seen['workdir']}/model"
+    assert seen["eval"].dataset == "folder:tfds/my_set"
+
+
+@pytest.mark.slow   # a train command (total_steps 0) and an evaluation of an R50: ~100 s
+def test_the_printed_next_commands_run_as_printed(tmp_path, capsys, monkeypatch, run_module):
+    """After `data.build folder`, the "train:" and "evaluate:" lines run as printed, from
+    the same folder: the train command (with total_steps 0: it exports its initialisation)
+    writes the model the evaluate command reads."""
+    from scvnet_jax import eval as ev
+
+    train, evaluate = _printed_next_commands(tmp_path, capsys, monkeypatch)
+    r = run_module("train", *train[3:], "--config.total_steps=0", "--noprogress",
+                   cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert ev.main([*evaluate[3:], "--pipelines", "cvnet_global",
+                    "--cache_dir", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "results" / "my_set" / "results.json").is_file()

@@ -416,3 +416,37 @@ def test_rerank_images_is_the_model_on_each_pair_and_reuses_the_token_store(tmp_
                                                    num_encoder_layers=1,
                                                    dim_feedforward=32))),
                            tiny_model, queries, db, ranks, sims, **kw)
+
+
+def test_rerank_images_takes_paths(tmp_path, tiny_model):
+    """Image paths (str or Path) work as whole-image ImageRefs, also with the token store
+    (content-keyed: it reads each file); anything else is one InputError naming it."""
+    from pathlib import Path
+
+    import cv2
+
+    from scvnet_jax.images import ImageRef
+    from scvnet_jax.models.ames import AMESArch, init
+
+    rng = np.random.default_rng(1)
+    paths = []
+    for i in range(5):
+        paths.append(str(tmp_path / f"im{i}.png"))
+        cv2.imwrite(paths[-1], rng.integers(0, 255, (64, 72, 3), dtype=np.uint8))
+    arch = AMESArch(local_dim=tiny_model.arch.local_dim, model_dim=16, nhead=2,
+                    num_encoder_layers=1, dim_feedforward=32)
+    model = AMES.AMES(arch, init(arch, 1))
+    ranks = np.stack([rng.permutation(4), rng.permutation(4)], axis=1)      # (4, 2)
+    sims = np.sort(rng.uniform(0.2, 0.9, (4, 2)).astype(np.float32), axis=0)[::-1]
+    kw = dict(k=2, lamb=0.5, temp=2.0, query_len=8, db_len=4, protocol="blind",
+              cache_dir=str(tmp_path / "cache"))
+    want = AMES.rerank_images(model, tiny_model, [ImageRef(p) for p in paths[:2]],
+                              [ImageRef(p) for p in paths[1:]], ranks, sims, **kw)[""]
+    for conv in (str, Path):
+        got = AMES.rerank_images(model, tiny_model, [conv(p) for p in paths[:2]],
+                                 [conv(p) for p in paths[1:]], ranks, sims, **kw)[""]
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+    with pytest.raises(InputError, match=r"db_refs\[0\] is a ndarray; expected an image file"):
+        AMES.rerank_images(model, tiny_model, paths[:2], [np.zeros((8, 8, 3))] * 4, ranks,
+                           sims, **kw)

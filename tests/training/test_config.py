@@ -77,11 +77,16 @@ def test_workdir_checks(tmp_path):
     (["--config.total_steps=-1"], "config.total_steps = -1"),
     (["--config.batch_sise=4"], "did you mean --config.batch_size"),
     (["--config.init_from=/no/such"], "config.init_from = '/no/such'"),
+    (["--config.init_from={tmp}/notes.txt"], "notes.txt': not a model"),
+    (["--config.init_from={tmp}/empty"], "empty': a directory without a readable config.json"),
 ])
 def test_train_refuses_before_creating_anything(tmp_path, capsys, one_error_line, args,
                                                 expect):
     from scvnet_jax import train as tr
 
+    (tmp_path / "notes.txt").write_text("not a model")
+    (tmp_path / "empty").mkdir()
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     work = tmp_path / "work"
     assert tr.main(["--config", "demo.py:tiny", "--workdir", str(work), *args]) == 2
     one_error_line(capsys.readouterr().err, expect)
@@ -96,3 +101,50 @@ def test_train_refuses_a_missing_config_and_a_file_workdir(tmp_path, capsys, one
     (tmp_path / "f").write_text("x")
     assert tr.main(["--config", "demo.py:tiny", "--workdir", str(tmp_path / "f")]) == 2
     one_error_line(capsys.readouterr().err, "exists and is not a directory")
+
+
+def test_resuming_a_checkpointed_run_with_other_total_steps_is_refused(tmp_path, capsys,
+                                                                       one_error_line):
+    """The learning-rate schedule is built from total_steps: resuming a finished run with a
+    larger value would restart the rate mid-run (cosine: from ~0 back to half the peak), so
+    it is refused before anything is touched, naming both values and how to go on."""
+    from scvnet_jax import train as tr
+    from scvnet_jax.training import optim
+
+    cfg = tiny(total_steps=12)
+    assert float(optim.learning_rate(cfg)(12)) < 0.01 * cfg.optimizer.lr
+    assert float(optim.learning_rate(tiny(total_steps=24))(12)) > 0.4 * cfg.optimizer.lr
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / "12").mkdir(parents=True)
+    (run / "model").mkdir()
+    (run / "config.json").write_text(cfg.to_json_best_effort())
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(run),
+                    "--config.total_steps=24"]) == 2
+    one_error_line(capsys.readouterr().err, f"--workdir {run}: its run has total_steps = 12 "
+                   "(finished at step 12), this config 24", "--config.total_steps=12",
+                   f"--config.init_from={run / 'model'}")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    config.check_workdir(run, tiny(total_steps=12))             # the same: resumes
+    (run / "checkpoints" / "12").rmdir()
+    config.check_workdir(run, tiny(total_steps=24))             # nothing trained yet: fine
+
+
+def test_ctrl_c_before_the_loop_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the loop's handler is in place (loading, building, restoring): no
+    traceback, one line saying how to resume, exit status 130. (In the loop it saves a
+    checkpoint first: tests/training/test_stage1.py, test_signal_saves_...)."""
+    from scvnet_jax import train as tr
+    from scvnet_jax import training
+
+    def interrupted(cfg, workdir, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(tmp_path / "w")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"interrupted before this progress could be saved (the checkpoints in {tmp_path / 'w'},"
+        " if any, are kept); run the same command to resume"]

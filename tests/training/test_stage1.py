@@ -234,6 +234,40 @@ def test_sigkill_resume_ends_with_the_same_parameters(tmp_path, run_train, demo_
     assert all("loss" in r for r in recs)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_signal_saves_a_checkpoint_and_resumes_to_the_same_parameters(
+        tmp_path, run_train, demo_tfds, full_run, assert_same_checkpoint, sig):
+    """SIGTERM (preemption) or SIGINT (Ctrl-C) once the train step is compiled: the run
+    saves a checkpoint at the next step, says so in one line (no traceback) and exits 0 /
+    130; the same command again ends with the uninterrupted run's state, bit for bit."""
+    import signal
+
+    work = tmp_path / "signalled"
+    proc = run_train(work, *STEPS, data_dir=demo_tfds, config="demo.py:tiny", wait=False)
+    lines = []
+    for line in proc.stdout:          # (stderr is merged into stdout)
+        lines.append(line)
+        if "compiled the train step" in line:
+            proc.send_signal(getattr(signal, sig))
+            break
+    out = "".join(lines) + proc.communicate(timeout=900)[0]
+    assert proc.returncode == (130 if sig == "SIGINT" else 0), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] < 12, (steps, out[-3000:])
+    said = (f"interrupted at step {steps[-1]}: checkpoint saved in {work}; run the same "
+            "command to resume" if sig == "SIGINT" else
+            f"preempted: saved a checkpoint at step {steps[-1]}; run the same command")
+    assert any(ln.startswith(said) for ln in out.splitlines()), out[-3000:]
+    assert not (work / "model").exists()
+
+    resumed = run_train(work, *STEPS, data_dir=demo_tfds, config="demo.py:tiny")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"resumed from {work / 'checkpoints' / str(steps[-1])}" in resumed.stdout
+    assert_same_checkpoint(full_run, work, 12)
+
+
 # 2 x 4 devices: every BatchNorm all-reduce crosses processes (gloo), ~5 s a step here.
 # A learning rate so small that AdamW moves no weight by more than about one float32 ulp:
 # the tiny model from scratch is chaotic (grad norms ~1e3), so at any useful rate the
