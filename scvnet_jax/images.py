@@ -268,11 +268,19 @@ def crop(im: np.ndarray, bbx, what: str, size: tuple[int, int] | None = None) ->
         raise InputError(f"{what}: query box {tuple(bbx)} crops nothing from this {W}x{H} "
                          "image (expected 0 <= x1 < x2, 0 <= y1 < y2, starting inside it)")
     if (W, H) != (w, h):      # the box in the full image's pixels, the crop at working size
-        sx, sy = w / W, h / H
-        x1, y1 = min(int(x1 * sx), w - 1), min(int(y1 * sy), h - 1)
-        x2 = max(x1 + 1, int(min(bbx[2], W) * sx))      # (truncated, as int() does)
-        y2 = max(y1 + 1, int(min(bbx[3], H) * sy))
+        x1, y1, x2, y2 = box_at(bbx, (W, H), (w, h))
     return im[y1:y2, x1:x2]
+
+
+def box_at(bbx, size: tuple[int, int], working: tuple[int, int]) -> tuple[int, ...]:
+    """A box (x1, y1, x2, y2) inside an image of `size` (width, height) -> the pixels it
+    covers in that image at `working` size (truncated, as int() does; at least one)."""
+    (W, H), (w, h) = size, working
+    sx, sy = w / W, h / H
+    x1, y1 = min(int(int(bbx[0]) * sx), w - 1), min(int(int(bbx[1]) * sy), h - 1)
+    x2 = max(x1 + 1, int(min(bbx[2], W) * sx))
+    y2 = max(y1 + 1, int(min(bbx[3], H) * sy))
+    return x1, y1, x2, y2
 
 
 def read_image(ref: ImageRef | str, max_side: int | None = None) -> np.ndarray:
