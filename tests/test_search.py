@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import scvnet_jax as sj
+from scvnet_jax import images
 from scvnet_jax.errors import InputError
 
 
@@ -283,11 +284,11 @@ def test_update_index_refusals(folder, model, tmp_path, capsys):
                                          "float16, max_side 1024"):
         sj.search.update_index(model, folder, path, dtype="float32")
     try:        # read at another working size: other descriptors
-        sj.images.set_max_side(100)
+        images.set_max_side(100)
         with pytest.raises(InputError, match="working size .*max_side 1024"):
             sj.search.update_index(model, folder, path)
     finally:
-        sj.images.set_max_side(sj.images.DEFAULT_MAX_SIDE)
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
     index, stats = sj.search.update_index(model, folder, path, dtype="float32", rebuild=True)
     assert index.descriptors.dtype == np.float32 and stats["extracted"] == 14
 
@@ -369,13 +370,13 @@ def test_regions_of_an_image_read_reduced_are_in_its_full_pixels(folder, model):
     query = index.paths[5]
     h, w = sj.search.read_image(query).shape[:2]
     try:
-        sj.images.set_max_side(max(h, w) // 2)
+        images.set_max_side(max(h, w) // 2)
         assert max(sj.search.read_image(query).shape[:2]) == max(h, w) // 2
         _, found = index.search_regions(model, query, k=3, regions=3)
         box = (w // 4, h // 4, w, h)
         _, in_box = index.search_regions(model, query, k=3, regions=2, box=box)
     finally:
-        sj.images.set_max_side(sj.images.DEFAULT_MAX_SIDE)
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
     assert found and all(0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h for x1, y1, x2, y2 in found)
     assert max(max(x2, y2) for _, _, x2, y2 in found) > max(h, w) // 2
     assert in_box and all(w // 4 <= x1 < x2 <= w and h // 4 <= y1 < y2 <= h
