@@ -56,7 +56,8 @@ def _normalized_values() -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-    """One image to read: its file and, for queries, the crop box (x1, y1, x2, y2)."""
+    """One image to read: its file and, for queries, the crop box (x1, y1, x2, y2), in pixels
+    of the upright image at full size (mapped onto it at the working size)."""
     path: str
     bbx: tuple[float, float, float, float] | None = None
 
@@ -84,7 +85,8 @@ def set_max_side(n: int) -> None:
     """The working size of every later decode: images whose long side is larger are
     reduced to `n` px on it; 0 reads them at full size."""
     global _max_side
-    if isinstance(n, bool) or int(n) != n or int(n) < 0:
+    if (not isinstance(n, (int, float, np.integer)) or isinstance(n, bool)
+            or not np.isfinite(n) or int(n) != n or n < 0):
         raise InputError(f"max_side must be an integer >= 0 (pixels; 0 = full size), got {n!r}")
     _max_side = int(n)
 
