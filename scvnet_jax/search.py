@@ -35,13 +35,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scvnet_jax import files, mesh
+from scvnet_jax import images as image_io
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.engine import backends, extract
 from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
 from scvnet_jax.engine.search import rank
 from scvnet_jax.errors import InputError
 from scvnet_jax.evaluation import visuals
-from scvnet_jax import images as image_io
 from scvnet_jax.images import IMAGE_EXTENSIONS, ImageRef, read_image
 from scvnet_jax.rerank import registry
 

@@ -187,7 +187,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=_positive, default=4, help="image-decoding threads")
     p.add_argument("--max_side", type=_nonnegative, default=None, metavar="PIXELS",
                    help="working size: images with a longer side are read reduced to it "
-                        "(0: full size; default: the index's, 1024 for a new index)")
+                        "(0: full size; default: the index's, or 1024 for a new index "
+                        "and for queries of an index at full size)")
     p.add_argument("--cache_dir", default=None,
                    help="compiled programs are kept in CACHE_DIR/xla (default: "
                         "~/.cache/scvnet_jax; '' for none)")
@@ -271,7 +272,10 @@ def _index_and_model(args):
     from scvnet_jax import images, search
 
     index = search.Index.load(Path(args.index).expanduser(), root=args.root)
-    images.set_max_side(index.max_side if args.max_side is None else args.max_side)
+    # queries at the index's working size; at 1024 (the default) for one at full size
+    # (every index written before the size was recorded), so that an upload is bounded
+    images.set_max_side(args.max_side if args.max_side is not None else
+                        index.max_side or images.max_side())
     weights = args.weights or index.weights
     if not weights:
         raise InputError(f"{args.index}: the index records no weights; pass --weights")

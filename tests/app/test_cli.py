@@ -144,8 +144,8 @@ def test_refusals_are_one_error_line(args, message, photos, tmp_path, tiny_model
 
 def test_the_working_size_is_recorded_in_the_index_and_used(photos, tmp_path, capsys,
                                                             one_error_line):
-    """index --max_side records it; a rerun and a query without the flag use the index's;
-    another working size needs --rebuild."""
+    """index --max_side records it; a rerun and a query without the flag use the index's
+    (a query of an index at full size: 1024); another working size needs --rebuild."""
     from scvnet_jax import images
 
     index = tmp_path / "small.index"
@@ -164,6 +164,12 @@ def test_the_working_size_is_recorded_in_the_index_and_used(photos, tmp_path, ca
         assert main(["index", str(photos), "--index", str(index), "--max_side", "0"]) == 2
         one_error_line(capsys.readouterr().err, "small.index: built with another model, "
                        "descriptor family, dtype or working size", "max_side 100", "--rebuild")
+        # an index at full size (as every one from before): its queries are read at 1024
+        assert main(["index", str(photos), "--index", str(index), "--max_side", "0",
+                     "--rebuild"]) == 0
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+        assert main(["query", "--index", str(index), str(query), "-k", "1"]) == 0
+        assert sj.search.Index.load(index).max_side == 0 and images.max_side() == 1024
     finally:
         images.set_max_side(images.DEFAULT_MAX_SIDE)
 
