@@ -8,7 +8,7 @@ checked from its header, decoded at the working size, described, searched).
     python benchmarks/memory.py --index_photos 8   # also: indexing 8 24 MP photos
 
 Cases: a 512 px JPEG (the process's floor: Python, JAX, the model, the compiled programs),
-a 24 MP JPEG (6000x4000, a phone photo), a 4000x4000 PNG (of one colour: ~15 kB), and a
+a 24 MP JPEG (6000x4000, a phone photo), a 4000x4000 PNG (of one colour: ~60 kB), and a
 100 MP PNG (10000x10000, the default pixel limit). The collection: 6 demo photographs.
 """
 from __future__ import annotations
