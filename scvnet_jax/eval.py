@@ -184,9 +184,11 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
     from scvnet_jax.evaluation.config import RERANK_PIPELINES
-    from scvnet_jax.images import set_max_pixels
+    from scvnet_jax.images import DEFAULT_MAX_SIDE, set_max_pixels, set_max_side
 
     set_max_pixels(cfg.max_image_pixels)
+    official = cfg.dataset in ("roxford5k", "rparis6k", "gldv2_retrieval")
+    set_max_side(cfg.max_side if cfg.max_side >= 0 else 0 if official else DEFAULT_MAX_SIDE)
     if cfg.dataset == "demo":
         from scvnet_jax.data import demo
         if not cfg.data_dir:

@@ -4,6 +4,14 @@ Images are BGR uint8 (as `cv2.imread` returns them, 3 channels even for greyscal
 scaled to [0, 1] and normalised per channel with the BGR-ordered ImageNet statistics below.
 Queries of the revisited benchmarks are cropped `im[int(y1):int(y2), int(x1):int(x2)]`
 with `bbx = (x1, y1, x2, y2)`, as the official test code does.
+
+Every image is read upright, as a browser shows it: the EXIF orientation (1-8, e.g. every
+portrait phone photo) is applied, so sizes and boxes are those of the upright image. And
+at a working size: an image whose long side exceeds `max_side()` (DEFAULT_MAX_SIDE, 1024
+px; 0 = full size) is reduced to it (JPEGs decoded reduced by libjpeg where that still
+leaves at least the working size, then OpenCV INTER_AREA), so memory per image is bounded
+whatever the file's size. The revisited Oxford and Paris images (and R1M's) are at most
+1024 px on the long side, so they are read unchanged.
 """
 from __future__ import annotations
 
@@ -48,7 +56,8 @@ def _normalized_values() -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class ImageRef:
-    """One image to read: its file and, for queries, the crop box (x1, y1, x2, y2)."""
+    """One image to read: its file and, for queries, the crop box (x1, y1, x2, y2), in pixels
+    of the upright image at full size (mapped onto it at the working size)."""
     path: str
     bbx: tuple[float, float, float, float] | None = None
 
@@ -63,6 +72,39 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_MAX_PIXELS = 100_000_000
 _max_pixels = int(os.environ.get("SCVNET_MAX_IMAGE_PIXELS") or DEFAULT_MAX_PIXELS)
 _RAISE_IT = " (SCVNET_MAX_IMAGE_PIXELS or --config.max_image_pixels raise it)"
+
+
+# The working size: the long side, in pixels, images are described at (0 = full size).
+# SCVNET_MAX_IMAGE_SIDE or set_max_side() change it (the app's --max_side, eval.py's
+# --config.max_side).
+DEFAULT_MAX_SIDE = 1024
+_max_side = int(os.environ.get("SCVNET_MAX_IMAGE_SIDE") or DEFAULT_MAX_SIDE)
+
+
+def set_max_side(n: int) -> None:
+    """The working size of every later decode: images whose long side is larger are
+    reduced to `n` px on it; 0 reads them at full size."""
+    global _max_side
+    if (not isinstance(n, (int, float, np.integer)) or isinstance(n, bool)
+            or not np.isfinite(n) or int(n) != n or n < 0):
+        raise InputError(f"max_side must be an integer >= 0 (pixels; 0 = full size), got {n!r}")
+    _max_side = int(n)
+
+
+def max_side() -> int:
+    """The current working size (`set_max_side`)."""
+    return _max_side
+
+
+def working_size(w: int, h: int, side: int | None = None) -> tuple[int, int]:
+    """(width, height) a w x h (upright) image is read at with working size `side`
+    (None: `max_side()`): unchanged if its long side is at most `side` (or side is 0),
+    else scaled to `side` on its long side."""
+    side = _max_side if side is None else side
+    if not side or max(w, h) <= side:
+        return w, h
+    s = side / max(w, h)
+    return max(1, round(w * s)), max(1, round(h * s))
 
 
 def set_max_pixels(n: int) -> None:
@@ -87,13 +129,36 @@ def read_bytes(path: str) -> bytes:
 
 
 def header_size(data: bytes, what: str) -> tuple[int, int]:
-    """(width, height) from the image header, without decoding the pixels."""
+    """(width, height) of the upright image (as a browser shows it) from the header,
+    without decoding the pixels."""
+    w, h, orientation = _header(data, what)
+    return (h, w) if orientation >= 5 else (w, h)
+
+
+def _orientation(im) -> int:
+    """The EXIF orientation (1-8; 1 for none or a bad value) of an opened Pillow image,
+    without decoding it (a PNG's eXIf chunk only if it comes before the pixels, as the
+    PNG specification places it: Pillow would decode the image to look further)."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        o = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001  (damaged EXIF: shown unrotated, as browsers do)
+        return 1
+    return o if isinstance(o, int) and 1 <= o <= 8 else 1
+
+
+def _header(data: bytes, what: str) -> tuple[int, int, int]:
+    """(width, height, EXIF orientation) as stored, from the header alone."""
     from PIL import Image, UnidentifiedImageError
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
-                return im.size
+                w, h = im.size
+                if im.format == "TIFF":    # (Pillow >= 11 gives a TIFF's size upright)
+                    w, h = im.tag_v2.get(256, w), im.tag_v2.get(257, h)
+                return w, h, _orientation(im)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         detail = "" if isinstance(e, UnidentifiedImageError) else f"; {e}"   # (names a BytesIO)
         raise InputError(f"{what}: cannot read the image: not an image file this tool reads "
@@ -117,45 +182,123 @@ def is_truncated(data: bytes) -> bool:
     return False
 
 
-def decode_image(data: bytes, what: str) -> np.ndarray:
-    """BGR uint8 image (3 channels, as `cv2.imread`) from encoded bytes; `what` names the
+# OpenCV's orientation handling is switched off (IMREAD_IGNORE_ORIENTATION): the EXIF
+# orientation read by Pillow is applied by `upright`, for JPEG, PNG, WebP, ... alike. Except
+# TIFF, which OpenCV's decoder turns upright whatever the flag says (tests/test_images.py
+# checks both for all 8 orientations).
+_NO_ROTATION = cv2.IMREAD_IGNORE_ORIENTATION
+_TIFF = (b"II*\x00", b"MM\x00*")
+_REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def upright(im: np.ndarray, orientation: int) -> np.ndarray:
+    """The image as stored -> as shown (EXIF orientation 1-8, as PIL.ImageOps.exif_transpose)."""
+    if orientation == 2:
+        return cv2.flip(im, 1)
+    if orientation == 3:
+        return cv2.rotate(im, cv2.ROTATE_180)
+    if orientation == 4:
+        return cv2.flip(im, 0)
+    if orientation == 5:
+        return cv2.transpose(im)
+    if orientation == 6:
+        return cv2.rotate(im, cv2.ROTATE_90_CLOCKWISE)
+    if orientation == 7:
+        return cv2.flip(cv2.transpose(im), -1)
+    if orientation == 8:
+        return cv2.rotate(im, cv2.ROTATE_90_COUNTERCLOCKWISE)
+    return im
+
+
+def jpeg_reduction(w: int, h: int, side: int) -> int:
+    """The largest libjpeg reduction (1, 2, 4, 8) that leaves a w x h JPEG's long side at
+    least `side` (0: full size)."""
+    r = 1
+    while side and r < 8 and -(-max(w, h) // (2 * r)) >= side:
+        r *= 2
+    return r
+
+
+def decode_image(data: bytes, what: str, max_side: int | None = None) -> np.ndarray:
+    """BGR uint8 image (3 channels, as `cv2.imread`), upright and at the working size
+    (`max_side`; None: the module's, `set_max_side`), from encoded bytes; `what` names the
     file in errors. Checked first: the header's size against the pixel limit, and that the
     file is complete."""
-    w, h = header_size(data, what)
+    return _decode(data, what, max_side)[0]
+
+
+def _decode(data: bytes, what: str, side: int | None) -> tuple[np.ndarray, tuple[int, int]]:
+    """(the image as `decode_image`, the upright image's full (width, height))."""
+    w, h, orientation = _header(data, what)
     if w * h > _max_pixels:
         raise InputError(f"{what}: the image is {w}x{h} ({w * h / 1e6:.0f} megapixels), "
                          f"above the limit of {_max_pixels / 1e6:g} megapixels{_RAISE_IT}")
     if is_truncated(data):
         raise InputError(f"{what}: cannot read the image: the file is truncated (it ends "
                          "before the image data does); re-copy or re-download it")
-    im = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    if im is None or im.shape[:2] != (h, w):
+    side = _max_side if side is None else side
+    r = jpeg_reduction(w, h, side) if data[:3] == b"\xff\xd8\xff" else 1
+    im = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED[r] | _NO_ROTATION)
+    size = (h, w) if orientation >= 5 else (w, h)      # upright
+    tiff = data[:4] in _TIFF                           # turned upright by OpenCV
+    sw, sh = size if tiff else (w, h)
+    if im is None or im.shape[:2] != (-(-sh // r), -(-sw // r)):
         raise InputError(f"{what}: cannot read the image: corrupt file (expected a JPEG/PNG "
                          "file OpenCV can decode)")
-    return im
+    if not tiff:
+        im = upright(im, orientation)
+    target = working_size(*size, side)
+    if (im.shape[1], im.shape[0]) != target:
+        im = cv2.resize(im, target, interpolation=cv2.INTER_AREA)
+    return im, size
 
 
-def crop(im: np.ndarray, bbx, what: str) -> np.ndarray:
+def crop(im: np.ndarray, bbx, what: str, size: tuple[int, int] | None = None) -> np.ndarray:
     """im[int(y1):int(y2), int(x1):int(x2)] as the official code, refusing boxes that are not
     finite, start outside the image or crop nothing (a box ending past the image is clipped,
-    as the official slicing does)."""
+    as the official slicing does). size: the (width, height) of the image the box is in,
+    when `im` is that image at a smaller working size: the box is checked against it and
+    mapped onto `im` (at least one pixel)."""
     if len(bbx) != 4 or not all(np.isfinite(v) for v in bbx):
         raise InputError(f"{what}: query box {tuple(bbx)} is not four finite numbers "
                          "(x1, y1, x2, y2)")
     x1, y1, x2, y2 = (int(v) for v in bbx)
     h, w = im.shape[:2]
-    if not (0 <= x1 < min(x2, w) and 0 <= y1 < min(y2, h)):
-        raise InputError(f"{what}: query box {tuple(bbx)} crops nothing from this {w}x{h} "
+    W, H = size or (w, h)
+    if not (0 <= x1 < min(x2, W) and 0 <= y1 < min(y2, H)):
+        raise InputError(f"{what}: query box {tuple(bbx)} crops nothing from this {W}x{H} "
                          "image (expected 0 <= x1 < x2, 0 <= y1 < y2, starting inside it)")
+    if (W, H) != (w, h):      # the box in the full image's pixels, the crop at working size
+        x1, y1, x2, y2 = box_at(bbx, (W, H), (w, h))
     return im[y1:y2, x1:x2]
 
 
-def read_image(ref: ImageRef | str) -> np.ndarray:
-    """BGR uint8 image as `cv2.imread`, cropped to `ref.bbx` for queries; an InputError
-    naming the file for a missing, unreadable, oversized, truncated or corrupt one."""
+def box_at(bbx, size: tuple[int, int], working: tuple[int, int]) -> tuple[int, ...]:
+    """A box (x1, y1, x2, y2) inside an image of `size` (width, height) -> the pixels it
+    covers in that image at `working` size (truncated, as int() does; at least one)."""
+    (W, H), (w, h) = size, working
+    sx, sy = w / W, h / H
+    x1, y1 = min(int(int(bbx[0]) * sx), w - 1), min(int(int(bbx[1]) * sy), h - 1)
+    x2 = max(x1 + 1, int(min(bbx[2], W) * sx))
+    y2 = max(y1 + 1, int(min(bbx[3], H) * sy))
+    return x1, y1, x2, y2
+
+
+def read_image(ref: ImageRef | str, max_side: int | None = None) -> np.ndarray:
+    """BGR uint8 image as `cv2.imread`, upright and at the working size (`decode_image`),
+    cropped to `ref.bbx` for queries (a box in the pixels of the full upright image, as a
+    browser shows it); an InputError naming the file for a missing, unreadable, oversized,
+    truncated or corrupt one."""
     ref = ref if isinstance(ref, ImageRef) else ImageRef(str(ref))
-    im = decode_image(read_bytes(ref.path), ref.path)
-    return crop(im, ref.bbx, ref.path) if ref.bbx is not None else im
+    im, size = _decode(read_bytes(ref.path), ref.path, max_side)
+    return crop(im, ref.bbx, ref.path, size) if ref.bbx is not None else im
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of the upright image in a file, from its header: the pixels query
+    boxes are given in."""
+    return header_size(read_bytes(path), path)
 
 
 _digests: dict = {}

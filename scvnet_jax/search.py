@@ -35,6 +35,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from scvnet_jax import files, mesh
+from scvnet_jax import images as image_io
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.engine import backends, extract
 from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
@@ -105,8 +106,10 @@ class Index:
     paths to where the collection is now); `skipped` lists (path, reason) of files left out
     by `on_error="skip"`. Written by `update_index`, an index also records each file's
     content digest (`digests`), what its descriptors depend on (`model`: a key of the
-    backbone's weights, the descriptor settings and the dtype) and the `weights` it was
-    built with ("demo" or a path), so a rerun extracts only new or changed files."""
+    backbone's weights, the descriptor settings, the dtype and the working size) and the
+    `weights` it was built with ("demo" or a path), so a rerun extracts only new or changed
+    files. `max_side`: the working size its images were read at (`images.set_max_side`;
+    0 = full size, as indexes from before it was recorded)."""
     paths: list[str]
     descriptors: np.ndarray
     family: str = "cvnet"
@@ -117,6 +120,7 @@ class Index:
     weights: str = ""
     backend: object = None      # engine.backends.*: None = exact search on the device
     recall_at_10: float | None = None   # of a faiss backend against exact search
+    max_side: int = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,7 +140,7 @@ class Index:
                               root=np.array(self.root), paths=np.array(self.paths, dtype=str),
                               descriptors=d, digests=np.array(self.digests, dtype=str),
                               model=np.array(self.model), weights=np.array(self.weights),
-                              skipped=skipped, **extra)
+                              max_side=np.array(self.max_side), skipped=skipped, **extra)
         return path
 
     @classmethod
@@ -165,6 +169,7 @@ class Index:
                             if "skipped" in z.files else [],
                             [str(v) for v in z["digests"]] if "digests" in z.files else [],
                             get("model"), get("weights"))
+                index.max_side = int(z["max_side"]) if "max_side" in z.files else 0
                 faiss_bytes = z["faiss_index"] if "faiss_index" in z.files else None
                 if faiss_bytes is not None:
                     r = float(z["recall_at_10"])
@@ -209,8 +214,10 @@ class Index:
                shortlist: int = 1000, scales=None) -> list[list[Hit]]:
         """Top-k hits per query image (a path or a list of paths), best first.
 
-        boxes: None, or per query None or a box (x1, y1, x2, y2) in pixels: the query is
-        that crop of its image (as the revisited benchmarks' queries are).
+        boxes: None, or per query None or a box (x1, y1, x2, y2) in pixels of the upright
+        image at full size: the query is that crop of its image (as the revisited
+        benchmarks' queries are), read at the working size (`images.max_side()`; a
+        CLI query or the server uses the index's `max_side`).
 
         rerank: None, or a reranker of `scvnet_jax.rerank.registry` ("superglobal", "cvnet",
         "icfrr", "csa", "alpha_qe", "dba"), with its `options` (e.g. {"weights": ...} for
@@ -342,9 +349,15 @@ class Index:
                                 if region_scales is None else region_scales)
         im = read_image(ImageRef(query, _boxes([box], 1)[0]))
         found = proposals.propose(model, im, regions, search_options.get("bucket", 64))
-        if box is not None:     # regions of the crop, in the image's pixels
-            found = [(r[0] + int(box[0]), r[1] + int(box[1]), r[2] + int(box[0]),
-                      r[3] + int(box[1])) for r in found]
+        size = image_io.image_size(query)   # regions of the crop, in the image's pixels
+        working = image_io.working_size(*size)
+        x0, y0 = (0, 0) if box is None else image_io.box_at(box, size, working)[:2]
+        fx, fy = size[0] / working[0], size[1] / working[1]
+        lo = (0, 0) if box is None else (int(box[0]), int(box[1]))      # inside the box
+        hi = size if box is None else (min(size[0], int(box[2])), min(size[1], int(box[3])))
+        found = [(max(lo[0], round((x0 + r[0]) * fx)), max(lo[1], round((y0 + r[1]) * fy)),
+                  min(hi[0], round((x0 + r[2]) * fx)), min(hi[1], round((y0 + r[3]) * fy)))
+                 for r in found]
         lists = self.search(model, query, k, boxes=[box], **search_options)
         if found:
             lists += self.search(model, [query] * len(found), k, boxes=found,
@@ -498,7 +511,7 @@ def index_folder(model: RetrievalModel, folder, family: str = "cvnet", *,
     with ThreadPoolExecutor(workers) as pool:
         digests = content_digests([ImageRef(p) for p in paths], pool)
     return Index(paths, X, family, str(root), skipped, digests,
-                 model_key(model, family, "float32"))
+                 model_key(model, family, "float32"), max_side=image_io.max_side())
 
 
 def result_grid(query, hits: Sequence[Hit], topn: int = 10, title: str = "") -> np.ndarray:
@@ -516,13 +529,26 @@ def _has_faiss() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def model_key(model: RetrievalModel, family: str, dtype: str = "float32") -> str:
+def model_key(model: RetrievalModel, family: str, dtype: str = "float32",
+              max_side: int | None = None) -> str:
     """What an index's descriptors depend on: the backbone's weights (the rerank head does
-    not change them), the descriptor and its settings, the stored dtype."""
+    not change them), the descriptor and its settings, the stored dtype, the working size
+    (None: `images.max_side()`; 0, full size, leaves the key as before it was recorded)."""
     spec = extract.spec_of(family)
+    side = image_io.max_side() if max_side is None else max_side
     return files.sha256_text(json.dumps({
         "weights": weights_fingerprint(model.variables, BACKBONE), "spec": repr(spec),
-        "dtype": dtype}, sort_keys=True))
+        "dtype": dtype, **({"max_side": side} if side else {})}, sort_keys=True))
+
+
+def recorded_max_side(path) -> int:
+    """The working size the index file `path` was built at (0 for one from before it was
+    recorded), or the current one (`images.max_side()`) where there is no index to read."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return int(z["max_side"]) if "max_side" in z.files else 0
+    except Exception:   # noqa: BLE001  (no file, or not an index: update_index says so)
+        return image_io.max_side()
 
 
 def _read_or_reason(path: str):
@@ -545,9 +571,10 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     as they are done, so a run killed at any point and rerun extracts only what is still
     missing; the index is written atomically at the end, then the parts are removed. An
     existing file at `path` that is not an index is refused, never overwritten; an index
-    built with another model, descriptor or dtype is refused unless `rebuild`, which
-    re-extracts every image (neither the old index nor earlier parts are reused). A folder
-    the index cannot be written to (read-only, full) is refused before any extraction.
+    built with another model, descriptor, dtype or working size (`images.max_side()`, which
+    images are read at) is refused unless `rebuild`, which re-extracts every image (neither
+    the old index nor earlier parts are reused). A folder the index cannot be written to
+    (read-only, full) is refused before any extraction.
     `weights` is recorded for the queries ("demo" or the path the model came from; by
     default the one the index already records).
 
@@ -587,10 +614,10 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
         _check_writable(path)       # before any extraction
     key = model_key(model, family, dtype)
     if old is not None and old.model != key and not rebuild:
-        raise InputError(f"{path}: built with another model, descriptor family or dtype "
-                         f"(weights {old.weights or 'unknown'}, family {old.family}, "
-                         f"{old.descriptors.dtype}); rebuild it (--rebuild) or name "
-                         "another index file")
+        raise InputError(f"{path}: built with another model, descriptor family, dtype or "
+                         f"working size (weights {old.weights or 'unknown'}, family "
+                         f"{old.family}, {old.descriptors.dtype}, max_side {old.max_side}); "
+                         "rebuild it (--rebuild) or name another index file")
     t0 = time.perf_counter()
     pid, nproc = mesh.process_index(), mesh.process_count()
     known: dict = {}
@@ -664,7 +691,7 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
         raise InputError(f"{root}: none of its images could be read ({len(skipped)} skipped)")
     X = np.stack([known[digests[i]] for i in keep]).astype(dtype)
     index = Index([paths[i] for i in keep], X, family, str(root), skipped,
-                  [digests[i] for i in keep], key, weights)
+                  [digests[i] for i in keep], key, weights, max_side=image_io.max_side())
     failed = None
     if pid == 0:
         try:

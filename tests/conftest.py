@@ -105,6 +105,17 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(autouse=True)
+def _working_size_restored():
+    """Commands run in-process set the images' working size (eval.py: full size for the
+    official benchmarks; query and serve: the index's): each test starts where the last
+    began, whatever ran before it."""
+    from scvnet_jax import images
+    start = images.max_side()
+    yield
+    images.set_max_side(start)
+
+
 # -- ground truth ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")

@@ -133,3 +133,104 @@ def test_normalize_is_the_official_arithmetic_bit_for_bit():
         out = normalize(x)
         assert out.dtype == np.float32 and out.shape == x.shape
         np.testing.assert_array_equal(out, official(x))
+
+
+# -- EXIF orientation and the working size ---------------------------------------------------
+
+def _asymmetric(h=60, w=100):
+    """A non-square picture no flip or rotation maps onto itself."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:h // 2, :w // 2] = (255, 0, 0)
+    a[h // 2:, 7 * w // 10:] = (0, 255, 0)
+    a[h // 12:h // 6, 4 * w // 5:19 * w // 20] = (0, 0, 255)
+    return a
+
+
+def _with_orientation(path, orientation: int, fmt="JPEG", im=None):
+    from PIL import Image
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray((_asymmetric() if im is None else im)[..., ::-1]).save(
+        path, fmt, exif=exif, **({"quality": 95} if fmt == "JPEG" else {}))
+    return path
+
+
+def _as_a_browser_shows(path):
+    """The file as PIL.ImageOps.exif_transpose turns it (BGR)."""
+    from PIL import Image, ImageOps
+    with Image.open(path) as im:
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))[..., ::-1]
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_is_applied(tmp_path, orientation, fmt):
+    """Every orientation (5-8: portrait phone photos, refused as corrupt before) reads as a
+    browser shows it, in every format that carries EXIF."""
+    path = _with_orientation(tmp_path / f"o{orientation}.{fmt.lower()}", orientation, fmt)
+    im = read_image(str(path))
+    expected = _as_a_browser_shows(path)
+    assert im.shape == ((100, 60, 3) if orientation >= 5 else (60, 100, 3))
+    # (Pillow's and OpenCV's JPEG decoders may round differently: a wrong turn differs by 255)
+    assert np.abs(im.astype(int) - expected).max() <= (2 if fmt == "JPEG" else 0)
+    assert images.image_size(str(path)) == im.shape[1::-1]
+
+
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_exif_orientation_with_reduced_decoding_and_boxes(tmp_path, orientation):
+    """A rotated JPEG decoded reduced is the upright image at the working size; a query box
+    is in the full upright image's pixels."""
+    big = cv2.resize(_asymmetric(), (1000, 600), interpolation=cv2.INTER_NEAREST)
+    path = _with_orientation(tmp_path / "big.jpg", orientation, im=big)
+    full = read_image(str(path), max_side=0)
+    assert np.abs(full.astype(int) - _as_a_browser_shows(path)).max() <= 2
+    small = read_image(str(path), max_side=250)       # libjpeg 1/2, then INTER_AREA
+    assert small.shape[:2] == ((250, 150) if orientation >= 5 else (150, 250))
+    assert np.abs(small.astype(int) - cv2.resize(full, small.shape[1::-1],
+                                                 interpolation=cv2.INTER_AREA)).mean() < 3
+    h, w = full.shape[:2]
+    box = (w // 2, h // 4, w, 3 * h // 4)             # the right half, middle rows
+    crop = read_image(ImageRef(str(path), box), max_side=250)
+    assert crop.shape[:2] == (small.shape[0] // 2, small.shape[1] // 2)
+    np.testing.assert_array_equal(crop, small[small.shape[0] // 4:3 * small.shape[0] // 4,
+                                              small.shape[1] // 2:])
+    with pytest.raises(InputError, match=f"crops nothing from this {w}x{h} image"):
+        read_image(ImageRef(str(path), (w + 1, 0, w + 5, 5)), max_side=250)
+
+
+@pytest.mark.parametrize("h, w, side, reduction", [(3001, 4999, 1024, 4), (2049, 1023, 1024, 2),
+                                                   (1025, 777, 1024, 1), (3001, 4999, 512, 8),
+                                                   (600, 800, 1024, 1), (3001, 4999, 0, 1)])
+def test_jpeg_decoded_reduced_to_the_working_size(h, w, side, reduction):
+    """The long side is `side` (or the image unchanged when smaller, or side 0); a JPEG is
+    decoded by libjpeg at the largest reduction (1/2, 1/4, 1/8) still >= the working size,
+    then resized with INTER_AREA."""
+    rng = np.random.default_rng(0)
+    photo = cv2.resize(rng.integers(0, 255, (h // 8 + 1, w // 8 + 1, 3), np.uint8), (w, h))
+    data = cv2.imencode(".jpg", photo)[1].tobytes()
+    im = images.decode_image(data, "x.jpg", max_side=side)
+    assert max(im.shape[:2]) == (side if side and max(h, w) > side else max(h, w))
+    assert images.jpeg_reduction(w, h, side) == reduction
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+            8: cv2.IMREAD_REDUCED_COLOR_8}[reduction]
+    reduced = cv2.imdecode(np.frombuffer(data, np.uint8), flag)
+    if reduced.shape != im.shape:
+        reduced = cv2.resize(reduced, im.shape[1::-1], interpolation=cv2.INTER_AREA)
+    np.testing.assert_array_equal(im, reduced)
+
+
+def test_png_reduced_to_the_working_size_and_default(tmp_path):
+    path = tmp_path / "wide.png"
+    cv2.imwrite(str(path), _photo(300, 2000))
+    assert images.max_side() == images.DEFAULT_MAX_SIDE == 1024
+    im = read_image(str(path))
+    assert im.shape == (154, 1024, 3)
+    np.testing.assert_array_equal(im, cv2.resize(cv2.imread(str(path)), (1024, 154),
+                                                 interpolation=cv2.INTER_AREA))
+    try:
+        images.set_max_side(0)
+        np.testing.assert_array_equal(read_image(str(path)), cv2.imread(str(path)))
+        with pytest.raises(InputError, match="max_side must be an integer >= 0"):
+            images.set_max_side(-1)
+    finally:
+        images.set_max_side(images.DEFAULT_MAX_SIDE)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import scvnet_jax as sj
+from scvnet_jax import images
 from scvnet_jax.errors import InputError
 
 
@@ -279,8 +280,15 @@ def test_update_index_refusals(folder, model, tmp_path, capsys):
     path = tmp_path / "i.index"
     sj.search.update_index(model, folder, path)
     with pytest.raises(InputError, match="i.index: built with another model, descriptor "
-                                         "family or dtype .*family cvnet, float16"):
+                                         "family, dtype or working size .*family cvnet, "
+                                         "float16, max_side 1024"):
         sj.search.update_index(model, folder, path, dtype="float32")
+    try:        # read at another working size: other descriptors
+        images.set_max_side(100)
+        with pytest.raises(InputError, match="working size .*max_side 1024"):
+            sj.search.update_index(model, folder, path)
+    finally:
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
     index, stats = sj.search.update_index(model, folder, path, dtype="float32", rebuild=True)
     assert index.descriptors.dtype == np.float32 and stats["extracted"] == 14
 
@@ -332,6 +340,47 @@ def test_search_regions_merges_by_the_best_score(folder, model):
     assert crop != index.search(model, query, k=3)[0]
     with pytest.raises(InputError, match="expected four numbers"):
         index.search(model, query, boxes=[(1, 2, 3)])
+
+
+def test_exif_rotated_photos_are_indexed_and_searched_upright(folder, model, tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 or 8 (refused as corrupt
+    before) is indexed as shown: it finds, and is found by, the same view stored upright."""
+    from PIL import Image
+    photos = tmp_path / "photos"
+    shutil.copytree(folder, photos)
+    upright = sorted(photos.rglob("*.jpg"))[3]
+    im = Image.open(upright)
+    for orientation, turn in ((6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation           # stored turned back: shown as `upright`
+        im.transpose(turn).save(photos / f"phone_{orientation}.jpg", exif=exif, quality=95)
+    index, stats = sj.search.update_index(model, photos, tmp_path / "p.index")
+    assert stats["skipped"] == 0 and len(index) == 16
+    hits = index.search(model, upright, k=3)[0]
+    assert {Path(h.path).name for h in hits} == {upright.name, "phone_6.jpg", "phone_8.jpg"}
+    assert min(h.score for h in hits) > 0.97
+    (top,) = index.search(model, photos / "phone_6.jpg", k=3)
+    assert upright.name in {Path(h.path).name for h in top}
+
+
+def test_regions_of_an_image_read_reduced_are_in_its_full_pixels(folder, model):
+    """At a working size below the image's, proposed regions come back in the full image's
+    pixels (the ones boxes are given in)."""
+    index = sj.search.index_folder(model, folder)
+    query = index.paths[5]
+    h, w = sj.search.read_image(query).shape[:2]
+    try:
+        images.set_max_side(max(h, w) // 2)
+        assert max(sj.search.read_image(query).shape[:2]) == max(h, w) // 2
+        _, found = index.search_regions(model, query, k=3, regions=3)
+        box = (w // 4, h // 4, w, h)
+        _, in_box = index.search_regions(model, query, k=3, regions=2, box=box)
+    finally:
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+    assert found and all(0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h for x1, y1, x2, y2 in found)
+    assert max(max(x2, y2) for _, _, x2, y2 in found) > max(h, w) // 2
+    assert in_box and all(w // 4 <= x1 < x2 <= w and h // 4 <= y1 < y2 <= h
+                          for x1, y1, x2, y2 in in_box)
 
 
 @pytest.mark.parametrize("scales", ["1.0", (), (1.0, -2.0), (float("nan"),), 3, [[1.0]]])

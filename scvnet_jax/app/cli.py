@@ -201,6 +201,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bucket", type=_positive, default=64,
                    help="pad image sides to a multiple of this (fewer compiled shapes)")
     p.add_argument("--workers", type=_positive, default=4, help="image-decoding threads")
+    p.add_argument("--max_side", type=_nonnegative, default=None, metavar="PIXELS",
+                   help="working size: images with a longer side are read reduced to it "
+                        "(0: full size; default: the index's, or 1024 for a new index "
+                        "and for queries of an index at full size)")
     p.add_argument("--cache_dir", default=None,
                    help="compiled programs are kept in CACHE_DIR/xla (default: "
                         "~/.cache/scvnet_jax; '' for none)")
@@ -227,7 +231,7 @@ def _setup(args) -> None:
 
 
 def index_command(args) -> int:
-    from scvnet_jax import mesh, search
+    from scvnet_jax import images, mesh, search
 
     folder = Path(args.folder).expanduser()
     if not folder.is_dir():
@@ -235,6 +239,8 @@ def index_command(args) -> int:
     if Path(args.index).expanduser().is_dir():
         raise InputError(f"--index {args.index}: is a folder; the index is a file")
     weights = _weights_path(args.weights)
+    images.set_max_side(search.recorded_max_side(Path(args.index).expanduser())
+                        if args.max_side is None else args.max_side)
     cli.start_distributed(args.distributed, args.coordinator_address, args.num_processes,
                           args.process_id)     # before anything touches the devices
     _setup(args)
@@ -279,20 +285,24 @@ def _with_backend(index, args):
 
 def _index_and_model(args):
     """The index and the model to describe queries with (checked to match it)."""
-    from scvnet_jax import search
+    from scvnet_jax import images, search
 
     index = search.Index.load(Path(args.index).expanduser(), root=args.root)
     if args.root is None and index.root and not Path(index.root).is_dir():
         raise InputError(f"{args.index}: the indexed folder {index.root} no longer exists; "
                          "if the collection moved, give its new place with --root FOLDER")
+    # queries at the index's working size; at 1024 (the default) for one at full size
+    # (every index written before the size was recorded), so that an upload is bounded
+    images.set_max_side(args.max_side if args.max_side is not None else
+                        index.max_side or images.max_side())
     weights = args.weights or index.weights
     if not weights:
         raise InputError(f"{args.index}: the index records no weights; pass --weights")
     weights = _weights_path(weights)
     _setup(args)
     model = _load(weights)
-    if index.model and search.model_key(model, index.family,
-                                        index.descriptors.dtype.name) != index.model:
+    if index.model and search.model_key(model, index.family, index.descriptors.dtype.name,
+                                        index.max_side) != index.model:
         raise InputError(f"--weights {weights}: gives other descriptors than the model "
                          f"{args.index} was built with ({index.weights})")
     return _with_backend(index, args), model

@@ -2,7 +2,8 @@
 
 A cache lives in `<cache_dir>/<kind>-<hash of its key>/`, where the key is everything the
 stored values depend on (a fingerprint of the weights that produce them, dtype, the image
-list, extraction settings, format version), so a changed setting lands in a new directory
+list, extraction settings, the working size images are read at, format version), so a
+changed setting lands in a new directory
 and never reuses stale values. What the images hold is checked too: each descriptor chunk
 stores the content digests (`images.content_digest`) of the files it came from and is used
 only if they still match, so a photograph replaced under the same name is recomputed;
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Mapping
 import jax
 import numpy as np
 
-from scvnet_jax import files
+from scvnet_jax import files, images
 from scvnet_jax.images import content_digest
 
 FORMAT_VERSION = 3
@@ -62,6 +63,8 @@ class ChunkCache:
 
     def __init__(self, cache_dir, kind: str, key: Mapping[str, Any], chunk_size: int):
         key = {"format": FORMAT_VERSION, "kind": kind, "chunk_size": chunk_size, **key}
+        if images.max_side():       # values from images read reduced (0: full size, as before)
+            key["max_side"] = images.max_side()
         text = json.dumps(key, sort_keys=True)
         self.dir = Path(cache_dir) / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
         self.chunk_size = chunk_size

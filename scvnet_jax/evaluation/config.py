@@ -89,6 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.chunk_size = 64        # images per cached chunk (an interrupted run keeps whole ones)
     c.workers = 4            # image-decoding threads
     c.max_image_pixels = 100_000_000  # larger images are refused from their header
+    # working size: images with a longer side are read reduced to it (0 = full size);
+    # -1 = full size for roxford5k/rparis6k/gldv2_retrieval (as the official test code reads
+    # them; ROxford/RParis/R1M images are at most 1024 px anyway), 1024 for demo and folder:
+    c.max_side = -1
     return c
 
 
@@ -101,6 +105,8 @@ _RANGES = (
     ("workers", "int", lambda v: v >= 1, "an integer >= 1 (threads)"),
     ("visuals_topn", "int", lambda v: v >= 1, "an integer >= 1"),
     ("max_image_pixels", "int", lambda v: v >= 1, "an integer >= 1 (pixels)"),
+    ("max_side", "int", lambda v: v >= -1, "an integer >= -1 (pixels; 0 = full size, -1 = "
+                                           "the dataset's default)"),
     ("cvnet.topk", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
     ("cvnet.mix", "num", lambda v: v >= 0, "a number >= 0"),
     ("superglobal.rerank.M", "int", lambda v: v >= 1, "an integer >= 1"),

@@ -142,6 +142,38 @@ def test_refusals_are_one_error_line(args, message, photos, tmp_path, tiny_model
     assert message in err, err
 
 
+def test_the_working_size_is_recorded_in_the_index_and_used(photos, tmp_path, capsys,
+                                                            one_error_line):
+    """index --max_side records it; a rerun and a query without the flag use the index's
+    (a query of an index at full size: 1024); another working size needs --rebuild."""
+    from scvnet_jax import images
+
+    index = tmp_path / "small.index"
+    query = sorted(photos.rglob("coins_*"))[0]
+    try:
+        assert main(["index", str(photos), "--index", str(index), "--max_side", "100"]) == 0
+        assert sj.search.Index.load(index).max_side == 100
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+        assert main(["index", str(photos), "--index", str(index)]) == 0
+        assert "12 images (12 reused, 0 extracted" in capsys.readouterr().out
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+        assert main(["query", "--index", str(index), str(query), "-k", "1", "--json"]) == 0
+        assert images.max_side() == 100
+        (hit,) = json.loads(capsys.readouterr().out)["hits"]
+        assert hit["path"] == str(query.resolve()) and hit["score"] > 0.999
+        assert main(["index", str(photos), "--index", str(index), "--max_side", "0"]) == 2
+        one_error_line(capsys.readouterr().err, "small.index: built with another model, "
+                       "descriptor family, dtype or working size", "max_side 100", "--rebuild")
+        # an index at full size (as every one from before): its queries are read at 1024
+        assert main(["index", str(photos), "--index", str(index), "--max_side", "0",
+                     "--rebuild"]) == 0
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+        assert main(["query", "--index", str(index), str(query), "-k", "1"]) == 0
+        assert sj.search.Index.load(index).max_side == 0 and images.max_side() == 1024
+    finally:
+        images.set_max_side(images.DEFAULT_MAX_SIDE)
+
+
 def test_help(capsys):
     for argv in (["--help"], ["index", "--help"], ["query", "--help"], ["serve", "--help"]):
         with pytest.raises(SystemExit) as e:

@@ -228,6 +228,29 @@ def test_bad_photos_are_one_error_naming_the_files(tmp_path, damage, texts):
     assert not (tmp_path / "tfds" / "my_set").exists()       # checked before writing
 
 
+def test_exif_rotated_phone_photos_are_read_upright(tmp_path):
+    """Portrait phone photos (stored sideways, EXIF orientation 6 or 8) are accepted (before:
+    "corrupt file") and the training records decode them upright, as a browser shows them."""
+    import io
+
+    from PIL import Image
+
+    from scvnet_jax.images import decode_image
+    photos = tmp_path / "photos"
+    make_tree(photos)
+    for name, orientation in (("arch/0.jpg", 6), ("tower/1.jpg", 8)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()     # stored 24 wide x 40 high, shown 40 wide x 24 high
+        Image.fromarray(np.random.default_rng(orientation).integers(
+            0, 256, (40, 24, 3), dtype=np.uint8)).save(buf, "JPEG", exif=exif)
+        (photos / name).write_bytes(buf.getvalue())
+    build("phone_set", tmp_path / "tfds", manual_dir=photos, eval_fraction=0.0)
+    _, rows = records("phone_set", tmp_path / "tfds", "train")
+    shapes = {image_id: decode_image(data, image_id).shape for _, image_id, data in rows}
+    assert shapes["arch/0.jpg"] == shapes["tower/1.jpg"] == (24, 40, 3)
+
+
 def test_skip_small_classes_drops_them_and_says_so(tmp_path):
     photos = tmp_path / "photos"
     make_tree(photos)

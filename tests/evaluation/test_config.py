@@ -16,6 +16,7 @@ import pytest
     (["--feature_bucket", "-1"], "config.feature_bucket = -1"),
     (["--config.chunk_size=0"], "config.chunk_size = 0"),
     (["--config.max_image_pixels=0"], "config.max_image_pixels = 0"),
+    (["--config.max_side=-2"], "config.max_side = -2"),
     (["--config.superglobal.rerank.M=0"], "config.superglobal.rerank.M = 0"),
     (["--pipelines", "cvnet_global,nope"], "config.pipelines = ['cvnet_global', 'nope']"),
     (["--config.superglobal.descriptor.scales=4"], "config.superglobal.descriptor.scales = 4"),
