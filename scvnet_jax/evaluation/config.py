@@ -69,9 +69,10 @@ def default_config() -> ml_collections.ConfigDict:
                                             lamb=-1.0, temp=-1.0, query_len=0, db_len=0,
                                             batch_size=0))
     # chamfer: the training-free local score on the same descriptors (no weights; detector
-    # "" = the model's own stage-3 features); lamb 0 = the local score alone
+    # "" = the model's own stage-3 features); lamb: weight of the first stage's similarity
+    # (0.4: benchmarks/tune_rerankers.py on the demo training photos; 0 = the local score alone)
     c.chamfer = ml_collections.ConfigDict(dict(detector="", protocol="official", k=100,
-                                               lamb=0.0, query_len=64, db_len=64,
+                                               lamb=0.4, query_len=64, db_len=64,
                                                bits=False, batch_size=8))
     # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
     c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))

@@ -297,7 +297,7 @@ RERANKERS: dict[str, Reranker] = {r.name: r for r in (
                    "(0 / -1: the model's defaults)"),
     Reranker("chamfer", "Chamfer: the mean best cosine of the query's local descriptors "
              "among the candidate's, top k (training-free)",
-             {"detector": "", "k": 100, "lamb": 0.0, "query_len": 64, "db_len": 64,
+             {"detector": "", "k": 100, "lamb": 0.4, "query_len": 64, "db_len": 64,
               "bits": False, "protocol": "blind", "batch_size": 8}, _chamfer,
              needs_images=True,
              score="lamb x similarity + (1 - lamb) x mean over the query's local "

@@ -465,3 +465,4 @@ def test_chamfer_is_offered_and_answers(client, tmp_path, monkeypatch):
     hits = r.json()["hits"]
     assert hits[0]["id"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert list((tmp_path / "scvnet_jax").glob("chamfer-locals-*/*.npz"))  # kept by content
