@@ -91,6 +91,17 @@ def test_registered():
                                                    np.arange(3)[:, None]))
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("lamb", 1.5, "config.chamfer.lamb = 1.5"), ("k", 0, "config.chamfer.k = 0"),
+    ("protocol", "x", "config.chamfer.protocol")])
+def test_eval_config_refuses_bad_options(field, value, said):
+    from scvnet_jax.evaluation.config import default_config, validate
+    cfg = default_config()
+    cfg.chamfer[field] = value
+    with pytest.raises(ConfigError, match=said):
+        validate(cfg)
+
+
 def test_eval_help_lists_it(repo):
     import subprocess
     import sys
@@ -99,7 +110,7 @@ def test_eval_help_lists_it(repo):
     assert out.returncode == 0 and "chamfer" in out.stdout
 
 
-@pytest.mark.slow       # ~35 s on 2 cores with an empty cache (descriptors of 240 images)
+@pytest.mark.slow   # 35 s alone on 2 cores, empty cache (240 images); 3 min beside other jobs
 def test_chamfer_beats_its_first_stage_on_the_demo(demo_eval, medium_map):
     """eval.py --pipelines superglobal_global,chamfer on the demo benchmark: the top 100
     re-scored with the default lamb (chosen on the training photos) gain on Medium and
