@@ -38,6 +38,7 @@ napoleon_use_ivar = True                 # "Attributes:" as fields, not a second
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "undoc-members": False, "show-inheritance": False}
 nitpicky = False
+default_role = "code"                    # `name` in a docstring is code, as in the pages
 
 html_theme = "sphinx_book_theme"
 html_title = "scvnet_jax"
