@@ -11,7 +11,9 @@ the entry points `eval`, `train`. `errors` holds the one error type, `files` ato
 writes, `images` image reading.
 
 The names below are imported on first use, so `import scvnet_jax` (and the command lines'
-checks of their flags and configs) do not wait for JAX and Flax to load.
+checks of their flags and configs) do not wait for JAX and Flax to load. Neither importing
+the package nor loading a model changes JAX's configuration; `sj.enable_compilation_cache()`
+keeps compiled programs on disk for later processes, as the command lines do.
 """
 from __future__ import annotations
 
@@ -24,8 +26,10 @@ __version__ = "0.1.0"
 _SUBMODULES = ("data", "mesh", "metrics", "models", "rerank", "search")
 _NAMES = {"load": "scvnet_jax.api", "create": "scvnet_jax.api",
           "demo_model_path": "scvnet_jax.api", "RetrievalModel": "scvnet_jax.api",
+          "enable_compilation_cache": "scvnet_jax.api",
           "Arch": "scvnet_jax.models.arch"}
-__all__ = ["load", "create", "demo_model_path", "RetrievalModel", "Arch", "ScvnetError",
+__all__ = ["load", "create", "demo_model_path", "RetrievalModel", "Arch",
+           "enable_compilation_cache", "ScvnetError",
            "CheckpointError", "InputError", "ConfigError", *_SUBMODULES, "__version__"]
 
 
