@@ -15,10 +15,12 @@ from typing import Callable
 from absl import flags
 from ml_collections import config_flags
 
-from scvnet_jax.compilation_cache import use_compilation_cache  # noqa: F401  (the entry points')
+from scvnet_jax import compilation_cache
 from scvnet_jax.errors import ConfigError, ScvnetError
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+# the entry points turn the persistent compilation cache on (the library never does)
+use_compilation_cache = compilation_cache.use_compilation_cache
 
 
 def packaged_config(name: str) -> str:
