@@ -25,8 +25,8 @@ use_compilation_cache = compilation_cache.use_compilation_cache
 
 def packaged_config(name: str) -> str:
     """Path of a config file shipped with the package (`configs/<name>`)."""
-    from scvnet_jax import configs
-    return str(Path(configs.__file__).with_name(name))
+    import importlib.util
+    return str(Path(importlib.util.find_spec("scvnet_jax.configs").origin).with_name(name))
 
 
 def resolve_config(argv: list[str]) -> list[str]:
