@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax import convert, mesh as mesh_lib
+from scvnet_jax.errors import InputError
 from scvnet_jax.models import cvnet
 from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import stage_valid
@@ -33,10 +34,10 @@ def _images(x, name: str = "images"):
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
+        raise InputError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
                          f"channels; got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be float (normalised with scvnet_jax.data.normalize), "
+        raise InputError(f"{name} must be float (normalised with scvnet_jax.data.normalize), "
                          f"got {x.dtype}")
     return x
 
@@ -200,7 +201,7 @@ def _valid(valid, images):
         return None
     valid = np.asarray(valid, np.int32)
     if valid.shape != (np.shape(images)[0], 2):
-        raise ValueError(f"valid must be (batch, 2) = ({np.shape(images)[0]}, 2), got "
+        raise InputError(f"valid must be (batch, 2) = ({np.shape(images)[0]}, 2), got "
                          f"{valid.shape}")
     return {"valid": valid}
 

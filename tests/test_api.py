@@ -58,9 +58,9 @@ def test_same_shapes_do_not_recompile(model, tiny_model_dir):
 
 
 def test_input_validation(model):
-    with pytest.raises(ValueError, match="NHWC with 3 channels"):
+    with pytest.raises(sj.InputError, match="NHWC with 3 channels"):
         model.global_descriptor(np.zeros((64, 64, 3), np.float32))
-    with pytest.raises(ValueError, match="must be float"):
+    with pytest.raises(sj.InputError, match="must be float"):
         model.global_descriptor(np.zeros((1, 64, 64, 3), np.uint8))
 
 
