@@ -7,8 +7,10 @@
 Layers, each importing only those before it: `models` (Flax modules, `Arch`) ->
 `convert` (checkpoints) -> `api` (`load`, `RetrievalModel`) -> `engine` (extraction and
 search on every device) -> `rerank`, `metrics`, `evaluation`, `search`, `training` ->
-the entry points `eval`, `train`. `errors` holds the one error type, `files` atomic
-writes, `images` image reading.
+the command lines (`cli`, the entry points `eval`, `train`, and the app, `app`). No module
+of the package imports this facade; import-linter checks the layers (pyproject.toml,
+tests/test_layers.py). `errors` holds the one error family, `files` atomic writes,
+`images` image reading, `compilation_cache` the persistent XLA cache.
 
 The names below are imported on first use, so `import scvnet_jax` (and the command lines'
 checks of their flags and configs) do not wait for JAX and Flax to load. Neither importing
