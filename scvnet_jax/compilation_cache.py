@@ -77,7 +77,7 @@ def drop_unfinished_entries(path, timeout: float = 10.0) -> list[str]:
         return []
     try:
         with filelock.FileLock(d / _LOCK, timeout=timeout):
-            names = {p.name for p in d.iterdir()}
+            names = {p.name for p in d.iterdir() if p.is_file()}
             dropped = [n[:-len(_CACHE)] for n in names
                        if n.endswith(_CACHE) and n[:-len(_CACHE)] + _ATIME not in names]
             for key in dropped:
