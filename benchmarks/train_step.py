@@ -7,17 +7,17 @@ features of both images, Hide-and-Seek, cross-scale correlation, CVLearner fwd+b
     python benchmarks/train_step.py                                  # configs/cvnet_r50.py
     python benchmarks/train_step.py --batch_per_device 32 --dtype bfloat16 --json out.json
     python benchmarks/train_step.py --config configs/demo.py
-    python benchmarks/train_step.py --config configs/cvnet_r50_rerank.py   # stage 2
+    python benchmarks/train_step.py --config configs/cvnet_r50_rerank.py   # cvnet_rerank
     python benchmarks/train_step.py --config configs/demo_rerank.py
 
 Uses every local device (data-parallel, as train.py does) and the config's model, image
-size and (stage 1) number of classes (GLDv2-clean: 81,313). Prints the compiled step's
+size and (cvnet_global) number of classes (GLDv2-clean: 81,313). Prints the compiled step's
 memory per device (XLA's memory analysis), then the rate in total and per device and the
 step time, after one compiled warm-up step.
 
 Memory at paper scale without an accelerator (R50, 512x512, global batch 128, 81,313
 classes on 8 fake CPU devices; compiles only, from the state's shapes, so nothing is
-allocated; stage 1 compiles the step twice: classifier columns split over the devices, as
+allocated; cvnet_global compiles the step twice: classifier columns split over the devices, as
 train.py runs it, and replicated, to show the difference):
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 \
@@ -53,7 +53,7 @@ def main(argv=None):
     p.add_argument("--memory_only", action="store_true",
                    help="compile and print the memory per device; run no step")
     p.add_argument("--replicated_classifier", action="store_true",
-                   help="stage 1: the classifier and its optimiser state replicated on every "
+                   help="cvnet_global: the classifier and its optimiser state replicated on every "
                    "device (unpadded), instead of its columns split over them (train.py)")
     args = p.parse_args(argv)
 
@@ -64,7 +64,7 @@ def main(argv=None):
     from scvnet_jax.config_files import load_config
     from scvnet_jax.models import cvnet
     from scvnet_jax.training import stage1, stage2
-    from scvnet_jax.training.config import arch_of
+    from scvnet_jax.training.config import arch_of, stage_of
 
     path, _, variant = resolve_config(["--config", args.config])[1].partition(":")
     cfg = load_config(path, *([variant] if variant else []))
@@ -78,10 +78,10 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     b, s = cfg.batch_size, cfg.data.image_size
     images = lambda: rng.integers(0, 256, (b, s, s, 3), dtype=np.uint8)  # noqa: E731
-    stage = int(cfg.stage)
+    stage = stage_of(cfg)
     split = not args.replicated_classifier
     classes = types.SimpleNamespace(num_classes=args.num_classes)
-    if stage == 2:
+    if stage == "cvnet_rerank":
         task = stage2.Task(cfg, None, mesh, None)      # the loop's own compiled step
         init = lambda: task.init(jax.random.PRNGKey(0), cvnet.init(arch_of(cfg)))  # noqa: E731
         batch = lambda: mesh_lib.global_batch(dict(  # noqa: E731
@@ -109,12 +109,12 @@ def main(argv=None):
         res = dict(device=dev.device_kind, devices=n, stage=stage, depth=cfg.model.depth,
                    width=cfg.model.width, image_size=s, dtype=cfg.model.dtype, global_batch=b)
         tasks = [(split, task)]
-        if stage == 1:    # the other layout, for comparison
+        if stage == "cvnet_global":    # the other layout, for comparison
             res["num_classes"] = args.num_classes
             tasks.append((not split, stage1.Task(cfg, classes, mesh, None,
                                                  split_classifier=not split)))
         for sp, t in tasks:
-            label = _layout(sp, n) if stage == 1 else "state replicated"
+            label = _layout(sp, n) if stage == "cvnet_global" else "state replicated"
             state = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                                  t.abstract, t.state_sh)
             spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=t.batch_sh)
@@ -122,7 +122,7 @@ def main(argv=None):
             t0 = time.perf_counter()
             compiled = t.step_fn.lower(state, spec).compile()
             print(f"compile ({label}): {time.perf_counter() - t0:.1f} s")
-            res["memory_" + ("split" if sp and stage == 1 else "replicated")] = \
+            res["memory_" + ("split" if sp and stage == "cvnet_global" else "replicated")] = \
                 _print_memory(compiled, label)
         if args.json:
             with open(args.json, "w") as f:
@@ -132,7 +132,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     compiled = task.step_fn.lower(state, batch).compile()
     print(f"compile: {time.perf_counter() - t0:.1f} s")
-    memory = _print_memory(compiled, _layout(split, n) if stage == 1 else "state replicated")
+    memory = _print_memory(compiled, _layout(split, n) if stage == "cvnet_global"
+                           else "state replicated")
     state, m = compiled(state, batch)
     jax.block_until_ready(m)
     times = []
@@ -146,7 +147,7 @@ def main(argv=None):
                width=cfg.model.width, image_size=s, dtype=cfg.model.dtype, global_batch=b,
                step_time_s=st, **{f"{unit}_per_s": b / st, f"{unit}_per_s_per_device": b / st / n})
     res["memory"] = memory
-    if stage == 1:
+    if stage == "cvnet_global":
         res["num_classes"] = args.num_classes
     print(f"step time {st * 1000:.0f} ms (median of {args.steps}); {b / st:.2f} {unit}/s, "
           f"{b / st / n:.2f} {unit}/s per device")

@@ -34,6 +34,7 @@ monitoring.register_event_duration_secs_listener(
     else None)
 monitoring.register_event_listener(lambda event, **kw: events.append(event))
 import scvnet_jax as sj
+sj.enable_compilation_cache()
 folder, query = sys.argv[1], sys.argv[2]
 model = sj.load(sj.demo_model_path())
 index = sj.search.index_folder(model, folder)

@@ -43,7 +43,7 @@ DIST = {"ames.binarized": True, "ames.lamb": 0.65, "ames.temp": 0.2}
 
 def get_config(variant: str = ""):
     c = default_config()
-    c.stage = 4
+    c.stage = "ames"
     c.data.name = "gldv2_clean"
     c.ames.model = "CVPR2022_CVNet_R101.pyth"
     c.ames.detector = "cvnet_detector.pt"

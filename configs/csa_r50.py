@@ -37,7 +37,7 @@ EPOCHS = 20
 
 def get_config():
     c = default_config()
-    c.stage = 3
+    c.stage = "csa"
     c.data.name = "gldv2_clean"
     c.csa.model = "CVPR2022_CVNet_R50.pyth"
     c.csa.family = "superglobal"

@@ -33,6 +33,7 @@ seconds per run on a CPU; the tests and the notebooks' smoke mode use it for the
 (sharding, resume, the NaN stop), not for results; no validation unless
 --config.eval.every_steps is set.
 """
+from scvnet_jax.errors import ConfigError
 from scvnet_jax.training.config import default_config
 
 
@@ -71,8 +72,8 @@ def get_config(variant: str = ""):
 def apply_variant(c, variant: str, variants: dict):
     """The config as documented (variant '') or with the fields of `variants[variant]`."""
     if variant and variant not in variants:
-        raise ValueError(f"unknown variant {variant!r} of this config; known: "
-                         f"{', '.join(variants)}")
+        raise ConfigError(f"unknown variant {variant!r} of this config; known: "
+                          f"{', '.join(variants)}")
     return set_fields(c, variants[variant]) if variant else c
 
 

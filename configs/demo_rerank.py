@@ -34,7 +34,7 @@ TINY = {**demo.TINY, "batch_size": 8, "rerank.bank_refresh_steps": 8, "rerank.ba
 
 def get_config(variant: str = ""):
     c = demo.get_config()
-    c.stage = 2
+    c.stage = "cvnet_rerank"
     c.init_from = "runs/demo/model"      # the stage-1 run above
     c.total_steps = 1000
     c.batch_size = 32                    # pairs

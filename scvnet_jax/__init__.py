@@ -7,11 +7,15 @@
 Layers, each importing only those before it: `models` (Flax modules, `Arch`) ->
 `convert` (checkpoints) -> `api` (`load`, `RetrievalModel`) -> `engine` (extraction and
 search on every device) -> `rerank`, `metrics`, `evaluation`, `search`, `training` ->
-the entry points `eval`, `train`. `errors` holds the one error type, `files` atomic
-writes, `images` image reading.
+the command lines (`cli`, the entry points `eval`, `train`, and the app, `app`). No module
+of the package imports this facade; import-linter checks the layers (pyproject.toml,
+tests/test_layers.py). `errors` holds the one error family, `files` atomic writes,
+`images` image reading, `compilation_cache` the persistent XLA cache.
 
 The names below are imported on first use, so `import scvnet_jax` (and the command lines'
-checks of their flags and configs) do not wait for JAX and Flax to load.
+checks of their flags and configs) do not wait for JAX and Flax to load. Neither importing
+the package nor loading a model changes JAX's configuration; `sj.enable_compilation_cache()`
+keeps compiled programs on disk for later processes, as the command lines do.
 """
 from __future__ import annotations
 
@@ -24,8 +28,10 @@ __version__ = "0.1.0"
 _SUBMODULES = ("data", "mesh", "metrics", "models", "rerank", "search")
 _NAMES = {"load": "scvnet_jax.api", "create": "scvnet_jax.api",
           "demo_model_path": "scvnet_jax.api", "RetrievalModel": "scvnet_jax.api",
+          "enable_compilation_cache": "scvnet_jax.api",
           "Arch": "scvnet_jax.models.arch"}
-__all__ = ["load", "create", "demo_model_path", "RetrievalModel", "Arch", "ScvnetError",
+__all__ = ["load", "create", "demo_model_path", "RetrievalModel", "Arch",
+           "enable_compilation_cache", "ScvnetError",
            "CheckpointError", "InputError", "ConfigError", *_SUBMODULES, "__version__"]
 
 

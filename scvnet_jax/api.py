@@ -10,7 +10,7 @@ from different files of the same architecture share compiled code.
 """
 from __future__ import annotations
 
-from functools import lru_cache, partial
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax import convert, mesh as mesh_lib
+from scvnet_jax.errors import InputError
 from scvnet_jax.models import cvnet
 from scvnet_jax.models.arch import Arch
 from scvnet_jax.models.resnet import stage_valid
@@ -33,10 +34,10 @@ def _images(x, name: str = "images"):
     if not isinstance(x, jax.Array):
         x = np.asarray(x)
     if x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
+        raise InputError(f"{name} must be a batch of normalised BGR images, NHWC with 3 "
                          f"channels; got shape {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"{name} must be float (normalised with scvnet_jax.data.normalize), "
+        raise InputError(f"{name} must be float (normalised with scvnet_jax.data.normalize), "
                          f"got {x.dtype}")
     return x
 
@@ -61,7 +62,6 @@ class RetrievalModel:
 
     def __init__(self, module: cvnet.CVNet, variables, source: str | None = None,
                  mesh=None):
-        warm_start()
         self.module = module
         self.mesh = mesh if mesh is not None else mesh_lib.local_mesh()
         self.variables = jax.device_put(variables, mesh_lib.replicated(self.mesh))
@@ -175,20 +175,16 @@ class RetrievalModel:
                           official_quirk=official_quirk)
 
 
-@lru_cache(maxsize=None)
-def warm_start() -> None:
-    """Library use (`sj.load`, `sj.create`, any RetrievalModel) keeps compiled programs in
-    the package's cache folder (`<cache>/xla`, see `cli.use_compilation_cache`), as eval.py,
-    train.py and the app do, so a second process on the same shapes compiles nothing. Once
-    per process; a cache jax already has (JAX_COMPILATION_CACHE_DIR, or an entry point's)
-    wins, and SCVNET_COMPILATION_CACHE=0 turns it off."""
-    import os
-
-    if os.environ.get("SCVNET_COMPILATION_CACHE", "1") == "0":
-        return
-    from scvnet_jax import cli
+def enable_compilation_cache(cache_dir: str | None = None) -> None:
+    """Keeps every compiled program on disk, in `<cache_dir>/xla` (by default the package's
+    cache folder, `~/.cache/scvnet_jax/xla`; JAX_COMPILATION_CACHE_DIR, if set, wins), so a
+    second process on the same shapes compiles nothing, as the command lines do. The
+    library does not do this by itself: it sets JAX options for the whole process. Call it
+    before anything is compiled."""
+    from scvnet_jax.compilation_cache import use_compilation_cache
     from scvnet_jax.evaluation.config import default_cache_dir
-    cli.use_compilation_cache(default_cache_dir())
+
+    use_compilation_cache(default_cache_dir() if cache_dir is None else str(cache_dir))
 
 
 def _pair_valid(valid_q, valid_k, query, key):
@@ -205,7 +201,7 @@ def _valid(valid, images):
         return None
     valid = np.asarray(valid, np.int32)
     if valid.shape != (np.shape(images)[0], 2):
-        raise ValueError(f"valid must be (batch, 2) = ({np.shape(images)[0]}, 2), got "
+        raise InputError(f"valid must be (batch, 2) = ({np.shape(images)[0]}, 2), got "
                          f"{valid.shape}")
     return {"valid": valid}
 
@@ -240,7 +236,6 @@ def create(depth: int = 50, *, width: int = 64, reduction_dim: int = 2048,
            corr_dim: int = 256, seed: int = 0, dtype=jnp.float32,
            precision="auto", mesh=None) -> RetrievalModel:
     """A randomly initialised model (e.g. a baseline, or the start of training)."""
-    warm_start()            # before cvnet.init compiles
     arch = Arch(depth=depth, width=width, reduction_dim=reduction_dim, corr_dim=corr_dim)
     module = cvnet.CVNet(arch, dtype=dtype, precision=cvnet.resolve_precision(dtype, precision))
     variables = jax.tree.map(np.asarray, cvnet.init(arch, seed))

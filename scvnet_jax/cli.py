@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
 from absl import flags
 from ml_collections import config_flags
 
+from scvnet_jax import compilation_cache
 from scvnet_jax.errors import ConfigError, ScvnetError
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpshort", "--helpfull")
+# the entry points turn the persistent compilation cache on (the library never does)
+use_compilation_cache = compilation_cache.use_compilation_cache
 
 
 def packaged_config(name: str) -> str:
     """Path of a config file shipped with the package (`configs/<name>`)."""
-    from scvnet_jax import configs
-    return str(Path(configs.__file__).with_name(name))
+    import importlib.util
+    return str(Path(importlib.util.find_spec("scvnet_jax.configs").origin).with_name(name))
 
 
 def resolve_config(argv: list[str]) -> list[str]:
@@ -117,85 +119,6 @@ def start_distributed(distributed: bool, coordinator_address=None, num_processes
         return
     import jax
     jax.distributed.initialize(coordinator_address, num_processes, process_id)
-
-
-# Free space below which the persistent compilation cache stays off: jax writes its
-# entries in place (not atomically), so a disk that fills up mid-write leaves a truncated
-# entry that every later run warns about and compiles again.
-CACHE_MIN_FREE_BYTES = 1 << 30
-
-
-def use_compilation_cache(cache_dir: str | None) -> None:
-    """Keeps compiled programs in `<cache_dir>/xla` for later runs (JAX_COMPILATION_CACHE_DIR,
-    if set, wins; '' or None and no environment variable: no persistent cache). Every
-    program is kept, however fast it compiled, so a second process on the same shapes
-    compiles nothing (benchmarks/warm_start.py). Call after
-    `init_distributed` and before anything is compiled. With less than 1 GiB free where the
-    cache lives it stays off for this run (one note on stderr).
-
-    Not for several processes on CPU: jax writes entries from process 0 only, so process 0
-    loads a program in milliseconds while the others compile it for tens of seconds, and
-    the first cross-process collective (gloo) times out waiting for them (jax 0.10). On
-    GPU and TPU hosts the cache is shared as jax intends (a directory all hosts see)."""
-    import shutil
-
-    import jax
-    if cache_dir and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.join(cache_dir, "xla"))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    if jax.process_count() > 1 and jax.default_backend() == "cpu":
-        jax.config.update("jax_enable_compilation_cache", False)
-    where = jax.config.jax_compilation_cache_dir
-    if where and jax.config.jax_enable_compilation_cache:
-        _atomic_cache_entries()
-        probe = Path(where)
-        while not probe.exists() and probe != probe.parent:
-            probe = probe.parent
-        free = shutil.disk_usage(probe).free
-        if free < CACHE_MIN_FREE_BYTES:
-            jax.config.update("jax_enable_compilation_cache", False)
-            print(f"note: {where} has {free / 2**20:.0f} MB free; the compilation cache is off "
-                  "for this run (it would take the space results and checkpoints need)",
-                  file=sys.stderr)
-
-
-def _atomic_cache_entries() -> None:
-    """jax (0.10) writes a compilation-cache entry in place (`Path.write_bytes` in
-    `LRUCache.put`): a full disk or a kill mid-write leaves a truncated entry that every
-    later run warns about and none replaces (put skips an existing key). Here a local
-    cache's entries go to a temporary file and are renamed; a failed write leaves nothing
-    and jax reports it as the warning it gives for any cache write error."""
-    from jax._src import lru_cache
-
-    from scvnet_jax.files import atomic_write_bytes
-    if getattr(lru_cache.LRUCache.put, "scvnet_atomic", False):
-        return
-    jax_put = lru_cache.LRUCache.put
-
-    def put(self, key: str, value: bytes) -> None:
-        if not key or not lru_cache._is_local_filesystem(str(self.path)):
-            return jax_put(self, key, value)
-        if self.eviction_enabled and len(value) > self.max_size:
-            return jax_put(self, key, value)    # jax's warning, nothing written
-        if self.eviction_enabled:
-            self.lock.acquire(timeout=self.lock_timeout_secs)
-        try:
-            path = Path(str(self.path)) / f"{key}{lru_cache._CACHE_SUFFIX}"
-            if path.exists():
-                return None
-            if self.eviction_enabled:
-                self._evict_if_needed(additional_size=len(value))
-            atomic_write_bytes(path, value)
-            if self.eviction_enabled:
-                atomic_write_bytes(path.with_name(f"{key}{lru_cache._ATIME_SUFFIX}"),
-                                   time.time_ns().to_bytes(8, "little"))
-        finally:
-            if self.eviction_enabled:
-                self.lock.release()
-        return None
-
-    put.scvnet_atomic = True
-    lru_cache.LRUCache.put = put
 
 
 def _flag_message(e: Exception) -> str:

@@ -160,7 +160,7 @@ def build_config(fv):
 
 def load_model(weights: str, dataset: str, dtype):
     """The model to evaluate; 'random' = untrained, shaped like the dataset's default model."""
-    import scvnet_jax as sj
+    from scvnet_jax import api as sj
 
     if weights != "random":
         return sj.load(weights, dtype=dtype)
@@ -180,7 +180,7 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     import jax
     import jax.numpy as jnp
 
-    import scvnet_jax as sj
+    from scvnet_jax import api as sj
     from scvnet_jax.data.revisitop import read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals

@@ -38,7 +38,7 @@ def normalize(image_bgr: np.ndarray) -> np.ndarray:
     official `_prepare_im`: float32(im) / 255, minus mean, divided by std."""
     im = np.asarray(image_bgr)
     if im.shape[-1:] != (3,):
-        raise ValueError(f"expected BGR images with 3 channels last, got shape {im.shape}")
+        raise InputError(f"expected BGR images with 3 channels last, got shape {im.shape}")
     if im.dtype == np.uint8 and im.ndim == 3 and im.size:
         # a table of the 256 x 3 values this arithmetic gives, looked up by OpenCV: the
         # same float32 numbers bit for bit, ~20x faster than the three array passes

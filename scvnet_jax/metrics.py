@@ -11,6 +11,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from scvnet_jax.errors import ConfigError, InputError
+
 SETTINGS = ("E", "M", "H")
 
 
@@ -39,7 +41,7 @@ def compute_map(ranks: np.ndarray, gnd: Sequence[Mapping], kappas: Sequence[int]
     ranks = np.asarray(ranks)
     nq = len(gnd)
     if ranks.ndim != 2 or ranks.shape[1] != nq:
-        raise ValueError(f"ranks must be (n_db, n_queries={nq}), got shape {ranks.shape}")
+        raise InputError(f"ranks must be (n_db, n_queries={nq}), got shape {ranks.shape}")
     aps = np.zeros(nq)
     prs = np.zeros((nq, len(kappas)))
     total_ap, pr, nempty = 0.0, np.zeros(len(kappas)), 0
@@ -81,7 +83,7 @@ def setting_gnd(gnd: Sequence[Mapping], setting: str) -> list[dict]:
     spec = {"E": (("easy",), ("junk", "hard")), "M": (("easy", "hard"), ("junk",)),
             "H": (("hard",), ("junk", "easy"))}
     if setting not in spec:
-        raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+        raise ConfigError(f"setting must be one of {SETTINGS}, got {setting!r}")
     ok, junk = spec[setting]
     return [{"ok": cat(q, *ok), "junk": cat(q, *junk)} for q in gnd]
 
@@ -112,7 +114,7 @@ def _revisitop(ranks, gnd, ks):
     else:
         per_setting = list(ranks)
         if len(per_setting) != 3:
-            raise ValueError("ranks must be one (n_db, n_q) array or three of them (E, M, H)")
+            raise InputError("ranks must be one (n_db, n_q) array or three of them (E, M, H)")
     maps, mpk, aps = [], [], []
     for setting, r in zip(SETTINGS, per_setting):
         m, ap, pr, _ = compute_map(np.asarray(r), setting_gnd(gnd, setting), list(ks))
@@ -158,7 +160,7 @@ def score_queries(protocol: str, ranks, gnd, ks: Sequence[int] = (1, 5, 10)
         return {"all": m}, {"all": [float(v) for v in pr]}, {"all": ap}
     if protocol == "gldv2":
         return _gldv2(ranks, gnd, ks)
-    raise ValueError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
+    raise ConfigError(f"unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)}")
 
 
 def gldv2_retrieval(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100
@@ -192,23 +194,23 @@ def _gldv2(ranks, gnd, ks: Sequence[int] = (1, 5, 10), k: int = 100):
     ranks = np.asarray(ranks)
     nq = len(gnd)
     if ranks.ndim != 2 or ranks.shape[1] != nq or ranks.shape[0] < 1:
-        raise ValueError(f"ranks must be (n_db >= 1, n_queries={nq}), got shape {ranks.shape}")
+        raise InputError(f"ranks must be (n_db >= 1, n_queries={nq}), got shape {ranks.shape}")
     ks = [int(kk) for kk in ks]
     if int(k) < 1 or any(kk < 1 for kk in ks):
-        raise ValueError(f"k and ks must be positive, got k={k}, ks={ks}")
+        raise ConfigError(f"k and ks must be positive, got k={k}, ks={ks}")
     if nq == 0:
         return {}, {}, {}
     top = ranks[:max([int(k), *ks])].astype(np.int64)            # (d, nq)
     if top.min() < 0:
-        raise ValueError("ranks must hold non-negative database indices")
+        raise InputError("ranks must hold non-negative database indices")
     usage = np.array([str(q.get("usage")) for q in gnd])
     bad = sorted(set(usage.tolist()) - {"public", "private"})
     if bad:
-        raise ValueError(f"gnd 'usage' must be 'public' or 'private', got {bad}")
+        raise InputError(f"gnd 'usage' must be 'public' or 'private', got {bad}")
     pos = [np.asarray(q["easy"], dtype=np.int64).ravel() for q in gnd]
     n_gt = np.array([p.size for p in pos])
     if (n_gt == 0).any():
-        raise ValueError(f"query {int(np.argmin(n_gt))} has no ground-truth images (AP@k is "
+        raise InputError(f"query {int(np.argmin(n_gt))} has no ground-truth images (AP@k is "
                          "undefined; such test images are 'Ignored' in GLDv2)")
     # Relevance of every (row, query) by one isin on (query, index) keys.
     allpos = np.concatenate(pos)
@@ -261,7 +263,7 @@ def labelled(ranks, query_labels, db_labels, map_at: Sequence[int | None] = (Non
     ranks = np.asarray(ranks)
     ql, dl = np.asarray(query_labels).ravel(), np.asarray(db_labels).ravel()
     if ranks.ndim != 2 or ranks.shape != (dl.size, ql.size):
-        raise ValueError(f"ranks must be (n_db, n_q) = ({dl.size}, {ql.size}), got "
+        raise InputError(f"ranks must be (n_db, n_q) = ({dl.size}, {ql.size}), got "
                          f"{ranks.shape}")
     rel = dl[ranks] == ql[None, :]                       # (n_db, n_q), in ranking order
     out = {}

@@ -1,7 +1,9 @@
-r"""Train CVNet on GLDv2-clean, the demo set, or your own TFDS set, in two stages chosen by
-the config: stage 1 (CVNet-Global: the backbone and global descriptor), then stage 2
-(CVNet-Rerank: the rerank head on the frozen stage-1 backbone, --config.init_from=<stage-1
-W/model>; hard negatives, Hide-and-Seek and their curriculum).
+r"""Train on GLDv2-clean, the demo set, or your own TFDS set; config.stage picks what:
+"cvnet_global" (CVNet-Global: the backbone and global descriptor), "cvnet_rerank"
+(CVNet-Rerank: the rerank head on the frozen cvnet_global backbone,
+--config.init_from=<cvnet_global W/model>; hard negatives, Hide-and-Seek and their
+curriculum), "csa" or "ames" (the CSA and AMES rerankers on a retrieval model's
+descriptors, --config.csa.model / --config.ames.model).
 
     python -m scvnet_jax.train --config configs/demo.py --workdir runs/demo
     python -m scvnet_jax.train --config configs/demo_rerank.py --workdir runs/demo_rerank
@@ -11,14 +13,16 @@ W/model>; hard negatives, Hide-and-Seek and their curriculum).
     python -m scvnet_jax.train --config configs/cvnet_r50_rerank.py --workdir runs/cvnet_r50_rerank \
         --config.data.data_dir=/data/tfds --config.init_from=runs/cvnet_r50/model
     python -m scvnet_jax.train --config configs/demo.py:tiny --workdir /tmp/tiny   # seconds
+    python -m scvnet_jax.train --config configs/csa_demo.py --workdir runs/csa_demo
+    python -m scvnet_jax.train --config configs/ames_demo.py --workdir runs/ames_demo
 
 (`python train.py ...` in a checkout is the same.) `--config` takes a config file, or the
 name of one shipped with the package (`demo.py`, `cvnet_r50.py`, ...); `FILE:variant`
 passes `variant` to its get_config(). Any config field can be overridden with
 --config.<field>=<value>. The run writes W/checkpoints/ (orbax; resumable), W/metrics.jsonl
 (one JSON object per logged step), W/tensorboard/ (TensorBoard summaries), W/config.json,
-stage 2 also W/hard_negatives/, and when done W/model/, a model directory that eval.py and
-scvnet_jax.load read (as they read a checkpoint step, W/checkpoints/<step>). With
+cvnet_rerank also W/hard_negatives/, and when done W/model/, a model directory that eval.py
+and scvnet_jax.load read (as they read a checkpoint step, W/checkpoints/<step>). With
 --config.eval.every_steps=N (on in configs/demo*.py) the current model is scored on a
 held-out benchmark every N steps (config.eval.dataset: the demo benchmark, a folder set's
 held-out split, ...; val/... in metrics.jsonl and TensorBoard) and W/model_best/ keeps the

@@ -36,6 +36,9 @@ def pytest_configure(config):
     cache = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                                   str(REPO / ".pytest_cache" / "xla"))
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    # a size limit, as the command lines set: jax then marks each finished entry (its atime
+    # file), and their start drops the unmarked ones (scvnet_jax/compilation_cache.py)
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     Path(cache).mkdir(parents=True, exist_ok=True)
 

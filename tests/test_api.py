@@ -58,9 +58,9 @@ def test_same_shapes_do_not_recompile(model, tiny_model_dir):
 
 
 def test_input_validation(model):
-    with pytest.raises(ValueError, match="NHWC with 3 channels"):
+    with pytest.raises(sj.InputError, match="NHWC with 3 channels"):
         model.global_descriptor(np.zeros((64, 64, 3), np.float32))
-    with pytest.raises(ValueError, match="must be float"):
+    with pytest.raises(sj.InputError, match="must be float"):
         model.global_descriptor(np.zeros((1, 64, 64, 3), np.uint8))
 
 
@@ -116,6 +116,7 @@ monitoring.register_event_duration_secs_listener(
 monitoring.register_event_listener(
     lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
 import scvnet_jax as sj
+sj.enable_compilation_cache()
 model = sj.load(sj.demo_model_path())
 x = np.zeros((1, 64, 96, 3), np.float32)
 model.global_descriptor(x, [[60, 90]]).block_until_ready()
@@ -124,9 +125,9 @@ print(json.dumps({"programs": len(seen), "compiled": len(seen) - len(hits)}))
 
 
 def test_a_second_process_compiles_nothing(tmp_path):
-    """Library use gets the persistent compilation cache by default (the package's cache
-    folder, here a fresh XDG_CACHE_HOME): the first process compiles, a second one on the
-    same shapes loads every program from the cache."""
+    """sj.enable_compilation_cache() keeps programs in the package's cache folder (here a
+    fresh XDG_CACHE_HOME): the first process compiles, a second one on the same shapes
+    loads every program from the cache."""
     import json
     import os
     import subprocess
@@ -140,3 +141,31 @@ def test_a_second_process_compiles_nothing(tmp_path):
     assert runs[0]["compiled"] == runs[0]["programs"] > 0
     assert runs[1] == {"programs": runs[0]["programs"], "compiled": 0}
     assert any((tmp_path / "scvnet_jax" / "xla").iterdir())
+
+
+_CONFIG_CHILD = r"""
+import json
+import jax
+before = {k: repr(getattr(jax.config, k, jax.config.values[k])) for k in jax.config.values}
+import scvnet_jax as sj
+sj.load(sj.demo_model_path())
+after = {k: repr(getattr(jax.config, k, jax.config.values[k])) for k in jax.config.values}
+print(json.dumps({k: [before[k], after[k]] for k in before if before[k] != after[k]}))
+"""
+
+
+def test_the_library_leaves_jax_configuration_alone(tmp_path):
+    """Importing scvnet_jax and loading a model change no JAX option (the
+    compilation cache is the command lines' and sj.enable_compilation_cache's)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(XDG_CACHE_HOME=str(tmp_path), JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-c", _CONFIG_CHILD], env=env, capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {}
+    assert not (tmp_path / "scvnet_jax").exists()

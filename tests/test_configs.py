@@ -8,6 +8,7 @@ import pkgutil
 import pytest
 
 import scvnet_jax.configs as configs
+from scvnet_jax.errors import ConfigError
 
 NAMES = sorted(m.name for m in pkgutil.iter_modules(configs.__path__))
 TRAINING = [n for n in NAMES if not n.startswith("eval_")]
@@ -44,7 +45,7 @@ def test_tiny_variants(name):
     tiny = mod.get_config("tiny")
     assert (tiny.model.width, tiny.data.image_size) == (8, 64)
     assert mod.get_config().model.width == 16            # the documented run is untouched
-    with pytest.raises(ValueError, match="unknown variant 'huge'"):
+    with pytest.raises(ConfigError, match="unknown variant 'huge'"):
         mod.get_config("huge")
 
 

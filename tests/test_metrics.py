@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from scvnet_jax import metrics
+from scvnet_jax.errors import InputError
 
 
 def test_ap_by_hand():
@@ -42,7 +43,7 @@ def test_settings_use_the_right_positives():
 
 
 def test_revisitop_rejects_wrong_shapes():
-    with pytest.raises(ValueError, match="n_queries=2"):
+    with pytest.raises(InputError, match="n_queries=2"):
         metrics.compute_map(np.zeros((5, 3), int), [{"ok": [1]}, {"ok": [2]}])
 
 
@@ -109,9 +110,9 @@ def test_gldv2_repeated_prediction_counts_once():
 
 def test_gldv2_rejects_bad_input():
     gnd = [{"easy": [1], "usage": "public"}, {"easy": [2], "usage": "private"}]
-    with pytest.raises(ValueError, match="n_queries=2"):
+    with pytest.raises(InputError, match="n_queries=2"):
         metrics.gldv2_retrieval(np.zeros((5, 3), int), gnd)
-    with pytest.raises(ValueError, match="no ground-truth images"):
+    with pytest.raises(InputError, match="no ground-truth images"):
         metrics.gldv2_retrieval(np.zeros((5, 1), int), [{"easy": [], "usage": "public"}])
-    with pytest.raises(ValueError, match="'public' or 'private'"):
+    with pytest.raises(InputError, match="'public' or 'private'"):
         metrics.gldv2_retrieval(np.zeros((5, 1), int), [{"easy": [1], "usage": "Public"}])

@@ -221,7 +221,7 @@ def _weights_path(weights: str) -> str:
 
 
 def _load(weights: str):
-    import scvnet_jax as sj
+    from scvnet_jax import api as sj
     return sj.load(sj.demo_model_path() if weights == "demo" else weights)
 
 

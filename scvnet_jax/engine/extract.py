@@ -23,7 +23,7 @@ from scvnet_jax import mesh
 from scvnet_jax.api import RetrievalModel
 from scvnet_jax.data import batching
 from scvnet_jax.engine.cache import ChunkCache, content_digests
-from scvnet_jax.errors import InputError
+from scvnet_jax.errors import ConfigError, InputError
 from scvnet_jax.images import ImageRef, normalize, read_image
 
 CVNET_SCALES = (0.7071, 1.0, 1.4142)
@@ -93,7 +93,7 @@ FAMILIES = {"cvnet": CVNetGlobal, "superglobal": SuperGlobal}
 def spec_of(family: str, **options):
     """The descriptor spec of a family name ('cvnet' or 'superglobal')."""
     if family not in FAMILIES:
-        raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
+        raise ConfigError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     return FAMILIES[family](**options)
 
 

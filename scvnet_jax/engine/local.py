@@ -49,7 +49,7 @@ from scvnet_jax.data import batching
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
 from scvnet_jax.engine.extract import CVNET_SCALES, cvnet_scales, overlapped
-from scvnet_jax.errors import ConfigError, CheckpointError
+from scvnet_jax.errors import ConfigError, CheckpointError, InputError
 from scvnet_jax.images import ImageRef, normalize, read_image
 from scvnet_jax.models import ops
 from scvnet_jax.models.detector import SpatialAttention2d
@@ -276,7 +276,7 @@ def _check_detector(model: RetrievalModel, detector: Detector | None) -> None:
 def _check_scales(scales) -> tuple[float, ...]:
     scales = tuple(float(s) for s in scales)
     if not scales or any(not np.isfinite(s) or s <= 0 for s in scales) or len(scales) > 127:
-        raise ValueError(f"scales must be 1 to 127 positive factors, got {scales}")
+        raise ConfigError(f"scales must be 1 to 127 positive factors, got {scales}")
     return scales
 
 
@@ -382,7 +382,7 @@ def local_descriptors(model: RetrievalModel, image: np.ndarray,
     """
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be one BGR uint8 (H, W, 3) array, got {image.dtype} "
+        raise InputError(f"image must be one BGR uint8 (H, W, 3) array, got {image.dtype} "
                          f"{image.shape}")
     _check_detector(model, detector)
     feats = _describe(model, [image], detector, int(topk), _check_scales(scales), 1, None,
@@ -455,9 +455,9 @@ def extract_local(model: RetrievalModel, refs: Sequence[ImageRef | str],
     refs = [r if isinstance(r, ImageRef) else ImageRef(str(r)) for r in refs]
     scales, topk, dtype = _check_scales(scales), int(topk), np.dtype(dtype)
     if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
+        raise ConfigError(f"topk must be >= 1, got {topk}")
     if dtype not in (np.float16, np.float32):
-        raise ValueError(f"dtype must be float16 or float32, got {dtype}")
+        raise ConfigError(f"dtype must be float16 or float32, got {dtype}")
     _check_detector(model, detector)
     if isinstance(cache, (str, os.PathLike)):
         cache = local_cache(cache, model, refs, detector, topk, scales, dtype, chunk_size)
@@ -465,7 +465,7 @@ def extract_local(model: RetrievalModel, refs: Sequence[ImageRef | str],
         need = cache_key(model, refs, detector, topk, scales, dtype)
         wrong = sorted(k for k, v in need.items() if cache.key.get(k) != v)
         if wrong:
-            raise ValueError("the cache's key does not hold these settings of this extraction "
+            raise InputError("the cache's key does not hold these settings of this extraction "
                              f"({', '.join(wrong)}): build it with engine.local.local_cache, "
                              "or include engine.local.cache_key(...) in its key")
     chunk_size = cache.chunk_size if cache is not None else chunk_size

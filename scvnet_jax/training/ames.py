@@ -1,4 +1,4 @@
-"""Stage 4, AMES: the AMES reranker (a transformer over the local descriptors of a query and
+"""The "ames" stage: the AMES reranker (a transformer over the local descriptors of a query and
 a database image, ECCV 2024) trained on pairs of training images, the first public AMES
 training (the authors released weights and evaluation code only).
 
@@ -11,7 +11,7 @@ a binarized student (`ames.binarized`) adds `distill_weight` x BCE against the s
 a full-precision teacher's logit on the same pair (`ames.teacher`, frozen, eval mode).
 The binarization is the official training path (erf of the projection; sign at test).
 
-Pairs as stage 2 (CVNet-Rerank) draws them: a positive with probability
+Pairs as cvnet_rerank draws them: a positive with probability
 `positive_fraction` (another image of the query's landmark; the image itself for a
 landmark with one image), else a negative: with the curriculum's probability a hard one
 (from the query's row of the hard-negative table: its top-ranked images of other
@@ -31,7 +31,7 @@ What comes from the paper (Suma et al., ECCV 2024) and the official code: the mo
 the binarized projection), binary cross-entropy on image pairs, hard negatives mined
 with global descriptors, variable numbers of query/database descriptors, distillation of
 the binarized model from a full-precision one. Our choices (no training code was
-released): the pair sampler and its curriculum (stage 2's), the distillation loss's form
+released): the pair sampler and its curriculum (cvnet_rerank's), the distillation loss's form
 (BCE to the teacher's probability), AdamW + warmup + cosine, and every number in
 configs/ames_*.py.
 """
@@ -53,7 +53,8 @@ from scvnet_jax.data.augment import augment
 from scvnet_jax.data.sources import Records, TrainingSet, process_batches
 from scvnet_jax.errors import ConfigError
 from scvnet_jax.training import optim
-from scvnet_jax.training.loop import Task as _Task, host
+from scvnet_jax.training.loop import (Task as _Task, all_finite, host, retrieval_model,
+                                     with_position)
 from scvnet_jax.training.stage2 import hard_negative_table, linear_ramp
 
 
@@ -143,8 +144,7 @@ def make_train_step(cfg, arch, teacher_arch=None) -> Callable:
                    "hard_negative_accuracy": mean_where(correct, hard),
                    "hard_fraction": jnp.sum(hard) / jnp.maximum(jnp.sum(neg), 1),
                    "lr": lr(state.step), "grad_norm": optax.global_norm(grads),
-                   "finite": jnp.isfinite(loss) & jnp.all(jnp.stack(
-                       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))}
+                   "finite": jnp.isfinite(loss) & all_finite(params)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -229,10 +229,6 @@ class PairTransform(Records, grain.transforms.RandomMap):
         return int(self.bank().labels[index])
 
 
-def _with_position(position: int, index: int) -> tuple[int, int]:
-    return position, index        # module level: grain transforms must pickle
-
-
 INITS = ("random", "matching")
 
 
@@ -306,7 +302,7 @@ def pair_dataset(ts: TrainingSet, bank_dir, cfg, *, process_index: int = 0,
                       a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size),
                       a.get("subset", "top"), n_train, float(a.get("same_image", 0.0)))
     ds = (grain.MapDataset.range(n_train).shuffle(seed=cfg.seed).repeat(None)
-          .map_with_index(_with_position).random_map(t, seed=cfg.seed))
+          .map_with_index(with_position).random_map(t, seed=cfg.seed))
     return process_batches(ds, int(cfg.batch_size), process_index, process_count)
 
 
@@ -396,11 +392,11 @@ def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int) -> dict:
 
 
 def check_config(cfg) -> None:
-    """What stage 4 needs beyond `config.validate`."""
+    """What the ames stage needs beyond `config.validate`."""
     from scvnet_jax.training import stage1
     a = cfg.ames
     if not a.model:
-        raise ConfigError("stage 4 (AMES) needs --config.ames.model: the retrieval model whose "
+        raise ConfigError("the ames stage needs --config.ames.model: the retrieval model whose "
                           "local descriptors it reads (a model directory, an official CVNet "
                           "checkpoint, or 'demo' for the bundled demo model)")
     for name in ("model", "detector", "teacher"):
@@ -434,8 +430,8 @@ def check_config(cfg) -> None:
 
 
 class Task(_Task):
-    """Stage 4 (AMES): the AMES reranker on a retrieval model's local descriptors."""
-    name = "stage 4 (AMES)"
+    """The ames stage: the AMES reranker on a retrieval model's local descriptors."""
+    name = "ames (the AMES reranker)"
     rate = "pairs_per_sec"
     bar_keys = (("loss", "loss"), ("accuracy", "acc"), ("hard_negative_accuracy", "hard acc"),
                 ("lr", "lr"))
@@ -459,9 +455,7 @@ class Task(_Task):
     # the models the bank comes from
     def retrieval_model(self):
         if self._model is None:
-            import scvnet_jax as sj
-            m = self.cfg.ames.model
-            self._model = sj.load(sj.demo_model_path() if m == "demo" else m)
+            self._model = retrieval_model(self.cfg.ames.model)
         return self._model
 
     def detector(self):
@@ -617,7 +611,7 @@ class Task(_Task):
             print(f"ames: lamb {tuned['lamb']}, temp {tuned['temp']} chosen on "
                   f"{a.holdout_classes} held-out classes: mAP {100 * tuned['mAP']:.2f} "
                   f"(first stage {100 * tuned['first_stage']:.2f})")
-        meta = {"trained_by": "scvnet_jax train.py, stage 4 (AMES)", "step": int(step),
+        meta = {"trained_by": "scvnet_jax train.py, stage ames", "step": int(step),
                 "descriptors": {"model": str(a.model), "detector": str(a.detector),
                                 "query_len": int(a.query_len[1]), "db_len": int(a.db_len[1]),
                                 "scales": [float(s) for s in a.scales]},

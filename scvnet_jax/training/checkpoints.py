@@ -84,7 +84,7 @@ def restore_state(mngr, step: int, abstract_state, state_sh):
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract_state, state_sh)
     where = f"checkpoint {step} in {mngr.directory} does not fit this config"
-    # stage 1's classifier has num_classes columns on one device and a multiple of 1024 on
+    # cvnet_global's classifier has num_classes columns on one device and a multiple of 1024 on
     # several (mesh.padded_columns)
     mesh_hint = ("if it is the classifier, resume on one device a run written on one, on "
                  "several one written on several; ")
@@ -177,9 +177,10 @@ def read_state(step_dir) -> dict:
 
 
 def read_model(step_dir):
-    """(arch, CVNet variables) of a stage-1 or stage-2 run's checkpoint step, as its
-    W/model would hold them at that step (the run's config.json says how). Stage 1's rerank
-    head comes from its init_from when that is still there, else it is random (seeded)."""
+    """(arch, CVNet variables) of a cvnet_global or cvnet_rerank run's checkpoint step, as
+    its W/model would hold them at that step (the run's config.json says how; a run of an
+    earlier version may number its stage). cvnet_global's rerank head comes from its
+    init_from when that is still there, else it is random (seeded)."""
     import json
     import types
 
@@ -187,25 +188,26 @@ def read_model(step_dir):
 
     from scvnet_jax.errors import CheckpointError
     from scvnet_jax.training import stage1, stage2
-    from scvnet_jax.training.config import arch_of
+    from scvnet_jax.training.config import arch_of, saved_stage
 
     step_dir = Path(step_dir).expanduser().resolve()
     run = step_dir.parent.parent
     try:
         cfg = ml_collections.ConfigDict(json.loads((run / "config.json").read_text()))
-        stage = int(cfg.stage)
+        stage = saved_stage(cfg.stage)
     except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:
         raise CheckpointError(f"{run / 'config.json'}: cannot read the run's config "
                               f"({e})") from None
-    if stage not in (1, 2):
-        raise CheckpointError(f"{step_dir}: a checkpoint of a stage-{stage} run (a reranker); "
-                              "only CVNet runs (stages 1 and 2) load as a retrieval model")
+    if stage not in ("cvnet_global", "cvnet_rerank"):
+        raise CheckpointError(f"{step_dir}: a checkpoint of a {stage!r} run (a reranker); only "
+                              "CVNet runs (cvnet_global, cvnet_rerank) load as a retrieval "
+                              "model")
     try:
         raw = read_state(step_dir)
     except Exception as e:    # orbax/tensorstore raise many kinds
         raise CheckpointError(f"{step_dir}: cannot restore the checkpoint "
                               f"({type(e).__name__}: {str(e)[:300]})") from None
-    if stage == 1:
+    if stage == "cvnet_global":
         enc = stage1.export_variables(types.SimpleNamespace(**raw), cfg.export)
         variables, _ = stage1.cvnet_variables(cfg, enc)
     else:

@@ -17,22 +17,51 @@ from scvnet_jax.errors import ConfigError
 from scvnet_jax.models.arch import Arch
 
 DTYPES = ("float32", "bfloat16")
+# The training stages, by name: CVNet-Global (the backbone and global descriptor), CVNet-Rerank
+# (the rerank head on a frozen CVNet-Global backbone), the CSA reranker, the AMES reranker.
+STAGES = ("cvnet_global", "cvnet_rerank", "csa", "ames")
+# Earlier versions numbered them 1-4; a run's saved config.json may still hold the number.
+NUMBERED_STAGES = dict(enumerate(STAGES, start=1))
+
+
+def stage_of(cfg) -> str:
+    """cfg.stage, checked: one of STAGES. A number (the old 1-4) is a ConfigError naming
+    the stage's name."""
+    s = cfg.stage
+    number = s if isinstance(s, int) and not isinstance(s, bool) else (
+        int(s) if isinstance(s, str) and s.strip().isdigit() else None)
+    if number in NUMBERED_STAGES:
+        raise ConfigError(f"config.stage = {s!r}: stages are named now; use config.stage = "
+                          f"{NUMBERED_STAGES[number]!r}")
+    if s not in STAGES:
+        raise ConfigError(f"config.stage = {s!r}: expected one of "
+                          f"{', '.join(repr(n) for n in STAGES)}")
+    return s
+
+
+def saved_stage(value) -> str:
+    """The stage of a run's saved config.json (the number earlier versions wrote, or a
+    name), as a name; an unknown value is returned as it is."""
+    return NUMBERED_STAGES.get(value, value) if isinstance(value, int) else value
 
 
 def default_config() -> ml_collections.ConfigDict:
+    """Settings shared by every stage, then each stage's own section."""
     c = ml_collections.ConfigDict()
-    c.stage = 1                      # 1: CVNet-Global; 2: CVNet-Rerank (see c.rerank);
-                                     # 3: the CSA reranker (see c.csa); 4: AMES (see c.ames)
+    # any type, so that a number (the old 1-4) reaches stage_of's message rather than
+    # ml_collections' type error
+    c.stage = ml_collections.FieldReference("cvnet_global", field_type=object)  # STAGES
     c.seed = 0
     c.total_steps = 1000
     c.batch_size = 128               # global
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
     c.log_every_steps = 50
-    c.init_from = ""                 # official .pyth/.pth or model dir: stage 1 encoder init;
-                                     # stage 2: the (stage-1) model whose backbone is frozen;
-                                     # stage 3: CSA weights to start from (optional);
-                                     # stage 4: AMES weights to start from (optional)
+    c.init_from = ""                 # official .pyth/.pth or model dir: cvnet_global's encoder
+                                     # init;
+                                     # cvnet_rerank: the (cvnet_global) model whose backbone is
+                                     # frozen; csa / ames: the reranker's weights to start
+                                     # from (optional)
     c.export = "encoder"             # which encoder W/model holds: "encoder" or "momentum"
 
     c.data = ml_collections.ConfigDict()
@@ -56,7 +85,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.corr_dim = 256           # only shapes the (untrained) rerank head of W/model
     c.model.dtype = "float32"        # "bfloat16": bf16 activations, float32 parameters
     c.model.precision = ""           # "" = backend default; "highest" = exact float32
+    _cvnet_global(c)
+    _cvnet_rerank(c)
+    _csa(c)
+    _ames(c)
+    _validation(c)
+    _optimizer(c)
+    return c
 
+
+def _cvnet_global(c) -> None:
+    """cvnet_global only: CurricularFace and the momentum contrastive loss."""
     c.loss = ml_collections.ConfigDict()
     c.loss.lambda_cls = 1.0
     c.loss.lambda_con = 1.0
@@ -66,7 +105,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.queue_size = 8192         # momentum descriptors kept (a multiple of batch_size)
     c.loss.momentum = 0.999          # EMA coefficient of the momentum encoder
 
-    # Stage 2 (CVNet-Rerank) only: pairs, curricula, hard-negative bank.
+
+def _cvnet_rerank(c) -> None:
+    """cvnet_rerank only: pairs, curricula, hard-negative bank."""
     c.rerank = ml_collections.ConfigDict()
     c.rerank.head_init = "random"    # conv2ds + CVLearner: "random" or "checkpoint" (init_from's)
     c.rerank.positive_fraction = 0.5 # P(candidate is another image of the query's landmark)
@@ -78,7 +119,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.rerank.bank_refresh_steps = 0  # rebuild the bank (augmented views) every N steps; 0 = once
     c.rerank.bank_batch_size = 64    # images per batch while building the bank (global)
 
-    # Stage 3 (CSA) only: the reranker, its descriptors and the official loss's weight.
+
+def _csa(c) -> None:
+    """csa only: the reranker, its descriptors and the official loss's weight."""
     c.csa = ml_collections.ConfigDict()
     c.csa.model = ""                 # the retrieval model whose descriptors CSA reranks (a
                                      # model dir, an official checkpoint, or "demo")
@@ -105,7 +148,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.csa.bank_batch_size = 8        # images per device while describing the training set
     c.csa.bank_bucket = 64
 
-    # Stage 4 (AMES) only: the local descriptors, the transformer, the pairs, distillation.
+
+def _ames(c) -> None:
+    """ames only: the local descriptors, the transformer, the pairs, distillation."""
     c.ames = ml_collections.ConfigDict()
     c.ames.model = ""                # the retrieval model whose local descriptors AMES reads
                                      # (a model dir, an official checkpoint, or "demo")
@@ -147,10 +192,13 @@ def default_config() -> ml_collections.ConfigDict:
     c.ames.temp = 0.8                # s = lamb x global + (1 - lamb) x sigmoid(temp x logit)
     c.ames.num_rerank = 100
 
-    # Validation during training (stages 1 and 2): a held-out benchmark scored by eval.py's
-    # pipelines with the current parameters every `every_steps` steps and at the last step
-    # (0 = off); the mAPs go to metrics.jsonl and TensorBoard ("val/<pipeline>/mAP/<setting>"),
-    # and W/model_best is the model directory of the best step so far by `best_by`.
+
+def _validation(c) -> None:
+    """Validation during training (cvnet_global and cvnet_rerank): a held-out benchmark
+    scored by eval.py's pipelines with the current parameters every `every_steps` steps and
+    at the last step (0 = off); the mAPs go to metrics.jsonl and TensorBoard
+    ("val/<pipeline>/mAP/<setting>"), and W/model_best is the model directory of the best
+    step so far by `best_by`."""
     c.eval = ml_collections.ConfigDict()
     c.eval.every_steps = 0
     c.eval.dataset = "auto"          # "demo", "folder:<data_dir>/<name>" (a folder set's
@@ -158,8 +206,8 @@ def default_config() -> ml_collections.ConfigDict:
                                      # gldv2_retrieval (with eval.data_dir), or "auto": demo
                                      # for demo_landmarks, the held-out split of a folder set
     c.eval.data_dir = ""
-    c.eval.pipelines = ()            # () = the stage's own: stage 1 cvnet_global; stage 2
-                                     # cvnet_global and cvnet_rerank
+    c.eval.pipelines = ()            # () = the stage's own: cvnet_global; cvnet_rerank: the
+                                     # pipelines cvnet_global and cvnet_rerank
     c.eval.best_by = ""              # "<pipeline>/<setting>"; "" = the last pipeline's M
                                      # (revisitop), all (folder sets) or private (GLDv2)
     c.eval.topk = 100                # CVNet rerank depth
@@ -167,6 +215,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.batch_size = 0            # images per device (0 = auto: 1 on CPU, 8 on GPU/TPU)
     c.eval.bucket = 64
 
+
+def _optimizer(c) -> None:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "sgd"         # "sgd" (momentum) or "adamw"
     c.optimizer.lr = 0.01
@@ -180,7 +230,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer.final_lr_fraction = 0.0
     c.optimizer.clip_norm = 10.0     # global gradient norm; 0 = off
     c.optimizer.decay_exclude = ()   # submodule names whose kernels get no weight decay
-    return c
 
 
 def arch_of(cfg) -> Arch:
@@ -263,7 +312,7 @@ _RANGES = (
     ("eval.bucket", "int", lambda v: v >= 1, "an integer >= 1 (pixels)"),
 )
 _CHOICES = (
-    ("stage", (1, 2, 3, 4)), ("ames.family", ("cvnet", "superglobal")),
+    ("ames.family", ("cvnet", "superglobal")),
     ("ames.subset", ("top", "random")), ("export", ("encoder", "momentum")), ("model.dtype", DTYPES),
     ("csa.family", ("cvnet", "superglobal")), ("csa.affinity_norm", ("none", "row")),
     ("model.precision", ("", "default", "high", "highest", "bfloat16", "tensorfloat32",
@@ -288,6 +337,7 @@ SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
 def validate(cfg) -> None:
     """Ranges, choices and paths of a training config: one ConfigError naming the field,
     its value and what was expected."""
+    stage_of(cfg)
     check_fields(cfg, _RANGES, _CHOICES)
     arch_of(cfg)
     if cfg.loss.queue_size % cfg.batch_size:
@@ -368,6 +418,8 @@ def check_workdir(workdir, cfg) -> None:
         except (KeyError, TypeError):
             continue
         new = json.loads(json.dumps(get_field(cfg, name)))   # as saved: tuples are lists
+        if name == "stage":
+            old = saved_stage(old)
         if old != new:
             raise ConfigError(f"--workdir {w}: its run has {name} = {old!r}, this config "
                               f"{new!r}; a run resumes only with the same {name} (use another "
@@ -383,7 +435,7 @@ def checkpoint_steps(workdir) -> list[int]:
 
 def _check_total_steps(w: Path, saved: dict, cfg) -> None:
     """Refuses to resume a checkpointed run with another total_steps: the learning-rate
-    schedule (and stage 2's curriculum) is built from it, so another value would change
+    schedule (and cvnet_rerank's curriculum) is built from it, so another value would change
     the rate mid-run, and on a finished run silently restart it."""
     old, new = saved.get("total_steps"), cfg.get("total_steps")
     steps = checkpoint_steps(w)

@@ -1,4 +1,4 @@
-"""Stage 3, CSA: the CSA reranker (a transformer over affinity features, NeurIPS 2021)
+"""The "csa" stage: the CSA reranker (a transformer over affinity features, NeurIPS 2021)
 trained on the global descriptors of a retrieval model, with the official loss.
 
 Samples, as the official `RerankDataset_TopKSIM` makes them: every training image is a
@@ -45,7 +45,7 @@ from scvnet_jax import files, mesh as mesh_lib
 from scvnet_jax.data.sources import TrainingSet, process_batches
 from scvnet_jax.errors import ConfigError
 from scvnet_jax.training import optim
-from scvnet_jax.training.loop import Task as _Task, host
+from scvnet_jax.training.loop import Task as _Task, all_finite, host, retrieval_model
 
 
 @flax.struct.dataclass
@@ -109,8 +109,7 @@ def make_train_step(cfg) -> Callable[[CSAState, dict], tuple[CSAState, dict]]:
         metrics = {"loss": loss, "loss_contrastive": con, "loss_mse": mse,
                    "positives": jnp.mean(batch["target"][:, 1:]), "lr": lr(state.step),
                    "grad_norm": optax.global_norm(grads),
-                   "finite": jnp.isfinite(loss) & jnp.all(jnp.stack(
-                       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(params)]))}
+                   "finite": jnp.isfinite(loss) & all_finite(params)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -170,12 +169,12 @@ def dataset(bank_path, n: int, topk: int, anchor_len: int, *, global_batch: int,
 
 
 def check_config(cfg) -> None:
-    """What stage 3 needs beyond `config.validate`."""
+    """What the csa stage needs beyond `config.validate`."""
     from scvnet_jax.training import stage1
     csa_arch(cfg)
     c = cfg.csa
     if not c.model:
-        raise ConfigError("stage 3 (CSA) needs --config.csa.model: the retrieval model whose "
+        raise ConfigError("the csa stage needs --config.csa.model: the retrieval model whose "
                           "descriptors it reranks (a model directory, an official CVNet "
                           "checkpoint, or 'demo' for the bundled demo model)")
     if c.model != "demo" and not Path(c.model).expanduser().exists():
@@ -187,8 +186,8 @@ def check_config(cfg) -> None:
 
 
 class Task(_Task):
-    """Stage 3 (CSA): the CSA reranker on a retrieval model's descriptors."""
-    name = "stage 3 (CSA)"
+    """The csa stage: the CSA reranker on a retrieval model's descriptors."""
+    name = "csa (the CSA reranker)"
     rate = "samples_per_sec"
     bar_keys = (("loss", "loss"), ("loss_contrastive", "con"), ("loss_mse", "mse"),
                 ("lr", "lr"))
@@ -214,9 +213,7 @@ class Task(_Task):
         return self.init(jax.random.PRNGKey(self.cfg.seed), params)
 
     def retrieval_model(self):
-        import scvnet_jax as sj
-        m = self.cfg.csa.model
-        return sj.load(sj.demo_model_path() if m == "demo" else m)
+        return retrieval_model(self.cfg.csa.model)
 
     def bank(self) -> Path:
         """W/csa_bank.npz: descriptors (N, D), neighbours (N, max(topk, anchor_len)) by
@@ -266,7 +263,7 @@ class Task(_Task):
         from scvnet_jax.convert import model_dir
 
         c = self.cfg.csa
-        meta = {"trained_by": "scvnet_jax train.py, stage 3 (CSA)", "step": int(step),
+        meta = {"trained_by": "scvnet_jax train.py, stage csa", "step": int(step),
                 "descriptors": {"model": str(c.model), "family": str(c.family)},
                 "first_stage": {"cvnet": "cvnet_global",
                                 "superglobal": "superglobal_global"}[c.family],

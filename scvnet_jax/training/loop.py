@@ -1,11 +1,12 @@
-"""The training loop both stages share: data-parallel `jax.jit` on a device mesh, checkpoints,
-logging, the NaN stop. What differs between the stages (state, step, data, export) is a
-*task* (`stage1.Task`, `stage2.Task`).
+"""The training loop every stage shares: data-parallel `jax.jit` on a device mesh,
+checkpoints, logging, the NaN stop. What differs between the stages (state, step, data,
+export) is a *task* (`stage1.Task`, `stage2.Task`, `csa.Task`, `ames.Task`); the helpers
+they share are here too (`all_finite`, `with_position`, `retrieval_model`, `host`, ...).
 
 Sharding (flax examples/gemma style, no pmap): a 1-D mesh `('data',)` over every device of
 every process; the global batch is split along 'data' (each process feeds its own part,
 assembled with `jax.make_array_from_process_local_data`); the train state is replicated,
-except the columns of a classifier (stage 1's, and its optimiser state), which are split over
+except the columns of a classifier (cvnet_global's, and its optimiser state), which are split over
 'data' (`mesh.state_shardings`); the state is donated to the step. One compiled program
 serves the whole run.
 
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax import mesh as mesh_lib
@@ -34,7 +36,7 @@ from scvnet_jax.training.logging import MetricsWriter, read_metrics
 
 
 class Task:
-    """What a stage supplies to the loop (see stage1.Task, stage2.Task)."""
+    """What a stage supplies to the loop (stage1.Task, stage2.Task, csa.Task, ames.Task)."""
     name: str                  # for messages
     rate: str                  # the throughput metric's name, e.g. "images_per_sec"
     bar_keys: tuple            # (metric, progress-bar label) pairs
@@ -49,7 +51,7 @@ class Task:
     def compile(self, make_step: Callable, init: Callable, abstract, *,
                 split_columns: tuple = ()) -> None:
         """Sets step_fn (state donated, batch split over 'data'), init and the shardings:
-        the state replicated, except the 2-D leaves under the keys `split_columns` (stage 1:
+        the state replicated, except the 2-D leaves under the keys `split_columns` (cvnet_global:
         'classifier', in the parameters and the optimiser state), whose columns are split
         over 'data' (`mesh.state_shardings`)."""
         self.abstract = abstract
@@ -68,7 +70,8 @@ class Task:
         raise NotImplementedError
 
     def needs_new_iterator(self, step: int) -> bool:
-        """Whether the stream changes at `step` (stage 2: a refreshed hard-negative bank)."""
+        """Whether the stream changes at `step` (cvnet_rerank: a refreshed hard-negative
+        bank)."""
         return False
 
     def export(self, state, step: int) -> Path:
@@ -96,6 +99,25 @@ def read_init_from(cfg, fields=Arch.FIELDS):
         raise ConfigError(f"{cfg.init_from}: holds a model with {got}, but the config asks "
                           f"for {want} (set --config.model.* to match)")
     return arch, variables
+
+
+def all_finite(tree) -> jax.Array:
+    """Whether every leaf of `tree` is finite (one boolean; inside a train step)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves))
+
+
+def with_position(position: int, index: int) -> tuple[int, int]:
+    """(position, index) for grain's map_with_index: at module level, as grain transforms
+    must pickle."""
+    return position, index
+
+
+def retrieval_model(spec: str):
+    """The retrieval model a reranker stage reads descriptors from (config.csa.model,
+    config.ames.model): a model directory, an official checkpoint, or "demo"."""
+    from scvnet_jax import api
+    return api.load(api.demo_model_path() if spec == "demo" else spec)
 
 
 def host(tree):
@@ -235,7 +257,7 @@ def _loop(cfg, task, step_fn, state, batch, it, mngr, writer, start, preempt, pr
                 print("\n" + preempt.stopped(step, task.workdir)[0], file=sys.stderr)
                 return state, True
             if step < total:
-                if task.needs_new_iterator(step):   # stage 2: a refreshed descriptor bank
+                if task.needs_new_iterator(step):   # cvnet_rerank: a refreshed descriptor bank
                     old = it.get_state()
                     it = task.iterator(step, state)
                     it.set_state(old)

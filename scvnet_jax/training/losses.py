@@ -1,4 +1,4 @@
-"""Stage-1 losses: CurricularFace classification and the momentum contrastive loss.
+"""cvnet_global's losses: CurricularFace classification and the momentum contrastive loss.
 
 All inputs are L2-normalised descriptors. Under `jax.jit` with a sharded batch, every mean
 over the batch is a mean over the global batch, so the losses do not depend on how the

@@ -1,4 +1,4 @@
-"""The optimiser and learning-rate schedule of both stages (cfg.optimizer)."""
+"""The optimiser and learning-rate schedule of every stage (cfg.optimizer)."""
 from __future__ import annotations
 
 import jax

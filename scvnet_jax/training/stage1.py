@@ -1,5 +1,5 @@
-"""Stage 1, CVNet-Global: the encoder (ResNet + GeM + FC, the `encoder_q` of CVNet) trained
-with lambda_cls x CurricularFace + lambda_con x momentum contrastive loss.
+"""The "cvnet_global" stage (CVNet-Global): the encoder (ResNet + GeM + FC, the `encoder_q`
+of CVNet) trained with lambda_cls x CurricularFace + lambda_con x momentum contrastive loss.
 
 The momentum encoder is an exponential moving average of the encoder's parameters (never
 touched by the gradient): before each step, momentum = m * momentum + (1 - m) * encoder
@@ -38,7 +38,7 @@ from scvnet_jax.models import ops
 from scvnet_jax.models.resnet import ResNet
 from scvnet_jax.training import losses, optim
 from scvnet_jax.training.config import arch_of, dtype_of
-from scvnet_jax.training.loop import Task as _Task, host, read_init_from
+from scvnet_jax.training.loop import Task as _Task, all_finite, host, read_init_from
 
 
 @flax.struct.dataclass
@@ -101,11 +101,6 @@ def normalize(images_u8, dtype):
     """uint8 BGR (B, H, W, 3) -> the official normalisation, on the accelerator."""
     x = images_u8.astype(jnp.float32) / 255.0
     return ((x - MEAN_BGR) / STD_BGR).astype(dtype)
-
-
-def all_finite(tree) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves))
 
 
 def make_train_step(cfg, num_classes: int | None = None, mesh=None
@@ -231,8 +226,8 @@ def dataset(ts: TrainingSet, aug: Augment, *, global_batch: int, seed: int,
 # -- the task -----------------------------------------------------------------------------
 
 class Task(_Task):
-    """Stage 1 (CVNet-Global): encoder + CurricularFace + momentum contrastive loss."""
-    name = "stage 1 (CVNet-Global)"
+    """The cvnet_global stage: encoder + CurricularFace + momentum contrastive loss."""
+    name = "cvnet_global (CVNet-Global)"
     rate = "images_per_sec"
     bar_keys = (("loss", "loss"), ("loss_cls", "cls"), ("loss_con", "con"), ("lr", "lr"))
 
@@ -278,7 +273,7 @@ class Task(_Task):
 
         cfg = self.cfg
         variables, head = self.cvnet_variables(state)
-        meta = {"trained_by": "scvnet_jax train.py, stage 1 (CVNet-Global)", "step": int(step),
+        meta = {"trained_by": "scvnet_jax train.py, stage cvnet_global", "step": int(step),
                 "export": cfg.export, "data": cfg.data.name, "rerank_head": head,
                 **(meta or {})}
         return model_dir.save_model_dir(self.workdir / out, arch_of(cfg), variables,
@@ -286,7 +281,7 @@ class Task(_Task):
 
 
 def base_variables(cfg) -> tuple[dict, str]:
-    """(the CVNet variables stage 1's encoder goes into, where its rerank head is from):
+    """(the CVNet variables cvnet_global's encoder goes into, where its rerank head is from):
     init_from's when it has the same architecture (and is there), else random."""
     from scvnet_jax.convert import read_checkpoint
     from scvnet_jax.models import cvnet
@@ -307,7 +302,7 @@ def cvnet_variables(cfg, encoder_variables: dict, base=None) -> tuple[dict, str]
 
 
 def check_config(cfg) -> None:
-    """What stage 1 needs beyond `config.validate` (ranges, choices, queue/batch, which
+    """What cvnet_global needs beyond `config.validate` (ranges, choices, queue/batch, which
     loop.train runs first): a global batch that splits over this run's devices."""
     check_batch(cfg)
 

@@ -1,12 +1,12 @@
-"""Stage 2, CVNet-Rerank: the stage-1 backbone frozen, the per-scale 3x3 convs (`conv2ds_*`)
-and the CVLearner trained as a binary classifier of image pairs (same landmark or not) with
-cross-entropy on the verification logits.
+"""The "cvnet_rerank" stage (CVNet-Rerank): the cvnet_global backbone frozen, the per-scale
+3x3 convs (`conv2ds_*`) and the CVLearner trained as a binary classifier of image pairs (same
+landmark or not) with cross-entropy on the verification logits.
 
 Per step: the frozen backbone (BatchNorm in inference mode, no gradient) gives the local
 features (last stage-3 block) of the query and candidate images; Hide-and-Seek zeroes random
 cells of both feature maps, each with the curriculum's probability at this step; the
 correlation and CVLearner of `CVNet.verification_logits` score the pair. The pairs come from
-`rerank_dataset` below (positives: same landmark; negatives: hard ones from the stage-1
+`rerank_dataset` below (positives: same landmark; negatives: hard ones from the cvnet_global
 descriptor bank with the curriculum's ratio, else random). The bank is the frozen backbone's
 global descriptor of every training image, searched exactly by the retrieval engine
 (`scvnet_jax.engine`) for each image's most similar images of other landmarks.
@@ -43,7 +43,8 @@ from scvnet_jax.images import normalize as normalize_host
 from scvnet_jax.models.cvnet import CORR_SCALES, CVNet
 from scvnet_jax.training import optim, stage1
 from scvnet_jax.training.config import arch_of, dtype_of
-from scvnet_jax.training.loop import Task as _Task, host, read_init_from
+from scvnet_jax.training.loop import (Task as _Task, all_finite, host, read_init_from,
+                                     with_position)
 
 HEAD = tuple(f"conv2ds_{i}" for i in range(len(CORR_SCALES))) + ("cv_learner",)
 
@@ -71,7 +72,7 @@ def variables(state_or_backbone, head=None) -> dict:
 
 
 def init_state(cfg, rng, checkpoint_variables) -> RerankState:
-    """A fresh state from CVNet variables (the stage-1 model or an official checkpoint):
+    """A fresh state from CVNet variables (the cvnet_global model or an official checkpoint):
     backbone from them; head random, or theirs when cfg.rerank.head_init == 'checkpoint'."""
     p = checkpoint_variables["params"]
     backbone = {"params": p["encoder_q"],
@@ -153,7 +154,7 @@ def make_train_step(cfg) -> Callable[[RerankState, dict], tuple[RerankState, dic
             "hard_negative_accuracy": mean_where(correct, hard),
             "hard_fraction": jnp.sum(hard) / jnp.maximum(jnp.sum(neg), 1),
             "hide_prob": hide, "grad_norm": optax.global_norm(grads), "lr": lr(state.step),
-            "finite": jnp.isfinite(loss) & stage1.all_finite(params)}
+            "finite": jnp.isfinite(loss) & all_finite(params)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return step
@@ -170,10 +171,11 @@ def hard_negative_table(desc: np.ndarray, labels: np.ndarray, k: int, mesh=None,
 
 
 def check_config(cfg) -> None:
-    """What stage 2 needs beyond `config.validate` (which loop.train runs first)."""
+    """What cvnet_rerank needs beyond `config.validate` (which loop.train runs first)."""
     if not cfg.init_from:
-        raise ConfigError("stage 2 needs --config.init_from: the stage-1 model directory "
-                         "(e.g. runs/demo/model) or an official CVNet checkpoint")
+        raise ConfigError("the cvnet_rerank stage needs --config.init_from: the cvnet_global "
+                          "model directory (e.g. runs/demo/model) or an official CVNet "
+                          "checkpoint")
     stage1.check_batch(cfg)
     r = cfg.rerank
     for name in ("hard_ratio", "hide_prob"):
@@ -195,7 +197,7 @@ def bank_version(cfg, step: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class PairSampling:
-    """How stage 2 draws the candidate of each query image."""
+    """How cvnet_rerank draws the candidate of each query image."""
     positive_fraction: float = 0.5          # P(candidate from the same landmark)
     hard_ratio: tuple[float, float] = (0.0, 0.5)   # P(negative is hard): start -> end
     curriculum_steps: int = 1000            # length of the ramp, in steps
@@ -203,12 +205,12 @@ class PairSampling:
 
 
 class RerankPairTransform(Records, grain.transforms.RandomMap):
-    """(stream position, index) -> {'query', 'candidate', 'label', 'hard'} for stage 2.
+    """(stream position, index) -> {'query', 'candidate', 'label', 'hard'} for cvnet_rerank.
 
     label 1: the candidate is another image of the query's landmark (a second augmentation of
     the query for a single-image class); label 0: an image of another landmark, drawn from the
     query's row of the hard-negative table (its top-ranked images of other landmarks by the
-    stage-1 descriptor) with the curriculum's probability at this step, else uniformly.
+    cvnet_global descriptor) with the curriculum's probability at this step, else uniformly.
     The table is read lazily from `table_path` (memory-mapped .npy, (N, K) int32, -1 = none).
     """
 
@@ -255,10 +257,6 @@ class RerankPairTransform(Records, grain.transforms.RandomMap):
                 "label": np.int32(target), "hard": np.bool_(hard)}
 
 
-def _with_position(position: int, index: int) -> tuple[int, int]:
-    return position, index        # module level: grain transforms must pickle
-
-
 def rerank_dataset(ts: TrainingSet, aug: Augment, sampling: PairSampling, table_path, *,
                    global_batch: int, seed: int, process_index: int = 0,
                    process_count: int = 1) -> grain.MapDataset:
@@ -268,7 +266,7 @@ def rerank_dataset(ts: TrainingSet, aug: Augment, sampling: PairSampling, table_
     table version it reads, for any number of processes."""
     sampling = dataclasses.replace(sampling, global_batch=global_batch)
     ds = (grain.MapDataset.range(ts.num_examples).shuffle(seed=seed).repeat(None)
-          .map_with_index(_with_position)
+          .map_with_index(with_position)
           .random_map(RerankPairTransform(ts, aug, sampling, table_path), seed=seed))
     return process_batches(ds, global_batch, process_index, process_count)
 
@@ -306,9 +304,9 @@ def bank_dataset(ts: TrainingSet, aug: Augment, *, version: int, batch: int, see
 # -- the task -----------------------------------------------------------------------------
 
 class Task(_Task):
-    """Stage 2 (CVNet-Rerank): frozen backbone, conv2ds + CVLearner trained on pairs; hard
+    """The cvnet_rerank stage: frozen backbone, conv2ds + CVLearner trained on pairs; hard
     negatives from a bank of the backbone's global descriptors (W/hard_negatives/)."""
-    name = "stage 2 (CVNet-Rerank)"
+    name = "cvnet_rerank (CVNet-Rerank)"
     rate = "pairs_per_sec"
     bar_keys = (("loss", "loss"), ("accuracy", "acc"), ("hard_negative_accuracy", "hard acc"),
                 ("hide_prob", "hide"), ("lr", "lr"))
@@ -406,7 +404,7 @@ class Task(_Task):
     def export(self, state, step: int, out: str = "model", meta: dict | None = None) -> Path:
         from scvnet_jax.convert import model_dir
 
-        meta = {"trained_by": "scvnet_jax train.py, stage 2 (CVNet-Rerank)", "step": int(step),
+        meta = {"trained_by": "scvnet_jax train.py, stage cvnet_rerank", "step": int(step),
                 "backbone": f"frozen, from {self.cfg.init_from}", "data": self.cfg.data.name,
                 **(meta or {})}
         return model_dir.save_model_dir(self.workdir / out, arch_of(self.cfg),

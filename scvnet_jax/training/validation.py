@@ -1,7 +1,8 @@
-"""Validation during training (stages 1 and 2): every `config.eval.every_steps` steps and
-at the last step, the model of the current parameters is scored on a held-out benchmark by
-eval.py's own code (`scvnet_jax.evaluation.pipelines` on the retrieval engine), on this
-process's devices (on several processes each extracts its share, as eval.py does).
+"""Validation during training (the CVNet stages cvnet_global and cvnet_rerank): every
+`config.eval.every_steps` steps and at the last step, the model of the current parameters is
+scored on a held-out benchmark by eval.py's own code (`scvnet_jax.evaluation.pipelines` on
+the retrieval engine), on this process's devices (on several processes each extracts its
+share, as eval.py does).
 
 The scores join that step's record in W/metrics.jsonl and TensorBoard as
 `val/<pipeline>/mAP/<setting>` and `val/<pipeline>/mP@<k>/<setting>` (fractions in [0, 1]),
@@ -19,11 +20,12 @@ from pathlib import Path
 
 from scvnet_jax.errors import ConfigError
 
-STAGES = (1, 2)
+STAGES = ("cvnet_global", "cvnet_rerank")
 # the pipelines that need nothing but the CVNet being trained
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank",
              "alpha_qe", "dba", "icfrr")
-DEFAULT_PIPELINES = {1: ("cvnet_global",), 2: ("cvnet_global", "cvnet_rerank")}
+DEFAULT_PIPELINES = {"cvnet_global": ("cvnet_global",),
+                     "cvnet_rerank": ("cvnet_global", "cvnet_rerank")}
 DATASETS = ("auto", "demo", "roxford5k", "rparis6k", "gldv2_retrieval")
 DEFAULT_SETTING = {"revisitop": "M", "single": "all", "gldv2": "private"}
 BEST_DIR = "model_best"
@@ -34,7 +36,7 @@ def enabled(cfg) -> bool:
 
 
 def pipelines_of(cfg) -> list[str]:
-    return list(cfg.eval.pipelines) or list(DEFAULT_PIPELINES.get(int(cfg.stage), ()))
+    return list(cfg.eval.pipelines) or list(DEFAULT_PIPELINES.get(cfg.stage, ()))
 
 
 def check_config(cfg) -> None:
@@ -42,10 +44,11 @@ def check_config(cfg) -> None:
     if not enabled(cfg):
         return
     e = cfg.eval
-    if int(cfg.stage) not in STAGES:
+    if cfg.stage not in STAGES:
         raise ConfigError(f"config.eval.every_steps = {e.every_steps}: validation during "
-                          f"training is for the CVNet stages 1 and 2, not stage {cfg.stage}; "
-                          "set config.eval.every_steps=0 and score the model with eval.py")
+                          f"training is for the CVNet stages {' and '.join(STAGES)}, not "
+                          f"{cfg.stage!r}; set config.eval.every_steps=0 and score the model "
+                          "with eval.py")
     pipes = pipelines_of(cfg)
     if not pipes or any(p not in PIPELINES for p in pipes):
         raise ConfigError(f"config.eval.pipelines = {list(e.pipelines)}: expected a list of "

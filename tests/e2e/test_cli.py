@@ -3,6 +3,7 @@ overrides, config files found by name, and the package working from any director
 installed from a wheel (not only as an editable checkout)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,45 +141,70 @@ def test_no_compilation_cache_on_a_nearly_full_disk(tmp_path, monkeypatch, capsy
         jax.config.update("jax_compilation_cache_dir", cache_dir)
 
 
-@pytest.mark.parametrize("max_size", [-1, 1 << 20])
-def test_compilation_cache_entries_are_written_atomically(tmp_path, monkeypatch, max_size):
-    """An entry written through jax's cache after use_compilation_cache reads back whole;
-    a write that fails (a full disk) leaves no entry, partial or temporary, so the next
-    run compiles and writes it rather than warn about a truncated one forever."""
+def test_an_unfinished_cache_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A cache write that fails mid-way (a full disk) leaves a truncated entry without its
+    atime file; drop_unfinished_entries removes it (and only it), so the next run compiles
+    and writes it rather than warn about a truncated one forever."""
     import errno
 
-    from jax._src import lru_cache
+    from jax._src import lru_cache     # jax's own cache class, used as jax uses it
 
-    from scvnet_jax import cli
+    from scvnet_jax.compilation_cache import drop_unfinished_entries
 
-    cli._atomic_cache_entries()
-    cache = lru_cache.LRUCache(str(tmp_path / "xla"), max_size=max_size)
+    cache = lru_cache.LRUCache(str(tmp_path / "xla"), max_size=1 << 20)
     cache.put("a", b"x" * 1000)
-    assert cache.get("a") == b"x" * 1000
+    path_class = type(cache.path)        # pathlib's, or etils.epath's when installed
+    real_write = path_class.write_bytes
 
-    real_fdopen = os.fdopen
+    def full(self, data):
+        real_write(self, data[:100])
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class Full:
-        def __init__(self, fd, mode):
-            self.f = real_fdopen(fd, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[:100])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "fdopen", Full)
-    with pytest.raises(Exception, match="No space left"):
+    monkeypatch.setattr(path_class, "write_bytes", full)
+    with pytest.raises(OSError, match="No space left"):
         cache.put("b", b"y" * 1000)
     monkeypatch.undo()
-    assert cache.get("b") is None
+    assert drop_unfinished_entries(tmp_path / "xla") == ["b"]
     assert sorted(p.name for p in (tmp_path / "xla").iterdir()
-                  if not p.name.startswith(".lock")) == (
-        ["a-atime", "a-cache"] if max_size > 0 else ["a-cache"])
+                  if not p.name.startswith(".lock")) == ["a-atime", "a-cache"]
     cache.put("b", b"y" * 1000)
-    assert cache.get("b") == b"y" * 1000
+    assert cache.get("b") == b"y" * 1000 and cache.get("a") == b"x" * 1000
+
+
+_CACHE_CHILD = r"""
+import json, sys, warnings
+warnings.simplefilter("always")
+from scvnet_jax.compilation_cache import use_compilation_cache
+use_compilation_cache(sys.argv[1])
+import jax, jax.numpy as jnp
+hits = []
+jax.monitoring.register_event_listener(
+    lambda e, **k: hits.append(e) if e == "/jax/compilation_cache/cache_hits" else None)
+with warnings.catch_warnings(record=True) as caught:
+    jax.jit(lambda x: jnp.sin(x) @ x.T + 1.0)(jnp.ones((64, 64))).block_until_ready()
+print(json.dumps({"hits": len(hits), "warnings": [str(w.message)[:200] for w in caught]}))
+"""
+
+
+def test_a_killed_cache_write_does_not_trouble_later_runs(tmp_path, repo):
+    """An entry left truncated by a run killed mid-write (jax writes entries in place) is
+    neither read nor kept by the next command-line run: it compiles again, without a
+    warning, and writes the entry whole; the run after that finds it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+
+    def child():
+        r = subprocess.run([sys.executable, "-c", _CACHE_CHILD, str(tmp_path)], env=env,
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return json.loads(r.stdout.splitlines()[-1])
+
+    assert child() == {"hits": 0, "warnings": []}
+    xla = tmp_path / "xla"
+    entries = {p: p.read_bytes() for p in xla.iterdir() if p.name.endswith("-cache")}
+    for p, whole in entries.items():                          # the kill, mid-write
+        p.write_bytes(whole[:len(whole) // 2])
+        p.with_name(p.name.replace("-cache", "-atime")).unlink(missing_ok=True)
+    assert child() == {"hits": 0, "warnings": []}
+    assert all(len(p.read_bytes()) > len(whole) // 2 for p, whole in entries.items())
+    assert child() == {"hits": len(entries), "warnings": []}

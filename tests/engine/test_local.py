@@ -30,6 +30,7 @@ from scvnet_jax.convert import mapping
 from scvnet_jax.engine import local
 from scvnet_jax.engine.cache import ChunkCache
 from scvnet_jax.engine.extract import cvnet_scales
+from scvnet_jax.errors import InputError
 from scvnet_jax.errors import CheckpointError
 from scvnet_jax.images import ImageRef, crop, normalize
 
@@ -463,7 +464,7 @@ def test_extract_local_matches_per_image(sets, models, detectors, rows, image_fi
         np.testing.assert_array_equal(getattr(again, f), getattr(got, f), err_msg=f)
     (cached,) = cache_dir.iterdir()
     assert len(list(cached.glob("chunk_*.npz"))) == -(-len(refs) // 3)
-    with pytest.raises(ValueError, match="cache's key"):
+    with pytest.raises(InputError, match="cache's key"):
         local.extract_local(model, refs, cache=ChunkCache(tmp_path, "x", {}, 3), **kw)
 
 

@@ -295,7 +295,7 @@ def test_stage4_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_erro
     r = run_train(tmp_path / "w", data_dir=demo_tfds, config="ames_demo.py:tiny",
                   *["--config.ames.model="])
     assert r.returncode == 2
-    one_error_line(r.stderr, "stage 4 (AMES) needs --config.ames.model")
+    one_error_line(r.stderr, "the ames stage needs --config.ames.model")
     assert not (tmp_path / "w").exists()
 
 
@@ -310,7 +310,7 @@ def test_stage4_config_errors(field, value, message):
     from scvnet_jax.training.config import default_config
 
     cfg = default_config()
-    cfg.stage, cfg.ames.model, cfg.ames.bank_views = 4, "demo", 1
+    cfg.stage, cfg.ames.model, cfg.ames.bank_views = "ames", "demo", 1
     cfg.ames[field] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_config(cfg)

@@ -26,7 +26,10 @@ def tiny(**over):
     ("data.image_size", 8, "config.data.image_size = 8"),
     ("optimizer.name", "adam", "config.optimizer.name = 'adam': expected one of 'sgd', 'adamw'"),
     ("model.dtype", "float16", "config.model.dtype = 'float16'"),
-    ("stage", 5, "config.stage = 5"),
+    ("stage", 5, "config.stage = 5: expected one of 'cvnet_global', 'cvnet_rerank', 'csa', "
+                 "'ames'"),
+    ("stage", 2, "config.stage = 2: stages are named now; use config.stage = 'cvnet_rerank'"),
+    ("stage", "4", "config.stage = '4': stages are named now; use config.stage = 'ames'"),
     ("loss.queue_size", 20, "config.loss.queue_size (20) must be a multiple of"),
     ("model.width", 0, "config.model"),
     ("init_from", "/no/such/model", "config.init_from = '/no/such/model': no such file"),
@@ -91,6 +94,42 @@ def test_train_refuses_before_creating_anything(tmp_path, capsys, one_error_line
     assert tr.main(["--config", "demo.py:tiny", "--workdir", str(work), *args]) == 2
     one_error_line(capsys.readouterr().err, expect)
     assert not work.exists()
+
+
+def test_a_numbered_stage_is_one_error_naming_its_name(tmp_path, capsys, one_error_line):
+    """Stages are named; the numbers of earlier versions, in a config file or on the command
+    line, are one error line that names the stage's name, before anything is created."""
+    from scvnet_jax import train as tr
+
+    (tmp_path / "old.py").write_text("from scvnet_jax.configs import demo\n\n\ndef get_config():\n"
+                                     "    c = demo.get_config('tiny')\n    c.stage = 2\n"
+                                     "    return c\n")
+    work = tmp_path / "work"
+    assert tr.main(["--config", str(tmp_path / "old.py"), "--workdir", str(work)]) == 2
+    one_error_line(capsys.readouterr().err, "config.stage = 2: stages are named now; use "
+                   "config.stage = 'cvnet_rerank'")
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(work),
+                    "--config.stage=3"]) == 2
+    one_error_line(capsys.readouterr().err, "use config.stage = 'csa'")
+    assert tr.main(["--config", "demo.py:tiny", "--workdir", str(work),
+                    "--config.stage=cvnet_globl"]) == 2
+    one_error_line(capsys.readouterr().err, "config.stage = 'cvnet_globl': expected one of "
+                   "'cvnet_global', 'cvnet_rerank', 'csa', 'ames'")
+    assert not work.exists()
+
+
+def test_a_run_saved_with_a_numbered_stage_resumes(tmp_path):
+    """A workdir whose config.json an earlier version wrote (stage 1) resumes under the
+    config of the same stage by name, and refuses another stage."""
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = json.loads(tiny().to_json_best_effort())
+    saved["stage"] = 1
+    (run / "config.json").write_text(json.dumps(saved))
+    config.check_workdir(run, tiny())
+    with pytest.raises(ConfigError, match="its run has stage = 'cvnet_global', this config "
+                                          "'cvnet_rerank'"):
+        config.check_workdir(run, tiny(stage="cvnet_rerank"))
 
 
 def test_train_refuses_a_missing_config_and_a_file_workdir(tmp_path, capsys, one_error_line):

@@ -119,5 +119,5 @@ def test_stage3_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_erro
     r = run_train(tmp_path / "w", data_dir=demo_tfds, config="csa_demo.py:tiny",
                   *["--config.csa.model="])
     assert r.returncode == 2
-    one_error_line(r.stderr, "stage 3 (CSA) needs --config.csa.model")
+    one_error_line(r.stderr, "the csa stage needs --config.csa.model")
     assert not (tmp_path / "w").exists()

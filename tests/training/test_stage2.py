@@ -163,7 +163,7 @@ def tiny_stage1(tmp_path_factory, run_train, demo_tfds):
 def test_stage2_needs_a_stage1_model(tmp_path, run_train, demo_tfds, one_error_line):
     r = run_train(tmp_path / "w", "--config.init_from=", data_dir=demo_tfds, config=TINY)
     assert r.returncode == 2
-    one_error_line(r.stderr, "stage 2 needs --config.init_from")
+    one_error_line(r.stderr, "the cvnet_rerank stage needs --config.init_from")
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 

@@ -111,7 +111,8 @@ def test_resume_with_validation_is_exact(tmp_path, run, run_train, demo_tfds, de
 
 
 @pytest.mark.parametrize("over, text", [
-    ({"stage": 3}, "validation during training is for the CVNet stages 1 and 2"),
+    ({"stage": "csa"}, "validation during training is for the CVNet stages cvnet_global and "
+                       "cvnet_rerank, not 'csa'"),
     ({"eval.dataset": "nope"}, "config.eval.dataset = 'nope': expected one of"),
     ({"eval.dataset": "roxford5k"}, "needs config.eval.data_dir"),
     ({"eval.pipelines": ("csa",)}, "config.eval.pipelines = ['csa']"),
