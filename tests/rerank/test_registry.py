@@ -23,11 +23,11 @@ def test_options_are_checked():
     assert registry.options("alpha_qe", {"k": 5}) == {"k": 5, "alpha": 3.0}
     with pytest.raises(ConfigError, match="alpha_qe: unknown option 'K'"):
         registry.options("alpha_qe", {"K": 5})
-    with pytest.raises(ConfigError, match=r"icfrr: option KG = 2.5, expected int"):
+    with pytest.raises(ConfigError, match=r"icfrr: option KG = 2.5, expected an integer >= 1"):
         registry.options("icfrr", {"KG": 2.5})
     with pytest.raises(ConfigError, match="dba: option alpha = nan"):
         registry.options("dba", {"alpha": float("nan")})
-    with pytest.raises(ConfigError, match="icfrr: option limited_memory = 1, expected bool"):
+    with pytest.raises(ConfigError, match="icfrr: option limited_memory = 1, expected a bool"):
         registry.options("icfrr", {"limited_memory": 1})
 
 
