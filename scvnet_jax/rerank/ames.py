@@ -411,19 +411,15 @@ def from_state_dict(state_dict: Mapping, local_dim: int = 1024, model_dim: int =
     """An AMES from an official state dict ({name: NumPy array}, PyTorch layouts; the
     official `AMES(...)` arguments, defaults conf/model/ames.yaml with 1024-d descriptors),
     checked key by key and shape by shape against the architecture (one grouped error)."""
-    from scvnet_jax.convert import mapping
+    from scvnet_jax.convert.checkpoints import variables_from_state_dict
     from scvnet_jax.models.ames import abstract_variables
-    try:
-        arch = _arch_type()(local_dim=local_dim, model_dim=model_dim, nhead=nhead,
-                            num_encoder_layers=num_encoder_layers,
-                            dim_feedforward=dim_feedforward, binarized=binarized,
-                            activation=activation, normalize_before=normalize_before)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
-    mapping.check_shapes({k: tuple(v.shape) for k, v in sd.items()}, expected, source, arch)
-    return AMES(arch, mapping.state_dict_to_variables(sd), source, dtype)
+    arch, variables = variables_from_state_dict(
+        lambda: _arch_type()(local_dim=local_dim, model_dim=model_dim, nhead=nhead,
+                             num_encoder_layers=num_encoder_layers,
+                             dim_feedforward=dim_feedforward, binarized=binarized,
+                             activation=activation, normalize_before=normalize_before),
+        state_dict, source, abstract_variables)
+    return AMES(arch, variables, source, dtype)
 
 
 def infer_arch(sd: Mapping, source: str, nhead: int | None = None) -> dict:
@@ -458,29 +454,19 @@ def load(path, nhead: int | None = None, *, activation: str = "relu",
     without torch through the restricted unpickler; the architecture is read off the state
     dict, nhead (not recorded) defaults to 2, the official configuration's) or from a model
     directory we wrote (kind "ames"). dtype: see AMES."""
-    from scvnet_jax.convert.model_dir import is_model_dir, load_model_dir, read_config
-    from scvnet_jax.convert.torch_file import load_torch_file
+    from scvnet_jax.convert import checkpoints
+    from scvnet_jax.convert.model_dir import is_model_dir
 
     if is_model_dir(path):
-        arch, variables = load_model_dir(path, kind="ames")
+        arch, variables, meta = checkpoints.read_model_dir(path, "ames")
         if nhead is not None and int(nhead) != arch.nhead:
             raise CheckpointError(f"{path}: holds an AMES with {arch.nhead} heads, not "
                                   f"{nhead}")
         out = AMES(arch, variables, str(path), dtype)
-        out.meta = dict(read_config(path, "ames").get("meta") or {})
+        out.meta = meta
         return out
-    if Path(path).is_dir():
-        raise CheckpointError(f"{path}: a directory without config.json; expected an official "
-                              "AMES checkpoint or a model directory written by scvnet_jax")
-    source = os.fspath(path)
-    obj = load_torch_file(source)
-    if isinstance(obj, Mapping) and "state" in obj:
-        obj = obj["state"]
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
-        raise CheckpointError(f"{source}: expected {{'state': state_dict}} or a state dict of "
-                              "tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd, source = checkpoints.official_state_dict(path, "AMES", "state",
+                                                 "{'state': state_dict}")
     return from_state_dict(sd, **infer_arch(sd, source, nhead), activation=activation,
                            source=source, dtype=dtype)
 

@@ -22,7 +22,6 @@ zeros (the official code cannot run there), and topk is clipped to the database 
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 from pathlib import Path
 from typing import Mapping
@@ -206,17 +205,13 @@ def from_state_dict(state_dict: Mapping, embed_dim: int = 768, depth: int = 2,
                     dtype: str = "float32") -> CSA:
     """A CSA from an official state dict ({name: NumPy array}, PyTorch layouts), checked
     key by key and shape by shape against the architecture (one grouped error)."""
-    from scvnet_jax.convert import mapping
+    from scvnet_jax.convert.checkpoints import variables_from_state_dict
     from scvnet_jax.models.csa import abstract_variables
-    try:
-        arch = _arch_type()(anchor_len=anchor_len, embed_dim=embed_dim, depth=depth,
-                            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
-    mapping.check_shapes({k: tuple(v.shape) for k, v in sd.items()}, expected, source, arch)
-    return CSA(arch, mapping.state_dict_to_variables(sd), source, dtype)
+    arch, variables = variables_from_state_dict(
+        lambda: _arch_type()(anchor_len=anchor_len, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias),
+        state_dict, source, abstract_variables)
+    return CSA(arch, variables, source, dtype)
 
 
 def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
@@ -243,16 +238,14 @@ def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
     """A CSA from an official checkpoint (`torch.save({'epoch', 'state_dict'})`, read
     without torch through the restricted unpickler) or a model directory we wrote.
     num_heads: for official files, which do not record it (default 12). dtype: see CSA."""
-    from scvnet_jax.convert.model_dir import is_model_dir, load_model_dir
-    from scvnet_jax.convert.torch_file import load_torch_file
+    from scvnet_jax.convert import checkpoints
+    from scvnet_jax.convert.model_dir import is_model_dir
 
     if is_model_dir(path):
-        from scvnet_jax.convert.model_dir import read_config
-        arch, variables = load_model_dir(path, kind="csa")
+        arch, variables, meta = checkpoints.read_model_dir(path, "csa")
         if num_heads is not None and int(num_heads) != arch.num_heads:
             raise CheckpointError(f"{path}: holds a CSA with {arch.num_heads} heads, not "
                                   f"{num_heads}")
-        meta = read_config(Path(path).resolve(), "csa").get("meta") or {}
         pre = meta.get("preprocess") or {}
         center = pre.get("center")
         if center is not None and np.shape(center) != (len(center),):
@@ -261,17 +254,7 @@ def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
         return CSA(arch, variables, str(path), dtype, center=center,
                    affinity_norm=pre.get("affinity_norm", "none"),
                    topk=int(topk) if isinstance(topk, int) and topk >= 1 else None)
-    if Path(path).is_dir():
-        raise CheckpointError(f"{path}: a directory without config.json; expected an official "
-                              "CSA checkpoint or a model directory written by scvnet_jax")
-    source = os.fspath(path)
-    obj = load_torch_file(source)
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
-        raise CheckpointError(f"{source}: expected {{'epoch', 'state_dict'}} or a state dict of "
-                              "tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd, source = checkpoints.official_state_dict(path, "CSA", "state_dict",
+                                                 "{'epoch', 'state_dict'}")
     return from_state_dict(sd, **infer_arch(sd, source, num_heads), source=source,
                            dtype=dtype)
