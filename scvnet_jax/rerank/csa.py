@@ -106,7 +106,7 @@ def _apply(module, method, variables, A):
 DTYPES = ("float32", "float64")
 
 
-class CSA:
+class CSAReranker:
     """A CSA model with its weights (`arch`: a CSAArch; `variables`: {'params': ...}).
 
     dtype: "float32" (default: the official precision; scores agree with the official
@@ -133,7 +133,7 @@ class CSA:
         self.dtype = dtype
 
     def __repr__(self) -> str:
-        return f"CSA({self.arch}, dtype={self.dtype}, source={self.source!r})"
+        return f"CSAReranker({self.arch}, dtype={self.dtype}, source={self.source!r})"
 
     def _run(self, method: str, A, batch_size: int):
         A = np.asarray(A, np.float32)
@@ -199,10 +199,13 @@ class CSA:
         return variables_to_state_dict(self.variables)
 
 
+CSA = CSAReranker     # its former name (the Flax module: models.csa.RerankTransformer)
+
+
 def from_state_dict(state_dict: Mapping, embed_dim: int = 768, depth: int = 2,
                     num_heads: int = 12, mlp_ratio: float = 4, qkv_bias: bool = True,
                     anchor_len: int = 512, source: str = "state dict",
-                    dtype: str = "float32") -> CSA:
+                    dtype: str = "float32") -> CSAReranker:
     """A CSA from an official state dict ({name: NumPy array}, PyTorch layouts), checked
     key by key and shape by shape against the architecture (one grouped error)."""
     from scvnet_jax.convert.checkpoints import variables_from_state_dict
@@ -211,7 +214,7 @@ def from_state_dict(state_dict: Mapping, embed_dim: int = 768, depth: int = 2,
         lambda: _arch_type()(anchor_len=anchor_len, embed_dim=embed_dim, depth=depth,
                              num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias),
         state_dict, source, abstract_variables)
-    return CSA(arch, variables, source, dtype)
+    return CSAReranker(arch, variables, source, dtype)
 
 
 def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
@@ -234,10 +237,10 @@ def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
                 qkv_bias="blocks.0.attn.qkv.bias" in sd, anchor_len=int(a))
 
 
-def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
+def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSAReranker:
     """A CSA from an official checkpoint (`torch.save({'epoch', 'state_dict'})`, read
     without torch through the restricted unpickler) or a model directory we wrote.
-    num_heads: for official files, which do not record it (default 12). dtype: see CSA."""
+    num_heads: for official files, which do not record it (default 12). dtype: see CSAReranker."""
     from scvnet_jax.convert import checkpoints
     from scvnet_jax.convert.model_dir import is_model_dir
 
@@ -251,7 +254,7 @@ def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
         if center is not None and np.shape(center) != (len(center),):
             raise CheckpointError(f"{path}: meta.preprocess.center must be a vector")
         topk = meta.get("topk")
-        return CSA(arch, variables, str(path), dtype, center=center,
+        return CSAReranker(arch, variables, str(path), dtype, center=center,
                    affinity_norm=pre.get("affinity_norm", "none"),
                    topk=int(topk) if isinstance(topk, int) and topk >= 1 else None)
     sd, source = checkpoints.official_state_dict(path, "CSA", "state_dict",

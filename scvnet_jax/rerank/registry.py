@@ -275,7 +275,7 @@ def csa_model(weights, dtype: str = "float32"):
     """The CSA model of `weights` (a CSA object, a model directory or an official
     checkpoint), loaded once per process."""
     from scvnet_jax.rerank import csa
-    if isinstance(weights, csa.CSA):
+    if isinstance(weights, csa.CSAReranker):
         return weights
     if not weights:
         raise ConfigError("the csa reranker needs weights: a CSA model directory (train.py "
@@ -303,7 +303,7 @@ def ames_model(weights, dtype: str = "float32"):
     """The AMES model of `weights` (an AMES object, a model directory or an official
     checkpoint), loaded once per process."""
     from scvnet_jax.rerank import ames
-    if isinstance(weights, ames.AMES):
+    if isinstance(weights, ames.AMESReranker):
         return weights
     if not weights:
         raise ConfigError("the ames reranker needs weights: an AMES model directory (train.py "
