@@ -209,8 +209,7 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     from scvnet_jax.data.revisitop import read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
-    from scvnet_jax.config_files import field
-    from scvnet_jax.evaluation.config import reranker_of
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
     from scvnet_jax.images import DEFAULT_MAX_SIDE, set_max_pixels, set_max_side
 
     set_max_pixels(cfg.max_image_pixels)
@@ -267,7 +266,7 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     for name in cfg.pipelines:        # each reranker's options (the official test scripts'
         r = reranker_of(name)         # at the top level too, as they always were)
         if r is not None:
-            opts = dict(field(cfg, r.section))
+            opts = reranker_options(cfg, r)
             extra[name] = {"options": opts, **(opts if r.first_stage else {})}
     for name, note in notes.items():
         extra[name]["notes"] = meta.get("notes", []) + [note]
@@ -284,14 +283,13 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
 def _rerank_summary(cfg, dataset) -> str:
     """'; cvnet_rerank top-100, protocol official' for the chosen rerankers with a depth
     or a protocol."""
-    from scvnet_jax.config_files import field
     from scvnet_jax.evaluation import pipelines
-    from scvnet_jax.evaluation.config import reranker_of
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
 
     out = []
     for name in cfg.pipelines:
         r = reranker_of(name)
-        opts = field(cfg, r.section) if r is not None else {}
+        opts = reranker_options(cfg, r) if r is not None else {}
         said = ([f"top-{opts[r.depth]}"] if r is not None and r.depth and
                 opts[r.depth] is not None and r.depth_from_rerank_k else [])
         if "protocol" in opts:
@@ -306,24 +304,23 @@ def _pipeline_notes(cfg, dataset, n_db: int, protocol_flag=None) -> dict[str, st
     a benchmark without revisitop's labels (it runs blind; the default "official" turns
     blind there without a note, as the header line says), ICFRR's KG / KQ above the
     database size (clipped)."""
-    from scvnet_jax.config_files import field
     from scvnet_jax.evaluation import pipelines
-    from scvnet_jax.evaluation.config import reranker_of
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
 
     notes = {}
     for name in cfg.pipelines:
         r = reranker_of(name)
         if r is None:
             continue
-        opts = field(cfg, r.section)
+        opts = reranker_options(cfg, r)
         if "protocol" in opts:
-            asked = opts.protocol
+            asked = opts["protocol"]
             used = pipelines.label_protocol(dataset, asked)
             if used != asked and protocol_flag == asked:
                 notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk "
                                f"labels, which {dataset.name} has not; it runs {used} (the "
                                "plain top-k)")
-        note = r.note(dict(opts), n_db) if r.note else ""
+        note = r.note(opts, n_db) if r.note else ""
         if note:
             notes[name] = note
     return notes

@@ -46,6 +46,12 @@ def official_state_dict(path, name: str, state_key: str, layout: str) -> tuple[d
     return sd, source
 
 
+def not_a_state_dict(source: str, name: str, err: Exception, sd: Mapping) -> CheckpointError:
+    """The error for a state dict that lacks what model `name`'s architecture is read off."""
+    return CheckpointError(f"{source}: not a{'n' if name[0] in 'AEIOU' else ''} {name} state "
+                           f"dict (no {err} among {', '.join(list(sd)[:5])}, ...)")
+
+
 def variables_from_state_dict(make_arch: Callable[[], Any], state_dict: Mapping, source: str,
                               abstract_variables: Callable[[Any], dict]) -> tuple[Any, dict]:
     """(arch, Flax variables) of an official state dict (PyTorch layouts): `make_arch()`'s

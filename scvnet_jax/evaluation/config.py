@@ -45,6 +45,14 @@ def reranker_of(pipeline: str):
     return next((r for r in registry.RERANKERS.values() if r.pipeline == pipeline), None)
 
 
+def reranker_options(cfg, reranker) -> dict:
+    """The options of `reranker` in its config section (which may hold other fields too:
+    the cvnet section's descriptor scales)."""
+    from scvnet_jax.config_files import field
+    section = field(cfg, reranker.section)
+    return {o.name: section[o.name] for o in reranker.options}
+
+
 def __getattr__(name: str):
     # computed from the registry when asked: a reranker registered at run time is in them
     if name == "PIPELINES":

@@ -29,8 +29,7 @@ from scvnet_jax.engine import extract, search
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
 from scvnet_jax.errors import ConfigError
-from scvnet_jax.config_files import field
-from scvnet_jax.evaluation.config import all_pipelines, reranker_of
+from scvnet_jax.evaluation.config import all_pipelines, reranker_of, reranker_options
 from scvnet_jax.images import ImageRef
 from scvnet_jax.rerank import registry
 
@@ -228,7 +227,7 @@ def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
         r = reranker_of(name)
         if r is not None:
             prepared[name] = registry.prepare(r.name, registry.options(
-                r.name, dict(field(cfg, r.section))))
+                r.name, reranker_options(cfg, r)))
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}

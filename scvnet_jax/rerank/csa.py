@@ -225,8 +225,8 @@ def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{source}: not a CSA state dict (no {err} among "
-                              f"{', '.join(list(sd)[:5])}, ...)") from None
+        from scvnet_jax.convert.checkpoints import not_a_state_dict
+        raise not_a_state_dict(source, "CSA", err, sd) from None
     heads = 12 if num_heads is None else int(num_heads)
     if num_heads is None and e % heads:
         raise CheckpointError(f"{source}: embed_dim {e} is not a multiple of 12 (the official "

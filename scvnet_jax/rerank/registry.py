@@ -1,15 +1,31 @@
-"""The one registry of rerankers: eval.py's pipelines, `sj.search` and the app list them and
-run them from here, with the same options and defaults.
+"""The one registry of rerankers: eval.py's pipelines, config sections, flags and --help,
+`sj.search`, `scvnet-search` (query --rerank, serve's weights flags), the REST API and the
+page's menu all come from here; no other module names a reranker.
 
     from scvnet_jax.rerank import registry
     registry.names()                                   # every reranker
     out = registry.rerank("alpha_qe", registry.Inputs(X, Q, ranks), k=2, alpha=3.0)
-    out.ranks, out.scores                              # (N, nq), and what they are sorted by
+    out.ranks, out.scores                              # (N, nq) int64, and what they are sorted by
 
 Every reranker takes a first-stage ranking (`ranks` (N, nq), best first) with the
-descriptors it came from (`X` (N, D), `Q` (nq, D), L2-normalised); the CVNet verifier also
-needs the model and the images. A reranker returns the new ranking and the scores its
-first rows are sorted by (`Result.scores` (n, nq), descending; n = what it reranked).
+descriptors it came from (`X` (N, D), `Q` (nq, D), L2-normalised); those that read the
+images again also get the model and the images. A reranker returns a Result: the new
+ranking, always one (N, nq) int64 array, and the scores its first rows are sorted by
+(`Result.scores` (n, nq), descending; n = what it reranked); a protocol that ranks each
+revisitop setting apart adds them in `Result.per_setting`.
+
+Adding one is one entry, at import time or at run time:
+
+    registry.register(registry.Reranker(
+        "mine", "what it does", (registry.Option("k", 10, int, "an integer >= 1",
+                                                 lambda v: v >= 1),),
+        run=lambda inputs, k: registry.Result(...), depth="k", score="what the scores are"))
+
+It is then eval.py's pipeline "mine" (--config.mine.k=...), `search(..., rerank="mine")`,
+`scvnet-search query --rerank mine` and in the server's menu. An entry declares its options
+(real defaults; None only where `Option.unset` says what it means, e.g. "the model's own"),
+what it needs (NEEDS: global descriptors, images, local descriptors, weights, labels), its
+preparation step (weights loaded and checked before any work) and its depth.
 
 | name        | what                                                      | labels |
 |-------------|-----------------------------------------------------------|--------|

@@ -303,8 +303,8 @@ def infer_arch(sd: Mapping, source: str, nhead: int | None = None) -> dict:
         layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("decoder.layers."))
         ff = sd["decoder.layers.0.linear1.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{source}: not an AMES state dict (no {err} among "
-                              f"{', '.join(list(sd)[:5])}, ...)") from None
+        from scvnet_jax.convert.checkpoints import not_a_state_dict
+        raise not_a_state_dict(source, "AMES", err, sd) from None
     heads = 2 if nhead is None else int(nhead)
     if model_dim % heads:
         raise CheckpointError(f"{source}: model_dim {model_dim} is not a multiple of nhead "
