@@ -377,10 +377,12 @@ def _first_present(paths, column, depth: int, found: dict, gone: dict) -> list[i
 def _without_gone(paths, ranks, rerank, opts, found, gone):
     """For a reranker that reads the database images: its candidates (each query's top
     topk / k) without the files deleted since indexing: those are moved to the end of
-    every ranking and the depth is capped to the files still there."""
+    every ranking and the depth is capped to the files still there (a reranker without a
+    depth reads them all)."""
     key = registry.get(rerank).depth
+    depth = int(opts[key]) if key else len(paths)
     for i in range(ranks.shape[1]):
-        _first_present(paths, ranks[:, i], int(opts[key]), found, gone[i])
+        _first_present(paths, ranks[:, i], depth, found, gone[i])
     missing = [j for j, there in found.items() if not there]
     if not missing:
         return ranks, opts
@@ -389,7 +391,7 @@ def _without_gone(paths, ranks, rerank, opts, found, gone):
                          "re-index the collection, or give --root if it moved")
     last = np.isin(ranks, missing)
     ranks = np.take_along_axis(ranks, np.argsort(last, axis=0, kind="stable"), axis=0)
-    return ranks, {**opts, key: min(int(opts[key]), len(paths) - len(missing))}
+    return ranks, ({**opts, key: min(depth, len(paths) - len(missing))} if key else opts)
 
 
 def _hits(paths, column, scores, k: int, found: dict, gone: dict) -> Hits:
