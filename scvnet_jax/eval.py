@@ -52,6 +52,7 @@ examples:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -263,11 +264,13 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     print()
     print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):", metric))
     extra = {}
+    own = {f.name for f in dataclasses.fields(pipelines.PipelineResult)}
     for name in cfg.pipelines:        # each reranker's options (the official test scripts'
-        r = reranker_of(name)         # at the top level too, as they always were)
-        if r is not None:
+        r = reranker_of(name)         # at the top level too, as they always were, but for
+        if r is not None:             # what the result itself says, e.g. the protocol run)
             opts = reranker_options(cfg, r)
-            extra[name] = {"options": opts, **(opts if r.first_stage else {})}
+            extra[name] = {"options": opts, **({k: v for k, v in opts.items() if k not in own}
+                                               if r.first_stage else {})}
     for name, note in notes.items():
         extra[name]["notes"] = meta.get("notes", []) + [note]
     out, ranks = report.write(results, cfg.ks, meta, output_path(cfg), extra)
