@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             binarized = variant == "dist"
             arch = AMESArch(**{k: v for k, v in s.items() if k not in ("query_len", "db_len")},
                             binarized=binarized)
-            model = ames.AMES(arch, jax.tree.map(np.asarray, init(arch, 0)))
+            model = ames.AMESReranker(arch, jax.tree.map(np.asarray, init(arch, 0)))
             nq, k, n_db = args.queries, args.k, max(args.k, 200)
             q = rng.normal(size=(nq, s["query_len"], s["local_dim"])).astype(np.float32)
             d = rng.normal(size=(n_db, s["db_len"], s["local_dim"])).astype(np.float32)

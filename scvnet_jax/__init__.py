@@ -25,7 +25,7 @@ from scvnet_jax.errors import CheckpointError, ConfigError, InputError, ScvnetEr
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("data", "mesh", "metrics", "models", "rerank", "search")
+_SUBMODULES = ("data", "engine", "mesh", "metrics", "models", "rerank", "search")
 _NAMES = {"load": "scvnet_jax.api", "create": "scvnet_jax.api",
           "demo_model_path": "scvnet_jax.api", "RetrievalModel": "scvnet_jax.api",
           "enable_compilation_cache": "scvnet_jax.api",

@@ -20,15 +20,14 @@ Settings come from an ml_collections config (--config; default: configs/eval_rev
 or configs/eval_demo.py with --dataset demo; any field can be set with
 --config.<field>=<value>); the flags below set the common fields and win over --config.*.
 
-Rerankers on a chosen first stage (--first_stage, default superglobal_global), selected with
---pipelines and set with --config.<name>.<option>: icfrr (Iterative Cluster-Free
-Re-Ranking), csa (CSA transformer; --csa_weights), alpha_qe (alpha-weighted query
-expansion), dba (alpha-weighted database augmentation), ames (AMES transformer over local
-descriptors; --ames_weights), chamfer (training-free: the mean best cosine of the query's
-local descriptors in the candidate's). results.json records each one's
-first stage and reranking time (rerank_ms_per_query).
+Every reranker of the registry (scvnet_jax/rerank/registry.py) is a pipeline: those of the
+official test scripts on their own first stage, the others on a chosen first stage
+(--first_stage, default superglobal_global), selected with --pipelines and set with
+--config.<section>.<option> (the rerankers and their options are listed at the end).
+results.json records each one's options, first stage and reranking time
+(rerank_ms_per_query).
 
-Protocols (CVNet, AMES and chamfer reranking; the other pipelines never look at labels):
+Protocols (of the rerankers that read labels; the other pipelines never look at them):
   official  what the official CVNet test does: per query and per Easy/Medium/Hard setting it
             reranks the first top-k images that the setting does not ignore, so the ground
             truth picks what is reranked (three rankings). For reproducing published numbers.
@@ -53,29 +52,54 @@ examples:
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
 
 from scvnet_jax import cli
 
-# flag -> config field it sets (when given)
+# flag -> config field it sets (when given); the rerankers' flags come from the registry
 FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
           "distractors": "distractors", "distractors_dir": "distractors_dir",
           "output": "output", "cache_dir": "cache_dir", "save_visuals": "save_visuals",
           "dtype": "dtype", "batch_size": "batch_size", "bucket": "bucket",
-          "feature_bucket": "feature_bucket", "workers": "workers", "topk": "cvnet.topk",
-          "first_stage": "rerank.first_stage",
-          "csa_weights": "csa.weights", "ames_weights": "ames.weights",
-          "ames_detector": "ames.detector"}
-# flags that set several fields
-MULTI_FIELDS = {"protocol": ("cvnet.protocol", "ames.protocol", "chamfer.protocol")}
+          "feature_bucket": "feature_bucket", "workers": "workers",
+          "first_stage": "rerank.first_stage"}
+
+
+def reranker_flags() -> dict:
+    """flag -> (reranker, its Option), for the options of the registry that have a flag."""
+    from scvnet_jax.rerank import registry
+    return {o.flag: (r, o) for r in registry.RERANKERS.values() for o in r.options if o.flag}
+
+
+def protocol_fields() -> tuple:
+    """The config fields --protocol sets: every reranker's protocol option."""
+    from scvnet_jax.rerank import registry
+    return tuple(f"{r.section}.protocol" for r in registry.RERANKERS.values()
+                 if any(o.name == "protocol" for o in r.options))
+
+
+def rerankers_help() -> str:
+    """The rerankers of the registry, their pipelines and options, for --help."""
+    from scvnet_jax.rerank import registry
+    lines = ["rerankers (pipeline: what; --config.<section>.<option>=value, default):"]
+    for r in registry.RERANKERS.values():
+        on = f"on {r.first_stage}" if r.first_stage else "on --first_stage"
+        lines.append(f"  {r.pipeline}: {r.summary} ({on})")
+        for o in r.options:
+            flag = f", --{o.flag}" if o.flag else ""
+            lines.append(f"      {r.section}.{o.name}{flag} = {o.eval_default!r}: "
+                         f"{o.help + '; ' if o.help else ''}{o.describe()}")
+    return "\n".join(lines)
 
 
 def _define(fv, argv):
     from absl import flags
 
-    from scvnet_jax.evaluation.config import FIRST_STAGES, PIPELINES, RERANK_PIPELINES
+    from scvnet_jax.evaluation.config import (FIRST_STAGES, official_pipelines,
+                                              rerank_pipelines)
 
     demo = any(a in ("--dataset=demo", "-dataset=demo") or
                (a in ("--dataset", "-dataset") and argv[i + 1:i + 2] == ["demo"])
@@ -96,20 +120,20 @@ def _define(fv, argv):
       "(W/checkpoints/<step>, stages 1 and 2), or 'random': an untrained model of the "
       "default model's shape (demo: the bundled demo model's; else the official R50's), seed "
       "0. Default for demo: the bundled demo model", flag_values=fv)
-    s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +
-      " (default: the first four, the official test scripts' pipelines; the others rerank "
-      "--first_stage's ranking)", flag_values=fv)
-    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe, dba, "
-      "ames and chamfer rerank (default: superglobal_global)", flag_values=fv)
-    s("csa_weights", None, "CSA weights for the csa pipeline: a model directory written by "
-      "train.py (configs/csa_demo.py) or an official CSA checkpoint", flag_values=fv)
-    s("ames_weights", None, "AMES weights for the ames pipeline: a model directory written by "
-      "train.py (configs/ames_demo.py) or an official AMES checkpoint", flag_values=fv)
-    s("ames_detector", None, "the official AMES detector checkpoint (for official AMES "
-      "weights; our model directories record their own choice)", flag_values=fv)
-    i("topk", None, "CVNet rerank depth (default: 100)", flag_values=fv)
-    e("protocol", None, ["official", "blind"], "CVNet, AMES and chamfer rerank protocol (default: "
-      "official; see above)", flag_values=fv)
+    official = official_pipelines()
+    s("pipelines", None, "comma list of " + ", ".join(official + rerank_pipelines()) +
+      f" (default: the first {len(official)}, the official test scripts' pipelines; the "
+      "others rerank --first_stage's ranking)", flag_values=fv)
+    e("first_stage", None, list(FIRST_STAGES), "the ranking that " +
+      ", ".join(rerank_pipelines()) + " rerank (default: superglobal_global)", flag_values=fv)
+    for flag, (r, o) in reranker_flags().items():
+        define = {int: i, float: flags.DEFINE_float, bool: flags.DEFINE_bool}.get(o.kind, s)
+        define(flag, None, f"{o.help or o.name} for the {r.pipeline} pipeline (config."
+               f"{r.section}.{o.name}; default: {o.eval_default!r})", flag_values=fv)
+    protocols = protocol_fields()
+    e("protocol", None, ["official", "blind"], "rerank protocol of " +
+      ", ".join(f.split(".")[0] for f in protocols) + " (default: official; see above)",
+      flag_values=fv)
     s("distractors", None, "revisitop 1M distractor list (revisitop1m.txt) to add to the "
       "database (+R1M)", flag_values=fv)
     s("distractors_dir", None, "folder the distractor paths are relative to (default: the "
@@ -145,7 +169,9 @@ def build_config(fv):
                 for p in path[:-1]:
                     node = node[p]
                 node[path[-1]] = value
-        for flag, fields in MULTI_FIELDS.items():
+        sets = {flag: (f"{r.section}.{o.name}",) for flag, (r, o) in reranker_flags().items()}
+        sets["protocol"] = protocol_fields()
+        for flag, fields in sets.items():
             value = fv[flag].value
             if value is not None:
                 for field in fields:
@@ -184,7 +210,7 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     from scvnet_jax.data.revisitop import read_distractor_list
     from scvnet_jax.errors import CheckpointError, InputError
     from scvnet_jax.evaluation import pipelines, report, visuals
-    from scvnet_jax.evaluation.config import RERANK_PIPELINES
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
     from scvnet_jax.images import DEFAULT_MAX_SIDE, set_max_pixels, set_max_side
 
     set_max_pixels(cfg.max_image_pixels)
@@ -218,8 +244,8 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
         print(f"{dataset.name}: {dataset.n_queries} queries, {n_db} database images"
               f"{f' ({len(distractors)} distractors)' if distractors else ''}; "
               f"weights {cfg.weights} (R{model.depth}, {cfg.dtype}); "
-              f"pipelines {', '.join(cfg.pipelines)}; CVNet rerank top-{cfg.cvnet.topk}, "
-              f"protocol {pipelines.label_protocol(dataset, cfg.cvnet.protocol)}", flush=True)
+              f"pipelines {', '.join(cfg.pipelines)}{_rerank_summary(cfg, dataset)}",
+              flush=True)
         for note in dataset.notes:
             print(note, flush=True)
     notes = _pipeline_notes(cfg, dataset, n_db, protocol_flag)
@@ -237,9 +263,14 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
         meta["metric"] = metric
     print()
     print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):", metric))
-    extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
-             "superglobal_rerank": dict(cfg.superglobal.rerank),
-             **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
+    extra = {}
+    own = {f.name for f in dataclasses.fields(pipelines.PipelineResult)}
+    for name in cfg.pipelines:        # each reranker's options (the official test scripts'
+        r = reranker_of(name)         # at the top level too, as they always were, but for
+        if r is not None:             # what the result itself says, e.g. the protocol run)
+            opts = reranker_options(cfg, r)
+            extra[name] = {"options": opts, **({k: v for k, v in opts.items() if k not in own}
+                                               if r.first_stage else {})}
     for name, note in notes.items():
         extra[name]["notes"] = meta.get("notes", []) + [note]
     out, ranks = report.write(results, cfg.ks, meta, output_path(cfg), extra)
@@ -252,34 +283,56 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
     return 0
 
 
+def _rerank_summary(cfg, dataset) -> str:
+    """'; cvnet_rerank top-100, protocol official' for the chosen rerankers with a depth
+    or a protocol."""
+    from scvnet_jax.evaluation import pipelines
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
+
+    out = []
+    for name in cfg.pipelines:
+        r = reranker_of(name)
+        opts = reranker_options(cfg, r) if r is not None else {}
+        said = ([f"top-{opts[r.depth]}"] if r is not None and r.depth and
+                opts[r.depth] is not None and r.depth_from_rerank_k else [])
+        if "protocol" in opts:
+            said.append(f"protocol {pipelines.label_protocol(dataset, opts['protocol'])}")
+        if said:
+            out.append(f"{name} {', '.join(said)}")
+    return "".join(f"; {o}" for o in out)
+
+
 def _pipeline_notes(cfg, dataset, n_db: int, protocol_flag=None) -> dict[str, str]:
     """{pipeline: note} where a setting asked for is not what runs: --protocol official on
     a benchmark without revisitop's labels (it runs blind; the default "official" turns
     blind there without a note, as the header line says), ICFRR's KG / KQ above the
     database size (clipped)."""
     from scvnet_jax.evaluation import pipelines
-    from scvnet_jax.rerank.icfrr import clipped
+    from scvnet_jax.evaluation.config import reranker_of, reranker_options
 
     notes = {}
-    for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames"),
-                          ("chamfer", "chamfer")):
-        asked = cfg[section].protocol
-        used = pipelines.label_protocol(dataset, asked)
-        if name in cfg.pipelines and used != asked and protocol_flag == asked:
-            notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk labels, "
-                           f"which {dataset.name} has not; it runs {used} (the plain top-k)")
-    if "icfrr" in cfg.pipelines:
-        o = cfg.icfrr
-        g = min(n_db, o.shortlist) if o.shortlist else n_db
-        note = clipped(o.KG, o.KQ, g)[2]
+    for name in cfg.pipelines:
+        r = reranker_of(name)
+        if r is None:
+            continue
+        opts = reranker_options(cfg, r)
+        if "protocol" in opts:
+            asked = opts["protocol"]
+            used = pipelines.label_protocol(dataset, asked)
+            if used != asked and protocol_flag == asked:
+                notes[name] = (f"{name}: protocol {asked} needs revisitop's Easy/Hard/junk "
+                               f"labels, which {dataset.name} has not; it runs {used} (the "
+                               "plain top-k)")
+        note = r.note(opts, n_db) if r.note else ""
         if note:
-            notes["icfrr"] = note + (f" (the shortlist of {g})" if o.shortlist else "")
+            notes[name] = note
     return notes
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    fv = cli.parse(argv, _define, "python -m scvnet_jax.eval", __doc__)
+    fv = cli.parse(argv, _define, "python -m scvnet_jax.eval",
+                   __doc__.rstrip() + "\n\n" + rerankers_help())
     if isinstance(fv, int):
         return fv
 

@@ -13,12 +13,10 @@ Descriptors are extracted and searched by the same engine as eval.py (`scvnet_ja
 `family="cvnet"`: CVNet-Global over three OpenCV scales; `"superglobal"`: the SuperGlobal
 descriptor), with the same size buckets, threads, devices and progress bar.
 `search(..., rerank=NAME)` refines the ranking with any reranker of the registry
-(`scvnet_jax.rerank.registry`): "superglobal", "cvnet" (the CVNet verifier on the top
-`rerank_k`, similarity + 0.5 x score, the blind protocol), "icfrr", "csa" (options
-{"weights": ...}), "alpha_qe", "dba", "ames" (options {"weights": ...}; the top `rerank_k`,
-database tokens kept in the package's cache folder by content), "chamfer" (likewise, no
-weights); `options` sets the
-reranker's options.
+(`scvnet_jax.rerank.registry.names()`, with their defaults; protocols "blind": no labels
+here); `options` sets the reranker's options (e.g. {"weights": ...} for one that needs
+weights), `rerank_k` the depth of the ones that re-score the top hits. Rerankers that
+read local descriptors keep the database's in the package's cache folder, by content.
 """
 from __future__ import annotations
 
@@ -220,21 +218,18 @@ class Index:
         benchmarks' queries are), read at the working size (`images.max_side()`; a
         CLI query or the server uses the index's `max_side`).
 
-        rerank: None, or a reranker of `scvnet_jax.rerank.registry` ("superglobal", "cvnet",
-        "icfrr", "csa", "alpha_qe", "dba"), with its `options` (e.g. {"weights": ...} for
-        csa; `superglobal=` is the same as options for "superglobal"); rerank_k: how many
-        the cvnet and csa rerankers re-order (their `topk`).
+        rerank: None, or a reranker of `scvnet_jax.rerank.registry` (`registry.names()`),
+        with its `options` (e.g. {"weights": ...} for one that needs weights;
+        `superglobal=` is the same as `options`, kept for older callers); rerank_k: how
+        many of the top hits a reranker with a depth re-orders (its `depth` option, unless
+        given in `options` or, for a model that records one, taken from the model).
 
         Each hit's score is the one the final ranking is sorted by: the cosine similarity
         of the global descriptors (rerank=None); for a reranker, the score it sorted by
-        (`registry.RERANKERS[name].score`): for superglobal, (similarity to the query +
-        to the expanded query) / 2 of the augmented descriptors (M is raised to k, so every
-        hit is reranked); for cvnet, similarity + 0.5 x the verification score in [0, 1];
-        for csa, the cosine of the CSA output tokens (its topk: the one a model of ours was
-        trained with, else rerank_k, raised to k so every hit is reranked); for icfrr,
-        -distance + beta x votes; for alpha_qe / dba, the
-        similarity to the expanded query / augmented descriptor. Hits below cvnet's top
-        `rerank_k` keep the cosine similarity (which is below their score).
+        (`registry.RERANKERS[name].score`). A reranker whose scores have a scale of their
+        own (`every_hit`) reranks at least the top k, so every hit has its score; hits
+        below the depth of the others keep the cosine similarity (which is below their
+        score).
 
         With an approximate backend (`backend`: faiss, qdrant) the first stage is each
         query's top `shortlist` (at least k) from it, and a reranker works on the union of
@@ -249,36 +244,21 @@ class Index:
         if rerank is not None and rerank not in registry.RERANKERS:
             raise InputError(f"rerank must be None or one of {', '.join(registry.names())}, "
                              f"got {rerank!r}")
-        opts = dict(options or {})
+        if superglobal and rerank is not None:   # the former way to give its options
+            options = {**superglobal, **(options or {})}
+        opts = {}
         if rerank is not None:      # the caller's values, checked before any is converted
+            r, given = registry.get(rerank), dict(options or {})
             try:
-                registry.options(rerank, {**(superglobal or {}), **opts}
-                                 if rerank == "superglobal" else opts)
+                opts = registry.options(rerank, given)
             except ValueError as e:     # ConfigError: the option, its value, the type
                 raise InputError(str(e)) from None
-        if rerank == "superglobal":
-            opts = {**(superglobal or {}), **opts}
-            opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked
-        if rerank == "cvnet" and "topk" not in opts:
-            opts["topk"] = _positive_int(rerank_k, "rerank_k")
-        if rerank in ("ames", "chamfer"):   # the top rerank_k re-scored (and every hit)
-            opts["k"] = max(int(opts.get("k") or _positive_int(rerank_k, "rerank_k")), k)
-        if rerank is not None:
-            try:
-                registry.options(rerank, opts)
-            except Exception as e:
-                raise InputError(str(e)) from None
-        if rerank is not None and registry.get(rerank).needs_weights and not opts.get("weights"):
-            raise InputError(f"rerank {rerank} needs weights: options {{'weights': PATH}} (a "
-                             f"{rerank} model directory or an official checkpoint)")
-        if rerank == "ames":    # official weights without their detector: refused now
-            registry.ames_setup(opts["weights"], opts.get("detector", ""))
-        if rerank == "csa":     # a model of ours: its training topk; CSA scores are not
-            if not opts.get("topk"):    # similarities, so every hit is reranked
-                trained = registry.csa_model(opts.get("weights", ""),
-                                             opts.get("dtype", "float32")).topk
-                opts["topk"] = trained or _positive_int(rerank_k, "rerank_k")
-            opts["topk"] = max(int(opts["topk"]), k)
+            if r.needs_weights and not opts.get("weights"):
+                raise InputError(f"rerank {rerank} needs weights: options {{'weights': PATH}} "
+                                 f"(a {rerank} model directory or an official checkpoint)")
+            opts = registry.prepare(rerank, opts)    # weights loaded and checked now
+            opts = registry.with_depth(rerank, opts, given,
+                                       _positive_int(rerank_k, "rerank_k"), k, len(self))
         extract.check_images(refs)   # before any work
         # one query image per device and batch: batches are padded to their full row count,
         # so a lone query at batch_size 8 would cost eight (its scales and regions fall in
@@ -324,8 +304,9 @@ class Index:
         inputs = dataclasses.replace(inputs, model=model, query_images=refs,
                                      db_images=[ImageRef(self.paths[int(j)]) for j in rows],
                                      settings=settings)
-        if rerank == "superglobal":
-            opts = {**opts, "M": min(int(opts["M"]), len(rows))}
+        depth = registry.get(rerank).depth
+        if depth:               # the candidates are all there is to rerank
+            opts = {**opts, depth: min(int(opts[depth]), len(rows))}
         out = registry.rerank(rerank, inputs, **opts)
         top = np.take_along_axis(inputs.sim, out.ranks, axis=0)
         top[:out.scores.shape[0]] = out.scores
@@ -396,10 +377,12 @@ def _first_present(paths, column, depth: int, found: dict, gone: dict) -> list[i
 def _without_gone(paths, ranks, rerank, opts, found, gone):
     """For a reranker that reads the database images: its candidates (each query's top
     topk / k) without the files deleted since indexing: those are moved to the end of
-    every ranking and the depth is capped to the files still there."""
-    key = "topk" if rerank == "cvnet" else "k"
+    every ranking and the depth is capped to the files still there (a reranker without a
+    depth reads them all)."""
+    key = registry.get(rerank).depth
+    depth = int(opts[key]) if key else len(paths)
     for i in range(ranks.shape[1]):
-        _first_present(paths, ranks[:, i], int(opts[key]), found, gone[i])
+        _first_present(paths, ranks[:, i], depth, found, gone[i])
     missing = [j for j, there in found.items() if not there]
     if not missing:
         return ranks, opts
@@ -408,7 +391,7 @@ def _without_gone(paths, ranks, rerank, opts, found, gone):
                          "re-index the collection, or give --root if it moved")
     last = np.isin(ranks, missing)
     ranks = np.take_along_axis(ranks, np.argsort(last, axis=0, kind="stable"), axis=0)
-    return ranks, {**opts, key: min(int(opts[key]), len(paths) - len(missing))}
+    return ranks, ({**opts, key: min(depth, len(paths) - len(missing))} if key else opts)
 
 
 def _hits(paths, column, scores, k: int, found: dict, gone: dict) -> Hits:

@@ -134,15 +134,18 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("queries", nargs="+", help="query image file(s)")
     q.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
     q.add_argument("-k", type=_positive, default=10, help="hits per query (default 10)")
+    from scvnet_jax.rerank import registry
     q.add_argument("--rerank", default="none",
-                   help="none, or a reranker: superglobal, cvnet, icfrr, csa, alpha_qe, dba, "
-                        "ames (--option weights=AMES_MODEL), chamfer")
+                   help="none, or a reranker: " + ", ".join(
+                       n + (" (--option weights=MODEL)" if registry.get(n).needs_weights
+                            else "") for n in registry.names()))
     q.add_argument("--rerank_k", type=_positive, default=100,
-                   help="how many of the top hits cvnet, csa, ames and chamfer re-order "
+                   help=f"how many of the top hits {_depth_rerankers()} re-order "
                         "(default 100)")
     q.add_argument("--option", type=_option, action="append", default=[],
                    metavar="NAME=VALUE", help="a reranker option, e.g. --option M=400 or "
-                   "--option weights=runs/csa_demo/model (repeatable)")
+                   "--option weights=MODEL (repeatable; the options: python -m "
+                   "scvnet_jax.eval --help)")
     q.add_argument("--regions", type=_nonnegative, default=0, metavar="N",
                    help="also search N regions of each query that the network proposes "
                         "(no detector); hit lists merged by each image's best score")
@@ -169,20 +172,32 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
                     help="largest query upload accepted (default 20 MB)")
-    sv.add_argument("--csa_weights", default=None, metavar="MODEL",
-                    help="offer the csa reranker: a CSA model directory (train.py --config "
-                         "configs/csa_demo.py writes one) or an official checkpoint")
-    sv.add_argument("--ames_weights", default=None, metavar="MODEL",
-                    help="offer the ames reranker: an AMES model directory (train.py "
-                         "--config configs/ames_demo.py) or an official checkpoint")
-    sv.add_argument("--ames_detector", default=None, metavar="CHECKPOINT",
-                    help="the detector official AMES weights read (with --ames_weights)")
+    for flag, (r, o) in _path_flags().items():    # the registry's weights and detectors
+        sv.add_argument(f"--{flag}", default=None, metavar="PATH",
+                        help=(f"offer the {r.name} reranker: " if o.name == "weights" and
+                              r.needs_weights else f"for the {r.name} reranker: ") + o.help)
     _backend_flags(sv)
     sv.add_argument("--max_image_pixels", type=_positive, default=None,
                     help="largest query image, in pixels, from its header (default 100 "
                          "megapixels, SCVNET_MAX_IMAGE_PIXELS)")
     _common(sv)
     return p
+
+
+def _depth_rerankers() -> str:
+    """'cvnet, csa, ames and chamfer': the rerankers whose depth --rerank_k sets."""
+    from scvnet_jax.rerank import registry
+    names = [n for n in registry.names() if registry.get(n).depth and
+             registry.get(n).depth_from_rerank_k]
+    return ", ".join(names[:-1]) + (" and " if len(names) > 1 else "") + "".join(names[-1:])
+
+
+def _path_flags() -> dict:
+    """flag -> (reranker, Option): the registry's file options that have a flag (weights,
+    a detector); `serve` offers a reranker that needs weights only when given them."""
+    from scvnet_jax.rerank import registry
+    return {o.flag: (r, o) for r in registry.RERANKERS.values() for o in r.options
+            if o.flag and o.path}
 
 
 def _backend_flags(p: argparse.ArgumentParser) -> None:
@@ -401,16 +416,24 @@ def serve_command(args) -> int:
     sock = _listening_socket(args.host, args.port)     # before the model loads
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)
-    rerankers = {}      # the rerankers with weights of their own, loaded before the model
-    if args.csa_weights:
-        _reranker_weights("csa", args.csa_weights, "--csa_weights")
-        rerankers["csa"] = {"weights": registry.csa_model(args.csa_weights)}
-    if args.ames_weights:
-        _reranker_weights("ames", args.ames_weights, "--ames_weights")
-        ames, detector = registry.ames_setup(args.ames_weights, args.ames_detector or "")
-        rerankers["ames"] = {"weights": ames, **({"detector": detector} if detector else {})}
-    elif args.ames_detector:
-        raise InputError("--ames_detector goes with --ames_weights")
+    given = {}          # the rerankers' files given, loaded before the model
+    for flag, (r, o) in _path_flags().items():
+        value = getattr(args, flag)
+        if value:
+            if o.name == "weights":
+                _reranker_weights(r.name, value, f"--{flag}")
+            elif not Path(value).expanduser().exists():
+                raise InputError(f"--{flag} {value}: no such file")
+            given.setdefault(r.name, {})[o.name] = value
+    rerankers = {}
+    for name, opts in given.items():
+        r = registry.get(name)
+        if r.needs_weights and "weights" not in opts:
+            said = " ".join(f"--{o.flag}" for o in r.options if o.flag and o.name in opts)
+            weights = next(o.flag for o in r.options if o.name == "weights")
+            raise InputError(f"{said} goes with --{weights}")
+        prepared = registry.prepare(name, registry.options(name, opts))
+        rerankers[name] = {key: prepared[key] for key in opts}   # the loaded objects
     index, model = _index_and_model(args)
     from scvnet_jax import search
 

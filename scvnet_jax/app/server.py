@@ -27,10 +27,11 @@ Content-Length before any byte is read, else once the bytes received pass the li
 never spooled to disk in full. File names that are not UTF-8 (Linux allows any bytes) are
 shown with \\xNN escapes for those bytes (`shown`); their images are still served by id.
 Searches run on the loaded model in two lanes, each one search at a time (a lock): the
-rerankers that read database images again (cvnet, ames: seconds per candidate) in one, every
-other search in the other, so a plain search never waits behind such a rerank; at most two
-searches are in memory at once. Rerankers that need weights of their own (csa, ames) are
-offered only when the server was given them (`serve --csa_weights / --ames_weights`).
+rerankers that read database images again (seconds per candidate) in one, every other
+search in the other, so a plain search never waits behind such a rerank; at most two
+searches are in memory at once. The rerankers offered are the registry's
+(`scvnet_jax.rerank.registry`), as it is at each request; those that need weights of their
+own only when the server was given them (`serve --<name>_weights`).
 A Searcher given the index file's path notices when it is re-indexed (its size, mtime or
 inode change) and loads it on the next request (the model stays): no restart needed.
 """
@@ -75,15 +76,12 @@ class Searcher:
     def __init__(self, index, model, *, batch_size: int = 0, bucket: int = 64,
                  max_upload_bytes: int = MAX_UPLOAD_BYTES, shortlist: int = 1000,
                  reranker_options: dict | None = None, index_path=None, load=None):
-        """reranker_options: name -> options (e.g. {"csa": {"weights": path}}): a reranker
+        """reranker_options: name -> options (e.g. {name: {"weights": path}}): a reranker
         that needs weights is offered only with them. index_path: the index file, reloaded
         when it changes on disk (by `load()`, default `Index.load(index_path)`); None: the
         index stays as given."""
-        from scvnet_jax.rerank import registry
         self.model, self.shortlist = model, shortlist
         self.reranker_options = {n: dict(o) for n, o in (reranker_options or {}).items()}
-        self.rerankers = [n for n in registry.names() if not registry.get(n).needs_weights
-                          or self.reranker_options.get(n, {}).get("weights")]
         self._state = (index, {p: i for i, p in enumerate(index.paths)})  # swapped whole
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
@@ -94,6 +92,13 @@ class Searcher:
         self._signature = _file_signature(index_path)
         self._reload_lock = threading.Lock()
         self.thumbs = _LRU(THUMB_CACHE_BYTES)
+
+    @property
+    def rerankers(self) -> list:
+        """The registry's rerankers this server offers (those that need weights: given)."""
+        from scvnet_jax.rerank import registry
+        return [n for n in registry.names() if not registry.get(n).needs_weights
+                or self.reranker_options.get(n, {}).get("weights")]
 
     @property
     def index(self):
@@ -162,8 +167,9 @@ class Searcher:
             raise InputError(f"rerank must be none or one of {', '.join(self.rerankers)}, "
                              f"got {rerank!r}")
         if rerank != "none" and rerank not in self.rerankers:
+            flag = registry.get(rerank).option("weights").flag or "option weights="
             raise InputError(f"rerank {rerank} needs weights, and this server has none for "
-                             f"it: start it with --{rerank}_weights MODEL")
+                             f"it: start it with --{flag} MODEL")
         box = parse_box(box) if isinstance(box, str) else box
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
             if id is not None:
@@ -447,8 +453,8 @@ def create_app(searcher: Searcher):
                      id: int | None = Query(None, description="search with indexed image id"),
                      k: int = Query(10, description="hits to return (1..1000)"),
                      rerank: str = Query("none", description="none or a registry reranker"),
-                     rerank_k: int = Query(100, description="candidates the cvnet, csa and "
-                                           "ames rerankers re-order (1..1000)"),
+                     rerank_k: int = Query(100, description="candidates a reranker with a "
+                                           "depth re-orders (1..1000)"),
                      regions: int = Query(0, description="regions of the query to search too"),
                      box: str | None = Query(None, description="x1,y1,x2,y2: search a crop")):
         """Top-k hits for an uploaded image (multipart field `image`) or an indexed one
@@ -564,8 +570,11 @@ def page_html(searcher: Searcher, rerankers) -> str:
     """The page, rendered on the server (the index's facts and the reranker list)."""
     from html import escape
     ix = searcher.current()[0]
+    from scvnet_jax.rerank import registry
     opts = "".join(f'<option value="{escape(n)}">{escape(n)}</option>'
                    for n in ["none", *rerankers])
+    depth = ", ".join(n for n in rerankers if registry.get(n).depth and
+                      registry.get(n).depth_from_rerank_k)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -584,8 +593,8 @@ model {escape(ix.weights or 'unknown')} &middot; <a href="/docs">API</a></p></he
     type="button">clear box</button></p></div>
   <form id="controls" novalidate>
     <label>reranker <select id="rerank" name="rerank">{opts}</select></label>
-    <label title="how many of the first stage's best the reranker re-scores (cvnet, csa,
-ames)">rerank k <input id="rerank_k" name="rerank_k" type="number" min="1" max="1000"
+    <label title="how many of the first stage's best the reranker re-scores (those with a
+depth: {escape(depth)})">rerank k <input id="rerank_k" name="rerank_k" type="number" min="1" max="1000"
       value="100" disabled></label>
     <label>k <input id="k" name="k" type="number" min="1" max="1000" value="10"></label>
     <label>regions <input id="regions" name="regions" type="number" min="0" max="20"

@@ -8,17 +8,60 @@ import re
 from pathlib import Path
 
 import ml_collections
+from ml_collections import config_dict
 
 from scvnet_jax.config_files import check_fields
 from scvnet_jax.errors import ConfigError
 
 
 # The official test scripts' four pipelines (the default), and the rerankers of the
-# registry that run on either global first stage (`rerank.first_stage`).
-PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
-RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba", "ames", "chamfer")
-ALL_PIPELINES = PIPELINES + RERANK_PIPELINES
-FIRST_STAGES = ("cvnet_global", "superglobal_global")
+# registry that run on either global first stage (`rerank.first_stage`): every pipeline
+# but the two global ones is a reranker of `scvnet_jax.rerank.registry`.
+GLOBAL_PIPELINES = ("cvnet_global", "superglobal_global")
+FIRST_STAGES = GLOBAL_PIPELINES
+
+
+def official_pipelines() -> tuple:
+    """The official test scripts' pipelines (the default): each global one, then the
+    rerankers of the registry that run on it alone (cvnet_rerank, superglobal_rerank)."""
+    from scvnet_jax.rerank import registry
+    return tuple(p for g in GLOBAL_PIPELINES for p in (g, *(
+        r.pipeline for r in registry.RERANKERS.values() if r.first_stage == g)))
+
+
+def rerank_pipelines() -> tuple:
+    """The pipelines of the registry's rerankers that rerank `rerank.first_stage`."""
+    from scvnet_jax.rerank import registry
+    return tuple(r.pipeline for r in registry.RERANKERS.values() if not r.first_stage)
+
+
+def all_pipelines() -> tuple:
+    return official_pipelines() + rerank_pipelines()
+
+
+def reranker_of(pipeline: str):
+    """The registry's reranker that pipeline `pipeline` runs (None: a global one)."""
+    from scvnet_jax.rerank import registry
+    return next((r for r in registry.RERANKERS.values() if r.pipeline == pipeline), None)
+
+
+def reranker_options(cfg, reranker) -> dict:
+    """The options of `reranker` in its config section (which may hold other fields too:
+    the cvnet section's descriptor scales)."""
+    from scvnet_jax.config_files import field
+    section = field(cfg, reranker.section)
+    return {o.name: section[o.name] for o in reranker.options}
+
+
+def __getattr__(name: str):
+    # computed from the registry when asked: a reranker registered at run time is in them
+    if name == "PIPELINES":
+        return official_pipelines()
+    if name == "RERANK_PIPELINES":
+        return rerank_pipelines()
+    if name == "ALL_PIPELINES":
+        return all_pipelines()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_cache_dir() -> str:
@@ -31,52 +74,32 @@ def default_config() -> ml_collections.ConfigDict:
     c.dataset = "roxford5k"
     c.data_dir = ""
     c.weights = ""
-    c.pipelines = list(PIPELINES)
+    c.pipelines = list(official_pipelines())
     c.ks = [1, 5, 10]
 
     c.cvnet = ml_collections.ConfigDict()
     c.cvnet.scales = [0.7071, 1.0, 1.4142]  # OpenCV-resized inputs of CVNet-Global
-    c.cvnet.topk = 100                      # rerank depth
-    c.cvnet.protocol = "official"           # "official" (label-aware, per E/M/H) or "blind"
-    c.cvnet.mix = 0.5                       # score = similarity + mix * verification score
 
     c.superglobal = ml_collections.ConfigDict()
     c.superglobal.descriptor = ml_collections.ConfigDict(
         dict(scales=3, rgem=True, sgem=True, relup=True, gemp=True))
-    c.superglobal.rerank = ml_collections.ConfigDict(dict(M=400, K=9, beta=0.15))
 
-    # icfrr, csa, alpha_qe, dba: rerankers of `first_stage`'s ranking (none looks at labels)
+    # the first stage that the rerankers without one of their own rerank
     c.rerank = ml_collections.ConfigDict()
     c.rerank.first_stage = "superglobal_global"   # or "cvnet_global"
-    # the official ICFRR defaults; shortlist 0 = the whole gallery (the official method),
-    # max_bytes 0 = 4 GiB (SCVNET_ICFRR_MAX_BYTES)
-    c.icfrr = ml_collections.ConfigDict(dict(KG=256, KQ=250, beta=0.5, n_times=5,
-                                             limited_memory=False, shortlist=0, max_bytes=0))
-    # weights: a CSA model directory (train.py writes one) or an official checkpoint;
-    # topk 0: the topk a model of ours was trained with (its model directory records it),
-    # 128 for official checkpoints
-    c.csa = ml_collections.ConfigDict(dict(weights="", topk=0, dtype="float32"))
-    # AMES: weights = an AMES model directory (train.py, configs/ames_demo.py) or the
-    # official checkpoint; detector = the official detector checkpoint ("" = our model
-    # directory's choice; the official CVNet AMES weights need the official detector);
-    # k (shortlist reranked), lamb, temp: -1/0 = the model's defaults (official weights: the
-    # authors' best for CVNet, fp lamb 0.85 temp 0.8, dist 0.65 / 0.2; k 100); query_len,
-    # db_len: local descriptors per query / database image (0 = the model's; official
-    # weights: 600 / 50, the authors' README command); protocol "official"
-    # (the authors' evaluate(): junk, resp. junk + easy, moved to the end of each query's
-    # shortlist, Medium and Hard separately) or "blind" (the plain top k)
-    c.ames = ml_collections.ConfigDict(dict(weights="", detector="", protocol="official", k=0,
-                                            lamb=-1.0, temp=-1.0, query_len=0, db_len=0,
-                                            batch_size=0))
-    # chamfer: the training-free local score on the same descriptors (no weights; detector
-    # "" = the model's own stage-3 features); lamb: weight of the first stage's similarity
-    # (0.4: benchmarks/tune_rerankers.py on the demo training photos; 0 = the local score alone)
-    c.chamfer = ml_collections.ConfigDict(dict(detector="", protocol="official", k=100,
-                                               lamb=0.4, query_len=64, db_len=64,
-                                               bits=False, batch_size=8))
-    # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
-    c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
-    c.dba = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
+    # every reranker's options, in its section (cvnet: cvnet.topk, ...; superglobal:
+    # superglobal.rerank.M, ...): the registry's defaults, and what each means
+    # (`python -m scvnet_jax.eval --help`, scvnet_jax/rerank/registry.py)
+    from scvnet_jax.rerank import registry
+    for r in registry.RERANKERS.values():
+        node, *path = c, *r.section.split(".")
+        for part in path:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        for o in r.options:
+            v = o.eval_default
+            node[o.name] = config_dict.placeholder(o.kind) if v is None else v
 
     c.distractors = ""       # revisitop1m.txt (one image path per line) for +R1M
     c.distractors_dir = ""   # folder those paths are relative to (default: the list's folder)
@@ -113,41 +136,9 @@ _RANGES = (
     ("max_image_pixels", "int", lambda v: v >= 1, "an integer >= 1 (pixels)"),
     ("max_side", "int", lambda v: v >= -1, "an integer >= -1 (pixels; 0 = full size, -1 = "
                                            "the dataset's default)"),
-    ("cvnet.topk", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
-    ("cvnet.mix", "num", lambda v: v >= 0, "a number >= 0"),
-    ("superglobal.rerank.M", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("superglobal.rerank.K", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("superglobal.rerank.beta", "num", lambda v: v >= 0, "a number >= 0"),
-    ("icfrr.KG", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("icfrr.KQ", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("icfrr.beta", "num", lambda v: True, "a number"),
-    ("icfrr.n_times", "int", lambda v: v >= 0, "an integer >= 0"),
-    ("icfrr.shortlist", "int", lambda v: v >= 0, "an integer >= 0 (0: the whole gallery)"),
-    ("icfrr.max_bytes", "int", lambda v: v >= 0, "an integer >= 0 (0: the default limit)"),
-    ("csa.topk", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's training topk, "
-                                          "128 for official checkpoints)"),
-    ("ames.k", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
-    ("ames.lamb", "num", lambda v: v == -1 or 0 <= v <= 1, "a number in [0, 1] (-1 = the "
-                                                          "model's default)"),
-    ("ames.temp", "num", lambda v: v == -1 or v > 0, "a number > 0 (-1 = the model's default)"),
-    ("ames.query_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
-    ("ames.db_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
-    ("ames.batch_size", "int", lambda v: v >= 0, "an integer >= 0 (pairs per call; 0 = auto)"),
-    ("chamfer.k", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
-    ("chamfer.lamb", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    ("chamfer.query_len", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("chamfer.db_len", "int", lambda v: v >= 1, "an integer >= 1"),
-    ("chamfer.batch_size", "int", lambda v: v >= 1, "an integer >= 1 (queries per call)"),
-    ("alpha_qe.k", "int", lambda v: v >= 0, "an integer >= 0"),
-    ("alpha_qe.alpha", "num", lambda v: v >= 0, "a number >= 0"),
-    ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),
-    ("dba.alpha", "num", lambda v: v >= 0, "a number >= 0"),
 )
 DATASETS = ("roxford5k", "rparis6k", "demo", "gldv2_retrieval")   # or folder:<dir>/<name>
-_CHOICES = (("dtype", ("float32", "bfloat16")),
-            ("cvnet.protocol", ("official", "blind")), ("rerank.first_stage", FIRST_STAGES),
-            ("csa.dtype", ("float32", "float64")), ("ames.protocol", ("official", "blind")),
-            ("chamfer.protocol", ("official", "blind")),
+_CHOICES = (("dtype", ("float32", "bfloat16")), ("rerank.first_stage", FIRST_STAGES),
             ("superglobal.descriptor.scales", (1, 3, 5)))
 
 
@@ -161,26 +152,29 @@ def validate(cfg) -> None:
         raise ConfigError(f"--dataset {cfg.dataset!r}: expected one of {', '.join(DATASETS)} "
                           "or folder:<data_dir>/<name> (a set built by python -m "
                           "scvnet_jax.data.build folder)")
-    bad = [p for p in cfg.pipelines if p not in ALL_PIPELINES]
+    from scvnet_jax.config_files import field
+    from scvnet_jax.rerank import registry
+    for r in registry.RERANKERS.values():
+        registry.check(r.name, field(cfg, r.section), f"config.{r.section}")
+    pipelines = all_pipelines()
+    bad = [p for p in cfg.pipelines if p not in pipelines]
     if bad or not cfg.pipelines:
         raise ConfigError(f"config.pipelines = {list(cfg.pipelines)}: expected a non-empty list "
-                          f"of {', '.join(ALL_PIPELINES)}")
-    if "csa" in cfg.pipelines:
-        w = Path(str(cfg.csa.weights)).expanduser()
-        if not cfg.csa.weights or not w.exists():
-            raise ConfigError(f"--csa_weights {cfg.csa.weights!r}: "
-                              + ("the csa pipeline needs CSA weights (a model directory "
-                                 "written by train.py, or an official checkpoint)"
-                                 if not cfg.csa.weights else "not found"))
-    if "ames" in cfg.pipelines:
-        for flag, field in (("--ames_weights", "weights"), ("--ames_detector", "detector")):
-            v = str(cfg.ames[field])
-            if field == "weights" and not v:
-                raise ConfigError("--ames_weights '': the ames pipeline needs AMES weights (a "
-                                  "model directory written by train.py, or an official AMES "
-                                  "checkpoint)")
-            if v and not Path(v).expanduser().exists():
-                raise ConfigError(f"{flag} {v!r}: not found")
+                          f"of {', '.join(pipelines)}")
+    for p in cfg.pipelines:     # the weights and files a chosen reranker reads: given, there
+        r = reranker_of(p)
+        if r is None:
+            continue
+        section = field(cfg, r.section)
+        for o in r.options:
+            v = section[o.name]
+            if not o.path or not isinstance(v, str):
+                continue
+            said = f"--{o.flag}" if o.flag else f"config.{r.section}.{o.name}"
+            if o.name == "weights" and "weights" in r.needs and not v:
+                raise ConfigError(f"{said} '': the {p} pipeline needs {o.help}")
+            if v and o.path and not Path(v).expanduser().exists():
+                raise ConfigError(f"{said} {v!r}: not found")
     if not cfg.ks or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1
                              for k in cfg.ks):
         raise ConfigError(f"config.ks = {list(cfg.ks)}: expected integers >= 1 (mP@k)")

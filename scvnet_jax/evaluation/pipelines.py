@@ -1,16 +1,14 @@
-"""The retrieval pipelines: the four of the official CVNet and SuperGlobal test scripts,
+"""The retrieval pipelines: the global ones (exact similarity, argsort),
 
-  cvnet_global        CVNet-Global (3 OpenCV scales), exact similarity, argsort.
-  cvnet_rerank        cvnet_global's ranking, top-k reranked by sim + 0.5 x CVNet-Rerank
-                      score; protocol "official" (label-aware, per E/M/H) or "blind".
+  cvnet_global        CVNet-Global (3 OpenCV scales).
   superglobal_global  SuperGlobal descriptor (ReLU+, R-GeM, GeM+, S-GeM, 3 scales).
-  superglobal_rerank  superglobal_global's ranking refined by SuperGlobal reranking.
 
-and the other rerankers of the registry (`scvnet_jax.rerank.registry`) on the global
-ranking chosen by `cfg.rerank.first_stage` (cvnet_global or superglobal_global):
-
-  icfrr, csa, alpha_qe, dba   (none of them looks at labels)
-  ames                        (protocol "official" as the authors' evaluation, or "blind")
+and one per reranker of the registry (`scvnet_jax.rerank.registry`): those of the official
+CVNet and SuperGlobal test scripts on their own first stage (cvnet_rerank,
+superglobal_rerank), the others on the global ranking chosen by `cfg.rerank.first_stage`,
+each with the options of its config section. A reranker whose `needs` include "labels"
+reranks by its protocol "official" (label-aware, as the authors' evaluation) on revisitop
+benchmarks, "blind" (the plain top k) elsewhere.
 
 `evaluate(cfg, model, dataset)` runs the pipelines named in `cfg.pipelines` (the config
 chooses the evaluators) and returns their metrics, rankings and reranking times.
@@ -31,12 +29,12 @@ from scvnet_jax.engine import extract, search
 from scvnet_jax.engine.cache import (BACKBONE, ChunkCache, content_digests, refs_fingerprint,
                                      weights_fingerprint)
 from scvnet_jax.errors import ConfigError
-from scvnet_jax.evaluation.config import ALL_PIPELINES, RERANK_PIPELINES
+from scvnet_jax.evaluation.config import all_pipelines, reranker_of, reranker_options
 from scvnet_jax.images import ImageRef
 from scvnet_jax.rerank import registry
 
-NEEDS = {"cvnet_global": "cvnet", "cvnet_rerank": "cvnet", "superglobal_global": "superglobal",
-         "superglobal_rerank": "superglobal"}
+# the descriptor family of each global pipeline
+FAMILY_OF = {"cvnet_global": "cvnet", "superglobal_global": "superglobal"}
 LABEL_FREE = registry.LABEL_FREE
 
 
@@ -67,6 +65,8 @@ class Context:
     db_refs: list
     query_refs: list
     cache_key: dict                # what every cached value depends on, but the weights
+    prepared: dict = dataclasses.field(default_factory=dict)   # pipeline -> its options,
+                                                               # prepared (weights loaded)
     _desc: dict = dataclasses.field(default_factory=dict)
     _fingerprints: dict = dataclasses.field(default_factory=dict)
     _global: dict = dataclasses.field(default_factory=dict)
@@ -88,6 +88,13 @@ class Context:
         with ThreadPoolExecutor(self.cfg.workers) as pool:
             digests = content_digests(self.db_refs + self.query_refs, pool)
         return files.list_fingerprint(digests)
+
+    def scores_cache(self, kind: str):
+        """A cache of rerank scores of every (query, database image) pair (their files'
+        content in its key), for a reranker that reads the images (e.g. "cvnet-scores")."""
+        return self.cache(kind, {"db": refs_fingerprint(self.db_refs),
+                                 "query": refs_fingerprint(self.query_refs),
+                                 "content": self.content_fingerprint()}, 1, None)
 
     def descriptors(self, family: str):
         """(X, Q) for 'cvnet' or 'superglobal', extracted once (and cached on disk)."""
@@ -139,16 +146,32 @@ def label_protocol(dataset: RevisitopDataset, protocol: str) -> str:
     return protocol if dataset.protocol == "revisitop" else "blind"
 
 
-def _reranked(ctx: Context, name: str, reranker: str, first_stage: str, options: dict,
-              **inputs) -> PipelineResult:
-    """`reranker` (from the registry) on `first_stage`'s ranking, timed."""
-    family = NEEDS[first_stage]
+def _reranked(ctx: Context, name: str) -> PipelineResult:
+    """Pipeline `name`: its reranker (from the registry) on its first stage's ranking, with
+    the options of its config section, timed."""
+    cfg, r = ctx.cfg, reranker_of(name)
+    first_stage = r.first_stage or cfg.rerank.first_stage
+    family = FAMILY_OF[first_stage]
     X, Q = ctx.descriptors(family)
     sim, ranks = ctx.global_search(family)
+    options = ctx.prepared[name]
+    if "protocol" in options:
+        options = {**options, "protocol": label_protocol(ctx.dataset, options["protocol"])}
+    inputs = {}
+    if r.needs_images:
+        inputs = dict(model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
+                      settings={"batch_size": cfg.batch_size, "bucket": cfg.bucket,
+                                "feature_bucket": cfg.feature_bucket, "workers": cfg.workers,
+                                "cache_dir": cfg.cache_dir or None,
+                                "scores_cache": ctx.scores_cache})
+    if "labels" in r.needs:
+        inputs["gnd"] = ctx.dataset.gnd
     t0 = time.perf_counter()
-    out = registry.rerank(reranker, registry.Inputs(X, Q, ranks, sim, **inputs), **options)
+    out = registry.rerank(r.name, registry.Inputs(X, Q, ranks, sim, **inputs), **options)
     ms = 1000 * (time.perf_counter() - t0) / max(len(Q), 1)
-    return _result(ctx, name, out.protocol, out.ranks, first_stage=first_stage,
+    ranked = (tuple(out.per_setting[s] for s in metrics.SETTINGS) if out.per_setting else
+              out.ranks)
+    return _result(ctx, name, out.protocol, ranked, first_stage=first_stage,
                    rerank_ms_per_query=round(ms, 3))
 
 
@@ -156,62 +179,21 @@ def cvnet_global(ctx: Context) -> PipelineResult:
     return _result(ctx, "cvnet_global", LABEL_FREE, ctx.global_search("cvnet")[1])
 
 
-def cvnet_rerank(ctx: Context) -> PipelineResult:
-    cfg = ctx.cfg
-    cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
-                                       "query": refs_fingerprint(ctx.query_refs),
-                                       "content": ctx.content_fingerprint()}, 1, None)
-    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket,
-                "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache}
-    return _reranked(ctx, "cvnet_rerank", "cvnet", "cvnet_global",
-                     {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix,
-                      "protocol": label_protocol(ctx.dataset, cfg.cvnet.protocol)},
-                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
-                     gnd=ctx.dataset.gnd, settings=settings)
-
-
 def superglobal_global(ctx: Context) -> PipelineResult:
     return _result(ctx, "superglobal_global", LABEL_FREE, ctx.global_search("superglobal")[1])
 
 
-def superglobal_rerank(ctx: Context) -> PipelineResult:
-    return _reranked(ctx, "superglobal_rerank", "superglobal", "superglobal_global",
-                     dict(ctx.cfg.superglobal.rerank))
+GLOBAL = {"cvnet_global": cvnet_global, "superglobal_global": superglobal_global}
 
 
-def ames(ctx: Context) -> PipelineResult:
-    cfg = ctx.cfg
-    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
-                "cache_dir": cfg.cache_dir or None}
-    options = {**dict(cfg.ames), "protocol": label_protocol(ctx.dataset, cfg.ames.protocol)}
-    return _reranked(ctx, "ames", "ames", cfg.rerank.first_stage, options,
-                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
-                     gnd=ctx.dataset.gnd, settings=settings)
-
-
-def chamfer(ctx: Context) -> PipelineResult:
-    cfg = ctx.cfg
-    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
-                "cache_dir": cfg.cache_dir or None}
-    options = {**dict(cfg.chamfer), "protocol": label_protocol(ctx.dataset,
-                                                               cfg.chamfer.protocol)}
-    return _reranked(ctx, "chamfer", "chamfer", cfg.rerank.first_stage, options,
-                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
-                     gnd=ctx.dataset.gnd, settings=settings)
-
-
-def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
-    def run(ctx: Context) -> PipelineResult:
-        return _reranked(ctx, name, name, ctx.cfg.rerank.first_stage, dict(ctx.cfg[name]))
-    run.__name__ = name
-    return run
-
-
-EVALUATORS: dict[str, Callable[[Context], PipelineResult]] = {
-    "cvnet_global": cvnet_global, "cvnet_rerank": cvnet_rerank,
-    "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank,
-    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}, "ames": ames,
-    "chamfer": chamfer}
+def evaluator(name: str) -> Callable[[Context], PipelineResult]:
+    """The function that runs pipeline `name` (a global one, or a reranker's)."""
+    if name in GLOBAL:
+        return GLOBAL[name]
+    if reranker_of(name) is None:
+        raise ConfigError(f"unknown pipeline {name!r}; choose from "
+                          f"{', '.join(all_pipelines())}")
+    return lambda ctx: _reranked(ctx, name)
 
 
 def open_dataset(name: str, data_dir, cache_dir) -> RevisitopDataset:
@@ -231,21 +213,23 @@ def open_dataset(name: str, data_dir, cache_dir) -> RevisitopDataset:
 def evaluate(cfg, model: RetrievalModel, dataset: RevisitopDataset,
              distractors: list[ImageRef] | None = None) -> list[PipelineResult]:
     """Runs `cfg.pipelines` on `dataset` (+ distractors appended to the database)."""
-    unknown = [p for p in cfg.pipelines if p not in EVALUATORS]
+    unknown = [p for p in cfg.pipelines if p not in all_pipelines()]
     if unknown:
         raise ConfigError(f"unknown pipeline(s) {unknown}; choose from "
-                          f"{', '.join(ALL_PIPELINES)}")
+                          f"{', '.join(all_pipelines())}")
     db_refs = dataset.db_images() + list(distractors or [])
     query_refs = dataset.query_images()
     check_files_exist(db_refs, "database")
     check_files_exist(query_refs, "query")
     extract.check_images(query_refs, cfg.workers)   # decodable, boxes inside: before any work
-    if "csa" in cfg.pipelines:                      # a CSA, readable: before any work too
-        registry.csa_model(cfg.csa.weights, cfg.csa.dtype)
-    if "ames" in cfg.pipelines:                     # AMES and its detector likewise
-        registry.ames_setup(cfg.ames.weights, cfg.ames.detector)
+    prepared = {}                    # each reranker's weights loaded: before any work too
+    for name in cfg.pipelines:
+        r = reranker_of(name)
+        if r is not None:
+            prepared[name] = registry.prepare(r.name, registry.options(
+                r.name, reranker_options(cfg, r)))
     m = model.module
     key = {"arch": m.arch.asdict(), "dtype": str(np.dtype(m.dtype)),
            "precision": str(m.precision), "dataset": dataset.name, "gnd": dataset.fingerprint()}
-    ctx = Context(cfg, model, dataset, db_refs, query_refs, key)
-    return [EVALUATORS[name](ctx) for name in cfg.pipelines]
+    ctx = Context(cfg, model, dataset, db_refs, query_refs, key, prepared)
+    return [evaluator(name)(ctx) for name in cfg.pipelines]

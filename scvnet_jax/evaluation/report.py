@@ -7,7 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
-from scvnet_jax.evaluation.config import RERANK_PIPELINES
+from scvnet_jax.evaluation.config import rerank_pipelines
 from scvnet_jax.evaluation.pipelines import PipelineResult
 from scvnet_jax.files import atomic_save_npz, atomic_write_bytes
 
@@ -20,7 +20,7 @@ def table(results: Sequence[PipelineResult], ks: Sequence[int], title: str = "",
     head = f"{'':{width}}{metric:>8}" + "".join(f"{f'mP@{k}':>8}" for k in ks)
     lines = [title] if title else []
     for r in results:
-        on = f", on {r.info['first_stage']}" if r.name in RERANK_PIPELINES else ""
+        on = f", on {r.info['first_stage']}" if r.name in rerank_pipelines() else ""
         lines.append(f"{r.name} (protocol: {r.protocol}{on})")
         lines.append(head)
         for s in r.mAP:

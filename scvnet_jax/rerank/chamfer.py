@@ -135,8 +135,10 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
     protocol "blind"; "medium" and "hard" for "official" (see `ames.shortlist`)."""
     from scvnet_jax.engine import local
     from scvnet_jax.rerank import ames
-    query_refs = ames._image_refs(query_refs, "query_refs")
-    db_refs = ames._image_refs(db_refs, "db_refs")
+    from scvnet_jax.rerank.ames.pipeline import _image_refs
+    from scvnet_jax.rerank.ames.scoring import _check_shortlist
+    query_refs = _image_refs(query_refs, "query_refs")
+    db_refs = _image_refs(db_refs, "db_refs")
     for name, v in (("k", k), ("query_len", query_len), ("db_len", db_len)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise ConfigError(f"chamfer: {name} must be an integer >= 1, got {v!r}")
@@ -148,7 +150,7 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
     if protocol == "official" and gnd is None:
         raise ConfigError("chamfer: protocol 'official' needs the ground truth; use 'blind' "
                           "on data without labels")
-    ranks, sims = ames._check_shortlist(ranks, sims)
+    ranks, sims = _check_shortlist(ranks, sims)
     scales = tuple(scales or local.SCALES)
     settings = ("",) if protocol == "blind" else ames.SETTINGS
     g = gnd["gnd"] if isinstance(gnd, Mapping) else gnd

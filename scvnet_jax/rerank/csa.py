@@ -22,7 +22,6 @@ zeros (the official code cannot run there), and topk is clipped to the database 
 """
 from __future__ import annotations
 
-import os
 from functools import partial
 from pathlib import Path
 from typing import Mapping
@@ -107,7 +106,7 @@ def _apply(module, method, variables, A):
 DTYPES = ("float32", "float64")
 
 
-class CSA:
+class CSAReranker:
     """A CSA model with its weights (`arch`: a CSAArch; `variables`: {'params': ...}).
 
     dtype: "float32" (default: the official precision; scores agree with the official
@@ -134,7 +133,7 @@ class CSA:
         self.dtype = dtype
 
     def __repr__(self) -> str:
-        return f"CSA({self.arch}, dtype={self.dtype}, source={self.source!r})"
+        return f"CSAReranker({self.arch}, dtype={self.dtype}, source={self.source!r})"
 
     def _run(self, method: str, A, batch_size: int):
         A = np.asarray(A, np.float32)
@@ -200,23 +199,22 @@ class CSA:
         return variables_to_state_dict(self.variables)
 
 
+CSA = CSAReranker     # its former name (the Flax module: models.csa.RerankTransformer)
+
+
 def from_state_dict(state_dict: Mapping, embed_dim: int = 768, depth: int = 2,
                     num_heads: int = 12, mlp_ratio: float = 4, qkv_bias: bool = True,
                     anchor_len: int = 512, source: str = "state dict",
-                    dtype: str = "float32") -> CSA:
+                    dtype: str = "float32") -> CSAReranker:
     """A CSA from an official state dict ({name: NumPy array}, PyTorch layouts), checked
     key by key and shape by shape against the architecture (one grouped error)."""
-    from scvnet_jax.convert import mapping
+    from scvnet_jax.convert.checkpoints import variables_from_state_dict
     from scvnet_jax.models.csa import abstract_variables
-    try:
-        arch = _arch_type()(anchor_len=anchor_len, embed_dim=embed_dim, depth=depth,
-                            num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from None
-    sd = {k: np.asarray(v) for k, v in state_dict.items()}
-    expected = mapping.expected_state_dict_shapes(abstract_variables(arch))
-    mapping.check_shapes({k: tuple(v.shape) for k, v in sd.items()}, expected, source, arch)
-    return CSA(arch, mapping.state_dict_to_variables(sd), source, dtype)
+    arch, variables = variables_from_state_dict(
+        lambda: _arch_type()(anchor_len=anchor_len, embed_dim=embed_dim, depth=depth,
+                             num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias),
+        state_dict, source, abstract_variables)
+    return CSAReranker(arch, variables, source, dtype)
 
 
 def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
@@ -227,8 +225,8 @@ def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
         depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
         hidden = sd["blocks.0.mlp.fc1.weight"].shape[0]
     except (KeyError, ValueError, IndexError) as err:
-        raise CheckpointError(f"{source}: not a CSA state dict (no {err} among "
-                              f"{', '.join(list(sd)[:5])}, ...)") from None
+        from scvnet_jax.convert.checkpoints import not_a_state_dict
+        raise not_a_state_dict(source, "CSA", err, sd) from None
     heads = 12 if num_heads is None else int(num_heads)
     if num_heads is None and e % heads:
         raise CheckpointError(f"{source}: embed_dim {e} is not a multiple of 12 (the official "
@@ -239,39 +237,27 @@ def infer_arch(sd: Mapping, source: str, num_heads: int | None = None):
                 qkv_bias="blocks.0.attn.qkv.bias" in sd, anchor_len=int(a))
 
 
-def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSA:
+def load(path, num_heads: int | None = None, dtype: str = "float32") -> CSAReranker:
     """A CSA from an official checkpoint (`torch.save({'epoch', 'state_dict'})`, read
     without torch through the restricted unpickler) or a model directory we wrote.
-    num_heads: for official files, which do not record it (default 12). dtype: see CSA."""
-    from scvnet_jax.convert.model_dir import is_model_dir, load_model_dir
-    from scvnet_jax.convert.torch_file import load_torch_file
+    num_heads: for official files, which do not record it (default 12). dtype: see CSAReranker."""
+    from scvnet_jax.convert import checkpoints
+    from scvnet_jax.convert.model_dir import is_model_dir
 
     if is_model_dir(path):
-        from scvnet_jax.convert.model_dir import read_config
-        arch, variables = load_model_dir(path, kind="csa")
+        arch, variables, meta = checkpoints.read_model_dir(path, "csa")
         if num_heads is not None and int(num_heads) != arch.num_heads:
             raise CheckpointError(f"{path}: holds a CSA with {arch.num_heads} heads, not "
                                   f"{num_heads}")
-        meta = read_config(Path(path).resolve(), "csa").get("meta") or {}
         pre = meta.get("preprocess") or {}
         center = pre.get("center")
         if center is not None and np.shape(center) != (len(center),):
             raise CheckpointError(f"{path}: meta.preprocess.center must be a vector")
         topk = meta.get("topk")
-        return CSA(arch, variables, str(path), dtype, center=center,
+        return CSAReranker(arch, variables, str(path), dtype, center=center,
                    affinity_norm=pre.get("affinity_norm", "none"),
                    topk=int(topk) if isinstance(topk, int) and topk >= 1 else None)
-    if Path(path).is_dir():
-        raise CheckpointError(f"{path}: a directory without config.json; expected an official "
-                              "CSA checkpoint or a model directory written by scvnet_jax")
-    source = os.fspath(path)
-    obj = load_torch_file(source)
-    if isinstance(obj, Mapping) and "state_dict" in obj:
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping) or not obj or not all(
-            isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()):
-        raise CheckpointError(f"{source}: expected {{'epoch', 'state_dict'}} or a state dict of "
-                              "tensors")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in obj.items()}
+    sd, source = checkpoints.official_state_dict(path, "CSA", "state_dict",
+                                                 "{'epoch', 'state_dict'}")
     return from_state_dict(sd, **infer_arch(sd, source, num_heads), source=source,
                            dtype=dtype)

@@ -19,6 +19,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from scvnet_jax.errors import InputError
+
 _SETTINGS = ("E", "M", "H")
 
 
@@ -75,7 +77,7 @@ def _rerank_positions(ranks_out, ranks, sim, scores, i, positions, mix):
     s = scores[idx, i]
     if np.isnan(s).any():
         missing = idx[np.isnan(s)]
-        raise ValueError(f"query {i}: no verification score for database items {missing[:5]}")
+        raise InputError(f"query {i}: no verification score for database items {missing[:5]}")
     mixed = sim[idx, i] + s * mix
     order = np.argsort(-mixed)  # numpy's default sort, as the official code
     ranks_out[positions, i] = idx[order]

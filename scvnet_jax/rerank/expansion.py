@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from scvnet_jax.engine import search
-from scvnet_jax.errors import ConfigError
+from scvnet_jax.errors import ConfigError, InputError
 
 
 def _check(k, alpha, name):
@@ -48,7 +48,7 @@ def expand_queries(X, Q, ranks, k: int = 2, alpha: float = 3.0) -> np.ndarray:
     X, Q = np.asarray(X, np.float32), np.asarray(Q, np.float32)
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape[1] != Q.shape[0] or ranks.shape[0] > X.shape[0]:
-        raise ValueError(f"ranks must be (N, nq) with nq = {Q.shape[0]}, got {ranks.shape}")
+        raise InputError(f"ranks must be (N, nq) with nq = {Q.shape[0]}, got {ranks.shape}")
     k = min(int(k), ranks.shape[0])
     if k == 0:
         return Q

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from scvnet_jax.errors import InputError
+
 
 def _desc_sort(x, axis=-1):
     """Indices that sort `x` in descending order; ties keep index order."""
@@ -64,7 +66,7 @@ def superglobal(X, Q, ranks, M: int = 400, K: int = 9, beta: float = 0.15,
     X, Q = jnp.asarray(X), jnp.asarray(Q)
     ranks = np.asarray(ranks)
     if ranks.ndim != 2 or ranks.shape != (X.shape[0], Q.shape[0]):
-        raise ValueError(f"ranks must be (N, nq) = ({X.shape[0]}, {Q.shape[0]}), "
+        raise InputError(f"ranks must be (N, nq) = ({X.shape[0]}, {Q.shape[0]}), "
                          f"got {ranks.shape}")
     m = min(int(M), X.shape[0])
     k = min(int(K) + 1, m)

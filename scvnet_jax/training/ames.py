@@ -376,7 +376,7 @@ def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int) -> dict:
     local = [bank.get(int(i)) for i in idx]
     desc = np.stack([d.astype(np.float32) for d, _ in local])
     mask = np.arange(desc.shape[1])[None, :] >= np.array([n for _, n in local])[:, None]
-    model = ames.AMES(arch, {"params": params})
+    model = ames.AMESReranker(arch, {"params": params})
     kk = min(int(k), len(di))
     logits = model.shortlist_logits(desc[qi], mask[qi], desc[di], mask[di], ranks[:kk])
     base = metrics.labelled(ranks, labels[qi], labels[di])["mAP@all"]

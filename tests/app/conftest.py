@@ -3,6 +3,7 @@ import shutil
 import threading
 import time
 
+import numpy as np
 import pytest
 
 import scvnet_jax as sj
@@ -80,3 +81,35 @@ def collection(searcher, demo_benchmark):
                                index_path=path)
     make.spare = [p for p in jpg if p.name.startswith("coffee")][0]
     return make
+
+
+# -- a reranker registered at run time (tests/app/test_reranker_plugin.py, the browser test) --
+
+TOY = "toy_reverse"
+
+
+def _reverse(inp, n: int, scale: float):
+    from scvnet_jax.rerank import registry
+    """The first stage's top n in reverse order, scored n x scale, ..., 1 x scale."""
+    n = min(n, inp.ranks.shape[0])
+    ranks = np.array(inp.ranks)
+    ranks[:n] = ranks[:n][::-1]
+    scores = np.repeat((scale * np.arange(n, 0, -1))[:, None], ranks.shape[1], axis=1)
+    return registry.Result(ranks, scores)
+
+
+@pytest.fixture
+def toy():
+    """The name of a toy reranker registered for the test (unregistered after it)."""
+    from scvnet_jax.rerank import registry
+    registry.register(registry.Reranker(
+        TOY, "the top n reversed (a test's toy)",
+        (registry.Option("n", 3, int, "an integer >= 1", lambda v: v >= 1,
+                         help="how many to reverse"),
+         registry.Option("scale", 1.0, float, "a number > 0", lambda v: v > 0)),
+        _reverse, depth="n", every_hit=True, score="n x scale down to 1 x scale"))
+    try:
+        yield TOY
+    finally:
+        registry.unregister(TOY)
+    assert TOY not in registry.names()

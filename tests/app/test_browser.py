@@ -330,3 +330,25 @@ def test_page_and_docs_work_with_no_other_host(live_server, searcher):
         assert "POST /api/search" in routes and "GET /api/image/{id}" in routes, routes
     finally:
         driver.quit()
+
+
+def test_a_reranker_registered_at_run_time_is_in_the_menu(browser, live_server, searcher,
+                                                          toy):
+    """The page's reranker menu is the registry's as it is now: a reranker registered
+    after the server started is offered, and a search with it shows its ranking."""
+    from selenium.webdriver.support.ui import Select
+    driver = browser
+    driver.get(live_server + "/")
+    menu = Select(driver.find_element("id", "rerank"))
+    assert toy in [o.get_attribute("value") for o in menu.options]
+    query = sj.search.list_images(searcher.index.root)[4]
+    driver.find_element("id", "file").send_keys(str(query))
+    plain = _wait_for_results(driver)
+    menu.select_by_value(toy)
+    driver.execute_script("document.getElementById('k').value = '4';"
+                          "document.getElementById('rerank_k').value = '3';")
+    driver.find_element("id", "search").click()
+    hits = _wait_for_results(driver, previous=plain)
+    assert [p for p, _ in hits] == [p for p, _ in plain[:4]][::-1]
+    assert [s for _, s in hits] == [4.0, 3.0, 2.0, 1.0]
+

@@ -242,7 +242,7 @@ def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, r
 
 @pytest.mark.parametrize("args, message", [
     (["query", "--index", "none.index", "q.jpg", "--rerank", "superglobal", "--option",
-      "M=abc"], "reranker superglobal: option M = 'abc', expected int"),
+      "M=abc"], "reranker superglobal: option M = 'abc', expected an integer >= 1"),
     (["query", "--index", "none.index", "q.jpg", "--box", "-5,0,10,10"], "argument --box: "
      "box must be x1,y1,x2,y2 with 0 <= x1 < x2 and 0 <= y1 < y2 (pixels), got '-5,0,10,10'"),
     (["serve", "--index", "none.index", "--port", "80000"], "argument --port: expected a "
@@ -302,9 +302,9 @@ def test_options_of_the_wrong_type_in_python(tmp_path):
     query.write_bytes(b"not read")
     index = sj.search.Index([str(query)], np.ones((1, 4), np.float32))
     for rerank, options, message in [
-            ("superglobal", {"M": "abc"}, "option M = 'abc', expected int"),
-            ("ames", {"k": "x"}, "option k = 'x', expected int"),
-            ("csa", {"topk": 2.5}, "option topk = 2.5, expected int")]:
+            ("superglobal", {"M": "abc"}, "option M = 'abc', expected an integer >= 1"),
+            ("ames", {"k": "x"}, "option k = 'x', expected an integer >= 1"),
+            ("csa", {"topk": 2.5}, "option topk = 2.5, expected an integer >= 1")]:
         with pytest.raises(sj.errors.InputError, match=message.replace("(", r"\(")):
             index.search(None, str(query), rerank=rerank, options=options)
 

@@ -23,11 +23,11 @@ def test_options_are_checked():
     assert registry.options("alpha_qe", {"k": 5}) == {"k": 5, "alpha": 3.0}
     with pytest.raises(ConfigError, match="alpha_qe: unknown option 'K'"):
         registry.options("alpha_qe", {"K": 5})
-    with pytest.raises(ConfigError, match=r"icfrr: option KG = 2.5, expected int"):
+    with pytest.raises(ConfigError, match=r"icfrr: option KG = 2.5, expected an integer >= 1"):
         registry.options("icfrr", {"KG": 2.5})
     with pytest.raises(ConfigError, match="dba: option alpha = nan"):
         registry.options("dba", {"alpha": float("nan")})
-    with pytest.raises(ConfigError, match="icfrr: option limited_memory = 1, expected bool"):
+    with pytest.raises(ConfigError, match="icfrr: option limited_memory = 1, expected a bool"):
         registry.options("icfrr", {"limited_memory": 1})
 
 
@@ -70,3 +70,39 @@ def test_the_registry_is_reachable_from_the_package():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(r.stdout.split()) == set(registry.names())
+
+
+def test_a_result_has_one_type_of_ranks(monkeypatch):
+    """Every reranker's Result.ranks is one (N, nq) int64 array, best first; a protocol that
+    ranks each revisitop setting apart (cvnet's "official") adds them in per_setting, its
+    ranks being the Medium one; and the shape checks are the package's InputError."""
+    import scvnet_jax as sj
+    from scvnet_jax.engine import search, verify
+
+    rng = np.random.default_rng(0)
+    X, Q = _unit(rng.normal(size=(12, 8))), _unit(rng.normal(size=(3, 8)))
+    ranks = search.rank(X, Q)[1]
+    small = {"superglobal": {"M": 6, "K": 2}, "icfrr": {"KG": 4, "KQ": 4},
+             "alpha_qe": {}, "dba": {}}
+    for name, opts in small.items():
+        out = registry.rerank(name, registry.Inputs(X, Q, ranks), **opts)
+        assert type(out.ranks) is np.ndarray and out.ranks.dtype == np.int64, name
+        assert out.ranks.shape == (12, 3) and out.per_setting == {}, name
+        assert out.scores.dtype == np.float32, name
+
+    monkeypatch.setattr(verify, "verification_scores", lambda *a, **k: rng.uniform(
+        size=(12, 3)).astype(np.float32))      # the verifier, without a model or images
+    gnd = [{"easy": [int(ranks[1, q])], "hard": [int(ranks[3, q])],
+            "junk": [int(ranks[0, q])]} for q in range(3)]
+    out = registry.rerank("cvnet", registry.Inputs(X, Q, ranks, model=object(),
+                                                   query_images=[], db_images=[], gnd=gnd),
+                          topk=5, protocol="official")
+    assert type(out.ranks) is np.ndarray and out.ranks.dtype == np.int64
+    assert set(out.per_setting) == {"E", "M", "H"} and out.protocol == "official"
+    np.testing.assert_array_equal(out.ranks, out.per_setting["M"])
+    assert all(r.dtype == np.int64 and r.shape == (12, 3) for r in out.per_setting.values())
+
+    with pytest.raises(sj.InputError, match="ranks must be"):
+        sj.rerank.superglobal(X, Q, ranks[:, :2])
+    with pytest.raises(sj.InputError, match="ranks must be"):
+        sj.rerank.alpha_qe(X, Q, ranks[:, :2])
