@@ -237,7 +237,8 @@ def run(cfg, *, protocol_flag: str | None = None) -> int:
         meta["metric"] = metric
     print()
     print(report.table(results, cfg.ks, f"{meta['dataset']} results (percent):", metric))
-    extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix},
+    extra = {"cvnet_rerank": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix,
+                             "max_side": cfg.cvnet.max_side},
              "superglobal_rerank": dict(cfg.superglobal.rerank),
              **{name: {"options": dict(cfg[name])} for name in RERANK_PIPELINES}}
     for name, note in notes.items():

@@ -39,6 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.cvnet.topk = 100                      # rerank depth
     c.cvnet.protocol = "official"           # "official" (label-aware, per E/M/H) or "blind"
     c.cvnet.mix = 0.5                       # score = similarity + mix * verification score
+    # working size of the verifier's local features: longer sides reduced to it (0 = the
+    # images' working size, max_side below, as the official test); a head trained on small
+    # views verifies large photos best at its training size (configs/demo_rerank.py: 160)
+    c.cvnet.max_side = 0
 
     c.superglobal = ml_collections.ConfigDict()
     c.superglobal.descriptor = ml_collections.ConfigDict(
@@ -115,6 +119,8 @@ _RANGES = (
                                            "the dataset's default)"),
     ("cvnet.topk", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
     ("cvnet.mix", "num", lambda v: v >= 0, "a number >= 0"),
+    ("cvnet.max_side", "int", lambda v: v >= 0, "an integer >= 0 (pixels; 0 = the images' "
+                                               "working size)"),
     ("superglobal.rerank.M", "int", lambda v: v >= 1, "an integer >= 1"),
     ("superglobal.rerank.K", "int", lambda v: v >= 1, "an integer >= 1"),
     ("superglobal.rerank.beta", "num", lambda v: v >= 0, "a number >= 0"),

@@ -158,11 +158,16 @@ def cvnet_global(ctx: Context) -> PipelineResult:
 
 def cvnet_rerank(ctx: Context) -> PipelineResult:
     cfg = ctx.cfg
+    side = int(cfg.cvnet.max_side)   # 0: the images' working size (cache key as before;
+                                     # not "max_side": ChunkCache sets that one)
     cache = ctx.cache("cvnet-scores", {"db": refs_fingerprint(ctx.db_refs),
                                        "query": refs_fingerprint(ctx.query_refs),
-                                       "content": ctx.content_fingerprint()}, 1, None)
+                                       "content": ctx.content_fingerprint(),
+                                       **({"verifier_max_side": side} if side else {})},
+                      1, None)
     settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket,
-                "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache}
+                "feature_bucket": cfg.feature_bucket, "workers": cfg.workers, "cache": cache,
+                "max_side": side}
     return _reranked(ctx, "cvnet_rerank", "cvnet", "cvnet_global",
                      {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix,
                       "protocol": label_protocol(ctx.dataset, cfg.cvnet.protocol)},

@@ -41,7 +41,7 @@ class Inputs:
     stage's similarity (computed from X and Q when missing); model and the image lists
     (ImageRef) are the CVNet verifier's; gnd (revisitop ground truth) only its official
     protocol's; settings: extraction settings for image-based rerankers (batch_size, bucket,
-    feature_bucket, workers, cache)."""
+    feature_bucket, workers, cache; cvnet: max_side, the verifier's working size)."""
     X: np.ndarray
     Q: np.ndarray
     ranks: np.ndarray
@@ -111,7 +111,7 @@ def _cvnet(inp: Inputs, topk: int, mix: float, protocol: str) -> Result:
         inp.model, inp.query_images, inp.db_images, candidates,
         batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
         feature_bucket=s.get("feature_bucket", 4), cache=s.get("cache"),
-        workers=s.get("workers", 4))
+        workers=s.get("workers", 4), max_side=s.get("max_side", 0))
     sim = inp.similarity()
     mixed = np.array(sim, np.float32)
     has = ~np.isnan(scores)
