@@ -19,6 +19,13 @@ The frozen demo backbone (width 16, 800 steps on 72 tile classes) hardly separat
 of the same photograph: on training pairs the head reaches ~0.96 accuracy on positives
 but ~0.2 on hard negatives.
 
+On your own photos (README's own-photos tutorial: 200 steps on 58 classes, 14 held-out
+classes; notes_stage2.md): the head separates the top-ranked candidates only weakly (held-out
+AUC 0.61 in the top 20), so rerank gently and a little deeper than the tutorial's top 10:
+`eval.py ... --topk 20 --config.cvnet.mix=0.2` (chosen on held-out training classes),
+and for photos larger than the 160 px this head was trained on, `--config.cvnet.max_side=160`
+(the verifier's working size; the global descriptors keep theirs).
+
 Validation (`config.eval`): at steps 500 and 1000, cvnet_global and cvnet_rerank (top 20,
 official protocol) on the demo benchmark or a folder set's held-out split; W/model_best is
 the step with the best cvnet_rerank mAP (Medium; folder sets: all).

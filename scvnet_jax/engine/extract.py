@@ -97,8 +97,11 @@ def spec_of(family: str, **options):
     return FAMILIES[family](**options)
 
 
-def read_all(pool: ThreadPoolExecutor, refs: Sequence[ImageRef]) -> list[np.ndarray]:
-    return list(pool.map(read_image, refs))
+def read_all(pool: ThreadPoolExecutor, refs: Sequence[ImageRef],
+             max_side: int | None = None) -> list[np.ndarray]:
+    """The images of `refs`, each read at working size `max_side` (None: the module's,
+    `images.set_max_side`)."""
+    return list(pool.map(lambda ref: read_image(ref, max_side), refs))
 
 
 def image_errors(refs: Sequence[ImageRef], workers: int = 4) -> list[str | None]:

@@ -30,9 +30,14 @@ def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
                         db_refs: Sequence[ImageRef], candidates: Sequence[np.ndarray], *,
                         batch_size: int = 0, bucket: int = 64, feature_bucket: int = 4,
                         key_chunk: int = 32, cache: ChunkCache | None = None,
-                        workers: int = 4, desc: str = "cvnet rerank") -> np.ndarray:
+                        workers: int = 4, desc: str = "cvnet rerank",
+                        max_side: int = 0) -> np.ndarray:
     """CVNet-Rerank scores for (candidates[i][j], query i) -> (n_db, n_q), NaN elsewhere.
-    batch_size: pairs (and images) per device per batch (0: `batching.default_batch_size`)."""
+    batch_size: pairs (and images) per device per batch (0: `batching.default_batch_size`).
+    max_side: the working size of the verifier's local features: images with a longer side
+    are reduced to it (0: the images' working size, `images.max_side()`, as the global
+    descriptors). A head trained on small views (configs/demo_rerank.py: 160 px) verifies
+    large photos best at its training size."""
     scores = np.full((len(db_refs), len(query_refs)), np.nan, np.float32)
     wanted = {(int(d), qi) for qi, cand in enumerate(candidates) for d in cand}
     done = cached_pairs(cache)
@@ -49,7 +54,8 @@ def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
         bar.update(len(wanted) - len(todo))
         queries = sorted({q for c in key_chunks for d in c for q in by_key[d]})
         def features(refs):
-            local = local_features(model, read_all(pool, refs), batch_size, bucket)
+            local = local_features(model, read_all(pool, refs, max_side or None), batch_size,
+                                   bucket)
             return corr_features(model, local, batch_size, feature_bucket)
 
         qfeat = dict(zip(queries, features([query_refs[q] for q in queries])))

@@ -89,12 +89,14 @@ class Context:
             digests = content_digests(self.db_refs + self.query_refs, pool)
         return files.list_fingerprint(digests)
 
-    def scores_cache(self, kind: str):
+    def scores_cache(self, kind: str, extra: dict | None = None):
         """A cache of rerank scores of every (query, database image) pair (their files'
-        content in its key), for a reranker that reads the images (e.g. "cvnet-scores")."""
+        content in its key, and `extra`: what else the scores depend on), for a reranker
+        that reads the images (e.g. "cvnet-scores")."""
         return self.cache(kind, {"db": refs_fingerprint(self.db_refs),
                                  "query": refs_fingerprint(self.query_refs),
-                                 "content": self.content_fingerprint()}, 1, None)
+                                 "content": self.content_fingerprint(), **(extra or {})},
+                          1, None)
 
     def descriptors(self, family: str):
         """(X, Q) for 'cvnet' or 'superglobal', extracted once (and cached on disk)."""

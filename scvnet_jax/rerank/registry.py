@@ -224,7 +224,8 @@ def _superglobal(inp: Inputs, M: int, K: int, beta: float) -> Result:
     return Result(ranks, scores)
 
 
-def _cvnet(inp: Inputs, topk: int, mix: float, protocol: str) -> Result:
+def _cvnet(inp: Inputs, topk: int, mix: float, protocol: str,
+           max_side: int | None = None) -> Result:
     from scvnet_jax.engine import verify
     from scvnet_jax.rerank import cvnet
     if inp.model is None or inp.query_images is None or inp.db_images is None:
@@ -242,12 +243,15 @@ def _cvnet(inp: Inputs, topk: int, mix: float, protocol: str) -> Result:
     s = dict(inp.settings)
     cache = s.get("cache")
     if cache is None and s.get("scores_cache") is not None:   # eval.py's, made when needed
-        cache = s["scores_cache"]("cvnet-scores")
+        # scores at another verifier size are other values ("verifier_max_side": the
+        # cache's own "max_side" is the images' working size)
+        cache = s["scores_cache"]("cvnet-scores",
+                                  {"verifier_max_side": max_side} if max_side else {})
     scores = verify.verification_scores(
         inp.model, inp.query_images, inp.db_images, candidates,
         batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
         feature_bucket=s.get("feature_bucket", 4), cache=cache,
-        workers=s.get("workers", 4))
+        workers=s.get("workers", 4), max_side=max_side or 0)
     sim = inp.similarity()
     mixed = np.array(sim, np.float32)
     has = ~np.isnan(scores)
@@ -468,7 +472,11 @@ for _r in (
         Option("topk", 100, int, "an integer >= 1 (images reranked)", _at_least(1),
                flag="topk", help="CVNet rerank depth"),
         Option("mix", 0.5, float, "a number >= 0", _at_least(0)),
-        Option("protocol", "blind", str, **_PROTOCOL)),
+        Option("protocol", "blind", str, **_PROTOCOL),
+        Option("max_side", None, int, "an integer >= 1 (pixels)", _at_least(1),
+               unset="the images' working size, as the global descriptors",
+               help="the verifier's working size: a head trained on small views "
+                    "(configs/demo_rerank.py: 160 px) verifies large photos best at it")),
         _cvnet, needs={"global", "images", "labels"}, depth="topk", pipeline="cvnet_rerank",
         first_stage="cvnet_global", section="cvnet",
         score="similarity + mix x verification score in [0, 1]; top k"),

@@ -17,6 +17,7 @@ import pytest
     (["--config.chunk_size=0"], "config.chunk_size = 0"),
     (["--config.max_image_pixels=0"], "config.max_image_pixels = 0"),
     (["--config.max_side=-2"], "config.max_side = -2"),
+    (["--config.cvnet.max_side=-1"], "config.cvnet.max_side = -1: expected an integer >= 1"),
     (["--config.superglobal.rerank.M=0"], "config.superglobal.rerank.M = 0"),
     (["--pipelines", "cvnet_global,nope"], "config.pipelines = ['cvnet_global', 'nope']"),
     (["--config.superglobal.descriptor.scales=4"], "config.superglobal.descriptor.scales = 4"),

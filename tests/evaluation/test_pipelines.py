@@ -134,6 +134,26 @@ def test_head_only_change_reuses_the_descriptors(tiny_model_dir, monkeypatch, ev
     assert res["cvnet_rerank"]["mAP"] != ref["cvnet_rerank"]["mAP"]
 
 
+def test_verifier_working_size_is_its_own_cache(tiny_model_dir, monkeypatch, eval_main,
+                                                demo_benchmark, tmp_path):
+    """--config.cvnet.max_side (the verifier's working size, issue 35) scores the pairs
+    again at that size instead of serving the cached scores of the images' working size;
+    the global ranking is untouched."""
+    args = ["--dataset", "demo", "--data_dir", demo_benchmark, "--topk", 3, "--cache_dir",
+            tmp_path / "cache", "--weights", tiny_model_dir, "--pipelines",
+            "cvnet_global,cvnet_rerank"]
+    first = tmp_path / "first.json"
+    assert eval_main(*args, "--output", first) == 0
+    calls = _count_model_calls(monkeypatch)
+    out = tmp_path / "small.json"
+    assert eval_main(*args, "--config.cvnet.max_side=64", "--output", out) == 0
+    assert set(calls) == {"local_features", "corr_features",
+                          "verification_score_from_corr_features"}, set(calls)
+    res, ref = json.loads(out.read_text()), json.loads(first.read_text())
+    assert res["cvnet_global"]["mAP"] == ref["cvnet_global"]["mAP"]
+    assert res["cvnet_rerank"]["max_side"] == 64
+
+
 def _kill_when(proc, cache, pattern: str) -> None:
     """SIGKILLs eval process `proc` as soon as a file matching `pattern` is in `cache`."""
     deadline = time.time() + 600
