@@ -9,7 +9,8 @@ training photos, see benchmarks/tune_rerankers.py). The first stages are eval.py
 (cvnet_global for the CVNet verifier, superglobal_global for the others); the CVNet
 verifier runs the blind protocol here (the official one picks what to rerank with the
 labels) on the top 100, its time including the local features of the query and of the
-100 candidates (at most 210 database images: each computed once for all queries).
+100 candidates (at most 210 database images: each computed once for all queries); so
+does chamfer's (blind here too, its descriptors not cached).
 """
 from __future__ import annotations
 
@@ -57,10 +58,14 @@ def main(argv=None) -> int:
     settings = {"superglobal": dict(cfg.superglobal.rerank),
                 "cvnet": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix, "protocol": "blind"},
                 "icfrr": dict(cfg.icfrr), "alpha_qe": dict(cfg.alpha_qe), "dba": dict(cfg.dba),
-                "csa": {**dict(cfg.csa), "weights": args.csa_weights or ""}}
+                "csa": {**dict(cfg.csa), "weights": args.csa_weights or ""},
+                "chamfer": {**dict(cfg.chamfer), "protocol": "blind"}}
     for name in registry.names():
         if name == "csa" and not args.csa_weights:
             print("csa: skipped (no --csa_weights)")
+            continue
+        if name not in settings:        # ames: benchmarks/ames.py
+            print(f"{name}: skipped (see its own benchmark)")
             continue
         stage = "cvnet_global" if name == "cvnet" else "superglobal_global"
         X, Q, sim, ranks = first[stage]

@@ -10,7 +10,9 @@ are queries, the others the database. Descriptors are the model's (`--family`, a
 first stage computes them: whole images, same scales); relevance is the class. For
 alpha-QE, alpha-DBA and ICFRR every setting of a small grid is scored by mAP over the
 whole ranking (`sj.metrics.labelled`), and the best one of each is printed (and written
-with --json); configs/eval_demo.py holds the result.
+with --json); configs/eval_demo.py holds the result. For chamfer (the top 100 re-scored by
+lamb x similarity + (1 - lamb) x the local score, on the model's 64 local descriptors
+per image, as eval.py reads them) the grid is lamb; --skip_chamfer leaves it out.
 """
 from __future__ import annotations
 
@@ -37,6 +39,38 @@ def split(labels: np.ndarray, per_class: int):
     return q, np.setdiff1d(np.arange(len(labels)), q)
 
 
+CHAMFER_LAMB = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+
+
+def tune_chamfer(model, ts, qi, di, sim, ranks, ql, dl, base, k: int = 100, length: int = 64):
+    """The chamfer reranker's lamb on the training split: the local score of each query's
+    top k computed once, then every lamb scored."""
+    import scvnet_jax as sj
+    from scvnet_jax.data.sources import Records
+    from scvnet_jax.engine import local
+    from scvnet_jax.rerank import chamfer
+
+    t0 = time.perf_counter()
+    records = Records(ts)
+    images = [records.record(int(i))[0] for i in range(ts.num_examples)]
+    feats = local.describe_local(model, images, None, length, local.SCALES, dtype=np.float32)
+    q, qm = feats.desc[qi], feats.mask[qi]
+    db, dbm = feats.desc[di], feats.mask[di]
+    kk = min(k, ranks.shape[0])
+    top = ranks[:kk].T                                       # (nq, kk)
+    c = chamfer.scores(q, qm, db[top], dbm[top]).T           # (kk, nq)
+    top_sim = np.take_along_axis(sim, ranks, axis=0)
+    scored = []
+    for lamb in CHAMFER_LAMB:
+        rr, _ = chamfer.combine(ranks, top_sim, c, k=kk, lamb=lamb)
+        scored.append((sj.metrics.labelled(rr, ql, dl)["mAP@all"], {"lamb": lamb}))
+    best_map, best = max(scored, key=lambda t: t[0])
+    print(f"chamfer   best {100 * best_map:6.2f} ({100 * (best_map - base):+.2f}) with "
+          f"{best} (top {kk}); " + ", ".join(f"{o['lamb']}: {100 * m:.2f}" for m, o in scored)
+          + f"; {time.perf_counter() - t0:.0f} s")
+    return {"mAP": best_map, "options": best}, [{"mAP": m, "options": o} for m, o in scored]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -46,6 +80,7 @@ def main(argv=None) -> int:
                    help="TFDS folder holding (or to build) demo_landmarks")
     p.add_argument("--queries", type=int, default=2, help="query views per class")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--skip_chamfer", action="store_true", help="no chamfer lamb sweep")
     args = p.parse_args(argv)
 
     import scvnet_jax as sj
@@ -78,6 +113,9 @@ def main(argv=None) -> int:
         out["all"][name] = [{"mAP": m, "options": o} for m, o in scored]
         print(f"{name:9s} best {100 * best_map:6.2f} ({100 * (best_map - base):+.2f}) with "
               f"{best}; {len(scored)} settings in {time.perf_counter() - t0:.0f} s")
+    if not args.skip_chamfer:
+        out["best"]["chamfer"], out["all"]["chamfer"] = tune_chamfer(
+            model, ts, qi, di, sim, ranks, ql, dl, base)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

@@ -51,6 +51,7 @@ TINY = {"total_steps": 8, "batch_size": 8, "checkpoint_every_steps": 4, "log_eve
 def get_config(variant: str = ""):
     c = demo.get_config()
     c.stage = 3
+    c.eval.every_steps = 0               # (demo.py validates; a reranker stage: eval.py)
     c.csa.model = "demo"                 # the bundled demo model
     c.csa.family = "superglobal"         # eval.py's default first stage
     c.csa.topk = 32

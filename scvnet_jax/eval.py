@@ -24,10 +24,11 @@ Rerankers on a chosen first stage (--first_stage, default superglobal_global), s
 --pipelines and set with --config.<name>.<option>: icfrr (Iterative Cluster-Free
 Re-Ranking), csa (CSA transformer; --csa_weights), alpha_qe (alpha-weighted query
 expansion), dba (alpha-weighted database augmentation), ames (AMES transformer over local
-descriptors; --ames_weights). results.json records each one's
+descriptors; --ames_weights), chamfer (training-free: the mean best cosine of the query's
+local descriptors in the candidate's). results.json records each one's
 first stage and reranking time (rerank_ms_per_query).
 
-Protocols (CVNet and AMES reranking; the other pipelines never look at labels):
+Protocols (CVNet, AMES and chamfer reranking; the other pipelines never look at labels):
   official  what the official CVNet test does: per query and per Easy/Medium/Hard setting it
             reranks the first top-k images that the setting does not ignore, so the ground
             truth picks what is reranked (three rankings). For reproducing published numbers.
@@ -68,7 +69,7 @@ FIELDS = {"dataset": "dataset", "data_dir": "data_dir", "weights": "weights",
           "csa_weights": "csa.weights", "ames_weights": "ames.weights",
           "ames_detector": "ames.detector"}
 # flags that set several fields
-MULTI_FIELDS = {"protocol": ("cvnet.protocol", "ames.protocol")}
+MULTI_FIELDS = {"protocol": ("cvnet.protocol", "ames.protocol", "chamfer.protocol")}
 
 
 def _define(fv, argv):
@@ -98,8 +99,8 @@ def _define(fv, argv):
     s("pipelines", None, "comma list of " + ", ".join(PIPELINES + RERANK_PIPELINES) +
       " (default: the first four, the official test scripts' pipelines; the others rerank "
       "--first_stage's ranking)", flag_values=fv)
-    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe, dba "
-      "and ames rerank (default: superglobal_global)", flag_values=fv)
+    e("first_stage", None, list(FIRST_STAGES), "the ranking that icfrr, csa, alpha_qe, dba, "
+      "ames and chamfer rerank (default: superglobal_global)", flag_values=fv)
     s("csa_weights", None, "CSA weights for the csa pipeline: a model directory written by "
       "train.py (configs/csa_demo.py) or an official CSA checkpoint", flag_values=fv)
     s("ames_weights", None, "AMES weights for the ames pipeline: a model directory written by "
@@ -107,7 +108,7 @@ def _define(fv, argv):
     s("ames_detector", None, "the official AMES detector checkpoint (for official AMES "
       "weights; our model directories record their own choice)", flag_values=fv)
     i("topk", None, "CVNet rerank depth (default: 100)", flag_values=fv)
-    e("protocol", None, ["official", "blind"], "CVNet and AMES rerank protocol (default: "
+    e("protocol", None, ["official", "blind"], "CVNet, AMES and chamfer rerank protocol (default: "
       "official; see above)", flag_values=fv)
     s("distractors", None, "revisitop 1M distractor list (revisitop1m.txt) to add to the "
       "database (+R1M)", flag_values=fv)
@@ -263,7 +264,8 @@ def _pipeline_notes(cfg, dataset, n_db: int, protocol_flag=None) -> dict[str, st
     from scvnet_jax.rerank.icfrr import clipped
 
     notes = {}
-    for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames")):
+    for name, section in (("cvnet_rerank", "cvnet"), ("ames", "ames"),
+                          ("chamfer", "chamfer")):
         asked = cfg[section].protocol
         used = pipelines.label_protocol(dataset, asked)
         if name in cfg.pipelines and used != asked and protocol_flag == asked:

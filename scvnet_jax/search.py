@@ -16,7 +16,8 @@ descriptor), with the same size buckets, threads, devices and progress bar.
 (`scvnet_jax.rerank.registry`): "superglobal", "cvnet" (the CVNet verifier on the top
 `rerank_k`, similarity + 0.5 x score, the blind protocol), "icfrr", "csa" (options
 {"weights": ...}), "alpha_qe", "dba", "ames" (options {"weights": ...}; the top `rerank_k`,
-database tokens kept in the package's cache folder by content); `options` sets the
+database tokens kept in the package's cache folder by content), "chamfer" (likewise, no
+weights); `options` sets the
 reranker's options.
 """
 from __future__ import annotations
@@ -260,7 +261,7 @@ class Index:
             opts["M"] = min(max(int(opts.get("M", 400)), k), len(self))   # every hit reranked
         if rerank == "cvnet" and "topk" not in opts:
             opts["topk"] = _positive_int(rerank_k, "rerank_k")
-        if rerank == "ames":    # the top rerank_k re-scored (and at least every hit)
+        if rerank in ("ames", "chamfer"):   # the top rerank_k re-scored (and every hit)
             opts["k"] = max(int(opts.get("k") or _positive_int(rerank_k, "rerank_k")), k)
         if rerank is not None:
             try:

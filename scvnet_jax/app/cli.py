@@ -144,9 +144,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("-k", type=_positive, default=10, help="hits per query (default 10)")
     q.add_argument("--rerank", default="none",
                    help="none, or a reranker: superglobal, cvnet, icfrr, csa, alpha_qe, dba, "
-                        "ames (--option weights=AMES_MODEL)")
+                        "ames (--option weights=AMES_MODEL), chamfer")
     q.add_argument("--rerank_k", type=_positive, default=100,
-                   help="how many of the top hits cvnet and csa re-order (default 100)")
+                   help="how many of the top hits cvnet, csa, ames and chamfer re-order "
+                        "(default 100)")
     q.add_argument("--option", type=_option, action="append", default=[],
                    metavar="NAME=VALUE", help="a reranker option, e.g. --option M=400 or "
                    "--option weights=runs/csa_demo/model (repeatable)")

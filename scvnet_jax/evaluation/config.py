@@ -18,7 +18,7 @@ from scvnet_jax.errors import ConfigError
 # The official test scripts' four pipelines (the default), and the rerankers of the
 # registry that run on either global first stage (`rerank.first_stage`).
 PIPELINES = ("cvnet_global", "cvnet_rerank", "superglobal_global", "superglobal_rerank")
-RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba", "ames")
+RERANK_PIPELINES = ("icfrr", "csa", "alpha_qe", "dba", "ames", "chamfer")
 ALL_PIPELINES = PIPELINES + RERANK_PIPELINES
 FIRST_STAGES = ("cvnet_global", "superglobal_global")
 
@@ -70,6 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.ames = ml_collections.ConfigDict(dict(weights="", detector="", protocol="official", k=0,
                                             lamb=-1.0, temp=-1.0, query_len=0, db_len=0,
                                             batch_size=0))
+    # chamfer: the training-free local score on the same descriptors (no weights; detector
+    # "" = the model's own stage-3 features); lamb: weight of the first stage's similarity
+    # (0.4: benchmarks/tune_rerankers.py on the demo training photos; 0 = the local score alone)
+    c.chamfer = ml_collections.ConfigDict(dict(detector="", protocol="official", k=100,
+                                               lamb=0.4, query_len=64, db_len=64,
+                                               bits=False, batch_size=8))
     # Radenovic et al.'s alpha-QE (n_QE = 2, alpha = 3) and alpha-DBA settings
     c.alpha_qe = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
     c.dba = ml_collections.ConfigDict(dict(k=2, alpha=3.0))
@@ -130,6 +136,11 @@ _RANGES = (
     ("ames.query_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
     ("ames.db_len", "int", lambda v: v >= 0, "an integer >= 0 (0 = the model's default)"),
     ("ames.batch_size", "int", lambda v: v >= 0, "an integer >= 0 (pairs per call; 0 = auto)"),
+    ("chamfer.k", "int", lambda v: v >= 1, "an integer >= 1 (images reranked)"),
+    ("chamfer.lamb", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("chamfer.query_len", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("chamfer.db_len", "int", lambda v: v >= 1, "an integer >= 1"),
+    ("chamfer.batch_size", "int", lambda v: v >= 1, "an integer >= 1 (queries per call)"),
     ("alpha_qe.k", "int", lambda v: v >= 0, "an integer >= 0"),
     ("alpha_qe.alpha", "num", lambda v: v >= 0, "a number >= 0"),
     ("dba.k", "int", lambda v: v >= 0, "an integer >= 0"),
@@ -139,6 +150,7 @@ DATASETS = ("roxford5k", "rparis6k", "demo", "gldv2_retrieval")   # or folder:<d
 _CHOICES = (("dtype", ("float32", "bfloat16")),
             ("cvnet.protocol", ("official", "blind")), ("rerank.first_stage", FIRST_STAGES),
             ("csa.dtype", ("float32", "float64")), ("ames.protocol", ("official", "blind")),
+            ("chamfer.protocol", ("official", "blind")),
             ("superglobal.descriptor.scales", (1, 3, 5)))
 
 

@@ -189,6 +189,17 @@ def ames(ctx: Context) -> PipelineResult:
                      gnd=ctx.dataset.gnd, settings=settings)
 
 
+def chamfer(ctx: Context) -> PipelineResult:
+    cfg = ctx.cfg
+    settings = {"batch_size": cfg.batch_size, "bucket": cfg.bucket, "workers": cfg.workers,
+                "cache_dir": cfg.cache_dir or None}
+    options = {**dict(cfg.chamfer), "protocol": label_protocol(ctx.dataset,
+                                                               cfg.chamfer.protocol)}
+    return _reranked(ctx, "chamfer", "chamfer", cfg.rerank.first_stage, options,
+                     model=ctx.model, query_images=ctx.query_refs, db_images=ctx.db_refs,
+                     gnd=ctx.dataset.gnd, settings=settings)
+
+
 def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
     def run(ctx: Context) -> PipelineResult:
         return _reranked(ctx, name, name, ctx.cfg.rerank.first_stage, dict(ctx.cfg[name]))
@@ -199,7 +210,8 @@ def _registry_pipeline(name: str) -> Callable[[Context], PipelineResult]:
 EVALUATORS: dict[str, Callable[[Context], PipelineResult]] = {
     "cvnet_global": cvnet_global, "cvnet_rerank": cvnet_rerank,
     "superglobal_global": superglobal_global, "superglobal_rerank": superglobal_rerank,
-    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}, "ames": ames}
+    **{name: _registry_pipeline(name) for name in RERANK_PIPELINES}, "ames": ames,
+    "chamfer": chamfer}
 
 
 def open_dataset(name: str, data_dir, cache_dir) -> RevisitopDataset:

@@ -523,10 +523,10 @@ class TokenStore:
     detector, AMES weights, topk, scales). One small file per image, written atomically:
     a killed run keeps every finished image."""
 
-    def __init__(self, cache_dir, key: Mapping):
+    def __init__(self, cache_dir, key: Mapping, kind: str = "ames-tokens"):
         from scvnet_jax.engine.cache import ChunkCache
         # the engine's cache gives the folder: named by a hash of the key, key.json inside
-        self.dir = ChunkCache(cache_dir, "ames-tokens", dict(key), 1).dir
+        self.dir = ChunkCache(cache_dir, kind, dict(key), 1).dir
 
     def _path(self, digest: str) -> Path:
         return self.dir / f"{digest}.npz"
@@ -563,31 +563,48 @@ def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: 
     the store format (`db_format` "packed" for dist models, "tokens" for fp), from the
     content-keyed `TokenStore` in cache_dir where present, else extracted (float32 local
     descriptors, exactly the official rows) and stored."""
+    width = -(-model.arch.model_dim // 8) if model.arch.binarized else model.arch.model_dim
+    return stored_local_rows(
+        retrieval_model, refs, lambda feats: _db_tokens_of(model, feats),
+        (width,), np.uint8 if model.arch.binarized else np.float16,
+        {"token_format": 1, "ames": _fingerprint(model)}, detector=detector, topk=topk,
+        scales=scales, cache_dir=cache_dir, batch_size=batch_size, bucket=bucket,
+        workers=workers, desc=desc)
+
+
+def stored_local_rows(retrieval_model, refs, convert, shape, dtype, key: Mapping, *,
+                      detector=None, topk: int = 50, scales=None,
+                      cache_dir: str | None = None, kind: str = "ames-tokens",
+                      batch_size: int = 0, bucket: int = 64, workers: int = 4,
+                      desc: str = "ames db"):
+    """(rows (n, topk, *shape) `dtype`, mask (n, topk) True = padding) of images `refs`:
+    `convert(LocalFeatures)` of their float32 local descriptors (`engine.local.extract_local`),
+    from a content-keyed `TokenStore` (`kind`) in cache_dir where present, else extracted
+    and stored. `key`: what the rows depend on besides the backbone, detector, topk, scales."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scvnet_jax.engine import local
     from scvnet_jax.engine.cache import BACKBONE, content_digests, weights_fingerprint
     scales = tuple(scales or local.SCALES)
     n, topk = len(refs), int(topk)
-    width = -(-model.arch.model_dim // 8) if model.arch.binarized else model.arch.model_dim
-    tokens = np.zeros((n, topk, width), np.uint8 if model.arch.binarized else np.float16)
+    tokens = np.zeros((n, topk, *shape), dtype)
     length = np.zeros((n,), np.int64)
     store = digests = None
     todo = list(range(n))
     if cache_dir and n:
-        key = {"token_format": 1,
+        key = {**key,
                "backbone": weights_fingerprint(retrieval_model.variables, BACKBONE),
                "model_dtype": jnp.dtype(retrieval_model.module.dtype).name,
                "precision": str(getattr(retrieval_model.module, "precision", None)),
                "detector": None if detector is None else detector.fingerprint,
-               "ames": _fingerprint(model), "topk": topk, "scales": [float(s) for s in scales]}
-        store = TokenStore(cache_dir, key)
+               "topk": topk, "scales": [float(s) for s in scales]}
+        store = TokenStore(cache_dir, key, kind)
         with ThreadPoolExecutor(workers) as pool:
             digests = content_digests(refs, pool)
         todo = []
         for i, dg in enumerate(digests):
             got = store.get(dg)
-            if got is None or got[0].shape != tokens.shape[1:]:
+            if got is None or got[0].shape != tokens.shape[1:] or got[0].dtype != tokens.dtype:
                 todo.append(i)
             else:
                 tokens[i], length[i] = got
@@ -598,7 +615,7 @@ def database_tokens(model: AMES, retrieval_model, refs, *, detector=None, topk: 
                                     topk, scales, batch_size, bucket=bucket,
                                     dtype=np.float32, workers=workers,
                                     desc=f"{desc} ({len(todo)} to extract)")
-        toks = _db_tokens_of(model, feats)
+        toks = convert(feats)
         for row, i in enumerate(part):
             tokens[i], length[i] = toks[row], feats.length[row]
             if store is not None:
@@ -712,5 +729,6 @@ def __getattr__(name: str):
 
 
 __all__ = ["AMES", "TokenStore", "database_tokens", "rerank_images", "settings_of",
+           "stored_local_rows",
            "bytes_per_image", "combine", "from_state_dict", "infer_arch", "load", "pack_codes",
            "rerank", "shortlist", "shortlist_map", "split_features", "unpack_codes"]

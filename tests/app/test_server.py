@@ -514,3 +514,19 @@ def test_rerankers_that_need_weights_are_offered_only_with_them(searcher):
     assert "csa" in armed.rerankers and "ames" not in armed.rerankers
     health = TestClient(server.create_app(armed)).get("/api/health").json()
     assert "csa" in health["rerankers"] and "ames" not in health["rerankers"]
+
+
+def test_chamfer_is_offered_and_answers(client, tmp_path, monkeypatch):
+    """The training-free chamfer reranker needs no weights: in /api/health and the page's
+    menu, and a search with it puts the query's own photo first (every local descriptor
+    finds itself: score 1)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))       # its descriptor store
+    assert "chamfer" in client.get("/api/health").json()["rerankers"]
+    assert 'value="chamfer"' in client.get("/").text
+    r = client.post("/api/search", params={"id": 1, "k": 3, "rerank": "chamfer",
+                                           "rerank_k": 6})
+    assert r.status_code == 200, r.text
+    hits = r.json()["hits"]
+    assert hits[0]["id"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    assert list((tmp_path / "scvnet_jax").glob("chamfer-locals-*/*.npz"))  # kept by content

@@ -1,7 +1,7 @@
-"""The README's "Your own photos" tutorial, run end to end on a small tree: the demo photos
+"""The "Your own photos" tutorial (docs/own_photos.md), run end to end on a small tree: the demo photos
 sorted into class folders, a folder set built from them, both training stages, an
 evaluation on the held-out classes, CSA and AMES trained on the set and every reranker
-evaluated, and a search index. The commands are the README's own,
+evaluated, and a search index. The commands are the page's own,
 scaled down by the substitutions below (fewer classes, the tiny configs, a few steps)."""
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-# README text -> what the test runs instead (every one must apply)
+# the page's text -> what the test runs instead (every one must apply)
 SCALE_DOWN = (("--out photos/", "--out photos/ --classes 6"),
               ("--name my_photos --data_dir tfds/", "--name my_photos --data_dir tfds/ "
                                                     "--eval_fraction 0.5"),
@@ -29,9 +29,9 @@ SCALE_DOWN = (("--out photos/", "--out photos/ --classes 6"),
               ("photos/motorcycle_left_r1c1/", "photos/hubble_deep_field_r1c1/"))
 
 
-def tutorial_commands(readme: str) -> list[str]:
-    block = re.search(r"<!-- tutorial: own photos -->\n```bash\n(.*?)```", readme, re.S)
-    assert block, "README: the tutorial's bash block after <!-- tutorial: own photos -->"
+def tutorial_commands(page: str) -> list[str]:
+    block = re.search(r"<!-- tutorial: own photos -->\n```bash\n(.*?)```", page, re.S)
+    assert block, "docs/own_photos.md: the tutorial's bash block after <!-- tutorial: own photos -->"
     return [ln.split("  #")[0].strip() for ln in block.group(1).splitlines()
             if ln.strip() and not ln.startswith("#")]
 
@@ -47,12 +47,20 @@ def argv(cmd: str, repo) -> list[str]:
     return [sys.executable, *words[1:]]
 
 
+def test_the_tutorial_is_the_pages_and_scales_down(repo):
+    """Quick: the page's block is found and every substitution applies (the run below is slow)."""
+    script = "\n".join(tutorial_commands((repo / "docs" / "own_photos.md").read_text()))
+    assert len(script.splitlines()) == 10
+    for old, _ in SCALE_DOWN:
+        assert old in script, f"docs/own_photos.md tutorial no longer has {old!r}"
+
+
 @pytest.mark.slow
-def test_the_readme_tutorial_runs_on_a_small_tree(tmp_path, repo):
-    commands = tutorial_commands((repo / "README.md").read_text())
+def test_the_docs_tutorial_runs_on_a_small_tree(tmp_path, repo):
+    commands = tutorial_commands((repo / "docs" / "own_photos.md").read_text())
     script = "\n".join(commands)
     for old, new in SCALE_DOWN:
-        assert old in script, f"README tutorial no longer has {old!r}"
+        assert old in script, f"docs/own_photos.md tutorial no longer has {old!r}"
         script = script.replace(old, new)
     env = {**os.environ, "PYTHONPATH": str(repo), "XDG_CACHE_HOME": str(tmp_path / "cache")}
     out = {}
