@@ -149,11 +149,11 @@ def _define(fv, argv):
       "parity with the official code)", flag_values=fv)
     i("batch_size", None, "images (or rerank pairs) per device per batch (default 0: auto, 1 "
       "on CPU, 8 on GPU/TPU)", flag_values=fv)
-    i("bucket", None, "pad image sizes up to multiples of this many pixels so that one "
-      "compilation serves many sizes; results are unchanged (default: 64; 1 = exact sizes)",
-      flag_values=fv)
-    i("feature_bucket", None, "likewise for local-feature sizes when scoring CVNet rerank "
-      "pairs, in feature cells (default: 4)", flag_values=fv)
+    s("bucket", None, "pad image sizes up to multiples of this many pixels so that one "
+      "compilation serves many sizes, or 'auto': a few padded shapes chosen from the images' "
+      "sizes; results are unchanged (default: auto; 1 = exact sizes)", flag_values=fv)
+    s("feature_bucket", None, "likewise for local-feature sizes when scoring CVNet rerank "
+      "pairs, in feature cells, or 'auto' (default: auto)", flag_values=fv)
     i("workers", None, "image-decoding threads (default: 4)", flag_values=fv)
     cli.define_distributed(fv, "see above")
 
@@ -164,6 +164,9 @@ def build_config(fv):
     with cfg.unlocked():
         for flag, field in FIELDS.items():
             value = fv[flag].value
+            if flag in ("bucket", "feature_bucket") and isinstance(value, str) \
+                    and value.strip().lstrip("-").isdigit():
+                value = int(value)        # an integer or "auto" (checked by validate)
             if value is not None:
                 node, *path = cfg, *field.split(".")
                 for p in path[:-1]:

@@ -40,6 +40,14 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def _bucket(text: str) -> int | str:
+    from scvnet_jax.data import batching
+    try:
+        return batching.parse_bucket(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -214,8 +222,9 @@ def _backend_flags(p: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch_size", type=_nonnegative, default=0,
                    help="images per device per batch (default 0: auto, 1 on CPU, 8 on GPU/TPU)")
-    p.add_argument("--bucket", type=_positive, default=64,
-                   help="pad image sides to a multiple of this (fewer compiled shapes)")
+    p.add_argument("--bucket", type=_bucket, default="auto",
+                   help="pad image sides to a multiple of this (fewer compiled shapes), or "
+                        "'auto' (default): a few padded shapes chosen from the images' sizes")
     p.add_argument("--workers", type=_positive, default=4, help="image-decoding threads")
     p.add_argument("--max_side", type=_nonnegative, default=None, metavar="PIXELS",
                    help="working size: images with a longer side are read reduced to it "

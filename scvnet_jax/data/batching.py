@@ -4,6 +4,11 @@ Each image is padded at the bottom/right with zeros to its bucket, (h, w) rounde
 multiple of `multiple` pixels, and batches are filled to a fixed size with dummy entries,
 so the number of compilations is the number of buckets, not the number of image sizes.
 Together with the models' `valid` handling the results equal the unpadded computation.
+
+`multiple="auto"` (AUTO) chooses the padded shapes from the data instead (`auto_shapes`):
+sizes are merged into one shape while the pixels the padding adds cost less than compiling
+one more program would (`AUTO_COMPILE_COST`), reusing the shapes this process already used,
+so a folder of photos of mixed sizes compiles about as few programs as one of a single size.
 """
 from __future__ import annotations
 
@@ -53,6 +58,114 @@ def batch_rows(count: int, batch_size: int, devices: int = 1) -> int:
     return min(batch_size, devices * (1 << max(0, per_device - 1).bit_length()))
 
 
+AUTO = "auto"
+# What compiling one more program costs, in the units of CPU_BUDGET (pixels, feature
+# cells, correlation cells) of work it would save: a size is padded into a larger shape
+# while the padding costs less. On a 2-core CPU a program compiles in ~10-20 s, the time
+# of ~8 M pixels through the backbone or ~30 M correlation cells of CVNet rerank pairs
+# (benchmarks/buckets.py, README, Evaluating); an accelerator computes ~100x faster but
+# compiles as slowly.
+AUTO_COMPILE_COST = {"cpu": {"images": 1 << 23, "features": 1 << 15, "pairs": 1 << 25},
+                     "accelerator": {"images": 1 << 28, "features": 1 << 20, "pairs": 1 << 30}}
+AUTO_MAX_SIZES = 64   # distinct sizes clustered exactly (more: sizes are first rounded up)
+_auto_seen: dict = {}  # (what, ndim) -> shapes already used with AUTO by this process
+
+
+def parse_bucket(text) -> int | str:
+    """A bucket setting: an integer >= 1 or "auto"; ValueError for anything else."""
+    if isinstance(text, str) and text.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(text, bool):
+        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    try:
+        v = int(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+    if v < 1 or (isinstance(text, float) and v != text):
+        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}")
+    return v
+
+
+def _compile_cost(what: str) -> int:
+    import jax
+    return AUTO_COMPILE_COST["cpu" if jax.default_backend() == "cpu" else "accelerator"][what]
+
+
+def auto_shapes(sizes, what: str = "images", compile_cost: int | None = None,
+                seen=None) -> dict:
+    """{size: padded shape} for `sizes` (tuples of ints, e.g. (h, w), or (hq, wq, hk, wk)
+    for rerank pairs; repeats count): greedy agglomerative merging of sizes into shapes
+    (each the elementwise max of its members) while a merge lowers
+    `compile_cost` x (new shapes) + sum over items of prod(shape). Shapes in `seen` (default:
+    those this process used for `what`, which it then extends) cost no compilation."""
+    counts: dict = {}
+    for s in sizes:
+        s = tuple(int(v) for v in s)
+        counts[s] = counts.get(s, 0) + 1
+    if not counts:
+        return {}
+    ndim = len(next(iter(counts)))
+    if compile_cost is None:
+        compile_cost = _compile_cost(what)
+    track = seen is None
+    if track:
+        seen = _auto_seen.setdefault((what, ndim), set())
+    seen = set(seen)
+    # too many distinct sizes: round them up to multiples of q first (still exact)
+    q, keys = 1, dict.fromkeys(counts, None)
+    while True:
+        keys = {s: tuple(-(-v // q) * q for v in s) for s in counts}
+        if len(set(keys.values())) <= AUTO_MAX_SIZES:
+            break
+        q *= 2
+    clusters: dict = {}
+    for s, k in keys.items():
+        clusters[k] = clusters.get(k, 0) + counts[s]
+    area = lambda shape: int(np.prod(shape, dtype=np.int64))  # noqa: E731
+
+    def fits(size, shape):
+        return all(a <= b for a, b in zip(size, shape))
+
+    def own_cost(shape, n):
+        return (0 if shape in seen else compile_cost) + n * area(shape)
+
+    def home(shape, n):
+        """shape, or the cheapest seen shape that holds it if that costs less."""
+        best = min((t for t in seen if fits(shape, t)), key=area, default=None)
+        if best is not None and n * area(best) < own_cost(shape, n):
+            return best
+        return shape
+
+    groups: list = []   # [shape, count]
+    for k, n in clusters.items():
+        shape = home(k, n)
+        for g in groups:
+            if g[0] == shape:
+                g[1] += n
+                break
+        else:
+            groups.append([shape, n])
+    while len(groups) > 1:
+        best = None
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                (a, na), (b, nb) = groups[i], groups[j]
+                merged = home(tuple(max(x, y) for x, y in zip(a, b)), na + nb)
+                delta = own_cost(merged, na + nb) - own_cost(a, na) - own_cost(b, nb)
+                if best is None or delta < best[0]:
+                    best = (delta, i, j, merged)
+        if best[0] >= 0:
+            break
+        _, i, j, merged = best
+        n = groups[i][1] + groups[j][1]
+        groups = [g for t, g in enumerate(groups) if t not in (i, j)] + [[merged, n]]
+    shapes = sorted({g[0] for g in groups}, key=area)
+    if track:
+        _auto_seen[(what, ndim)].update(shapes)
+    # every size goes to the smallest chosen shape that holds it
+    return {s: min((t for t in shapes if fits(s, t)), key=area) for s in counts}
+
+
 def bucket_hw(h: int, w: int, multiple: int) -> tuple[int, int]:
     """(h, w) rounded up to multiples of `multiple` (<= 1: unchanged)."""
     if multiple <= 1:
@@ -67,16 +180,22 @@ class PaddedBatch:
     valid: np.ndarray    # (batch_size, 2) int32 valid (h, w); dummies are full-size
 
 
-def padded_batches(items: Sequence, batch_size: int, multiple: int, devices: int = 1,
+def padded_batches(items: Sequence, batch_size: int, multiple: int | str, devices: int = 1,
                    what: str = "images") -> Iterator[PaddedBatch]:
-    """Groups (id, HWC array) pairs by bucket (first-seen order) into padded batches of
+    """Groups (id, HWC array) pairs by bucket (first-seen order; `multiple` AUTO: the
+    shapes `auto_shapes` chooses for these items) into padded batches of
     `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`),
     over `devices` devices; a bucket with fewer items gets fewer rows (`batch_rows`). All
     batches of a bucket have the same rows, so each bucket compiles one program."""
     groups: dict[tuple[int, int], list] = {}
+    items = list(items)
+    if multiple == AUTO:
+        chosen = auto_shapes([arr.shape[:2] for _, arr in items], what)
+        shape_of = lambda h, w: chosen[(h, w)]  # noqa: E731
+    else:
+        shape_of = lambda h, w: bucket_hw(h, w, multiple)  # noqa: E731
     for item_id, arr in items:
-        groups.setdefault(bucket_hw(arr.shape[0], arr.shape[1], multiple), []).append(
-            (item_id, arr))
+        groups.setdefault(shape_of(arr.shape[0], arr.shape[1]), []).append((item_id, arr))
     for hw, members in groups.items():
         size = resolve_batch_size(batch_size, what, hw[0] * hw[1]) * devices
         rows = batch_rows(len(members), size, devices)

@@ -399,7 +399,7 @@ def describe_local(model: RetrievalModel, images: Sequence[np.ndarray],
     (a tqdm) advances by one per finished image."""
     _check_detector(model, detector)
     return _describe(model, list(images), detector, int(topk), _check_scales(scales),
-                     int(batch_size), int(bucket), np.dtype(dtype), bar)
+                     int(batch_size), batching.parse_bucket(bucket), np.dtype(dtype), bar)
 
 
 def descriptor_dim(model: RetrievalModel, detector: Detector | None = None) -> int:

@@ -99,9 +99,16 @@ def corr_features(model: RetrievalModel, features: Sequence[np.ndarray], batch_s
 def score_pairs(model: RetrievalModel, pairs, batch_size: int, feature_bucket: int, bar=None):
     """{pair id: score} for (id, query, key) triples of `corr_features` outputs."""
     groups: dict = {}
+    if feature_bucket == batching.AUTO:
+        chosen = batching.auto_shapes([cq.shape[:2] + ck.shape[:2] for _, cq, ck in pairs],
+                                      "pairs")
     for pid, cq, ck in pairs:
-        shape = (batching.bucket_hw(*cq.shape[:2], feature_bucket),
-                 batching.bucket_hw(*ck.shape[:2], feature_bucket))
+        if feature_bucket == batching.AUTO:
+            s = chosen[cq.shape[:2] + ck.shape[:2]]
+            shape = (s[:2], s[2:])
+        else:
+            shape = (batching.bucket_hw(*cq.shape[:2], feature_bucket),
+                     batching.bucket_hw(*ck.shape[:2], feature_bucket))
         groups.setdefault(shape, []).append((pid, cq, ck))
     out = {}
     for (qb, kb), members in groups.items():

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import ml_collections
 from ml_collections import config_dict
+from ml_collections.config_dict import FieldReference
 
 from scvnet_jax.config_files import check_fields
+from scvnet_jax.data import batching
 from scvnet_jax.errors import ConfigError
 
 
@@ -113,8 +115,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.dtype = "float32"      # "bfloat16" for speed on GPU/TPU (not bit-parity)
     c.batch_size = 0         # images (or rerank pairs) per device per batch; 0 = auto (CPU 1, GPU/TPU 8)
-    c.bucket = 64            # pad image sizes up to multiples of this (1: exact sizes)
-    c.feature_bucket = 4     # pad local-feature sizes for CVNet rerank scoring likewise
+    # pad image sizes up to multiples of this (1: exact sizes), or "auto": a few padded
+    # shapes chosen from the images' sizes (data.batching.auto_shapes); results are the same
+    c.bucket = FieldReference("auto", field_type=object)
+    # pad local-feature sizes for CVNet rerank scoring likewise (cells, or "auto")
+    c.feature_bucket = FieldReference("auto", field_type=object)
     c.chunk_size = 64        # images per cached chunk (an interrupted run keeps whole ones)
     c.workers = 4            # image-decoding threads
     c.max_image_pixels = 100_000_000  # larger images are refused from their header
@@ -128,8 +133,6 @@ def default_config() -> ml_collections.ConfigDict:
 # (field, int or number, test, what is expected)
 _RANGES = (
     ("batch_size", "int", lambda v: v >= 0, "an integer >= 0 (images per device; 0 = auto)"),
-    ("bucket", "int", lambda v: v >= 1, "an integer >= 1 (pixels; 1 = exact sizes)"),
-    ("feature_bucket", "int", lambda v: v >= 1, "an integer >= 1 (feature cells)"),
     ("chunk_size", "int", lambda v: v >= 1, "an integer >= 1 (images per chunk)"),
     ("workers", "int", lambda v: v >= 1, "an integer >= 1 (threads)"),
     ("visuals_topn", "int", lambda v: v >= 1, "an integer >= 1"),
@@ -146,6 +149,14 @@ def validate(cfg) -> None:
     """Ranges, choices and output paths of an evaluation config, before any work: one
     ConfigError naming the field (or flag), its value and what was expected."""
     check_fields(cfg, _RANGES, _CHOICES)
+    for name, unit in (("bucket", "pixels; 1 = exact sizes"), ("feature_bucket", "feature cells")):
+        try:
+            value = batching.parse_bucket(cfg[name])
+        except ValueError:
+            raise ConfigError(f"config.{name} = {cfg[name]!r}: expected an integer >= 1 "
+                              f"({unit}) or 'auto'") from None
+        with cfg.unlocked():
+            cfg[name] = value
     if cfg.dataset not in DATASETS and not (isinstance(cfg.dataset, str) and
                                             cfg.dataset.startswith("folder:") and
                                             len(cfg.dataset) > len("folder:")):

@@ -43,3 +43,34 @@ def test_padded_batches_use_few_dummy_rows_and_one_shape_per_bucket():
     assert not last.images[3:].any()          # the dummy rows
     both = list(batching.padded_batches(items[:11], 8, 64, devices=2))   # 8 per device
     assert [len(b.ids) for b in both] == [11] and both[0].images.shape[0] == 16
+
+
+def test_auto_shapes_are_few_and_hold_every_size():
+    """Issue 35 DM4: bucket "auto" pads 300 photos of mixed sizes into a handful of shapes
+    (each holding its images), merging only while the padding costs less than a compile."""
+    rng = np.random.default_rng(0)
+    sizes = [tuple(rng.integers(300, 1025, 2)) for _ in range(300)]
+    chosen = batching.auto_shapes(sizes, "images", compile_cost=1 << 23, seen=set())
+    assert all(s[0] <= t[0] and s[1] <= t[1] for s, t in chosen.items())
+    assert len(set(chosen.values())) <= 8
+    # compiling costs nothing: every size its own shape; costs everything: one shape
+    assert len(set(batching.auto_shapes(sizes, "images", 0, seen=set()).values())) > 8
+    (one,) = set(batching.auto_shapes(sizes, "images", 1 << 40, seen=set()).values())
+    assert 1024 <= min(one) <= 1024 + 64   # (300 distinct sizes are first rounded up)
+    # a shape already used is reused by smaller sizes (no compilation), 4-D pairs likewise
+    assert batching.auto_shapes([(30, 40)], "images", 1 << 20, seen={(64, 64)}) == {
+        (30, 40): (64, 64)}
+    pairs = [tuple(rng.integers(5, 65, 4)) for _ in range(500)]
+    assert len(set(batching.auto_shapes(pairs, "pairs", 1 << 25, seen=set()).values())) <= 16
+
+
+def test_padded_batches_auto(monkeypatch):
+    monkeypatch.setattr(batching, "_auto_seen", {})
+    items = [(i, np.ones((100 + 7 * i, 160 - 5 * i, 3), np.float32)) for i in range(12)]
+    batches = list(batching.padded_batches(items, 4, "auto"))
+    assert {b.images.shape[1:3] for b in batches} == {(177, 160)}
+    assert sorted(i for b in batches for i in b.ids) == list(range(12))
+    assert batching.parse_bucket("auto") == "auto" and batching.parse_bucket("64") == 64
+    for bad in ("0", "x", "1.5", 0, True):
+        with pytest.raises(ValueError, match="integer >= 1 or 'auto'"):
+            batching.parse_bucket(bad)
