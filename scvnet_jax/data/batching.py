@@ -17,6 +17,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from scvnet_jax.errors import InputError
 
 # Items per device per batch when none is given (batch_size 0 = auto, everywhere).
 # Accelerators want large batches: 8. A CPU core gains nothing from them on large inputs
@@ -72,17 +73,17 @@ _auto_seen: dict = {}  # (what, ndim) -> shapes already used with AUTO by this p
 
 
 def parse_bucket(text) -> int | str:
-    """A bucket setting: an integer >= 1 or "auto"; ValueError for anything else."""
+    """A bucket setting: an integer >= 1 or "auto"; InputError for anything else."""
     if isinstance(text, str) and text.strip().lower() == AUTO:
         return AUTO
     if isinstance(text, bool):
-        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}")
+        raise InputError(f"expected an integer >= 1 or 'auto', got {text!r}")
     try:
         v = int(text)
     except (TypeError, ValueError):
-        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
+        raise InputError(f"expected an integer >= 1 or 'auto', got {text!r}") from None
     if v < 1 or (isinstance(text, float) and v != text):
-        raise ValueError(f"expected an integer >= 1 or 'auto', got {text!r}")
+        raise InputError(f"expected an integer >= 1 or 'auto', got {text!r}")
     return v
 
 
