@@ -43,15 +43,25 @@ def pytest_configure(config):
     Path(cache).mkdir(parents=True, exist_ok=True)
 
 
+def _reproduce_selected(config) -> bool:
+    """The `reproduce` tier runs only when the -m expression names it (`-m reproduce`)."""
+    return "reproduce" in (config.getoption("markexpr", "") or "")
+
+
 def pytest_collection_modifyitems(config, items):
-    """The longest files first (xdist hands out whole files, in this order, with
+    """Tests marked `reproduce` (full retrains of shipped configs that reproduce their
+    published numbers) are left out unless `-m` names them: the default run (CI) and
+    `-m "not slow"` never run them; `pytest -m reproduce` runs them alone.
+
+    The longest files first (xdist hands out whole files, in this order, with
     --no-loadscope-reorder), so that on two workers the long runs start at once and the
     quick tests fill the gaps, instead of a long run starting last. Then the files with
     slow tests, the notebooks, then the rest; the order within a file is kept."""
     # (xdist starts each worker with two files: the third is a quick one, so the worker of
     # the longest file takes no other long file before it is done)
-    first = ("e2e/test_demo_train.py", "evaluation/test_pipelines.py", "test_metrics.py",
-             "e2e/test_demo_train_rerank.py", "e2e/test_demo_eval.py", "e2e/test_own_photos.py")
+    # (the full demo retrains are the `reproduce` tier, left out of this run)
+    first = ("evaluation/test_pipelines.py", "test_metrics.py", "e2e/test_own_photos.py",
+             "e2e/test_demo_eval.py", "e2e/test_demo_train.py")
     # the quickstart notebook's own-photos cell compiles what test_own_photos.py compiled
     # (the same tiny runs on the same photos): well after it (after the other slow files),
     # from the compilation cache
@@ -68,6 +78,11 @@ def pytest_collection_modifyitems(config, items):
         return len(first) if item.path in slow_files else len(first) + 2
 
     items.sort(key=rank)
+    if not _reproduce_selected(config):
+        left_out = [item for item in items if item.get_closest_marker("reproduce")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("reproduce")]
 
 
 _FILE_SECONDS: dict = {}     # (xdist worker, test file) -> seconds, on the controller

@@ -49,6 +49,7 @@ def _pair_aucs(models, retrieval_model, data_dir) -> list[float]:
 
 
 @pytest.mark.slow
+@pytest.mark.reproduce
 def test_ames_demo_reranking_beats_its_first_stage(tmp_path, run_train, demo_tfds,
                                                    demo_benchmark, demo_eval, medium_map):
     work = tmp_path / "ames_demo"

@@ -14,6 +14,7 @@ MARGIN_SHORT = 0.005
 
 
 @pytest.mark.slow
+@pytest.mark.reproduce
 def test_shortened_stage2_run_improves_the_rerank_head(tmp_path, run_train, demo_eval,
                                                        demo_tfds, medium_map):
     """configs/demo_rerank.py shortened to SHORT_STEPS steps, from the bundled model's
