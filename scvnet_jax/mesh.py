@@ -63,7 +63,7 @@ def padded_columns(columns: int, devices: int) -> int:
 
 def state_shardings(abstract, mesh: Mesh, split=()):
     """The shardings of a train state (a pytree of arrays or ShapeDtypeStructs): every 2-D
-    leaf whose tree path goes through a key named in `split` (stage 1: 'classifier', so
+    leaf whose tree path goes through a key named in `split` (stage cvnet_global: 'classifier', so
     the parameters and their mirrors in the optimiser state: momentum, Adam moments) has
     its columns split over the mesh when their number divides evenly; everything else is
     replicated."""
