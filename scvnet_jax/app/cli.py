@@ -341,6 +341,10 @@ def query_command(args) -> int:
         raise InputError(f"--rerank {args.rerank}: expected none or one of "
                          f"{', '.join(registry.names())}")
     options = dict(args.option)
+    if rerank is None and options:      # not silently ignored
+        said = " ".join(f"{k}={v}" for k, v in options.items())
+        raise InputError(f"--option {said}: options belong to a reranker: give --rerank "
+                         "NAME too")
     if rerank is not None:      # a bad --option value: said now, not after the model loads
         registry.options(rerank, options)
         if registry.get(rerank).needs_weights:

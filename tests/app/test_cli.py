@@ -107,6 +107,8 @@ def test_faiss_and_qdrant_backends_from_the_command_line(photos, tmp_path, capsy
      "expected none or one of superglobal, cvnet"),
     (["query", "--index", "{index}", "{query}", "--rerank", "alpha_qe", "--option", "K=3"],
      "reranker alpha_qe: unknown option 'K'"),
+    (["query", "--index", "{index}", "{query}", "--option", "k=3"], "--option k=3: options "
+     "belong to a reranker: give --rerank NAME too"),
     (["query", "--index", "{index}", "missing.jpg"], "missing.jpg: query image not found"),
     (["query", "--index", "{tmp}/none.index", "{query}"], "none.index: no such index "
      "file"),
