@@ -445,6 +445,8 @@ def create_app(searcher: Searcher):
                 "backend": "exact" if ix.backend is None else
                 f"{ix.backend.name} {getattr(ix.backend, 'kind', '')}".strip(),
                 "recall_at_10": ix.recall_at_10,
+                # the working size its images (and queries) are read at; 0: full size
+                "max_side": int(ix.max_side),
                 "rerankers": ["none", *searcher.rerankers]}
 
     @app.post("/api/search")

@@ -54,6 +54,7 @@ def test_health_images_and_the_page(client, searcher):
     health = client.get("/api/health").json()
     assert health["status"] == "ok" and health["images"] == len(searcher.index)
     assert health["rerankers"][0] == "none" and "superglobal" in health["rerankers"]
+    assert health["max_side"] == searcher.index.max_side     # the working size
     r = client.get("/api/image/3")
     assert r.status_code == 200 and r.content == open(searcher.index.paths[3], "rb").read()
     for bad in ("/api/image/999", "/api/image/-1"):
