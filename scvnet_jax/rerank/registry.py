@@ -158,7 +158,7 @@ class Option:
 class Reranker:
     """One reranker: everything eval.py, `sj.search`, `scvnet-search` and the app know of it.
 
-    options: its Options; run(inputs, **options) -> Result; needs: a subset of NEEDS;
+    options: its Options; `run(inputs, **options) -> Result`; needs: a subset of NEEDS;
     score: what Result.scores mean; prepare(options) -> options: what runs before any work
     (loads and checks the weights and files the options name; the options may then hold the
     loaded objects); depth: the option saying how many of the first stage's top it
