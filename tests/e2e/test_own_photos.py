@@ -25,7 +25,7 @@ SCALE_DOWN = (("--out photos/", "--out photos/ --classes 6"),
               ("configs/ames_demo.py ", "configs/ames_demo.py:tiny "),
               ("--config.total_steps=300", "--config.total_steps=4"),
               ("--config.total_steps=200", "--config.total_steps=4"),
-              ("--topk 10", "--topk 3"),
+              ("--topk 20", "--topk 3"),
               ("photos/motorcycle_left_r1c1/", "photos/hubble_deep_field_r1c1/"))
 
 
