@@ -202,7 +202,19 @@ def load_model(weights: str, dataset: str, dtype):
 
 def run(cfg, *, protocol_flag: str | None = None) -> int:
     """Evaluates `cfg`; `protocol_flag`: the --protocol given, if any (a note says when it
-    cannot be followed)."""
+    cannot be followed). The images' working size and pixel limit it sets for the dataset
+    are put back when it returns: a caller in the same process (a training run's
+    validation, a test) reads images as before."""
+    from scvnet_jax import images
+    side, pixels = images.max_side(), images.max_pixels()
+    try:
+        return _run(cfg, protocol_flag=protocol_flag)
+    finally:
+        images.set_max_side(side)
+        images.set_max_pixels(pixels)
+
+
+def _run(cfg, *, protocol_flag: str | None = None) -> int:
     from scvnet_jax.evaluation.config import default_cache_dir, output_path, validate
 
     validate(cfg)                             # before any work (and before JAX loads)

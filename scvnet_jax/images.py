@@ -115,6 +115,11 @@ def set_max_pixels(n: int) -> None:
     _max_pixels = int(n)
 
 
+def max_pixels() -> int:
+    """The current pixel limit (`set_max_pixels`)."""
+    return _max_pixels
+
+
 def read_bytes(path: str) -> bytes:
     """A file's bytes, or one InputError naming it."""
     try:

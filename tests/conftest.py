@@ -306,6 +306,13 @@ def demo_tfds(tmp_path_factory):
 
 # -- running the entry points -----------------------------------------------------------------
 
+def _default_sigint():
+    """In the child: Ctrl-C's default disposition, as from a terminal, even when the test
+    run itself was started as a background job (which ignores SIGINT, and the training
+    loop then rightly leaves it ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="session")
 def run_module():
     """run_module(name, *args, env=None, cwd=None, wait=True, timeout=1800): runs
@@ -318,9 +325,10 @@ def run_module():
         full_env.setdefault("PYTHONPATH", str(REPO))   # this checkout, however installed
         if not wait:
             return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, cwd=cwd or REPO, env=full_env)
+                                    text=True, cwd=cwd or REPO, env=full_env,
+                                    preexec_fn=_default_sigint)
         return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO,
-                              env=full_env, timeout=timeout)
+                              env=full_env, timeout=timeout, preexec_fn=_default_sigint)
     return run
 
 

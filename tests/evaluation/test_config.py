@@ -83,3 +83,20 @@ def test_results_go_under_results_by_dataset(dataset, distractors, expect):
     cfg.output = "mine.json"
     assert str(output_path(cfg)) == "mine.json"
 
+
+
+def test_eval_puts_the_working_size_back(eval_main, tmp_path, capsys):
+    """eval.py reads roxford5k at full size (the official code's working size) and a folder
+    set at 1024 px; run in-process (a training run's validation, a test), it leaves the
+    process's working size and pixel limit as it found them, also when it stops with an
+    error (here: no ground truth in --data_dir)."""
+    from scvnet_jax import images
+    before = images.max_side(), images.max_pixels()
+    images.set_max_side(777)
+    try:
+        assert eval_main("--dataset", "roxford5k", "--data_dir", tmp_path, "--weights",
+                         "random", "--config.max_image_pixels=1000") == 2
+        assert "error:" in capsys.readouterr().err
+        assert (images.max_side(), images.max_pixels()) == (777, before[1])
+    finally:
+        images.set_max_side(before[0])
