@@ -300,26 +300,38 @@ def _distributed(run_module, workdir, data_dir, n, fake_devices_env, port, wait=
 
 
 @pytest.mark.slow
-def test_two_processes_equal_one_and_resume_after_killing_both(
+def test_two_processes_killed_and_resumed_equal_one(
         tmp_path, run_module, run_train, demo_tfds, fake_devices_env, kill_at_checkpoint,
-        assert_same_checkpoint, free_port):
+        restore_checkpoint, free_port):
     """2 processes x 4 devices (jax.distributed on localhost) against 1 process x 8 devices:
     the same global batches (each process reads its part of the one global stream), so the
-    same losses; each process saves its own data-iterator position in the checkpoint. Both
-    processes SIGKILLed after a checkpoint and restarted end bit-identical to the
-    uninterrupted two-process run."""
+    same losses; each process saves its own data-iterator position in the checkpoint. Here
+    both processes are SIGKILLed after the step-2 checkpoint and restarted, and the resumed
+    run still equals the one-process run record for record: a process that resumed at the
+    wrong place of its stream would read other batches. (Bit-identical resume of one
+    process: test_sigkill_resume_ends_with_the_same_parameters; one uninterrupted run
+    fewer here keeps the suite within its budget.)"""
 
     one = run_train(tmp_path / "one", *DIST_STEPS, data_dir=demo_tfds,
                     config="demo.py:tiny", env=fake_devices_env(8))
     assert one.returncode == 0, one.stdout[-3000:] + one.stderr[-3000:]
-    _distributed(run_module, tmp_path / "two", demo_tfds, 2, fake_devices_env,
-                 free_port())
-    data = tmp_path / "two" / "checkpoints" / "4" / "data"
+    work = tmp_path / "two"
+    procs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env, free_port(),
+                         wait=False)
+    kill_at_checkpoint(procs[0], work / "checkpoints" / "2")
+    procs[1].kill()
+    procs[1].wait()
+    outs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env, free_port())
+    assert "resumed from" in outs[0]
+    data = work / "checkpoints" / "4" / "data"
     assert sorted(p.name for p in data.glob("process_*")) == ["process_0-of-2.json",
                                                                "process_1-of-2.json"]
-    read = lambda w: [json.loads(ln) for ln in (w / "metrics.jsonl").read_text().splitlines()]
-    a, b = read(tmp_path / "one"), read(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b]
+
+    def records(w):     # the last record of each step (a killed run may repeat a step)
+        return {r["step"]: r for r in map(json.loads,
+                                          (w / "metrics.jsonl").read_text().splitlines())}
+    a, b = records(tmp_path / "one"), records(work)
+    assert 4 in b and set(b) <= set(a), (sorted(a), sorted(b))
     # Every record: the same global batches through the same weights (DIST_STEPS), so the
     # same losses up to the all-reduces' summation order (measured: <= 1.6e-6 relative).
     # Another batch would differ by ~10% (the records vary that much from one to the next),
@@ -327,21 +339,28 @@ def test_two_processes_equal_one_and_resume_after_killing_both(
     # The gradient norm is far more sensitive to rounding (~1e3, through BatchNorm's
     # backward on near-constant channels: measured <= 2.8e-3 relative); a gradient summed
     # over one process's half of the batch would be off by tens of percent.
+    steps = sorted(b)
     for key, rtol in (("loss", 1e-5), ("loss_cls", 1e-5), ("loss_con", 1e-5),
                       ("curricular_t", 1e-5), ("grad_norm", 1e-2)):
-        np.testing.assert_allclose([r[key] for r in b], [r[key] for r in a], rtol=rtol,
-                                   err_msg=key)
-
-    work = tmp_path / "killed"
-    procs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env,
-                         free_port(), wait=False)
-    kill_at_checkpoint(procs[0], work / "checkpoints" / "2")
-    procs[1].kill()
-    procs[1].wait()
-    outs = _distributed(run_module, work, demo_tfds, 2, fake_devices_env,
-                        free_port())
-    assert "resumed from" in outs[0]
-    assert_same_checkpoint(tmp_path / "two", work, 4)
+        np.testing.assert_allclose([b[s][key] for s in steps], [a[s][key] for s in steps],
+                                   rtol=rtol, err_msg=key)
+    # the resumed state is the uninterrupted one's: counters exactly, floats to the
+    # summation order's rounding, here amplified in the optimizer's gradient moments
+    # (measured: <= 1.1% of a leaf's largest value); a state restored from nothing, or
+    # from another step, is far outside it
+    sa, sb = restore_checkpoint(tmp_path / "one", 4), restore_checkpoint(work, 4)
+    fa = jax.tree_util.tree_flatten_with_path(sa)[0]
+    fb = jax.tree_util.tree_flatten_with_path(sb)[0]
+    assert [p for p, _ in fa] == [p for p, _ in fb]
+    for (path, x), (_, y) in zip(fa, fb):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.shape == y.shape and x.dtype == y.dtype, jax.tree_util.keystr(path)
+        if np.issubdtype(x.dtype, np.floating):
+            scale = float(np.max(np.abs(x), initial=0.0))
+            np.testing.assert_allclose(y, x, rtol=0, atol=5e-2 * scale + 1e-7,
+                                       err_msg=jax.tree_util.keystr(path))
+        else:
+            np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))
 
 
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, run_train, demo_tfds,
