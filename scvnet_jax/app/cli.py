@@ -5,6 +5,7 @@
     scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
                                                     [--regions 5] [--box X1,Y1,X2,Y2] [--json]
     scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
+    SCVNET_SEARCH_TOKEN=SECRET scvnet-search serve --index my.index --host 0.0.0.0
 
 (`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
 used, so both run on a fresh machine. `index` is incremental: a rerun extracts only new or
@@ -14,7 +15,9 @@ give the same descriptors) and prints the top k per query image, as a table or, 
 --json, one JSON object per query: {"query": ..., "hits": [{"path": ..., "score": ...}]}
 with the scores the final ranking is sorted by. --regions N also searches N regions of the
 query proposed from the network's own activations (scvnet_jax.regions) and merges the hit
-lists by each image's best score; --box searches a crop. `index --distributed` runs one
+lists by each image's best score; --box searches a crop. `serve` on any address but a
+loopback one needs a token (SCVNET_SEARCH_TOKEN or --token) that every request then
+carries (Authorization: Bearer; the page asks for it once). `index --distributed` runs one
 process per host (the same command on each, a filesystem all see) and shares the work.
 """
 from __future__ import annotations
@@ -176,6 +179,11 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1",
                     help="address to listen on (default 127.0.0.1: this machine only)")
     sv.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
+    sv.add_argument("--token", default=None,
+                    help=f"a secret every request must carry (Authorization: Bearer TOKEN; the "
+                         f"page asks for it once). Required when --host is not a loopback "
+                         f"address. Better in the environment, {TOKEN_ENV}, than on the "
+                         f"command line, where other users of the machine can see it")
     sv.add_argument("--weights", default=None, help="as for query")
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
@@ -426,7 +434,8 @@ def serve_command(args) -> int:
     from scvnet_jax.images import set_max_pixels
     from scvnet_jax.rerank import registry
 
-    sock = _listening_socket(args.host, args.port)     # before the model loads
+    token = _token(args)                                # before the model loads
+    sock = _listening_socket(args.host, args.port)
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)
     given = {}          # the rerankers' files given, loaded before the model
@@ -461,10 +470,44 @@ def serve_command(args) -> int:
     there = next((i for i, p in enumerate(index.paths) if os.path.isfile(p)), 0)
     searcher.search(id=there, k=1)       # compile now, not on the first user's query
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "
-          f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs)", flush=True)
-    uvicorn.Server(uvicorn.Config(server.create_app(searcher), host=args.host,
+          f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs"
+          f"{'; requests need the token' if token else ''})", flush=True)
+    uvicorn.Server(uvicorn.Config(server.create_app(searcher, token), host=args.host,
                                   port=args.port, log_level="warning")).run(sockets=[sock])
     return 0
+
+
+TOKEN_ENV = "SCVNET_SEARCH_TOKEN"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is this machine's loopback (127.0.0.0/8, ::1):
+    only then can no other machine reach a server bound to it."""
+    import ipaddress
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except OSError:
+        return False
+    addresses = {info[4][0].split("%")[0] for info in infos}
+    return bool(addresses) and all(ipaddress.ip_address(a).is_loopback for a in addresses)
+
+
+def _token(args) -> str | None:
+    """serve's token: --token, else SCVNET_SEARCH_TOKEN, else None; one InputError for an
+    empty one, and for none at all when --host is reachable from other machines."""
+    token, where = args.token, "--token"
+    if token is None:
+        token, where = os.environ.get(TOKEN_ENV), TOKEN_ENV
+    if token is not None and not token.strip():
+        raise InputError(f"{where} is empty: expected a secret (e.g. from "
+                         "`python -c 'import secrets; print(secrets.token_urlsafe())'`)")
+    if token is None and not is_loopback(args.host):
+        raise InputError(f"--host {args.host} can be reached from other machines: give a "
+                         f"token ({TOKEN_ENV}=SECRET in the environment, or --token), which "
+                         "every request must then carry")
+    return token.strip() if token is not None else None
 
 
 def _listening_socket(host: str, port: int):

@@ -38,6 +38,7 @@ inode change) and loads it on the next request (the model stays): no restart nee
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -319,6 +320,58 @@ def _in_user_words(path: str, name: str):
         raise type(e)(str(e).replace(path, name)) from None
 
 
+TOKEN_COOKIE = "scvnet_token"
+# what anyone may fetch without the token: the page's shell (no facts of the collection when a
+# token is set), its script and style, and the API's description
+PUBLIC_PATHS = ("/", "/docs", "/openapi.json")
+PUBLIC_PREFIXES = ("/static/",)
+
+
+class _TokenGuard:
+    """ASGI middleware: with a token set, every request but the public ones (PUBLIC_PATHS,
+    PUBLIC_PREFIXES) carries it, as `Authorization: Bearer <token>` (API clients) or the
+    `scvnet_token` cookie (the page sets it when the user types the token in), or is
+    answered 401 {"error": ...}. Compared in constant time."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token.encode()
+
+    def _given(self, headers) -> bytes | None:
+        auth = headers.get(b"authorization", b"")
+        if auth[:7].lower() == b"bearer ":
+            return auth[7:].strip()
+        from http.cookies import SimpleCookie
+        jar = SimpleCookie()
+        try:
+            jar.load(headers.get(b"cookie", b"").decode("latin-1"))
+        except Exception:       # a malformed cookie header: no token
+            return None
+        morsel = jar.get(TOKEN_COOKIE)
+        if morsel is None:
+            return None
+        from urllib.parse import unquote
+        return unquote(morsel.value).encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope.get("path", "")
+        if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
+            return await self.app(scope, receive, send)
+        import hmac
+        given = self._given(dict(scope["headers"]))
+        if given is not None and hmac.compare_digest(given, self.token):
+            return await self.app(scope, receive, send)
+        said = "a wrong token" if given is not None else "no token"
+        body = json.dumps({"error": f"{said}: this server needs its token, as "
+                           "'Authorization: Bearer <token>' (the page asks for it)"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"www-authenticate", b'Bearer realm="scvnet-search"'),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class _UploadLimit:
     """ASGI middleware: a request body over `limit` bytes is answered 413 {"error": ...}
     while it arrives, from its Content-Length before any byte is read, else (chunked) once
@@ -382,8 +435,9 @@ def parse_box(text: str) -> tuple[float, ...]:
     return box
 
 
-def create_app(searcher: Searcher):
-    """The FastAPI application over `searcher`."""
+def create_app(searcher: Searcher, token: str | None = None):
+    """The FastAPI application over `searcher`. With `token`, every request but the page's
+    shell, its static files and the API docs needs it (`_TokenGuard`)."""
     from fastapi import FastAPI, File, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
@@ -395,6 +449,8 @@ def create_app(searcher: Searcher):
                   "by image or region (scvnet_jax).", docs_url=None, redoc_url=None)
     app.add_middleware(_UploadLimit, limit=searcher.max_upload_bytes + (64 << 10),
                        limit_mb=round(searcher.max_upload_bytes / 2**20, 6))
+    if token:
+        app.add_middleware(_TokenGuard, token=token)
     static = resources.files("scvnet_jax.app") / "static"
 
     @app.exception_handler(HTTPException)
@@ -423,7 +479,7 @@ def create_app(searcher: Searcher):
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page():
-        return page_html(searcher, searcher.rerankers)
+        return page_html(searcher, searcher.rerankers, facts=not token)
 
     @app.get("/static/{name}", include_in_schema=False)
     def static_file(name: str):
@@ -568,11 +624,15 @@ The schema: <a href="/openapi.json">/openapi.json</a>; the page: <a href="/">/</
 """
 
 
-def page_html(searcher: Searcher, rerankers) -> str:
-    """The page, rendered on the server (the index's facts and the reranker list)."""
+def page_html(searcher: Searcher, rerankers, facts: bool = True) -> str:
+    """The page, rendered on the server (the index's facts and the reranker list). Without
+    `facts` (a server with a token: the page is public) the facts are left to the script,
+    which reads them from /api/health once the token is given."""
     from html import escape
     ix = searcher.current()[0]
     from scvnet_jax.rerank import registry
+    shown = (f"{len(ix)} images &middot; {escape(ix.family)} descriptors &middot;\n"
+             f"model {escape(ix.weights or 'unknown')}") if facts else "&hellip;"
     opts = "".join(f'<option value="{escape(n)}">{escape(n)}</option>'
                    for n in ["none", *rerankers])
     depth = ", ".join(n for n in rerankers if registry.get(n).depth and
@@ -583,8 +643,10 @@ def page_html(searcher: Searcher, rerankers) -> str:
 <title>scvnet-search</title><link rel="stylesheet" href="/static/style.css"></head>
 <body>
 <header><h1>scvnet-search</h1>
-<p id="facts">{len(ix)} images &middot; {escape(ix.family)} descriptors &middot;
-model {escape(ix.weights or 'unknown')} &middot; <a href="/docs">API</a></p></header>
+<p><span id="facts">{shown}</span> &middot; <a href="/docs">API</a></p></header>
+<form id="tokenform" hidden><label>This server needs its token:
+  <input id="token" type="password" autocomplete="current-password" required></label>
+  <button type="submit">Go</button> <span id="tokenstatus" role="status"></span></form>
 <main>
 <section id="query">
   <div id="drop" tabindex="0">Drop an image here or

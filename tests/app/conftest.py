@@ -26,16 +26,17 @@ def searcher(tmp_path_factory, demo_benchmark):
 
 @pytest.fixture(scope="session")
 def serve(free_port):
-    """serve(searcher): a context manager serving the app over `searcher` with uvicorn on
-    localhost (a thread), giving its base URL."""
+    """serve(searcher, token=None): a context manager serving the app over `searcher` with
+    uvicorn on localhost (a thread), giving its base URL."""
     import contextlib
 
     import uvicorn
 
     @contextlib.contextmanager
-    def served(searcher):
+    def served(searcher, token=None):
         port = free_port()
-        live = uvicorn.Server(uvicorn.Config(server.create_app(searcher), host="127.0.0.1",
+        live = uvicorn.Server(uvicorn.Config(server.create_app(searcher, token),
+                                             host="127.0.0.1",
                                              port=port, log_level="warning"))
         thread = threading.Thread(target=live.run, daemon=True)
         thread.start()

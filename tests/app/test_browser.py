@@ -254,6 +254,42 @@ def test_narrow_window_bad_numbers_and_failed_upload(browser, live_server, searc
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_the_page_asks_for_the_token_once(browser, searcher, serve):
+    """A server with a token: the page shows no fact of the collection and asks for the
+    token; a wrong one is said and asked again; the right one is kept (a cookie), so the
+    facts appear, a search's thumbnails load, and after a reload nothing is asked."""
+    driver = browser
+    with serve(searcher, token="page-token") as url:
+        driver.get(url + "/")
+        driver.delete_all_cookies()
+        driver.refresh()
+        _wait(driver, "!document.getElementById('tokenform').hidden")
+        assert driver.find_element("id", "facts").text == "\u2026"
+        field = driver.find_element("id", "token")
+        field.send_keys("not-it")
+        driver.find_element("css selector", "#tokenform button").click()
+        _wait(driver, "document.getElementById('tokenstatus').textContent.includes("
+                      "'not accepted')")
+        field.send_keys("page-token")
+        driver.find_element("css selector", "#tokenform button").click()
+        _wait(driver, "document.getElementById('tokenform').hidden")
+        facts = _wait(driver, "document.getElementById('facts').textContent.includes("
+                              "'images') && document.getElementById('facts').textContent")
+        assert facts.startswith(f"{len(searcher.index)} images")
+        query = sj.search.list_images(searcher.index.root)[2]
+        driver.find_element("id", "file").send_keys(str(query))
+        hits = _wait_for_results(driver)
+        _wait(driver, _loaded("#grid .hit img"))       # thumbnails: the cookie goes with them
+        assert [p for p, _ in hits] == [h["path"] for h in httpx.post(
+            url + "/api/search", params={"k": 10},
+            headers={"Authorization": "Bearer page-token"},
+            files={"image": (query.name, query.read_bytes(), "image/jpeg")}).json()["hits"]]
+        driver.refresh()                                 # asked once: kept
+        _wait(driver, "document.getElementById('facts').textContent.includes('images')")
+        assert not driver.find_element("id", "tokenform").is_displayed()
+        driver.delete_all_cookies()
+
+
 def test_repeated_names_tiff_and_a_reindex_in_the_page(browser, collection, serve, tmp_path):
     """Two hits named x.jpg show their folders; a TIFF shows (thumbnail and viewer, served
     as JPEG); re-indexing the collection into the served file is seen by the next search

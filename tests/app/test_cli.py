@@ -250,8 +250,14 @@ def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, r
     (["serve", "--index", "none.index", "--port", "80000"], "argument --port: expected a "
      "port in 1..65535, got '80000'"),
     (["serve", "--index", "none.index", "--port", "0"], "expected a port in 1..65535"),
-    (["serve", "--index", "none.index", "--host", "no-such-host.invalid", "--port", "8000"],
-     "--host no-such-host.invalid --port 8000: cannot listen there"),
+    (["serve", "--index", "none.index", "--host", "0.0.0.0", "--port", "8000"],
+     "--host 0.0.0.0 can be reached from other machines: give a token "
+     "(SCVNET_SEARCH_TOKEN=SECRET in the environment, or --token), which every request must "
+     "then carry"),
+    (["serve", "--index", "none.index", "--host", "::", "--port", "8000"],
+     "--host :: can be reached from other machines"),
+    (["serve", "--index", "none.index", "--token", " ", "--port", "8000"],
+     "--token is empty: expected a secret"),
 ])
 def test_bad_values_are_one_error_before_the_model(args, message, capsys, one_error_line,
                                                    monkeypatch):
@@ -264,6 +270,47 @@ def test_bad_values_are_one_error_before_the_model(args, message, capsys, one_er
         rc = e.code
     assert rc == 2
     one_error_line(capsys.readouterr().err, message)
+
+
+def test_loopback_hosts():
+    from scvnet_jax.app.cli import is_loopback
+    for host in ("127.0.0.1", "127.0.0.2", "localhost", "::1"):
+        assert is_loopback(host), host
+    for host in ("0.0.0.0", "::", "192.0.2.7", "no-such-host.invalid"):
+        assert not is_loopback(host), host
+
+
+def test_serve_beyond_loopback_takes_the_token_from_the_environment(
+        searcher, free_port, capsys, monkeypatch):
+    """--host 0.0.0.0 with SCVNET_SEARCH_TOKEN set: it serves, the app it serves wants the
+    token, and the line it prints says so."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from scvnet_jax.app import cli as app_cli
+    monkeypatch.setattr(app_cli, "_index_and_model",
+                        lambda args: (searcher.index, searcher.model))
+    monkeypatch.setenv("SCVNET_SEARCH_TOKEN", "from-the-env")
+    apps, served = [], []
+    monkeypatch.setattr(uvicorn, "Config", lambda app, **kw: apps.append(app) or kw)
+    monkeypatch.setattr(uvicorn, "Server", lambda config: type(
+        "Served", (), {"run": lambda self, sockets: served.extend(sockets)})())
+    port = free_port()
+    assert main(["serve", "--index", "i.index", "--host", "0.0.0.0", "--port", str(port)]) == 0
+    assert "requests need the token" in capsys.readouterr().out
+    served[0].close()
+    c = TestClient(apps[0])
+    assert c.get("/api/health").status_code == 401
+    assert c.get("/api/health", headers={"Authorization": "Bearer from-the-env"}).json()[
+        "status"] == "ok"
+    # --token wins over the environment
+    assert main(["serve", "--index", "i.index", "--host", "0.0.0.0", "--port", str(port),
+                 "--token", "flag"]) == 0
+    served[1].close()
+    c = TestClient(apps[1])
+    assert c.get("/api/health", headers={"Authorization": "Bearer flag"}).status_code == 200
+    assert c.get("/api/health", headers={"Authorization": "Bearer from-the-env"}
+                 ).status_code == 401
 
 
 def test_serve_refuses_a_port_in_use_then_listens_on_the_one_it_names(

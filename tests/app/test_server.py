@@ -531,3 +531,42 @@ def test_chamfer_is_offered_and_answers(client, tmp_path, monkeypatch):
     assert hits[0]["id"] == 1 and hits[0]["score"] == pytest.approx(1.0, abs=2e-3)
     assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
     assert list((tmp_path / "scvnet_jax").glob("chamfer-locals-*/*.npz"))  # kept by content
+
+
+def test_a_token_guards_everything_but_the_page_shell(searcher):
+    """With a token (serve --token / SCVNET_SEARCH_TOKEN): the API, images and thumbnails
+    answer 401 JSON without it or with a wrong one, and serve a request that carries it as a
+    bearer header (API clients) or as the page's cookie; the page, its files and the API docs
+    stay public, and the page then shows no fact of the collection."""
+    from fastapi.testclient import TestClient
+
+    c = TestClient(server.create_app(searcher, token="s3cret-tok"))
+    for path in ("/api/health", "/api/image/0", "/api/thumb/0", "/api/original/0"):
+        r = c.get(path)
+        assert r.status_code == 401, path
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        assert r.json()["error"].startswith("no token: this server needs its token"), r.text
+        r = c.get(path, headers={"Authorization": "Bearer s3cret-tokX"})
+        assert r.status_code == 401 and r.json()["error"].startswith("a wrong token"), path
+        assert c.get(path, headers={"Authorization": "Bearer s3cret-tok"}).status_code == 200
+    r = c.post("/api/search?id=0&k=3", files={})
+    assert r.status_code == 401 and "error" in r.json()
+    r = c.post("/api/search?id=0&k=3", headers={"Authorization": "bearer s3cret-tok"})
+    assert r.status_code == 200 and len(r.json()["hits"]) == 3
+    # the page's cookie (as the page's script sets it: the token URI-encoded)
+    c.cookies.set(server.TOKEN_COOKIE, "s3cret-tok")
+    assert c.get("/api/thumb/1").status_code == 200
+    c.cookies.set(server.TOKEN_COOKIE, "s3cret%2Dtok")      # encodeURIComponent-style
+    assert c.get("/api/health").json()["images"] == len(searcher.index)
+    c.cookies.clear()
+    c.cookies.set(server.TOKEN_COOKIE, "nope")
+    assert c.get("/api/health").status_code == 401
+    c.cookies.clear()
+    page = c.get("/")
+    assert page.status_code == 200 and 'id="tokenform"' in page.text
+    assert f"{len(searcher.index)} images" not in page.text and "descriptors" not in page.text
+    for path in ["/docs", "/openapi.json"] + [f"/static/{n}" for n in server.STATIC]:
+        assert c.get(path).status_code == 200, path
+    # no token: nothing asked, the facts on the page as before
+    open_page = TestClient(server.create_app(searcher)).get("/").text
+    assert f"{len(searcher.index)} images" in open_page

@@ -132,6 +132,7 @@
       const res = await fetch("/api/search?" + params, {method: "POST", body: body});
       let out;
       try { out = await res.json(); } catch (e) { out = {}; }
+      if (res.status === 401) askToken();
       if (!res.ok) { clear((note || "") + (out.error || res.statusText)); return; }
       regions = out.regions || [];
       draw();
@@ -231,4 +232,37 @@
   document.addEventListener("keydown", (ev) => {
     if (ev.key === "Escape") closeViewer();
   });
+
+  // A server bound beyond this machine has a token: the page asks for it once and keeps it
+  // in a same-site cookie (sent with every request, the thumbnails' too) for 30 days.
+  function askToken(message) {
+    $("tokenform").hidden = false;
+    $("tokenstatus").textContent = message || "";
+    $("token").focus();
+  }
+
+  async function checkToken() {
+    let res;
+    try { res = await fetch("/api/health"); } catch (e) { return; }
+    if (res.status === 401) {
+      const had = document.cookie.split("; ").some((c) => c.startsWith("scvnet_token="));
+      askToken(had ? "that token was not accepted" : "");
+      return;
+    }
+    $("tokenform").hidden = true;
+    if ($("facts").textContent === "\u2026" && res.ok) {
+      const h = await res.json();
+      $("facts").textContent = `${h.images} images \u00b7 ${h.family} descriptors \u00b7 ` +
+                               `model ${h.weights || "unknown"}`;
+    }
+  }
+
+  $("tokenform").addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    document.cookie = "scvnet_token=" + encodeURIComponent($("token").value) +
+                      "; path=/; max-age=2592000; SameSite=Strict";
+    $("token").value = "";
+    checkToken();
+  });
+  checkToken();
 })();
