@@ -99,6 +99,24 @@ REGION_SCALES = {"cvnet": (1.0,), "superglobal": 1}
 
 
 @dataclasses.dataclass
+class DuplicateGroup:
+    """Near-identical images (`Index.duplicates`): their ids and paths, each one's best
+    similarity to another member (`best`), the lowest similarity among the links that join
+    the group (`weakest_link`), and whether every file has the same content (`identical`)."""
+    ids: list
+    paths: list
+    best: list
+    weakest_link: float
+    identical: bool
+
+    def as_dict(self, shown=str) -> dict:
+        """JSON-ready; `shown` turns each path into the text to show."""
+        return {"images": [{"id": int(i), "path": shown(p), "best": round(b, 6)}
+                           for i, p, b in zip(self.ids, self.paths, self.best)],
+                "weakest_link": round(self.weakest_link, 6), "identical": self.identical}
+
+
+@dataclasses.dataclass
 class Index:
     """Descriptors of a collection: `paths[i]` (absolute) has `descriptors[i]` (float32, or
     float16 to halve the size); `root` is the folder that was indexed (`rerooted` moves the
@@ -206,6 +224,71 @@ class Index:
         paths = [new_root + os.sep + p[len(old):] if p.startswith(old) else p
                  for p in self.paths]
         return dataclasses.replace(self, paths=paths, root=new_root)
+
+    def duplicates(self, threshold: float, k: int = 10, batch: int = 4096,
+                   progress: bool = False) -> list["DuplicateGroup"]:
+        """Groups of near-identical images: the connected groups of the graph that links
+        each image to those of its k nearest neighbours (through the index's backend, so
+        it scales with it: exact on the devices, faiss or Qdrant) whose cosine similarity is
+        at least `threshold`; files with the same content digest are linked whatever their
+        descriptors. Largest groups first, then the most similar; see `DuplicateGroup`."""
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not (
+                -1.0 <= float(threshold) <= 1.0):
+            raise InputError(f"threshold: expected a cosine similarity in [-1, 1], got "
+                             f"{threshold!r}")
+        k = _positive_int(k, "k")
+        n = len(self)
+        if n < 2:
+            return []
+        kk = min(k + 1, n)                       # + the image itself
+        exact = self.backend is None
+        engine = backends.Exact(self.descriptors) if exact else self.backend
+        edges = []                                # (similarity, i, j)
+        with tqdm(total=n, desc="duplicates", unit="img", dynamic_ncols=True,
+                  mininterval=2.0, disable=not progress) as bar:
+            for start in range(0, n, batch):
+                Q = np.asarray(self.descriptors[start:start + batch], np.float32)
+                scores, ids = engine.search(Q, kk)
+                scores = np.minimum(scores, 1.0)    # float16 rounding: cosines of 1.0002
+                rows = np.arange(start, start + len(Q))[:, None]
+                keep = (ids >= 0) & (ids != rows) & (scores >= threshold)
+                r, c = np.nonzero(keep)
+                edges += zip(scores[r, c].tolist(), (r + start).tolist(), ids[r, c].tolist())
+                bar.update(len(Q))
+        by_digest: dict = {}
+        for i, d in enumerate(self.digests):
+            if d:
+                by_digest.setdefault(d, []).append(i)
+        for same in by_digest.values():
+            edges += [(1.0, same[0], j) for j in same[1:]]
+        parent = list(range(n))
+
+        def root(i):
+            while parent[i] != i:
+                parent[i] = parent[parent[i]]
+                i = parent[i]
+            return i
+        best = np.full(n, -np.inf)
+        weakest: dict = {}
+        for sim, i, j in sorted(edges, reverse=True):   # a maximum spanning forest
+            best[i], best[j] = max(best[i], sim), max(best[j], sim)
+            a, b = root(i), root(j)
+            if a != b:
+                parent[b] = a
+                weakest[a] = min(weakest.pop(a, sim), weakest.pop(b, sim), sim)
+        members: dict = {}
+        for i in range(n):
+            if best[i] > -np.inf:
+                members.setdefault(root(i), []).append(i)
+        groups = []
+        for r, ids in members.items():
+            ids = sorted(ids, key=lambda i: (-best[i], self.paths[i]))
+            digests = {self.digests[i] for i in ids} if self.digests else {None}
+            groups.append(DuplicateGroup(
+                ids, [self.paths[i] for i in ids], [float(best[i]) for i in ids],
+                float(weakest[r]), len(digests) == 1 and None not in digests))
+        groups.sort(key=lambda g: (-len(g.ids), -g.weakest_link, g.paths[0]))
+        return groups
 
     def search(self, model: RetrievalModel, queries, k: int = 10, *, boxes=None,
                rerank: str | None = None, rerank_k: int = 100, options: dict | None = None,

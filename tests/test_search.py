@@ -508,3 +508,59 @@ def test_rerankers_without_their_weights_are_refused_before_extraction(folder, m
     for name in ("ames", "csa"):
         with pytest.raises(InputError, match=f"rerank {name} needs weights: options"):
             index.search(model, query, rerank=name)
+
+
+def _unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_duplicates_are_the_connected_groups_above_the_threshold():
+    """Planted near-copies group with their original; a chain a-b-c is one group whose
+    weakest link is the lower of its two links; files of one content digest group whatever
+    their descriptors; more copies than k still make one group; faiss finds the same."""
+    rng = np.random.default_rng(0)
+    base = _unit(rng.standard_normal((40, 64)))         # 40 unrelated photos (cosine ~0)
+    noise = lambda v, s: _unit(v + s * rng.standard_normal(v.shape))  # noqa: E731
+    a = base[0]
+    b = noise(a, 0.05)
+    c = noise(b, 0.05)                                 # a-b and b-c close, a-c less so
+    copies = [base[1]] * 14                            # 15 copies of photo 1 (k = 10)
+    X = np.concatenate([base, [b, c], copies])
+    paths = [f"/p/{i}.jpg" for i in range(len(X))]
+    digests = [f"d{i}" for i in range(len(X))]
+    digests[2] = digests[3] = "same-bytes"             # one content, other descriptors
+    index = sj.search.Index(paths, X.astype(np.float16), "cvnet", digests=digests)
+    sim = lambda i, j: float(np.dot(X[i].astype(np.float16).astype(np.float32),  # noqa: E731
+                                    X[j].astype(np.float16).astype(np.float32)))
+    t = min(sim(0, 40), sim(40, 41)) - 1e-3
+    assert sim(0, 41) < t      # the chain's ends alone would not be linked
+    groups = index.duplicates(t, k=10)
+    got = sorted(sorted(g.ids) for g in groups)
+    assert got == sorted([[0, 40, 41], [1] + list(range(42, 56)), [2, 3]]), got
+    chain = next(g for g in groups if 40 in g.ids)
+    assert chain.weakest_link == pytest.approx(min(sim(0, 40), sim(40, 41)), abs=1e-3)
+    assert not chain.identical
+    bytes_group = next(g for g in groups if 2 in g.ids)
+    assert bytes_group.identical and bytes_group.best == [1.0, 1.0]
+    assert [len(g.ids) for g in groups] == [15, 3, 2]          # largest first
+    d = groups[0].as_dict()
+    assert set(d) == {"images", "weakest_link", "identical"}
+    assert d["images"][0]["path"].startswith("/p/")
+    # a higher threshold splits the chain; nothing is linked at 1.0 except the digests
+    assert sorted(sorted(g.ids) for g in index.duplicates(0.9999, k=10)
+                  if 40 in g.ids or 0 in g.ids) == []
+    if sj.search._has_faiss():
+        flat = index.with_backend("faiss", kind="flat")
+        assert sorted(sorted(g.ids) for g in flat.duplicates(t, k=10)) == got
+
+
+def test_duplicates_refuse_bad_arguments():
+    index = sj.search.Index(["/a.jpg", "/b.jpg"], np.eye(2, dtype=np.float32))
+    for bad in (1.5, -2, "0.9", True, float("nan")):
+        with pytest.raises(InputError, match="threshold: expected a cosine similarity"):
+            index.duplicates(bad)
+    with pytest.raises(InputError, match="k"):
+        index.duplicates(0.9, k=0)
+    assert index.duplicates(0.5) == []
+    assert sj.search.Index(["/a.jpg"], np.ones((1, 2), np.float32)).duplicates(0.5) == []

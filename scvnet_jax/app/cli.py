@@ -5,6 +5,7 @@
     scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
                                                     [--regions 5] [--box X1,Y1,X2,Y2] [--json]
     scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
+    scvnet-search duplicates --index my.index --threshold 0.995 [--json | --csv]
     SCVNET_SEARCH_TOKEN=SECRET scvnet-search serve --index my.index --host 0.0.0.0
 
 (`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
@@ -170,6 +171,28 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="one JSON object per query")
     _backend_flags(q)
     _common(q)
+    dp = sub.add_parser("duplicates", help="groups of near-identical photos in an index",
+                        description="Groups of near-identical photos (copies, re-encodes, "
+                        "resizes, light crops): each indexed image is linked to those of its "
+                        "k nearest neighbours whose cosine similarity is at least --threshold "
+                        "(through the index's search backend, so it scales with the index), "
+                        "and files of the same content always; the connected groups are "
+                        "listed, largest first. Reads the index only: no model, no image.")
+    dp.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
+    dp.add_argument("--threshold", type=_similarity, required=True, metavar="T",
+                    help="the cosine similarity (of the index's global descriptors) that "
+                         "links two photos; it depends on the model: with the bundled demo "
+                         "model 0.995, with official CVNet weights lower (docs: The search "
+                         "app, Duplicates)")
+    dp.add_argument("-k", type=_positive, default=10,
+                    help="neighbours looked at per photo (default 10); a photo with more "
+                         "copies than k still joins its group through theirs")
+    dp.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
+    out = dp.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON object")
+    out.add_argument("--csv", action="store_true",
+                     help="CSV: group,id,path,best,weakest_link,identical (one row per photo)")
+    _backend_flags(dp)
     sv = sub.add_parser("serve", help="the web page and REST API over an index",
                         description="Serve the search page and the REST API (GET /api/health, "
                         "POST /api/search, GET /api/image/{id}, docs at /docs) over one index, "
@@ -423,6 +446,52 @@ def _reranker_weights(name: str, weights, option: str) -> None:
         raise InputError(f"{option.split('=')[0]} {weights}: no such file or model directory")
 
 
+def _similarity(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not -1.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine similarity in [-1, 1], got "
+                                         f"{text!r}")
+    return v
+
+
+def duplicates_command(args) -> int:
+    from scvnet_jax import search
+
+    index = search.Index.load(Path(args.index).expanduser(), root=args.root)
+    index = _with_backend(index, args)
+    t0 = time.perf_counter()
+    groups = index.duplicates(args.threshold, k=args.k, progress=not (args.json or args.csv))
+    seconds = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({"index": shown(str(args.index)), "images": len(index),
+                          "threshold": args.threshold, "k": args.k,
+                          "groups": [g.as_dict(shown) for g in groups]}))
+        return 0
+    if args.csv:
+        import csv
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(["group", "id", "path", "best", "weakest_link", "identical"])
+        for n, g in enumerate(groups, 1):
+            for i, path, best in zip(g.ids, g.paths, g.best):
+                w.writerow([n, i, shown(path), f"{best:.6f}", f"{g.weakest_link:.6f}",
+                            int(g.identical)])
+        return 0
+    dupes = sum(len(g.ids) for g in groups)
+    print(f"{shown(str(args.index))}: {len(groups)} group{'s' * (len(groups) != 1)} of "
+          f"near-identical photos ({dupes} of {len(index)} photos; cosine >= "
+          f"{args.threshold:g} among {args.k} nearest neighbours; search "
+          f"{_backend_text(index)}; {seconds:.2f} s)")
+    for n, g in enumerate(groups, 1):
+        kind = "the same file content" if g.identical else f"weakest link {g.weakest_link:.4f}"
+        print(f"  group {n}: {len(g.ids)} photos, {kind}")
+        for path, best in zip(g.paths, g.best):
+            print(f"    {best:8.4f}  {shown(path)}")
+    return 0
+
+
 def serve_command(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -537,5 +606,6 @@ def main(argv=None) -> int:
         if argv[i - 1] == "--box" and str(argv[i]).startswith("-"):   # value for an option;
             argv[i - 1:i + 1] = [f"--box={argv[i]}"]        # glued, it reaches the box check
     args = parser().parse_args(argv)
-    commands = {"index": index_command, "query": query_command, "serve": serve_command}
+    commands = {"index": index_command, "query": query_command,
+                "duplicates": duplicates_command, "serve": serve_command}
     return cli.run(lambda: commands[args.command](args))

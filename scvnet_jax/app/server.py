@@ -505,6 +505,27 @@ def create_app(searcher: Searcher, token: str | None = None):
                 "max_side": int(ix.max_side),
                 "rerankers": ["none", *searcher.rerankers]}
 
+    dupes: dict = {}       # (index object, threshold, k) -> the answer: the last few
+
+    @app.get("/api/duplicates")
+    def duplicates(threshold: float = Query(..., description="the cosine similarity that "
+                                            "links two photos, in [-1, 1]"),
+                   k: int = Query(10, description="neighbours looked at per photo (1..100)")):
+        """Groups of near-identical photos (`scvnet-search duplicates`): largest first."""
+        if not 1 <= k <= 100:
+            raise ScvnetError(f"k: expected 1..100, got {k}")
+        ix = searcher.current()[0]
+        key = (id(ix), float(threshold), k)
+        if key not in dupes or dupes[key][0] is not ix:    # (kept with it: ids are reused)
+            t0 = time.perf_counter()
+            groups = ix.duplicates(threshold, k=k)
+            dupes[key] = (ix, {"images": len(ix), "threshold": threshold, "k": k,
+                               "groups": [g.as_dict(shown) for g in groups],
+                               "ms": round(1000 * (time.perf_counter() - t0), 1)})
+            while len(dupes) > 4:
+                dupes.pop(next(iter(dupes)))
+        return dupes[key][1]
+
     @app.post("/api/search")
     async def search(request: Request,
                      image: UploadFile | None = File(None, description="the query image"),
@@ -669,6 +690,12 @@ depth: {escape(depth)})">rerank k <input id="rerank_k" name="rerank_k" type="num
 </section>
 <section id="results"><p id="scorekind"></p><div id="grid"></div></section>
 </main>
+<section id="dupes"><h2>Duplicates</h2>
+  <form id="dupform" novalidate><label title="the cosine similarity of two photos' global
+descriptors that links them; it depends on the model (docs: The search app, Duplicates)">similarity
+    at least <input id="dup_threshold" type="number" min="-1" max="1" step="0.001"
+    value="0.995"></label> <button id="dupsearch" type="submit">Find duplicates</button></form>
+  <p id="dupstatus" role="status"></p><div id="dupgroups"></div></section>
 <div id="viewer" role="dialog" aria-modal="true" aria-label="image viewer" hidden>
   <div id="viewer-bar">
     <span id="viewer-path"></span>

@@ -254,6 +254,38 @@ def test_narrow_window_bad_numbers_and_failed_upload(browser, live_server, searc
         driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
 
 
+def test_the_duplicates_view(browser, live_server, searcher, tmp_path):
+    """Find duplicates: the page shows the REST API's groups, one row of loaded thumbnails
+    each; a thumbnail opens the viewer; a bad threshold is said, not sent."""
+    driver = browser
+    driver.get(live_server + "/")
+    field = driver.find_element("id", "dup_threshold")
+    field.clear()
+    field.send_keys("0.97")
+    driver.find_element("id", "dupsearch").click()
+    _wait(driver, "document.getElementById('dupstatus').textContent.includes('group(s)')")
+    want = httpx.get(live_server + "/api/duplicates",
+                     params={"threshold": 0.97, "k": 10}).json()["groups"]
+    shown = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#dupgroups .dupgroup')).map("
+        "g => Array.from(g.querySelectorAll('.hit')).map(h => Number(h.dataset.id)));")
+    assert want and shown == [[im["id"] for im in g["images"]] for g in want]
+    _wait(driver, _loaded("#dupgroups .hit img"))
+    driver.execute_script("document.getElementById('dupes').scrollIntoView();")
+    _check_screenshot(driver, tmp_path / "duplicates.png", "-duplicates")
+    tile = driver.find_elements("css selector", "#dupgroups .hit")[0]
+    tile.click()
+    assert driver.find_element("id", "viewer").is_displayed()
+    assert driver.find_element("id", "viewer-path").text == want[0]["images"][0]["path"]
+    from selenium.webdriver.common.keys import Keys
+    driver.find_element("tag name", "body").send_keys(Keys.ESCAPE)
+    field.clear()
+    field.send_keys("7")
+    driver.find_element("id", "dupsearch").click()
+    _wait(driver, "document.getElementById('dupstatus').className === 'error'")
+    assert "from -1 to 1" in driver.find_element("id", "dupstatus").text
+
+
 def test_the_page_asks_for_the_token_once(browser, searcher, serve):
     """A server with a token: the page shows no fact of the collection and asks for the
     token; a wrong one is said and asked again; the right one is kept (a cookie), so the

@@ -6,7 +6,9 @@ import json
 import shutil
 import signal
 import time
+from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 
@@ -452,3 +454,57 @@ def test_missing_reranker_weights_are_found_before_the_model_loads(args, message
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message.format(tmp=tmp_path) \
         in err, err
+
+
+def test_duplicates_table_json_and_csv(photos, tmp_path, capsys):
+    """A collection with a copy of one photo and a re-encoded copy of another: both pairs
+    are groups (the copy by its content as well), as a table, JSON and CSV; nothing else
+    is grouped at a threshold above the different photos' similarities."""
+    import csv
+    import io
+
+    folder = tmp_path / "photos"
+    shutil.copytree(photos, folder)
+    a, b = sorted(folder.rglob("*.jpg"))[:2]
+    shutil.copy(a, folder / "copy_of_a.jpg")
+    im = cv2.imread(str(b))
+    cv2.imwrite(str(folder / "reencoded_b.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, 60])
+    index = tmp_path / "d.index"
+    assert main(["index", str(folder), "--index", str(index)]) == 0
+    capsys.readouterr()
+    assert main(["duplicates", "--index", str(index), "--threshold", "0.999", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["images"] == 14 and res["threshold"] == 0.999 and res["k"] == 10
+    groups = [sorted(Path(im["path"]).name for im in g["images"]) for g in res["groups"]]
+    assert sorted(groups) == sorted([sorted([a.name, "copy_of_a.jpg"]),
+                                     sorted([b.name, "reencoded_b.jpg"])]), groups
+    identical = {Path(g["images"][0]["path"]).name in (a.name, "copy_of_a.jpg"):
+                 g["identical"] for g in res["groups"]}
+    assert identical == {True: True, False: False}
+    assert main(["duplicates", "--index", str(index), "--threshold", "0.999"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{index}: 2 groups of near-identical photos (4 of 14 photos; "
+                             "cosine >= 0.999 among 10 nearest neighbours; search exact; ")
+    assert any("the same file content" in ln for ln in out)
+    assert main(["duplicates", "--index", str(index), "--threshold", "0.999", "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert len(rows) == 4 and set(rows[0]) == {"group", "id", "path", "best", "weakest_link",
+                                               "identical"}
+    assert sorted(r["group"] for r in rows) == ["1", "1", "2", "2"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["duplicates", "--index", "none.index", "--threshold", "1.5"],
+     "argument --threshold: expected a cosine similarity in [-1, 1], got '1.5'"),
+    (["duplicates", "--index", "none.index", "--threshold", "x"],
+     "argument --threshold: expected a cosine similarity in [-1, 1], got 'x'"),
+    (["duplicates", "--index", "none.index", "--threshold", "0.9"],
+     "none.index: no such index file"),
+])
+def test_duplicates_refusals(args, message, capsys, one_error_line):
+    try:
+        rc = main(args)
+    except SystemExit as e:
+        rc = e.code
+    assert rc == 2
+    one_error_line(capsys.readouterr().err, message)

@@ -564,9 +564,30 @@ def test_a_token_guards_everything_but_the_page_shell(searcher):
     c.cookies.clear()
     page = c.get("/")
     assert page.status_code == 200 and 'id="tokenform"' in page.text
-    assert f"{len(searcher.index)} images" not in page.text and "descriptors" not in page.text
+    assert f"{len(searcher.index)} images" not in page.text
+    assert f"{searcher.index.family} descriptors" not in page.text
     for path in ["/docs", "/openapi.json"] + [f"/static/{n}" for n in server.STATIC]:
         assert c.get(path).status_code == 200, path
     # no token: nothing asked, the facts on the page as before
     open_page = TestClient(server.create_app(searcher)).get("/").text
     assert f"{len(searcher.index)} images" in open_page
+
+
+def test_duplicates_from_rest(client, searcher):
+    """GET /api/duplicates answers what Index.duplicates finds, with ids the image routes
+    serve; bad values are JSON 4xx."""
+    want = searcher.index.duplicates(0.97, k=5)
+    r = client.get("/api/duplicates", params={"threshold": 0.97, "k": 5})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["images"] == len(searcher.index) and got["k"] == 5 and got["groups"]
+    assert [[im["id"] for im in g["images"]] for g in got["groups"]] == [g.ids for g in want]
+    for g in got["groups"]:
+        for im in g["images"]:
+            assert searcher.index.paths[im["id"]] == im["path"]
+    assert client.get("/api/duplicates", params={"threshold": 0.97, "k": 5}).json() == got
+    for params, code, said in (({"threshold": 2}, 400, "threshold: expected a cosine"),
+                               ({"threshold": 0.9, "k": 0}, 400, "k: expected 1..100"),
+                               ({"threshold": "x"}, 422, "threshold"), ({}, 422, "threshold")):
+        r = client.get("/api/duplicates", params=params)
+        assert r.status_code == code and said in r.json()["error"], (params, r.text)

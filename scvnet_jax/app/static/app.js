@@ -233,6 +233,74 @@
     if (ev.key === "Escape") closeViewer();
   });
 
+  // Duplicates: groups of near-identical photos (GET /api/duplicates), each a row of
+  // thumbnails with each photo's best similarity in its group; a click opens the viewer.
+  async function findDuplicates(ev) {
+    ev.preventDefault();
+    const t = Number($("dup_threshold").value);
+    const st = $("dupstatus");
+    if (!($("dup_threshold").value !== "" && t >= -1 && t <= 1)) {
+      st.textContent = "the similarity must be a number from -1 to 1";
+      st.className = "error";
+      return;
+    }
+    st.className = "";
+    st.textContent = "looking for duplicates ...";
+    $("dupsearch").disabled = true;
+    try {
+      const res = await fetch("/api/duplicates?" + new URLSearchParams({threshold: t, k: 10}));
+      let out;
+      try { out = await res.json(); } catch (e) { out = {}; }
+      if (res.status === 401) askToken();
+      if (!res.ok) { st.textContent = out.error || res.statusText; st.className = "error"; return; }
+      const box = $("dupgroups");
+      box.replaceChildren();
+      let photos = 0;
+      out.groups.forEach((g, n) => {
+        const row = document.createElement("div");
+        row.className = "dupgroup";
+        const head = document.createElement("p");
+        head.textContent = `group ${n + 1}: ${g.images.length} photos, ` +
+          (g.identical ? "the same file content" : `weakest link ${g.weakest_link.toFixed(4)}`);
+        const tiles = document.createElement("div");
+        tiles.className = "duptiles";
+        const names = labels(g.images.map((im) => im.path));
+        g.images.forEach((im, i) => {
+          const h = {id: im.id, path: im.path, score: im.best};
+          const div = document.createElement("div");
+          div.className = "hit";
+          div.dataset.id = im.id;
+          div.title = `${im.path}\nbest similarity in the group ${im.best.toFixed(4)}`;
+          const img = document.createElement("img");
+          img.src = "/api/thumb/" + im.id;
+          img.alt = im.path;
+          img.loading = "lazy";
+          const score = document.createElement("div");
+          score.className = "score";
+          score.textContent = im.best.toFixed(4);
+          const name = document.createElement("div");
+          name.className = "name";
+          name.textContent = names[i];
+          div.append(img, score, name);
+          div.addEventListener("click", () => openViewer(h));
+          tiles.append(div);
+        });
+        photos += g.images.length;
+        row.append(head, tiles);
+        box.append(row);
+      });
+      st.textContent = out.groups.length ? `${out.groups.length} group(s), ${photos} of ` +
+        `${out.images} photos, similarity at least ${t} (${out.ms} ms)` :
+        `no duplicates at similarity ${t} among ${out.images} photos`;
+    } catch (e) {
+      st.textContent = "the server did not answer: " + e;
+      st.className = "error";
+    } finally {
+      $("dupsearch").disabled = false;
+    }
+  }
+  $("dupform").addEventListener("submit", findDuplicates);
+
   // A server bound beyond this machine has a token: the page asks for it once and keeps it
   // in a same-site cookie (sent with every request, the thumbnails' too) for 30 days.
   function askToken(message) {
