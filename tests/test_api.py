@@ -72,6 +72,7 @@ def test_normalize_matches_official_prepare_im():
     np.testing.assert_allclose(sj.data.normalize(im), ref.transpose(1, 2, 0), atol=1e-6)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_padded_batches_equal_unpadded_images(model):
     """Images of different sizes padded into one bucket (with junk in the padding) give the
     results of each image alone: global, SuperGlobal, local features and rerank scores."""
@@ -124,6 +125,7 @@ print(json.dumps({"programs": len(seen), "compiled": len(seen) - len(hits)}))
 """
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_a_second_process_compiles_nothing(tmp_path):
     """sj.enable_compilation_cache() keeps programs in the package's cache folder (here a
     fresh XDG_CACHE_HOME): the first process compiles, a second one on the same shapes

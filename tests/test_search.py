@@ -63,6 +63,7 @@ def ames_weights(tmp_path_factory):
         out, meta={"descriptors": {"query_len": 16, "db_len": 8}})
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 @pytest.mark.parametrize("family", ["cvnet", "superglobal"])
 def test_index_search_save_load(folder, model, tmp_path, family, csa_weights, ames_weights,
                                 monkeypatch):

@@ -212,6 +212,7 @@ def test_coordinator_flags_need_distributed(tmp_path, capsys, one_error_line):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos"]
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_index_killed_midway_resumes(tmp_path, demo_benchmark, tiny_model_dir, run_module):
     """SIGKILL once two chunks are saved: the same command again extracts only the rest
     and writes the index an uninterrupted run writes."""

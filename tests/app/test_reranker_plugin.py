@@ -4,6 +4,7 @@ other edit (issue 30)."""
 import json
 
 import numpy as np
+import pytest
 
 
 def test_a_toy_reranker_in_search_rest_and_the_page(toy, searcher, capsys):
@@ -35,6 +36,7 @@ def test_a_toy_reranker_in_search_rest_and_the_page(toy, searcher, capsys):
     assert r.json()["score_kind"].startswith(f"{toy}: n x scale")
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_a_toy_reranker_in_eval(toy, tmp_path, capsys, eval_main, demo_benchmark):
     assert eval_main("--help") == 0
     out = capsys.readouterr().out

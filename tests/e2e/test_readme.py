@@ -56,6 +56,7 @@ def test_developing_page_names_the_test_tiers(repo):
     assert 'python -m pytest -q -m "not slow"' in dev and "python -m pytest -q " in dev
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_api_tour_output_matches_the_docs(official_checkpoint, repo):
     """examples/api_tour.py prints what docs/python.md shows."""
     block = re.search(r"```text\n\$ python examples/api_tour.py (\S+)\n(.*?)```",
@@ -68,6 +69,7 @@ def test_api_tour_output_matches_the_docs(official_checkpoint, repo):
     assert out == expected.replace(name, str(ckpt), 1)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_own_first_stage_output_matches_the_docs(repo, demo_home):
     """examples/own_first_stage.py (the demo model on the demo benchmark, the demo runs'
     shared cache) prints what docs/rerankers.md shows."""

@@ -103,6 +103,7 @@ def one_device(tmp_path_factory, images, tiny_model_dir, fake_devices_env, repo)
     return _load(out)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_eight_devices_equal_one(one_device, tmp_path, images, tiny_model_dir,
                                  fake_devices_env, repo):
     out = tmp_path / "eight.npz"

@@ -232,6 +232,7 @@ def test_detector_weights_are_the_fixtures(sets, detector_sd, seed):
 
 # -- per image and scale --------------------------------------------------------------------
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 @pytest.mark.parametrize("seed", SEEDS)
 def test_inputs_and_maps(sets, features, detectors, seed):
     """The query crop, the OpenCV inputs (bytes), the network input, and per map the
@@ -421,6 +422,7 @@ def test_padded_features_equal_unpadded(sets, models, features, image_files):
         assert not got[row, h:].any() and not got[row, :, w:].any()
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_extract_local_matches_per_image(sets, models, detectors, rows, image_files,
                                          tmp_path):
     """extract_local (padded size buckets holding maps of different sizes, 2 maps per batch,
@@ -499,6 +501,7 @@ print("ok", a.length.tolist())
 """
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_extract_local_on_8_devices(tiny_model_dir, image_files, fake_devices_env, repo):
     """8 (fake CPU) devices, each batch split over them, give the rows of one device (the
     tiny model and a random detector of its 128 channels); float16 descriptors by default."""

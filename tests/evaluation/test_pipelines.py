@@ -106,6 +106,7 @@ def test_cached_rerun_computes_nothing(run, monkeypatch, eval_main, shared):
         assert again[name]["mAP"] == run["results"][name]["mAP"]
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_head_only_change_reuses_the_descriptors(tiny_model_dir, monkeypatch, eval_main,
                                                   demo_benchmark, tmp_path):
     """Descriptor caches are keyed by the backbone: a model with another rerank head extracts
@@ -134,6 +135,7 @@ def test_head_only_change_reuses_the_descriptors(tiny_model_dir, monkeypatch, ev
     assert res["cvnet_rerank"]["mAP"] != ref["cvnet_rerank"]["mAP"]
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_verifier_working_size_is_its_own_cache(tiny_model_dir, monkeypatch, eval_main,
                                                 demo_benchmark, tmp_path):
     """--config.cvnet.max_side (the verifier's working size, issue 35) scores the pairs
@@ -164,6 +166,7 @@ def _kill_when(proc, cache, pattern: str) -> None:
     proc.wait()
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_kill_and_resume(tmp_path, tiny_model_dir, run_module, eval_main, demo_benchmark):
     """SIGKILL mid-extraction, same command again: finished chunks are reused untouched and
     the numbers equal those of an uninterrupted run (the tiny model on the demo benchmark:
@@ -215,6 +218,7 @@ def test_kill_during_reranking_and_resume(tmp_path, tiny_model_dir, run_module, 
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_reranker_pipelines_on_a_first_stage(tmp_path, tiny_model_dir, eval_main,
                                              demo_benchmark, capsys):
     """icfrr, csa, alpha_qe and dba rerank the chosen first stage: each is recorded with it

@@ -337,6 +337,7 @@ def test_pre_norm_gelu_odd_heads_variant_converts_and_runs(tmp_path, torch_save)
     np.testing.assert_array_equal(got, s32)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_rerank_images_is_the_model_on_each_pair_and_reuses_the_token_store(tmp_path,
                                                                              tiny_model):
     """`rerank_images` on image files (a random fp and dist AMES on the tiny CVNet's

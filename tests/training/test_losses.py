@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from scvnet_jax.training import losses
 
@@ -69,6 +70,7 @@ def test_losses_match_references():
                                                                  0.1), rtol=1e-5)
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_curricular_gradient_ignores_t_and_is_finite():
     rng = np.random.default_rng(1)
     q = jnp.asarray(_unit(rng.normal(size=(4, 8))), jnp.float32)

@@ -117,6 +117,7 @@ print(json.dumps(dict(sharded=compare(runs["one"], runs["eight"]),
 """
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_sharded_step_equals_single_device(fake_devices_env, repo):
     r = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True,
                        env=fake_devices_env(8), cwd=repo, timeout=900)
@@ -363,6 +364,7 @@ def test_two_processes_killed_and_resumed_equal_one(
             np.testing.assert_array_equal(y, x, err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_nonfinite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, run_train, demo_tfds,
                                                             restore_checkpoint,
                                                             one_error_line):

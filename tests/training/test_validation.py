@@ -51,6 +51,7 @@ def _tensorboard_scalars(work) -> dict:
     return out
 
 
+@pytest.mark.slow   # the everyday loop (-m 'not slow') stays within 4 minutes
 def test_validation_scores_are_logged_and_the_best_model_is_kept(run, demo_eval, medium_map):
     work, stdout = run
     recs = _records(work)
