@@ -173,34 +173,41 @@
     show("/api/image/" + h.id, {id: h.id});
   }
 
+  // one thumbnail tile: the image, its score and its name; a click opens the viewer
+  function tile(h, name, title) {
+    const div = document.createElement("div");
+    div.className = "hit";
+    div.dataset.id = h.id;
+    div.dataset.path = h.path;
+    div.title = title;
+    const img = document.createElement("img");
+    img.src = "/api/thumb/" + h.id;
+    img.alt = h.path;
+    img.loading = "lazy";
+    const score = document.createElement("div");
+    score.className = "score";
+    score.textContent = h.score.toFixed(4);
+    const label = document.createElement("div");
+    label.className = "name";
+    label.textContent = name;
+    div.append(img, score, label);
+    div.addEventListener("click", () => openViewer(h));
+    return div;
+  }
+
   function grid(hits) {
     const g = $("grid");
     g.replaceChildren();
     const names = labels(hits.map((h) => h.path));
     hits.forEach((h, i) => {
-      const div = document.createElement("div");
-      div.className = "hit";
-      div.dataset.id = h.id;
-      div.dataset.path = h.path;
-      div.title = `${h.path}\nscore ${h.score.toFixed(4)}: ${scoreKind}\n` +
-                  "click: view it; the button: search with it";
-      const img = document.createElement("img");
-      img.src = "/api/thumb/" + h.id;
-      img.alt = h.path;
-      img.loading = "lazy";
-      const score = document.createElement("div");
-      score.className = "score";
-      score.textContent = h.score.toFixed(4);
-      const name = document.createElement("div");
-      name.className = "name";
-      name.textContent = names[i];
+      const div = tile(h, names[i], `${h.path}\nscore ${h.score.toFixed(4)}: ${scoreKind}\n` +
+                                    "click: view it; the button: search with it");
       const use = document.createElement("button");
       use.type = "button";
       use.className = "use";
       use.textContent = "search with this";
       use.addEventListener("click", (ev) => { ev.stopPropagation(); useHit(h); });
-      div.append(img, score, name, use);
-      div.addEventListener("click", () => openViewer(h));
+      div.append(use);
       g.append(div);
     });
   }
@@ -267,23 +274,8 @@
         const names = labels(g.images.map((im) => im.path));
         g.images.forEach((im, i) => {
           const h = {id: im.id, path: im.path, score: im.best};
-          const div = document.createElement("div");
-          div.className = "hit";
-          div.dataset.id = im.id;
-          div.title = `${im.path}\nbest similarity in the group ${im.best.toFixed(4)}`;
-          const img = document.createElement("img");
-          img.src = "/api/thumb/" + im.id;
-          img.alt = im.path;
-          img.loading = "lazy";
-          const score = document.createElement("div");
-          score.className = "score";
-          score.textContent = im.best.toFixed(4);
-          const name = document.createElement("div");
-          name.className = "name";
-          name.textContent = names[i];
-          div.append(img, score, name);
-          div.addEventListener("click", () => openViewer(h));
-          tiles.append(div);
+          tiles.append(tile(h, names[i], `${im.path}\nbest similarity in the group ` +
+                                         im.best.toFixed(4)));
         });
         photos += g.images.length;
         row.append(head, tiles);
