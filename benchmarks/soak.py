@@ -2,9 +2,9 @@
 
     python benchmarks/soak.py --index my.index [--requests 2000] [--concurrency 8]
 
-Starts the server (`python -m scvnet_jax.app serve`, its own process), warms it up (--warmup
-requests of the same mix: the programs of the query sizes it sees get compiled, its caches
-fill), reads its resident memory, sends --requests requests from --concurrency threads
+Starts the server (`python -m scvnet_jax.app serve`, its own process), warms it up (each
+upload and each indexed image, up to 1,000, once of each kind, then --warmup requests of the
+mix: the programs of every query size get compiled, its caches fill), reads its resident memory, sends --requests requests from --concurrency threads
 (uploads searched plain and reranked, searches by id, regions, images, thumbnails,
 duplicates, health), reading its memory again half-way and at the end, and stops it.
 Prints per kind: requests, errors (anything but the expected answer), p50 / p95 latency
@@ -56,12 +56,13 @@ def start(index: str, port: int, extra=()) -> subprocess.Popen:
     raise RuntimeError("the server did not start in 10 minutes")
 
 
-def request(client, kind: str, n_images: int, uploads: list, rng: random.Random):
-    """One request of `kind`: (ok, seconds)."""
+def request(client, kind: str, n_images: int, uploads: list, rng: random.Random,
+            i: int | None = None):
+    """One request of `kind` (about image `i`: an id, or an upload's position; default
+    random): (ok, seconds)."""
     t = time.perf_counter()
-    i = rng.randrange(n_images)
     if kind in ("search", "search_rerank", "regions"):
-        path = rng.choice(uploads)
+        path = uploads[i] if i is not None else rng.choice(uploads)
         params = {"k": 10}
         if kind == "search_rerank":
             params["rerank"] = "superglobal"
@@ -70,7 +71,9 @@ def request(client, kind: str, n_images: int, uploads: list, rng: random.Random)
         r = client.post("/api/search", params=params,
                         files={"image": (path.name, path.read_bytes(), "image/jpeg")})
         ok = r.status_code == 200 and len(r.json()["hits"]) == min(10, n_images)
-    elif kind == "search_id":
+        return ok, time.perf_counter() - t
+    i = rng.randrange(n_images) if i is None else i
+    if kind == "search_id":
         r = client.post("/api/search", params={"id": i, "k": 10})
         ok = r.status_code == 200 and len(r.json()["hits"]) == min(10, n_images)
     elif kind == "image":
@@ -102,9 +105,11 @@ def soak(index: str, requests: int = 2000, concurrency: int = 8, port: int = 876
     try:
         with httpx.Client(base_url=base, timeout=300) as c:
             rng = random.Random(seed)
-            for kind in MIX:                        # every kind, every upload, once
-                for _ in range(len(files) if kind.startswith(("search", "regions")) else 1):
-                    request(c, kind, n, files, rng)
+            for kind in MIX:     # every upload, and every indexed image, once of each kind
+                every = len(files) if kind in ("search", "search_rerank", "regions") else (
+                    n if kind in ("search_id", "image", "thumb") else 1)
+                for i in range(min(every, 1000)):
+                    request(c, kind, n, files, rng, i)
         mix = random.Random(seed + 1).choices(list(MIX), weights=list(MIX.values()),
                                               k=warmup + requests)
         results: dict = {k: [] for k in MIX}
