@@ -52,7 +52,17 @@ def start(index: str, port: int, extra=()) -> subprocess.Popen:
         lines.append(line)
         if line.startswith("serving "):
             threading.Thread(target=proc.stdout.read, daemon=True).start()   # drain
-            return proc
+            import httpx
+            while time.time() < deadline:        # answering (serve listens before it says so)
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=60).is_success:
+                        return proc
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None:
+                    raise RuntimeError("the server stopped:\n" + "".join(lines[-30:]))
+                time.sleep(0.2)
+            break
     raise RuntimeError("the server did not start in 10 minutes")
 
 

@@ -580,8 +580,9 @@ def _token(args) -> str | None:
 
 
 def _listening_socket(host: str, port: int):
-    """A socket bound to host:port (as uvicorn binds: SO_REUSEADDR), or one InputError: a
-    port in use or a host that is not this machine's is said before the model loads."""
+    """A socket bound to host:port and listening (as uvicorn binds: SO_REUSEADDR), or one
+    InputError: a port in use or a host that is not this machine's is said before the model
+    loads."""
     import socket
 
     sock = None
@@ -592,6 +593,9 @@ def _listening_socket(host: str, port: int):
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        # listening now, so that a request sent once "serving ..." is printed waits in the
+        # backlog for uvicorn instead of being refused while it starts
+        sock.listen(2048)
         return sock
     except OSError as e:
         if sock is not None:

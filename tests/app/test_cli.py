@@ -350,6 +350,8 @@ def test_serve_refuses_a_port_in_use_then_listens_on_the_one_it_names(
     assert main(["serve", "--index", "i.index", "--port", str(port)]) == 0
     assert f"at http://127.0.0.1:{port}/ " in capsys.readouterr().out
     assert len(served) == 1 and served[0].getsockname() == ("127.0.0.1", port)
+    # listening before "serving" is printed: a first request waits, it is not refused
+    assert served[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
     served[0].close()
 
 
