@@ -181,12 +181,12 @@ def parser() -> argparse.ArgumentParser:
     dp.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
     dp.add_argument("--threshold", type=_similarity, required=True, metavar="T",
                     help="the cosine similarity (of the index's global descriptors) that "
-                         "links two photos; it depends on the model: with the bundled demo "
-                         "model 0.995, with official CVNet weights lower (docs: The search "
-                         "app, Duplicates)")
+                         "links two photos; it depends on the model (the bundled demo model: "
+                         "0.995-0.997 keeps look-alikes apart); measure yours with "
+                         "benchmarks/duplicates.py (docs: The search app, Duplicates)")
     dp.add_argument("-k", type=_positive, default=10,
-                    help="neighbours looked at per photo (default 10); a photo with more "
-                         "copies than k still joins its group through theirs")
+                    help="neighbours looked at per photo (default 10); more near-copies of "
+                         "one photo than k are joined through each other")
     dp.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     out = dp.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON object")
@@ -195,8 +195,9 @@ def parser() -> argparse.ArgumentParser:
     _backend_flags(dp)
     sv = sub.add_parser("serve", help="the web page and REST API over an index",
                         description="Serve the search page and the REST API (GET /api/health, "
-                        "POST /api/search, GET /api/image/{id}, docs at /docs) over one index, "
-                        "with the model loaded once. Needs the app extra: "
+                        "POST /api/search, GET /api/image/{id}, GET /api/duplicates, docs at "
+                        "/docs) over one index, with the model loaded once; beyond loopback "
+                        "every request needs the token (--token). Needs the app extra: "
                         "pip install 'scvnet_jax[app]'.")
     sv.add_argument("--index", required=True, help="an index written by `scvnet-search index`")
     sv.add_argument("--host", default="127.0.0.1",

@@ -179,13 +179,15 @@ def test_the_working_size_is_recorded_in_the_index_and_used(photos, tmp_path, ca
 
 
 def test_help(capsys):
-    for argv in (["--help"], ["index", "--help"], ["query", "--help"], ["serve", "--help"]):
+    for argv in (["--help"], ["index", "--help"], ["query", "--help"], ["serve", "--help"],
+                 ["duplicates", "--help"]):
         with pytest.raises(SystemExit) as e:
             main(argv)
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "scvnet-search index PHOTOS/" in out and "--rebuild" in out and "--json" in out
     assert "--max_upload_mb" in out and "127.0.0.1" in out
+    assert "--token" in out and "SCVNET_SEARCH_TOKEN" in out and "--threshold T" in out
 
 
 def test_index_help_names_the_distributed_flags(capsys):
