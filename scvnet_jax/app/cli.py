@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from scvnet_jax import cli
-from scvnet_jax.app.server import shown
+from scvnet_jax.app.server import duplicates_json, shown
 from scvnet_jax.errors import InputError
 
 FAMILIES = ("cvnet", "superglobal")
@@ -467,9 +467,8 @@ def duplicates_command(args) -> int:
     groups = index.duplicates(args.threshold, k=args.k, progress=not (args.json or args.csv))
     seconds = time.perf_counter() - t0
     if args.json:
-        print(json.dumps({"index": shown(str(args.index)), "images": len(index),
-                          "threshold": args.threshold, "k": args.k,
-                          "groups": [g.as_dict(shown) for g in groups]}))
+        print(json.dumps({"index": shown(str(args.index)),
+                          **duplicates_json(index, groups, args.threshold, args.k)}))
         return 0
     if args.csv:
         import csv

@@ -38,6 +38,7 @@ inode change) and loads it on the next request (the model stays): no restart nee
 
 import contextlib
 import hashlib
+import hmac
 import json
 import logging
 import os
@@ -45,8 +46,10 @@ import tempfile
 import threading
 import time
 from collections import OrderedDict
+from http.cookies import SimpleCookie
 from importlib import resources
 from pathlib import Path
+from urllib.parse import unquote
 
 from scvnet_jax.errors import InputError, ScvnetError
 
@@ -320,6 +323,13 @@ def _in_user_words(path: str, name: str):
         raise type(e)(str(e).replace(path, name)) from None
 
 
+def duplicates_json(index, groups, threshold: float, k: int) -> dict:
+    """The JSON of `Index.duplicates`'s groups, as `duplicates --json` and GET
+    /api/duplicates give it."""
+    return {"images": len(index), "threshold": threshold, "k": k,
+            "groups": [g.as_dict(shown) for g in groups]}
+
+
 TOKEN_COOKIE = "scvnet_token"
 # what anyone may fetch without the token: the page's shell (no facts of the collection when a
 # token is set), its script and style, and the API's description
@@ -340,7 +350,6 @@ class _TokenGuard:
         auth = headers.get(b"authorization", b"")
         if auth[:7].lower() == b"bearer ":
             return auth[7:].strip()
-        from http.cookies import SimpleCookie
         jar = SimpleCookie()
         try:
             jar.load(headers.get(b"cookie", b"").decode("latin-1"))
@@ -349,7 +358,6 @@ class _TokenGuard:
         morsel = jar.get(TOKEN_COOKIE)
         if morsel is None:
             return None
-        from urllib.parse import unquote
         return unquote(morsel.value).encode()
 
     async def __call__(self, scope, receive, send):
@@ -358,7 +366,6 @@ class _TokenGuard:
         path = scope.get("path", "")
         if path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES):
             return await self.app(scope, receive, send)
-        import hmac
         given = self._given(dict(scope["headers"]))
         if given is not None and hmac.compare_digest(given, self.token):
             return await self.app(scope, receive, send)
@@ -519,8 +526,7 @@ def create_app(searcher: Searcher, token: str | None = None):
         if key not in dupes or dupes[key][0] is not ix:    # (kept with it: ids are reused)
             t0 = time.perf_counter()
             groups = ix.duplicates(threshold, k=k)
-            dupes[key] = (ix, {"images": len(ix), "threshold": threshold, "k": k,
-                               "groups": [g.as_dict(shown) for g in groups],
+            dupes[key] = (ix, {**duplicates_json(ix, groups, threshold, k),
                                "ms": round(1000 * (time.perf_counter() - t0), 1)})
             while len(dupes) > 4:
                 dupes.pop(next(iter(dupes)))
@@ -652,8 +658,8 @@ def page_html(searcher: Searcher, rerankers, facts: bool = True) -> str:
     from html import escape
     ix = searcher.current()[0]
     from scvnet_jax.rerank import registry
-    shown = (f"{len(ix)} images &middot; {escape(ix.family)} descriptors &middot;\n"
-             f"model {escape(ix.weights or 'unknown')}") if facts else "&hellip;"
+    facts_html = (f"{len(ix)} images &middot; {escape(ix.family)} descriptors &middot;\n"
+                  f"model {escape(ix.weights or 'unknown')}") if facts else "&hellip;"
     opts = "".join(f'<option value="{escape(n)}">{escape(n)}</option>'
                    for n in ["none", *rerankers])
     depth = ", ".join(n for n in rerankers if registry.get(n).depth and
@@ -664,7 +670,7 @@ def page_html(searcher: Searcher, rerankers, facts: bool = True) -> str:
 <title>scvnet-search</title><link rel="stylesheet" href="/static/style.css"></head>
 <body>
 <header><h1>scvnet-search</h1>
-<p><span id="facts">{shown}</span> &middot; <a href="/docs">API</a></p></header>
+<p><span id="facts">{facts_html}</span> &middot; <a href="/docs">API</a></p></header>
 <form id="tokenform" hidden><label>This server needs its token:
   <input id="token" type="password" autocomplete="current-password" required></label>
   <button type="submit">Go</button> <span id="tokenstatus" role="status"></span></form>
