@@ -98,8 +98,15 @@ def main() -> None:
     ap.add_argument("-k", type=int, default=10)
     args = ap.parse_args()
     root = Path(args.out)
+    mark = root / ".duplicates_benchmark"         # a folder this script wrote: redone
+    if root.exists() and any(root.iterdir()) and not mark.is_file():
+        print(f"error: --out {root}: exists and was not written by this benchmark (give a "
+              "new or empty folder)", file=sys.stderr)
+        sys.exit(2)
     if root.exists():
         shutil.rmtree(root)
+    root.mkdir(parents=True)
+    mark.touch()
     photos = root / "photos"
     run = lambda *a: subprocess.run([sys.executable, "-m", *a], check=True,  # noqa: E731
                                     capture_output=True, text=True).stdout
