@@ -7,6 +7,8 @@
   ames          AMES, a transformer over (query, database) local descriptors (`ames.load`,
                 `ames.rerank`)
   chamfer       mean best cosine of the query's local descriptors in the candidate's
+  spatial       inliers of a geometric fit to mutual nearest local neighbours; why a hit
+                matched (`spatial.explain_images`, `spatial.draw`)
   alpha_qe      alpha-weighted query expansion; `dba`: alpha-weighted database augmentation
 
 `registry` names them all, with their options (`registry.names()`, `registry.rerank`).
@@ -15,7 +17,8 @@ import importlib
 import sys
 import types
 
-_MODULES = ("ames", "chamfer", "csa", "cvnet", "expansion", "icfrr", "registry", "superglobal")
+_MODULES = ("ames", "chamfer", "csa", "cvnet", "expansion", "icfrr", "registry", "spatial",
+            "superglobal")
 _FUNCTIONS = {"alpha_qe": "expansion", "dba": "expansion", "icfrr": "icfrr",
               "superglobal": "superglobal"}
 
@@ -42,4 +45,4 @@ class _Package(types.ModuleType):
 sys.modules[__name__].__class__ = _Package
 
 __all__ = ["alpha_qe", "ames", "chamfer", "csa", "cvnet", "dba", "expansion", "icfrr", "registry",
-           "superglobal"]
+           "spatial", "superglobal"]

@@ -37,6 +37,7 @@ preparation step (weights loaded and checked before any work) and its depth.
 | dba         | alpha-weighted database augmentation, then search         | never  |
 | ames        | lamb x sim + (1 - lamb) x sigmoid(temp x AMES logit), top k | protocol "official" uses them (the authors' evaluate()); "blind" never |
 | chamfer     | lamb x sim + (1 - lamb) x mean best local cosine, top k   | as ames |
+| spatial     | inliers of a homography (or F) over mutual local NNs, top k | as ames |
 """
 from __future__ import annotations
 
@@ -384,7 +385,7 @@ def _ames(inp: Inputs, weights, detector, k: int | None, lamb: float | None,
     return Result(*out[""], protocol)
 
 
-def _chamfer_prepare(opts: dict) -> dict:
+def _local_prepare(opts: dict) -> dict:
     return {**opts, "detector": ames_detector(opts["detector"]) or ""}
 
 
@@ -402,6 +403,28 @@ def _chamfer(inp: Inputs, detector, k: int, lamb: float, query_len: int, db_len:
         np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0),
         detector=ames_detector(detector), k=k, lamb=lamb, query_len=query_len,
         db_len=db_len, bits=bits, protocol=protocol, gnd=inp.gnd,
+        cache_dir=s.get("cache_dir"), batch_size=batch_size,
+        extract_batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
+        workers=s.get("workers", 4))
+    if protocol == "official":      # Easy and Medium from the medium run, as ames
+        return _per_setting(out["medium"][0], out["medium"][0], out["hard"][0], protocol)
+    return Result(*out[""], protocol)
+
+
+def _spatial(inp: Inputs, detector, k: int, query_len: int, db_len: int, method: str,
+             threshold: float, protocol: str, batch_size: int) -> Result:
+    from scvnet_jax.rerank import spatial
+    if inp.model is None or inp.query_images is None or inp.db_images is None:
+        raise ConfigError("the spatial reranker reads local descriptors: it needs the model "
+                          "and the query and database images")
+    sim = inp.similarity()
+    ranks = np.asarray(inp.ranks)
+    s = dict(inp.settings)
+    out = spatial.rerank_images(
+        inp.model, inp.query_images, inp.db_images, ranks,
+        np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0),
+        detector=ames_detector(detector), k=k, query_len=query_len, db_len=db_len,
+        method=method, threshold=float(threshold), protocol=protocol, gnd=inp.gnd,
         cache_dir=s.get("cache_dir"), batch_size=batch_size,
         extract_batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
         workers=s.get("workers", 4))
@@ -538,10 +561,26 @@ for _r in (
         Option("bits", False, bool),
         Option("protocol", "blind", str, **_PROTOCOL),
         Option("batch_size", 8, int, "an integer >= 1 (queries per call)", _at_least(1))),
-        _chamfer, needs={"global", "images", "local", "labels"}, prepare=_chamfer_prepare,
+        _chamfer, needs={"global", "images", "local", "labels"}, prepare=_local_prepare,
         depth="k", every_hit=True,
         score="lamb x similarity + (1 - lamb) x mean over the query's local "
               "descriptors of their best cosine in the candidate; top k"),
+    Reranker("spatial", "Spatial verification: the inliers of one homography (or "
+             "fundamental matrix) among the mutual nearest neighbours of local descriptors, "
+             "top k (training-free)", (
+        _DETECTOR,
+        Option("k", 100, int, "an integer >= 1 (images reranked)", _at_least(1)),
+        Option("query_len", 256, int, "an integer >= 1", _at_least(1)),
+        Option("db_len", 256, int, "an integer >= 1", _at_least(1)),
+        Option("method", "homography", str, choices=("homography", "fundamental")),
+        Option("threshold", 16.0, float, "a number of pixels > 0", lambda v: v > 0,
+               help="the robust fit's inlier distance, px of the working size"),
+        Option("protocol", "blind", str, **_PROTOCOL),
+        Option("batch_size", 8, int, "an integer >= 1 (queries per call)", _at_least(1))),
+        _spatial, needs={"global", "images", "local", "labels"}, prepare=_local_prepare,
+        depth="k", every_hit=True,
+        score="inlier count + (1 + similarity) / 2.01: the inliers of the geometric fit, "
+              "ties by similarity; top k"),
 ):
     register(_r)
 

@@ -16,7 +16,7 @@ def test_a_toy_reranker_in_search_rest_and_the_page(toy, searcher, capsys):
     with pytest.raises(SystemExit):             # scvnet-search query --help
         cli.main(["query", "--help"])
     said = " ".join(capsys.readouterr().out.split())
-    assert f"chamfer, {toy}" in said and f"cvnet, csa, ames, chamfer and {toy} re-order" in said
+    assert f"chamfer, spatial, {toy}" in said and f"cvnet, csa, ames, chamfer, spatial and {toy} re-order" in said
 
     query = searcher.index.paths[4]
     plain = searcher.index.search(searcher.model, query, k=4)[0]
