@@ -11,6 +11,12 @@ API (FastAPI; every script and style is shipped in this package, nothing from a 
                            are gone, left out], "timings": {"search_ms", "total_ms"}}
                            (score_kind: what the scores are, on the reranker's own scale:
                            not probabilities)
+    POST /api/explain      query parameter `hit` (an indexed image's id) and the query as for
+                           /api/search (`image` or `id`, `box`), `method` (homography or
+                           fundamental) -> {"query", "hit": {"id", "path"}, "method",
+                           "threshold", "query_size", "hit_size", "correspondences",
+                           "inliers", "pairs": [[qx, qy, hx, hy, cosine, inlier]], "ms"}:
+                           why the hit matched (points in pixels of the upright files)
     GET  /api/image/{id}   an indexed image, by its id only (no paths: nothing else is
                            served), as the browser can show it: JPEG, PNG, WebP, GIF and BMP
                            files as they are, other formats (TIFF, ...) converted to JPEG
@@ -96,6 +102,7 @@ class Searcher:
         self._signature = _file_signature(index_path)
         self._reload_lock = threading.Lock()
         self.thumbs = _LRU(THUMB_CACHE_BYTES)
+        self._explained: dict = {}     # (query digest, box, working size) -> its locals
 
     @property
     def rerankers(self) -> list:
@@ -148,18 +155,11 @@ class Searcher:
     def search(self, *, data: bytes | None = None, filename: str = "upload", id=None,
                k: int = 10, rerank: str = "none", regions: int = 0, box=None,
                rerank_k: int = 100) -> dict:
-        from scvnet_jax.images import decode_image
         from scvnet_jax.rerank import registry
 
         t0 = time.perf_counter()
         index, ids = self.current()     # this request's, even if a re-index lands meanwhile
-        if data is None and id is None:
-            raise InputError("no query: the multipart field 'image' (the image file) is "
-                             "missing; give it, or the id of an indexed image (query "
-                             "parameter 'id')")
-        if data is not None and id is not None:
-            raise InputError("give an image (multipart field 'image') or the id of an "
-                             "indexed image (query parameter 'id'), not both")
+        _check_query(data, id)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise InputError(f"k must be an integer in [1, 1000], got {k!r}")
         if isinstance(regions, bool) or not isinstance(regions, int) or not 0 <= regions <= 20:
@@ -176,21 +176,7 @@ class Searcher:
                              f"it: start it with --{flag} MODEL")
         box = parse_box(box) if isinstance(box, str) else box
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
-            if id is not None:
-                try:
-                    path = name = self.path_of(id, index)
-                except KeyError:
-                    raise InputError(f"id {id!r}: no indexed image with this id (0 to "
-                                     f"{len(index) - 1})") from None
-            else:
-                if len(data) > self.max_upload_bytes:
-                    raise InputError(f"{filename}: the upload is {len(data) / 2**20:.1f} MB, "
-                                     f"above the limit of {self.max_upload_bytes / 2**20:g} MB")
-                decode_image(data, filename)            # refused here, before any work
-                path = os.path.join(tmp, "query" + (Path(filename).suffix.lower()[:6]
-                                                    or ".jpg"))
-                Path(path).write_bytes(data)
-                name = filename
+            path, name = self._query_file(tmp, index, data, filename, id)
             options = dict(k=k, rerank=None if rerank == "none" else rerank,
                            rerank_k=rerank_k, options=self.reranker_options.get(rerank),
                            batch_size=self.batch_size, bucket=self.bucket,
@@ -215,6 +201,69 @@ class Searcher:
         out["timings"] = {"search_ms": round(1000 * (t2 - t1), 1),
                           "total_ms": round(1000 * (time.perf_counter() - t0), 1)}
         return out
+
+    def _query_file(self, tmp: str, index, data: bytes | None, filename: str, id):
+        """(path, name) of a request's query: the indexed image `id`, or the upload `data`
+        (checked: size, then decodable) written into `tmp`."""
+        from scvnet_jax.images import decode_image
+        _check_query(data, id)
+        if id is not None:
+            try:
+                path = self.path_of(id, index)
+            except KeyError:
+                raise InputError(f"id {id!r}: no indexed image with this id (0 to "
+                                 f"{len(index) - 1})") from None
+            return path, path
+        if len(data) > self.max_upload_bytes:
+            raise InputError(f"{filename}: the upload is {len(data) / 2**20:.1f} MB, "
+                             f"above the limit of {self.max_upload_bytes / 2**20:g} MB")
+        decode_image(data, filename)            # refused here, before any work
+        path = os.path.join(tmp, "query" + (Path(filename).suffix.lower()[:6] or ".jpg"))
+        Path(path).write_bytes(data)
+        return path, filename
+
+    def explain(self, *, hit, data: bytes | None = None, filename: str = "upload", id=None,
+                box=None, method: str = "homography") -> dict:
+        """Why indexed image `hit` matches the query (an upload `data` or indexed image
+        `id`, cropped to `box`): the mutual nearest neighbours of their local descriptors
+        and which one geometry keeps (`rerank.spatial`), in pixels of the upright files at
+        full size. The query's descriptors are kept for the next hits (the last 8 queries,
+        by content and box); the hit's in the content-keyed store (as the spatial
+        reranker's)."""
+        from scvnet_jax import images
+        from scvnet_jax.rerank import spatial
+
+        t0 = time.perf_counter()
+        index = self.current()[0]
+        if method not in spatial.METHODS:
+            raise InputError(f"method must be one of {', '.join(spatial.METHODS)}, got "
+                             f"{method!r}")
+        try:
+            hit_path = self.path_of(hit, index)
+        except KeyError:
+            raise InputError(f"hit {hit!r}: no indexed image with this id (0 to "
+                             f"{len(index) - 1})") from None
+        if not os.path.isfile(hit_path):
+            raise InputError(f"hit {hit}: the image is no longer at {shown(hit_path)}")
+        box = parse_box(box) if isinstance(box, str) else box
+        with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
+            path, name = self._query_file(tmp, index, data, filename, id)
+            key = (images.content_digest(path), None if box is None else tuple(box),
+                   images.max_side())
+            with self.rerank_lock, _in_user_words(path, name):
+                feats = self._explained.get(key)
+                if feats is None:
+                    feats = spatial.query_locals(self.model, images.ImageRef(path, box),
+                                                 bucket=self.bucket)
+                    self._explained[key] = feats
+                    while len(self._explained) > 8:
+                        self._explained.pop(next(iter(self._explained)))
+                c = spatial.explain_images(self.model, path, hit_path, box=box,
+                                           method=method, cache_dir=_cache_dir(),
+                                           query_features=feats)
+        return {"query": shown(name), "hit": {"id": hit, "path": shown(hit_path)},
+                **({"box": list(box)} if box is not None else {}), **c.as_dict(),
+                "ms": round(1000 * (time.perf_counter() - t0), 1)}
 
     def path_of(self, id, index=None) -> str:
         index = self.current()[0] if index is None else index
@@ -274,6 +323,23 @@ class _LRU:
             self.size += len(value)
             while self.size > self.max_bytes and len(self.items) > 1:
                 self.size -= len(self.items.popitem(last=False)[1])
+
+
+def _check_query(data, id) -> None:
+    """One query: an upload or an indexed image's id."""
+    if data is None and id is None:
+        raise InputError("no query: the multipart field 'image' (the image file) is "
+                         "missing; give it, or the id of an indexed image (query "
+                         "parameter 'id')")
+    if data is not None and id is not None:
+        raise InputError("give an image (multipart field 'image') or the id of an "
+                         "indexed image (query parameter 'id'), not both")
+
+
+def _cache_dir() -> str:
+    """Where per-image values are kept between requests (the search module's)."""
+    from scvnet_jax.search import _token_cache
+    return _token_cache()
 
 
 def _file_signature(path):
@@ -554,6 +620,29 @@ def create_app(searcher: Searcher, token: str | None = None):
             data=data, filename=(image.filename or "upload") if image else "upload", id=id,
             k=k, rerank=rerank, regions=regions, box=box, rerank_k=rerank_k))
 
+    @app.post("/api/explain")
+    async def explain(request: Request,
+                      hit: int = Query(..., description="the indexed image to explain"),
+                      image: UploadFile | None = File(None, description="the query image"),
+                      id: int | None = Query(None, description="or an indexed query's id"),
+                      box: str | None = Query(None, description="x1,y1,x2,y2: the query's "
+                                              "crop"),
+                      method: str = Query("homography", description="homography or "
+                                          "fundamental")):
+        """Why hit `hit` matched the query (an upload, multipart field `image`, or the
+        indexed image `id`): the mutual nearest neighbours of their local descriptors,
+        [qx, qy, hx, hy, cosine, inlier] in pixels of the upright files at full size, and
+        the inliers of one robust geometric fit."""
+        data = None
+        if len((await request.form()).getlist("image")) > 1:
+            raise InputError("several 'image' fields: send one query image")
+        if image is not None:
+            data = await image.read(searcher.max_upload_bytes + 1)
+        import anyio
+        return await anyio.to_thread.run_sync(lambda: searcher.explain(
+            hit=hit, data=data, filename=(image.filename or "upload") if image else "upload",
+            id=id, box=box, method=method))
+
     def indexed_file(id: int):
         """(the file of indexed image `id`, None) or (None, the 404 to answer)."""
         try:
@@ -708,9 +797,12 @@ descriptors that links them; it depends on the model (docs: The search app, Dupl
     <span id="viewer-score"></span>
     <a id="viewer-original" class="button" href="#" download>original</a>
     <button id="viewer-search" type="button">search with this</button>
+    <button id="viewer-toggle" type="button" hidden>photo only</button>
     <button id="viewer-close" type="button" aria-label="close (Esc)">close &times;</button>
   </div>
+  <p id="viewer-why" role="status"></p>
   <img id="viewer-image" alt="">
+  <canvas id="viewer-match" hidden></canvas>
 </div>
 <script src="/static/app.js"></script>
 </body></html>

@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -590,4 +591,51 @@ def test_duplicates_from_rest(client, searcher):
                                ({"threshold": 0.9, "k": 0}, 400, "k: expected 1..100"),
                                ({"threshold": "x"}, 422, "threshold"), ({}, 422, "threshold")):
         r = client.get("/api/duplicates", params=params)
+        assert r.status_code == code and said in r.json()["error"], (params, r.text)
+
+
+def test_why_a_hit_matched_from_rest(client, searcher, tmp_path, monkeypatch):
+    """POST /api/explain: the same correspondences as rerank.spatial.explain_images, by id
+    and by upload (points in the files' full-size pixels, inside both photos); an image
+    explained against itself keeps most pairs as inliers, a crop of it (box) finds its
+    points shifted by the box; bad hits and methods are JSON 4xx."""
+    from scvnet_jax.rerank import spatial
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))       # the hits' descriptor store
+    ix = searcher.index
+    q, h = 0, 1
+    r = client.post("/api/explain", params={"id": q, "hit": h})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = spatial.explain_images(searcher.model, ix.paths[q], ix.paths[h]).as_dict()
+    for key in ("method", "threshold", "query_size", "hit_size", "correspondences",
+                "inliers", "pairs"):
+        assert got[key] == want[key], key
+    assert got["hit"] == {"id": h, "path": ix.paths[h]} and got["ms"] > 0
+    assert got["inliers"] == sum(p[5] for p in got["pairs"])
+    for qx, qy, hx, hy, cos, _ in got["pairs"]:
+        assert 0 <= qx <= got["query_size"][0] and 0 <= qy <= got["query_size"][1]
+        assert 0 <= hx <= got["hit_size"][0] and 0 <= hy <= got["hit_size"][1]
+        assert -1 <= cos <= 1
+    up = client.post("/api/explain", params={"hit": h}, files=_upload(Path(ix.paths[q])))
+    assert up.status_code == 200, up.text
+    assert up.json()["pairs"] == got["pairs"]
+    self_ = client.post("/api/explain", params={"id": h, "hit": h}).json()
+    assert self_["inliers"] >= 0.8 * self_["correspondences"] > 0
+    w, hgt = self_["query_size"]
+    box = [w // 4, hgt // 4, w // 4 + w // 2, hgt // 4 + hgt // 2]
+    crop = client.post("/api/explain", params={"id": h, "hit": h,
+                                               "box": ",".join(map(str, box))}).json()
+    assert crop["box"] == box and crop["inliers"] >= 8
+    inl = np.array([p[:4] for p in crop["pairs"] if p[5]])
+    assert np.all((inl[:, 0] >= box[0] - 1) & (inl[:, 0] <= box[2] + 1))
+    assert np.median(np.abs(inl[:, :2] - inl[:, 2:])) < 20      # the same place, in pixels
+    fund = client.post("/api/explain", params={"id": q, "hit": h, "method": "fundamental"})
+    assert fund.status_code == 200 and fund.json()["method"] == "fundamental"
+    for params, code, said in (({"id": q, "hit": len(ix)}, 400, f"hit {len(ix)}: no indexed"),
+                               ({"id": q, "hit": h, "method": "affine"}, 400,
+                                "method must be one of homography, fundamental"),
+                               ({"hit": h}, 400, "no query"), ({"id": q}, 422, "hit"),
+                               ({"id": len(ix), "hit": h}, 400, f"id {len(ix)}: no indexed")):
+        r = client.post("/api/explain", params=params)
         assert r.status_code == code and said in r.json()["error"], (params, r.text)
