@@ -4,6 +4,7 @@
                                                   [--family cvnet|superglobal]
     scvnet-search query --index my.index query.jpg [-k 10] [--rerank none|superglobal|...]
                                                     [--regions 5] [--box X1,Y1,X2,Y2] [--json]
+                                                    [--explain DIR]  # why each hit matched
     scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
     scvnet-search duplicates --index my.index --threshold 0.995 [--json | --csv]
     SCVNET_SEARCH_TOKEN=SECRET scvnet-search serve --index my.index --host 0.0.0.0
@@ -169,6 +170,11 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--root", default=None,
                    help="where the indexed folder is now, if it was moved")
     q.add_argument("--json", action="store_true", help="one JSON object per query")
+    q.add_argument("--explain", default=None, metavar="DIR",
+                   help="also write, per hit, a picture of why it matched: the mutual nearest "
+                        "neighbours of the query's and the hit's local descriptors, the ones a "
+                        "robust homography keeps in green (DIR/<query>/<rank>_<hit>.jpg); "
+                        "adds each hit's inlier count to the table and the JSON")
     _backend_flags(q)
     _common(q)
     dp = sub.add_parser("duplicates", help="groups of near-identical photos in an index",
@@ -394,6 +400,7 @@ def query_command(args) -> int:
     queries = [q for q, e in zip(args.queries, errors) if e is None]
     if not queries:
         return 2
+    explain = _explain_dirs(args.explain, queries) if args.explain else None
     index, model = _index_and_model(args)
     t0 = time.perf_counter()
     options = dict(k=args.k, rerank=rerank, rerank_k=args.rerank_k, options=options,
@@ -406,7 +413,9 @@ def query_command(args) -> int:
         hits = index.search(model, queries, **options)
         regions = [[] for _ in queries]
     seconds = time.perf_counter() - t0
-    for q, hs, rs in zip(queries, hits, regions):
+    why = ([_explain(model, q, hs, d, args.box) for q, hs, d in zip(queries, hits, explain)]
+           if explain else [None] * len(queries))
+    for q, hs, rs, ws in zip(queries, hits, regions, why):
         if hs.missing:
             print(f"warning: {q}: {len(hs.missing)} indexed file(s) no longer exist, left "
                   f"out: {', '.join(shown(p) for p in hs.missing[:3])}{' ...' if len(hs.missing) > 3 else ''}"
@@ -418,6 +427,8 @@ def query_command(args) -> int:
             if args.regions:
                 out["regions"] = [list(r) for r in rs]
             out["hits"] = [{"path": shown(h.path), "score": round(h.score, 6)} for h in hs]
+            for hit, w in zip(out["hits"], ws or []):
+                hit.update(inliers=w[0], explanation=shown(str(w[1])))
             if hs.missing:
                 out["missing"] = [shown(p) for p in hs.missing]
             print(json.dumps(out))
@@ -428,13 +439,59 @@ def query_command(args) -> int:
         if args.regions:
             print(f"  regions searched too: {', '.join(str(tuple(r)) for r in rs) or 'none'}"
                   " (merged by best score)")
-        print(f"  {'rank':>4}  {'score':>8}  path")
+        print(f"  {'rank':>4}  {'score':>8}  " + (f"{'inliers':>7}  " if ws else "") + "path")
         for i, h in enumerate(hs, 1):
-            print(f"  {i:>4}  {h.score:8.4f}  {shown(h.path)}")
+            print(f"  {i:>4}  {h.score:8.4f}  " + (f"{ws[i - 1][0]:7d}  " if ws else "")
+                  + shown(h.path))
+        if ws:
+            print(f"  why they matched: {shown(str(ws[0][1].parent))}/ (one picture per hit)")
     if not args.json:
         print(f"{len(queries)} quer{'y' if len(queries) == 1 else 'ies'} in "
               f"{seconds:.2f} s")
     return 0 if len(queries) == len(args.queries) else 2
+
+
+def _explain_dirs(folder: str, queries: list) -> list:
+    """query --explain: one new sub-folder name per query (its stem; -2, -3, ... where two
+    share one), checked before any work: DIR may exist, but as a folder."""
+    root = Path(folder).expanduser()
+    if root.exists() and not root.is_dir():
+        raise InputError(f"--explain {folder}: is a file; expected a folder (made if missing)")
+    dirs, used = [], set()
+    for q in queries:
+        stem, n = Path(q).stem or "query", 1
+        while (name := stem if n == 1 else f"{stem}-{n}") in used:
+            n += 1
+        used.add(name)
+        dirs.append(root / name)
+    return dirs
+
+
+def _explain(model, query: str, hits, folder: Path, box) -> list:
+    """(inliers, picture path) per hit: why it matched (rerank.spatial), drawn into
+    `folder` as <rank>_<hit stem>.jpg (written whole or not at all)."""
+    import cv2
+
+    from scvnet_jax.files import atomic_write_bytes
+    from scvnet_jax.images import ImageRef
+    from scvnet_jax.rerank import spatial
+    from scvnet_jax.search import _token_cache
+
+    folder.mkdir(parents=True, exist_ok=True)
+    feats = spatial.query_locals(model, ImageRef(query, box))
+    spatial.database_locals(model, [ImageRef(h.path) for h in hits], cache_dir=_token_cache(),
+                            desc=f"why the hits of {Path(query).name} matched")   # one batch
+    out = []
+    for rank, h in enumerate(hits, 1):
+        c = spatial.explain_images(model, query, h.path, box=box, cache_dir=_token_cache(),
+                                   query_features=feats)
+        pic = spatial.draw(c, query, h.path, box=box,
+                           title=f"#{rank} {Path(h.path).name}  score {h.score:.4f}")
+        path = folder / f"{rank:0{max(2, len(str(len(hits))))}d}_{Path(h.path).stem}.jpg"
+        atomic_write_bytes(path, cv2.imencode(".jpg", pic, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+                           .tobytes())
+        out.append((c.inliers, path))
+    return out
 
 
 def _reranker_weights(name: str, weights, option: str) -> None:

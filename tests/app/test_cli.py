@@ -502,3 +502,47 @@ def test_duplicates_table_json_and_csv(photos, tmp_path, capsys):
     assert len(rows) == 4 and set(rows[0]) == {"group", "id", "path", "best", "weakest_link",
                                                "identical"}
     assert sorted(r["group"] for r in rows) == ["1", "1", "2", "2"]
+
+
+def test_query_explain_writes_why_each_hit_matched(photos, tmp_path, capsys, monkeypatch,
+                                                   one_error_line):
+    """query --explain DIR: one picture per hit (DIR/<query stem>/<rank>_<hit stem>.jpg,
+    the two photos side by side with a line per pair), each hit's inliers in the table and
+    the JSON, equal to rerank.spatial's; a DIR that is a file is refused before the model."""
+    from scvnet_jax.rerank import spatial
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    index = tmp_path / "my.index"
+    assert main(["index", str(photos), "--index", str(index)]) == 0
+    query = sorted(photos.rglob("astronaut_*"))[0]
+    why = tmp_path / "why"
+    capsys.readouterr()
+    assert main(["query", "--index", str(index), str(query), "-k", "3", "--json",
+                 "--explain", str(why)]) == 0
+    got = json.loads(capsys.readouterr().out)
+    pictures = sorted((why / query.stem).iterdir())
+    assert [p.name for p in pictures] == [f"{i:02d}_{Path(h['path']).stem}.jpg"
+                                         for i, h in enumerate(got["hits"], 1)]
+    model = sj.load(sj.demo_model_path())
+    for h, pic in zip(got["hits"], pictures):
+        assert h["explanation"] == str(pic)
+        want = spatial.explain_images(model, query, h["path"])
+        assert h["inliers"] == want.inliers
+        im = cv2.imread(str(pic))
+        assert im.shape[0] > 400 and im.shape[1] > 2 * im.shape[0] * 0.5
+        green = (im[..., 1] > 150) & (im[..., 0] < 90) & (im[..., 2] < 90)
+        assert (green.sum() > 50) == (want.inliers > 0)
+    assert got["hits"][0]["path"] == str(query.resolve())
+    assert got["hits"][0]["inliers"] >= 100                # itself: every point kept
+    assert main(["query", "--index", str(index), str(query), "-k", "2", "--explain",
+                 str(why)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split() == ["rank", "score", "inliers", "path"]
+    assert int(table[2].split()[2]) == got["hits"][0]["inliers"]
+    assert table[4] == f"  why they matched: {why / query.stem}/ (one picture per hit)"
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr("scvnet_jax.app.cli._load", lambda w: pytest.fail("model loaded"))
+    assert main(["query", "--index", str(index), str(query), "--explain",
+                 str(tmp_path / "afile")]) == 2
+    one_error_line(capsys.readouterr().err, f"--explain {tmp_path / 'afile'}: is a file; "
+                   "expected a folder (made if missing)")
