@@ -420,3 +420,42 @@ def test_a_reranker_registered_at_run_time_is_in_the_menu(browser, live_server, 
     assert [p for p, _ in hits] == [p for p, _ in plain[:4]][::-1]
     assert [s for _, s in hits] == [4.0, 3.0, 2.0, 1.0]
 
+
+
+def test_why_a_hit_matched_in_the_viewer(browser, live_server, searcher, tmp_path):
+    """Opening a hit draws why it matched: the query and the hit side by side on a canvas,
+    with as many pairs and inliers as POST /api/explain answers, green lines over the
+    photos (the screenshot is not blank and has green in it); "photo only" shows the
+    photo."""
+    driver = browser
+    driver.get(live_server + "/")
+    query = sj.search.list_images(searcher.index.root)[2]
+    driver.find_element("id", "file").send_keys(str(query))
+    _wait_for_results(driver)
+    tile = driver.find_elements("css selector", "#grid .hit")[1]
+    hit = int(tile.get_attribute("data-id"))
+    tile.find_element("css selector", "img").click()
+    _wait(driver, "!document.getElementById('viewer-match').hidden", timeout=180)
+    with httpx.Client(base_url=live_server, timeout=120) as c:
+        want = c.post("/api/explain", params={"hit": hit},
+                      files={"image": (query.name, query.read_bytes(), "image/jpeg")}).json()
+    match = driver.find_element("id", "viewer-match")
+    assert int(match.get_attribute("data-inliers")) == want["inliers"] > 0
+    assert int(match.get_attribute("data-pairs")) == want["correspondences"]
+    assert match.is_displayed() and not driver.find_element("id", "viewer-image").is_displayed()
+    assert f"{want['inliers']} of {want['correspondences']}" in driver.find_element(
+        "id", "viewer-why").text
+    shot = tmp_path / "why.png"
+    _check_screenshot(driver, shot, "-why")
+    rect = match.rect
+    im = cv2.imread(str(shot))
+    s = im.shape[1] / driver.execute_script("return window.innerWidth")
+    im = im[int(rect["y"] * s):int((rect["y"] + rect["height"]) * s),
+            int(rect["x"] * s):int((rect["x"] + rect["width"]) * s)]
+    assert im.size and im.std() > 20
+    green = (im[..., 1] > 150) & (im[..., 0] < 110) & (im[..., 2] < 110)   # #00c853 lines
+    assert green.sum() > 100
+    driver.find_element("id", "viewer-toggle").click()           # the photo alone
+    assert driver.find_element("id", "viewer-image").is_displayed() and not match.is_displayed()
+    assert driver.find_element("id", "viewer-toggle").text == "why it matched"
+    driver.find_element("id", "viewer-close").click()

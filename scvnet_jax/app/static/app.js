@@ -138,6 +138,9 @@
       draw();
       scoreKind = out.score_kind || "";
       $("scorekind").textContent = scoreKind ? "Scores: " + scoreKind : "";
+      // each hit remembers its query (for "why it matched": the query may change later)
+      const asked = {query: query, box: box ? box.slice() : null, queryImage: image};
+      for (const h of out.hits) Object.assign(h, asked, {explainable: image !== null});
       grid(out.hits);
       status((note || "") + `${out.hits.length} hits in ${out.timings.search_ms} ms ` +
              `(${out.timings.total_ms} ms in all)` +
@@ -216,12 +219,17 @@
     viewing = h;
     $("viewer-image").src = "/api/image/" + h.id;
     $("viewer-image").alt = h.path;
+    $("viewer-image").hidden = false;
+    $("viewer-match").hidden = true;
+    $("viewer-toggle").hidden = true;
     $("viewer-path").textContent = h.path;
     $("viewer-score").textContent = `score ${h.score.toFixed(4)}`;
     $("viewer-score").title = scoreKind;
     $("viewer-original").href = "/api/original/" + h.id;
     $("viewer").hidden = false;
     $("viewer-close").focus();
+    if (h.explainable) explain(h);
+    else why("");
   }
 
   function closeViewer() {
@@ -230,6 +238,85 @@
     $("viewer-image").removeAttribute("src");
     viewing = null;
   }
+
+  function why(text, error) {
+    $("viewer-why").textContent = text;
+    $("viewer-why").className = error ? "error" : "";
+  }
+
+  // Why it matched (POST /api/explain): the query and the hit side by side, a line per
+  // mutual nearest neighbour of their local descriptors, green where one geometry keeps it
+  async function explain(h) {
+    const params = new URLSearchParams({hit: h.id});
+    const body = new FormData();
+    if (h.query.file) body.append("image", h.query.file);
+    else params.set("id", h.query.id);
+    if (h.box) params.set("box", h.box.join(","));
+    why("finding why it matched ...");
+    let out;
+    try {
+      const res = await fetch("/api/explain?" + params, {method: "POST", body: body});
+      try { out = await res.json(); } catch (e) { out = {}; }
+      if (res.status === 401) askToken();
+      if (!res.ok) { if (viewing === h) why(out.error || res.statusText, true); return; }
+    } catch (e) {
+      if (viewing === h) why("the server did not answer: " + e, true);
+      return;
+    }
+    if (viewing !== h) return;       // another hit was opened meanwhile
+    const hitImage = new Image();
+    hitImage.onload = () => { if (viewing === h) drawMatch(out, h.queryImage, hitImage); };
+    hitImage.onerror = () => why("the browser cannot show this file", true);
+    hitImage.src = "/api/image/" + h.id;
+  }
+
+  function drawMatch(out, queryImage, hitImage) {
+    const c = $("viewer-match"), g = c.getContext("2d");
+    // drawn at the taller photo's height, small photos enlarged (to 480 px) and large
+    // ones reduced (to 1200 px): the canvas is then shrunk to fit like the photo
+    const height = Math.min(Math.max(queryImage.naturalHeight, hitImage.naturalHeight, 480),
+                            1200);
+    const sq = height / queryImage.naturalHeight, sh = height / hitImage.naturalHeight;
+    const gap = Math.round(height / 60) + 4;
+    const qw = Math.round(queryImage.naturalWidth * sq), hw = Math.round(hitImage.naturalWidth * sh);
+    c.width = qw + gap + hw; c.height = height;
+    g.fillStyle = "#fff"; g.fillRect(0, 0, c.width, c.height);
+    g.drawImage(queryImage, 0, 0, qw, height);
+    g.drawImage(hitImage, qw + gap, 0, hw, height);
+    // the points are in pixels of the files at full size; the images here may be smaller
+    // (a converted TIFF is served at its working size)
+    const fq = qw / out.query_size[0], fh = hw / out.hit_size[0];
+    const lw = Math.max(1.5, height / 250);
+    if (out.box) {
+      g.strokeStyle = "#00c853"; g.lineWidth = lw;
+      g.strokeRect(out.box[0] * fq, out.box[1] * fq, (out.box[2] - out.box[0]) * fq,
+                   (out.box[3] - out.box[1]) * fq);
+    }
+    const pairs = out.pairs.slice().sort((a, b) => a[5] - b[5]);   // inliers on top
+    for (const [qx, qy, hx, hy, , inlier] of pairs) {
+      g.strokeStyle = g.fillStyle = inlier ? "#00c853" : "rgba(200, 200, 200, 0.7)";
+      g.lineWidth = inlier ? lw : lw / 2;
+      const a = [qx * fq, qy * fq], b = [qw + gap + hx * fh, hy * fh];
+      g.beginPath(); g.moveTo(a[0], a[1]); g.lineTo(b[0], b[1]); g.stroke();
+      for (const p of [a, b]) { g.beginPath(); g.arc(p[0], p[1], lw * 1.6, 0, 7); g.fill(); }
+    }
+    c.dataset.inliers = out.inliers;
+    c.dataset.pairs = out.correspondences;
+    c.hidden = false;
+    $("viewer-image").hidden = true;
+    $("viewer-toggle").hidden = false;
+    $("viewer-toggle").textContent = "photo only";
+    why(`why it matched: ${out.inliers} of ${out.correspondences} mutual nearest ` +
+        `neighbours of local features agree with one ${out.method} (green; ` +
+        `${out.ms} ms)`);
+  }
+
+  $("viewer-toggle").addEventListener("click", () => {
+    const showMatch = $("viewer-match").hidden;
+    $("viewer-match").hidden = !showMatch;
+    $("viewer-image").hidden = showMatch;
+    $("viewer-toggle").textContent = showMatch ? "photo only" : "why it matched";
+  });
 
   $("viewer-close").addEventListener("click", closeViewer);
   $("viewer-search").addEventListener("click", () => { if (viewing) useHit(viewing); });
