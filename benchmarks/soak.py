@@ -4,12 +4,14 @@
 
 Starts the server (`python -m scvnet_jax.app serve`, its own process), warms it up (each
 upload and each indexed image, up to 1,000, once of each kind, then --warmup requests of the
-mix: the programs of every query size get compiled, its caches fill), reads its resident memory, sends --requests requests from --concurrency threads
-(uploads searched plain and reranked, searches by id, regions, images, thumbnails,
-duplicates, health), reading its memory again half-way and at the end, and stops it.
-Prints per kind: requests, errors (anything but the expected answer), p50 / p95 latency
-(queueing included: searches share the one model); the memory after warm-up, half-way and
-at the end (a leak grows in the second half too); and one JSON line (--json FILE writes it
+mix: the programs of every query size get compiled, its caches fill), reads its resident
+memory, sends --requests requests from --concurrency threads (uploads searched plain and
+reranked, searches by id, regions, why a hit matched, images, thumbnails, duplicates,
+health), reading its memory after each eighth of them, and stops it. Prints per kind:
+requests, errors (anything but the expected answer), p50 / p95 latency (queueing included:
+searches share the one model); the memory after warm-up and after each eighth, with its
+trend per request (a leak is a steady slope; the allocator's pools and the caches are steps
+and noise around it); and one JSON line (--json FILE writes it
 too). Exit status 1 if any request failed.
 """
 from __future__ import annotations
@@ -26,8 +28,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # kind -> share of the requests
-MIX = {"search": 0.25, "search_rerank": 0.1, "search_id": 0.15, "regions": 0.05,
-       "image": 0.15, "thumb": 0.15, "duplicates": 0.05, "health": 0.1}
+MIX = {"search": 0.2, "search_rerank": 0.1, "search_id": 0.15, "regions": 0.05,
+       "explain": 0.05, "image": 0.15, "thumb": 0.15, "duplicates": 0.05, "health": 0.1}
+SEGMENTS = 8        # the server's memory is read after each eighth of the requests
 
 
 def rss_mb(pid: int) -> float:
@@ -82,7 +85,12 @@ def request(client, kind: str, n_images: int, uploads: list, rng: random.Random,
         ok = r.status_code == 200 and len(r.json()["hits"]) == min(10, n_images)
         return ok, time.perf_counter() - t
     i = rng.randrange(n_images) if i is None else i
-    if kind == "search_id":
+    if kind == "explain":          # why indexed image i matched an upload
+        path = uploads[i % len(uploads)] if i is not None else rng.choice(uploads)
+        r = client.post("/api/explain", params={"hit": i},
+                        files={"image": (path.name, path.read_bytes(), "image/jpeg")})
+        ok = r.status_code == 200 and r.json()["inliers"] >= 0
+    elif kind == "search_id":
         r = client.post("/api/search", params={"id": i, "k": 10})
         ok = r.status_code == 200 and len(r.json()["hits"]) == min(10, n_images)
     elif kind == "image":
@@ -116,7 +124,7 @@ def soak(index: str, requests: int = 2000, concurrency: int = 8, port: int = 876
             rng = random.Random(seed)
             for kind in MIX:     # every upload, and every indexed image, once of each kind
                 every = len(files) if kind in ("search", "search_rerank", "regions") else (
-                    n if kind in ("search_id", "image", "thumb") else 1)
+                    n if kind in ("search_id", "explain", "image", "thumb") else 1)
                 for i in range(min(every, 1000)):
                     request(c, kind, n, files, rng, i)
         mix = random.Random(seed + 1).choices(list(MIX), weights=list(MIX.values()),
@@ -139,8 +147,9 @@ def soak(index: str, requests: int = 2000, concurrency: int = 8, port: int = 876
             before = rss_mb(proc.pid)
             t0 = time.perf_counter()
             rss = []
-            for half in (mix[warmup:warmup + requests // 2], mix[warmup + requests // 2:]):
-                for kind, ok, s in pool.map(one, enumerate(half, warmup + len(rss) * 10**6)):
+            cuts = [warmup + requests * j // SEGMENTS for j in range(SEGMENTS + 1)]
+            for a, b in zip(cuts, cuts[1:]):
+                for kind, ok, s in pool.map(one, zip(range(a, b), mix[a:b])):
                     results[kind].append((ok, s))
                 rss.append(rss_mb(proc.pid))
             seconds = time.perf_counter() - t0
@@ -161,9 +170,14 @@ def soak(index: str, requests: int = 2000, concurrency: int = 8, port: int = 876
     return {"requests": requests, "concurrency": concurrency, "images": n, "warmup": warmup,
             "seconds": round(seconds, 1),
             "errors": sum(t["errors"] for t in table.values()) + warm_errors,
-            "rss_mb_before": round(before, 1), "rss_mb_half": round(rss[0], 1),
-            "rss_mb_after": round(rss[1], 1), "rss_growth_mb": round(rss[1] - before, 1),
-            "rss_growth_second_half_mb": round(rss[1] - rss[0], 1), "server_alive": alive,
+            "rss_mb_before": round(before, 1), "rss_mb_trace": [round(v, 1) for v in rss],
+            "rss_mb_after": round(rss[-1], 1), "rss_growth_mb": round(rss[-1] - before, 1),
+            "rss_growth_second_half_mb": round(rss[-1] - rss[SEGMENTS // 2 - 1], 1),
+            # the trend, least squares over the readings: a leak is a slope, the allocator's
+            # pools and the caches are noise and steps around it
+            "rss_slope_kb_per_request": round(float(np.polyfit(
+                np.array(cuts) - warmup, np.array([before] + rss), 1)[0]) * 1024, 2),
+            "server_alive": alive,
             "kinds": table}
 
 
@@ -176,9 +190,12 @@ def report(r: dict) -> str:
         lines.append(f"{kind:>14}  {t['requests']:8d}  {t['errors']:6d}  "
                      f"{t['p50_ms'] or float('nan'):8.1f}  {t['p95_ms'] or float('nan'):8.1f}")
     lines.append(f"server memory (RSS): after {r['warmup']} warm-up requests "
-                 f"{r['rss_mb_before']} MB, half-way {r['rss_mb_half']} MB, at the end "
-                 f"{r['rss_mb_after']} MB: {r['rss_growth_mb']:+.1f} MB in all, "
-                 f"{r['rss_growth_second_half_mb']:+.1f} MB in the second half")
+                 f"{r['rss_mb_before']} MB, then after each {SEGMENTS}th of the requests "
+                 f"{', '.join(map(str, r['rss_mb_trace']))} MB: {r['rss_growth_mb']:+.1f} "
+                 f"MB in all, {r['rss_growth_second_half_mb']:+.1f} MB in the second half; "
+                 f"trend {r['rss_slope_kb_per_request']:+.2f} KB per request (least squares "
+                 "over the readings: a leak is a steady slope, the allocator's pools and the "
+                 "caches are steps and noise around it)")
     return "\n".join(lines)
 
 
