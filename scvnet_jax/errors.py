@@ -19,6 +19,11 @@ class InputError(ScvnetError, ValueError):
     that is not prepared, ...)."""
 
 
+class StaleIdsError(InputError):
+    """Ids of an index the search app no longer keeps (the folder was re-indexed since the
+    search that gave them, and several times more); the REST API answers 409."""
+
+
 class CheckpointError(ScvnetError, ValueError):
     """A checkpoint or model directory could not be read or does not fit the model."""
 

@@ -6,6 +6,7 @@
                                                     [--regions 5] [--box X1,Y1,X2,Y2] [--json]
                                                     [--explain DIR]  # why each hit matched
     scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
+                        [--watch]                  # re-indexes as the folder changes
     scvnet-search duplicates --index my.index --threshold 0.995 [--json | --csv]
     SCVNET_SEARCH_TOKEN=SECRET scvnet-search serve --index my.index --host 0.0.0.0
 
@@ -218,6 +219,13 @@ def parser() -> argparse.ArgumentParser:
     sv.add_argument("--root", default=None, help="where the indexed folder is now, if moved")
     sv.add_argument("--max_upload_mb", type=_positive, default=20,
                     help="largest query upload accepted (default 20 MB)")
+    sv.add_argument("--watch", action="store_true",
+                    help="follow the indexed folder: when files are added, changed or removed "
+                         "(after 1 s without a new change), re-index it incrementally into "
+                         "the index file and search the new index from the next request on "
+                         "(each request searches one whole index, never a half-built one); "
+                         "unreadable files are skipped and listed. Needs watchdog (the app "
+                         "extra)"),
     for flag, (r, o) in _path_flags().items():    # the registry's weights and detectors
         sv.add_argument(f"--{flag}", default=None, metavar="PATH",
                         help=(f"offer the {r.name} reranker: " if o.name == "weights" and
@@ -553,6 +561,8 @@ def serve_command(args) -> int:
     try:
         import fastapi  # noqa: F401
         import uvicorn
+        if args.watch:
+            import watchdog  # noqa: F401
     except ImportError as e:
         raise InputError(f"serve needs the app extra ({e.name} is missing): pip install "
                          "'scvnet_jax[app]'") from None
@@ -595,12 +605,36 @@ def serve_command(args) -> int:
     t0 = time.perf_counter()
     there = next((i for i, p in enumerate(index.paths) if os.path.isfile(p)), 0)
     searcher.search(id=there, k=1)       # compile now, not on the first user's query
+    if args.watch:
+        searcher.watcher = _watcher(searcher, index, path, args)
     print(f"serving {args.index} ({len(index)} images) at http://{args.host}:{args.port}/ "
           f"(warm-up {time.perf_counter() - t0:.1f} s; API docs at /docs"
-          f"{'; requests need the token' if token else ''})", flush=True)
-    uvicorn.Server(uvicorn.Config(server.create_app(searcher, token), host=args.host,
-                                  port=args.port, log_level="warning")).run(sockets=[sock])
+          f"{'; requests need the token' if token else ''}"
+          f"{f'; following {shown(index.root)}' if args.watch else ''})", flush=True)
+    try:
+        uvicorn.Server(uvicorn.Config(server.create_app(searcher, token), host=args.host,
+                                      port=args.port, log_level="warning")).run(sockets=[sock])
+    finally:
+        if searcher.watcher is not None:
+            searcher.watcher.stop()
     return 0
+
+
+def _watcher(searcher, index, path: Path, args):
+    """serve --watch: a started Watcher re-indexing the served index's folder into its file
+    with the index's own settings (model, descriptor, dtype; faiss if it has faiss)."""
+    from scvnet_jax.app.watch import Watcher
+    from scvnet_jax.search import Index
+
+    stored = Index.load(path, root=args.root)        # its own backend, not --backend's
+    faiss = stored.backend is not None and stored.backend.name == "faiss"
+    return Watcher(searcher, index.root, path, report=lambda text: print(text, flush=True),
+                   family=index.family, weights=index.weights,
+                   dtype=index.descriptors.dtype.name,
+                   backend="faiss" if faiss else "exact",
+                   **({"faiss_kind": stored.backend.kind} if faiss else {}),
+                   batch_size=args.batch_size, bucket=args.bucket,
+                   workers=args.workers).start()
 
 
 TOKEN_ENV = "SCVNET_SEARCH_TOKEN"

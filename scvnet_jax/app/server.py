@@ -57,12 +57,13 @@ from importlib import resources
 from pathlib import Path
 from urllib.parse import unquote
 
-from scvnet_jax.errors import InputError, ScvnetError
+from scvnet_jax.errors import InputError, ScvnetError, StaleIdsError
 
 STATIC = ("app.js", "style.css")
 MAX_UPLOAD_BYTES = 20 << 20
 THUMB_SIDE = 256                    # a thumbnail's longest side, pixels
 THUMB_CACHE_BYTES = 64 << 20        # thumbnails kept in memory, at most
+KEPT_VERSIONS = 16                  # the ids of the last re-indexed versions still answered
 # formats every current browser shows, served as they are (PIL's names -> media type)
 BROWSER_FORMATS = {"JPEG": "image/jpeg", "MPO": "image/jpeg", "PNG": "image/png",
                    "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
@@ -92,7 +93,8 @@ class Searcher:
         index stays as given."""
         self.model, self.shortlist = model, shortlist
         self.reranker_options = {n: dict(o) for n, o in (reranker_options or {}).items()}
-        self._state = (index, {p: i for i, p in enumerate(index.paths)})  # swapped whole
+        self._versions: OrderedDict = OrderedDict()     # version -> paths: ids it gave out
+        self._set(index)
         self.batch_size, self.bucket = batch_size, bucket
         self.max_upload_bytes = max_upload_bytes
         self.lock = threading.Lock()            # plain searches and light rerankers
@@ -103,6 +105,7 @@ class Searcher:
         self._reload_lock = threading.Lock()
         self.thumbs = _LRU(THUMB_CACHE_BYTES)
         self._explained: dict = {}     # (query digest, box, working size) -> its locals
+        self.watcher = None            # app.watch.Watcher: serve --watch
 
     @property
     def rerankers(self) -> list:
@@ -111,16 +114,35 @@ class Searcher:
         return [n for n in registry.names() if not registry.get(n).needs_weights
                 or self.reranker_options.get(n, {}).get("weights")]
 
+    def _set(self, index) -> None:
+        """Serves `index` from now on: it, its ids and its version swapped at once (one
+        tuple); its ids stay answerable after the next KEPT_VERSIONS - 1 re-indexes."""
+        version = index_version(index)
+        self._versions[version] = list(index.paths)
+        self._versions.move_to_end(version)
+        while len(self._versions) > KEPT_VERSIONS:
+            self._versions.popitem(last=False)
+        self._state = (index, {p: i for i, p in enumerate(index.paths)}, version)
+
     @property
     def index(self):
         return self._state[0]
+
+    @property
+    def version(self) -> str:
+        """The served index's version: ids are valid with it (`index_version`)."""
+        return self.snapshot()[2]
 
     @property
     def ids(self):       # hit path -> id
         return self._state[1]
 
     def current(self):
-        """(index, ids) for one request: first the index file reloaded if it changed on disk
+        """(index, ids) for one request (`snapshot` without the version)."""
+        return self.snapshot()[:2]
+
+    def snapshot(self):
+        """(index, ids, version) for one request: first the index file reloaded if it changed on disk
         since it was read (one reader loads it, then both are swapped at once; a file
         that cannot be read, or that was built with another model, leaves the index
         in use as it is, said in the log)."""
@@ -148,17 +170,19 @@ class Searcher:
                             "runs; still searching the index loaded before (restart the "
                             "server to use the new one)", self.index_path, index.weights)
                 return self._state
-            self._state = (index, {p: i for i, p in enumerate(index.paths)})
+            self._set(index)
             log.warning("%s changed: reloaded, %d images", self.index_path, len(index))
             return self._state
 
     def search(self, *, data: bytes | None = None, filename: str = "upload", id=None,
                k: int = 10, rerank: str = "none", regions: int = 0, box=None,
-               rerank_k: int = 100) -> dict:
+               rerank_k: int = 100, v: str | None = None) -> dict:
+        """POST /api/search. `id`: an indexed image's, of the index version `v` (what the
+        search that gave it answered as "version"; default the served one)."""
         from scvnet_jax.rerank import registry
 
         t0 = time.perf_counter()
-        index, ids = self.current()     # this request's, even if a re-index lands meanwhile
+        index, ids, version = self.snapshot()   # this request's, even if a re-index lands
         _check_query(data, id)
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
             raise InputError(f"k must be an integer in [1, 1000], got {k!r}")
@@ -176,7 +200,7 @@ class Searcher:
                              f"it: start it with --{flag} MODEL")
         box = parse_box(box) if isinstance(box, str) else box
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
-            path, name = self._query_file(tmp, index, data, filename, id)
+            path, name = self._query_file(tmp, index, data, filename, id, v)
             options = dict(k=k, rerank=None if rerank == "none" else rerank,
                            rerank_k=rerank_k, options=self.reranker_options.get(rerank),
                            batch_size=self.batch_size, bucket=self.bucket,
@@ -198,18 +222,21 @@ class Searcher:
         out["hits"] = [{"id": ids[h.path], "path": shown(h.path),
                         "score": round(h.score, 6)} for h in hits]
         out["missing"] = [shown(p) for p in getattr(hits, "missing", ())]
+        out["version"] = version      # the hits' ids are of this index (give it back as v)
+        if id is not None and path in ids:          # the query's own id in it
+            out["query_id"] = ids[path]
         out["timings"] = {"search_ms": round(1000 * (t2 - t1), 1),
                           "total_ms": round(1000 * (time.perf_counter() - t0), 1)}
         return out
 
-    def _query_file(self, tmp: str, index, data: bytes | None, filename: str, id):
-        """(path, name) of a request's query: the indexed image `id`, or the upload `data`
-        (checked: size, then decodable) written into `tmp`."""
+    def _query_file(self, tmp: str, index, data: bytes | None, filename: str, id, v=None):
+        """(path, name) of a request's query: the indexed image `id` (of version `v`), or
+        the upload `data` (checked: size, then decodable) written into `tmp`."""
         from scvnet_jax.images import decode_image
         _check_query(data, id)
         if id is not None:
             try:
-                path = self.path_of(id, index)
+                path = self.path_of(id, index, v)
             except KeyError:
                 raise InputError(f"id {id!r}: no indexed image with this id (0 to "
                                  f"{len(index) - 1})") from None
@@ -223,13 +250,14 @@ class Searcher:
         return path, filename
 
     def explain(self, *, hit, data: bytes | None = None, filename: str = "upload", id=None,
-                box=None, method: str = "homography") -> dict:
+                box=None, method: str = "homography", v: str | None = None) -> dict:
         """Why indexed image `hit` matches the query (an upload `data` or indexed image
         `id`, cropped to `box`): the mutual nearest neighbours of their local descriptors
         and which one geometry keeps (`rerank.spatial`), in pixels of the upright files at
         full size. The query's descriptors are kept for the next hits (the last 8 queries,
         by content and box); the hit's in the content-keyed store (as the spatial
-        reranker's)."""
+        reranker's). `hit` and `id` are ids of the index version `v` (default: the served
+        one)."""
         from scvnet_jax import images
         from scvnet_jax.rerank import spatial
 
@@ -239,7 +267,7 @@ class Searcher:
             raise InputError(f"method must be one of {', '.join(spatial.METHODS)}, got "
                              f"{method!r}")
         try:
-            hit_path = self.path_of(hit, index)
+            hit_path = self.path_of(hit, index, v)
         except KeyError:
             raise InputError(f"hit {hit!r}: no indexed image with this id (0 to "
                              f"{len(index) - 1})") from None
@@ -247,7 +275,7 @@ class Searcher:
             raise InputError(f"hit {hit}: the image is no longer at {shown(hit_path)}")
         box = parse_box(box) if isinstance(box, str) else box
         with tempfile.TemporaryDirectory(prefix="scvnet-query-") as tmp:
-            path, name = self._query_file(tmp, index, data, filename, id)
+            path, name = self._query_file(tmp, index, data, filename, id, v)
             key = (images.content_digest(path), None if box is None else tuple(box),
                    images.max_side())
             with self.rerank_lock, _in_user_words(path, name):
@@ -265,11 +293,22 @@ class Searcher:
                 **({"box": list(box)} if box is not None else {}), **c.as_dict(),
                 "ms": round(1000 * (time.perf_counter() - t0), 1)}
 
-    def path_of(self, id, index=None) -> str:
-        index = self.current()[0] if index is None else index
-        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < len(index):
+    def path_of(self, id, index=None, version=None) -> str:
+        """The file of indexed image `id`: in the served index (or `index`), or in the
+        version `version` of it that gave the id out (StaleIdsError when it is no longer
+        kept); KeyError for an id it does not have."""
+        if version is None:
+            paths = (self.current()[0] if index is None else index).paths
+        else:
+            paths = self._versions.get(version)
+            if paths is None:
+                raise StaleIdsError(
+                    f"version {version}: the collection was re-indexed since the search that "
+                    f"gave this id, and the server no longer keeps its ids (it keeps the last "
+                    f"{KEPT_VERSIONS}): search again")
+        if isinstance(id, bool) or not isinstance(id, int) or not 0 <= id < len(paths):
             raise KeyError(id)
-        return index.paths[id]
+        return paths[id]
 
     def thumbnail(self, path: str) -> tuple[bytes, str]:
         """(JPEG bytes, ETag) of an image's thumbnail: upright (as `read_image` decodes
@@ -323,6 +362,16 @@ class _LRU:
             self.size += len(value)
             while self.size > self.max_bytes and len(self.items) > 1:
                 self.size -= len(self.items.popitem(last=False)[1])
+
+
+def index_version(index) -> str:
+    """A short name for an index's ids (12 hex digits of a hash of its paths in order): a
+    re-index that keeps every path where it was keeps the name, so ids given out stay
+    right; one that moves them gets another."""
+    h = hashlib.sha256()
+    for p in index.paths:
+        h.update(p.encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()[:12]
 
 
 def _check_query(data, id) -> None:
@@ -537,7 +586,8 @@ def create_app(searcher: Searcher, token: str | None = None):
 
     @app.exception_handler(ScvnetError)
     async def _bad_input(request, e: ScvnetError):
-        return JSONResponse({"error": str(e)}, status_code=400)
+        return JSONResponse({"error": str(e)},
+                            status_code=409 if isinstance(e, StaleIdsError) else 400)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request, e: RequestValidationError):
@@ -568,15 +618,18 @@ def create_app(searcher: Searcher, token: str | None = None):
     @app.get("/api/health")
     def health():
         """The index's facts and the rerankers offered."""
-        ix = searcher.current()[0]
-        return {"status": "ok", "images": len(ix), "family": ix.family,
+        ix, _, version = searcher.snapshot()
+        return {"status": "ok", "images": len(ix), "version": version, "family": ix.family,
                 "weights": ix.weights, "dtype": ix.descriptors.dtype.name,
                 "backend": "exact" if ix.backend is None else
                 f"{ix.backend.name} {getattr(ix.backend, 'kind', '')}".strip(),
                 "recall_at_10": ix.recall_at_10,
                 # the working size its images (and queries) are read at; 0: full size
                 "max_side": int(ix.max_side),
-                "rerankers": ["none", *searcher.rerankers]}
+                "rerankers": ["none", *searcher.rerankers],
+                # serve --watch: the folder followed, updates done, one pending or running,
+                # the last one's counts, the files it skipped, why the last one failed
+                **({"watch": searcher.watcher.status()} if searcher.watcher else {})}
 
     dupes: dict = {}       # (index object, threshold, k) -> the answer: the last few
 
@@ -587,12 +640,12 @@ def create_app(searcher: Searcher, token: str | None = None):
         """Groups of near-identical photos (`scvnet-search duplicates`): largest first."""
         if not 1 <= k <= 100:
             raise ScvnetError(f"k: expected 1..100, got {k}")
-        ix = searcher.current()[0]
+        ix, _, version = searcher.snapshot()
         key = (id(ix), float(threshold), k)
         if key not in dupes or dupes[key][0] is not ix:    # (kept with it: ids are reused)
             t0 = time.perf_counter()
             groups = ix.duplicates(threshold, k=k)
-            dupes[key] = (ix, {**duplicates_json(ix, groups, threshold, k),
+            dupes[key] = (ix, {**duplicates_json(ix, groups, threshold, k), "version": version,
                                "ms": round(1000 * (time.perf_counter() - t0), 1)})
             while len(dupes) > 4:
                 dupes.pop(next(iter(dupes)))
@@ -607,7 +660,9 @@ def create_app(searcher: Searcher, token: str | None = None):
                      rerank_k: int = Query(100, description="candidates a reranker with a "
                                            "depth re-orders (1..1000)"),
                      regions: int = Query(0, description="regions of the query to search too"),
-                     box: str | None = Query(None, description="x1,y1,x2,y2: search a crop")):
+                     box: str | None = Query(None, description="x1,y1,x2,y2: search a crop"),
+                     v: str | None = Query(None, description="the index version the id came from (a "
+                                    "search's \"version\"): right after a re-index too")):
         """Top-k hits for an uploaded image (multipart field `image`) or an indexed one
         (`id`): [{"id", "path", "score"}], best first."""
         data = None
@@ -618,7 +673,7 @@ def create_app(searcher: Searcher, token: str | None = None):
         import anyio
         return await anyio.to_thread.run_sync(lambda: searcher.search(
             data=data, filename=(image.filename or "upload") if image else "upload", id=id,
-            k=k, rerank=rerank, regions=regions, box=box, rerank_k=rerank_k))
+            k=k, rerank=rerank, regions=regions, box=box, rerank_k=rerank_k, v=v))
 
     @app.post("/api/explain")
     async def explain(request: Request,
@@ -628,7 +683,9 @@ def create_app(searcher: Searcher, token: str | None = None):
                       box: str | None = Query(None, description="x1,y1,x2,y2: the query's "
                                               "crop"),
                       method: str = Query("homography", description="homography or "
-                                          "fundamental")):
+                                          "fundamental"),
+                      v: str | None = Query(None, description="the index version the id came from (a "
+                                    "search's \"version\"): right after a re-index too")):
         """Why hit `hit` matched the query (an upload, multipart field `image`, or the
         indexed image `id`): the mutual nearest neighbours of their local descriptors,
         [qx, qy, hx, hy, cosine, inlier] in pixels of the upright files at full size, and
@@ -641,12 +698,13 @@ def create_app(searcher: Searcher, token: str | None = None):
         import anyio
         return await anyio.to_thread.run_sync(lambda: searcher.explain(
             hit=hit, data=data, filename=(image.filename or "upload") if image else "upload",
-            id=id, box=box, method=method))
+            id=id, box=box, method=method, v=v))
 
-    def indexed_file(id: int):
-        """(the file of indexed image `id`, None) or (None, the 404 to answer)."""
+    def indexed_file(id: int, v: str | None = None):
+        """(the file of indexed image `id` (of index version `v`), None) or (None, the 404
+        to answer)."""
         try:
-            path = searcher.path_of(id)
+            path = searcher.path_of(id, version=v)
         except KeyError:
             return None, JSONResponse({"error": f"no indexed image with id {id}"},
                                       status_code=404)
@@ -656,9 +714,10 @@ def create_app(searcher: Searcher, token: str | None = None):
         return path, None
 
     @app.get("/api/image/{id}")
-    def image_file(id: int):
+    def image_file(id: int, v: str | None = Query(None, description="the index version the id came from (a "
+                                    "search's \"version\"): right after a re-index too")):
         """An indexed image, by its id, in a format the browser shows."""
-        path, missing = indexed_file(id)
+        path, missing = indexed_file(id, v)
         if missing:
             return missing
         kind = browser_type(path)
@@ -671,9 +730,10 @@ def create_app(searcher: Searcher, token: str | None = None):
         return Response(enc.tobytes(), media_type="image/jpeg")
 
     @app.get("/api/original/{id}")
-    def original_file(id: int):
+    def original_file(id: int, v: str | None = Query(None, description="the index version the id came from (a "
+                                    "search's \"version\"): right after a re-index too")):
         """An indexed image's untouched file, as a download."""
-        path, missing = indexed_file(id)
+        path, missing = indexed_file(id, v)
         if missing:
             return missing
         name = os.path.basename(path).encode("utf-8", "surrogateescape").decode(
@@ -681,9 +741,10 @@ def create_app(searcher: Searcher, token: str | None = None):
         return FileResponse(path, filename=name)
 
     @app.get("/api/thumb/{id}")
-    def thumb_file(id: int, request: Request):
+    def thumb_file(id: int, request: Request, v: str | None = Query(None, description="the index version the id came from (a "
+                                    "search's \"version\"): right after a re-index too")):
         """An indexed image's thumbnail (upright JPEG, longest side 256 px)."""
-        path, missing = indexed_file(id)
+        path, missing = indexed_file(id, v)
         if missing:
             return missing
         data, etag = searcher.thumbnail(path)

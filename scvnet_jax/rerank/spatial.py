@@ -23,8 +23,7 @@ the rest keep their order.
 from __future__ import annotations
 
 import dataclasses
-from functools import partial
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import scvnet_jax as sj
+from scvnet_jax.app import server
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -149,7 +150,8 @@ def test_thumbnails_viewer_and_search_with_this(browser, live_server, searcher, 
     srcs = driver.execute_script("return Array.from(document.querySelectorAll("
                                  "'#grid .hit img')).map(i => i.getAttribute('src'));")
     ids = {p: i for i, p in enumerate(searcher.index.paths)}
-    assert srcs == [f"/api/thumb/{ids[p]}" for p, _ in hits]
+    v = server.index_version(searcher.index)           # the ids' index version goes along
+    assert srcs == [f"/api/thumb/{ids[p]}?v={v}" for p, _ in hits]
     fetched = driver.execute_script("return performance.getEntriesByType('resource')"
                                     ".map(e => e.name);")
     assert not [u for u in fetched if "/api/image/" in u or "/api/original/" in u], fetched
@@ -170,7 +172,7 @@ def test_thumbnails_viewer_and_search_with_this(browser, live_server, searcher, 
     assert driver.find_element("id", "viewer-path").text == path
     assert driver.find_element("id", "viewer-score").text == f"score {hits[2][1]:.4f}"
     original = driver.find_element("id", "viewer-original").get_attribute("href")
-    assert original == f"{live_server}/api/original/{hit}"
+    assert original == f"{live_server}/api/original/{hit}?v={v}"
     assert httpx.get(original).content == Path(path).read_bytes()
     _check_screenshot(driver, tmp_path / "viewer.png", "-viewer")
     from selenium.webdriver.common.keys import Keys

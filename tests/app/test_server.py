@@ -318,6 +318,46 @@ def test_a_reload_swaps_the_index_and_its_ids_together(tmp_path):
     assert len(s.current()[0]) == 7 and s.path_of(6) == "/p/7/6.jpg"
 
 
+
+def test_ids_stay_right_with_the_version_they_came_from(tmp_path):
+    """A search's ids go with its index version: after re-indexes that move the ids, an id
+    with its version still names the same file (the last KEPT_VERSIONS versions), with
+    none the served index's; a version no longer kept is one 409 JSON error that says
+    to search again. The version is a name for the paths: unchanged paths keep it."""
+    from fastapi.testclient import TestClient
+
+    from scvnet_jax.search import Index
+
+    path = tmp_path / "x.index"
+
+    def write(names):
+        Index([f"/p/{n}.jpg" for n in names], np.eye(len(names), 8, dtype=np.float32),
+              root="/p").save(path)
+    write(["b", "c"])
+    s = server.Searcher(Index.load(path), None, index_path=path)
+    first = s.version
+    assert s.path_of(0, version=first) == "/p/b.jpg"
+    write(["a", "b", "c"])                        # an added file moves b and c
+    assert s.version != first and s.path_of(0) == "/p/a.jpg"
+    assert s.path_of(0, version=first) == "/p/b.jpg"
+    assert s.path_of(2, version=s.version) == "/p/c.jpg"
+    with pytest.raises(KeyError):
+        s.path_of(2, version=first)
+    write(["a", "b", "c"])                        # rewritten, the same paths: the same name
+    s.current()
+    assert s.version == server.index_version(s.index)
+    assert s.path_of(0, version=first) == "/p/b.jpg"
+    for n in range(server.KEPT_VERSIONS):
+        write([f"x{n}", "b"])
+        s.current()
+    with pytest.raises(sj.errors.StaleIdsError, match="search again"):
+        s.path_of(0, version=first)
+    c = TestClient(server.create_app(s))
+    r = c.get("/api/thumb/0", params={"v": first})
+    assert r.status_code == 409 and "re-indexed since the search" in r.json()["error"]
+    assert c.get("/api/health").json()["version"] == s.version
+
+
 def test_a_huge_upload_is_refused_while_it_arrives(searcher, live_server):
     """A 2 GB body, with its Content-Length or chunked: 413 with the size or "over the
     limit", after far less than the body was sent (nothing spooled to disk in full)."""

@@ -6,7 +6,7 @@
 (function () {
   const $ = (id) => document.getElementById(id);
   const canvas = $("canvas"), ctx = canvas.getContext("2d");
-  let query = null;      // {file: File} or {id: number}
+  let query = null;      // {file: File} or {id: number, version: the index's it is of}
   let image = null;      // the query as an HTMLImageElement
   let box = null;        // [x1, y1, x2, y2] in image pixels
   let regions = [];      // proposed regions of the last search
@@ -126,6 +126,7 @@
     const body = new FormData();
     if (query.file) body.append("image", query.file);
     else params.set("id", query.id);
+    if (query.version) params.set("v", query.version);
     status((note || "") + "searching ...");
     $("search").disabled = true;
     try {
@@ -138,9 +139,18 @@
       draw();
       scoreKind = out.score_kind || "";
       $("scorekind").textContent = scoreKind ? "Scores: " + scoreKind : "";
+      // ids are of the index version the server answered with (the folder may be
+      // re-indexed meanwhile): the query's own id follows it, if it is still indexed
+      if (!query.file) {
+        query = out.query_id !== undefined ? {id: out.query_id, version: out.version} :
+          {id: query.id, version: query.version, gone: true};
+      }
       // each hit remembers its query (for "why it matched": the query may change later)
-      const asked = {query: query, box: box ? box.slice() : null, queryImage: image};
-      for (const h of out.hits) Object.assign(h, asked, {explainable: image !== null});
+      const asked = {query: query, box: box ? box.slice() : null, queryImage: image,
+                     version: out.version};
+      for (const h of out.hits) {
+        Object.assign(h, asked, {explainable: image !== null && !query.gone});
+      }
       grid(out.hits);
       status((note || "") + `${out.hits.length} hits in ${out.timings.search_ms} ms ` +
              `(${out.timings.total_ms} ms in all)` +
@@ -171,9 +181,14 @@
     }
   }
 
+  // an indexed image's URL parameter: the index version its id is of
+  function at(h) {
+    return h.version ? "?v=" + encodeURIComponent(h.version) : "";
+  }
+
   function useHit(h) {
     closeViewer();
-    show("/api/image/" + h.id, {id: h.id});
+    show("/api/image/" + h.id + at(h), {id: h.id, version: h.version});
   }
 
   // one thumbnail tile: the image, its score and its name; a click opens the viewer
@@ -184,7 +199,7 @@
     div.dataset.path = h.path;
     div.title = title;
     const img = document.createElement("img");
-    img.src = "/api/thumb/" + h.id;
+    img.src = "/api/thumb/" + h.id + at(h);
     img.alt = h.path;
     img.loading = "lazy";
     const score = document.createElement("div");
@@ -217,7 +232,7 @@
 
   function openViewer(h) {
     viewing = h;
-    $("viewer-image").src = "/api/image/" + h.id;
+    $("viewer-image").src = "/api/image/" + h.id + at(h);
     $("viewer-image").alt = h.path;
     $("viewer-image").hidden = false;
     $("viewer-match").hidden = true;
@@ -225,7 +240,7 @@
     $("viewer-path").textContent = h.path;
     $("viewer-score").textContent = `score ${h.score.toFixed(4)}`;
     $("viewer-score").title = scoreKind;
-    $("viewer-original").href = "/api/original/" + h.id;
+    $("viewer-original").href = "/api/original/" + h.id + at(h);
     $("viewer").hidden = false;
     $("viewer-close").focus();
     if (h.explainable) explain(h);
@@ -247,7 +262,7 @@
   // Why it matched (POST /api/explain): the query and the hit side by side, a line per
   // mutual nearest neighbour of their local descriptors, green where one geometry keeps it
   async function explain(h) {
-    const params = new URLSearchParams({hit: h.id});
+    const params = new URLSearchParams({hit: h.id, v: h.version});
     const body = new FormData();
     if (h.query.file) body.append("image", h.query.file);
     else params.set("id", h.query.id);
@@ -267,7 +282,7 @@
     const hitImage = new Image();
     hitImage.onload = () => { if (viewing === h) drawMatch(out, h.queryImage, hitImage); };
     hitImage.onerror = () => why("the browser cannot show this file", true);
-    hitImage.src = "/api/image/" + h.id;
+    hitImage.src = "/api/image/" + h.id + at(h);
   }
 
   function drawMatch(out, queryImage, hitImage) {
@@ -360,7 +375,7 @@
         tiles.className = "duptiles";
         const names = labels(g.images.map((im) => im.path));
         g.images.forEach((im, i) => {
-          const h = {id: im.id, path: im.path, score: im.best};
+          const h = {id: im.id, path: im.path, score: im.best, version: out.version};
           tiles.append(tile(h, names[i], `${im.path}\nbest similarity in the group ` +
                                          im.best.toFixed(4)));
         });
