@@ -139,11 +139,12 @@ class Watcher:
                                 error=None, skipped=skipped,
                                 last={k: stats[k] for k in ("indexed", "reused", "extracted",
                                                             "removed", "skipped", "seconds")})
+        said = "".join(f"\n  skipped: {r if r.startswith(p) else f'{p}: {r}'}"
+                       for p, r in skipped)
         self.report(f"watch: re-indexed {self.folder}: {stats['indexed']} images "
-                        f"({stats['reused']} reused, {stats['extracted']} extracted, "
-                        f"{stats['removed']} removed, {stats['skipped']} skipped) in "
-                        f"{stats['seconds']:.1f} s" + "".join(
-                            f"\n  skipped: {p}: {r}" for p, r in skipped))
+                    f"({stats['reused']} reused, {stats['extracted']} extracted, "
+                    f"{stats['removed']} removed, {stats['skipped']} skipped) in "
+                    f"{stats['seconds']:.1f} s" + said)
         return stats
 
     def status(self) -> dict:
