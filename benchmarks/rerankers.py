@@ -10,7 +10,7 @@ training photos, see benchmarks/tune_rerankers.py). The first stages are eval.py
 verifier runs the blind protocol here (the official one picks what to rerank with the
 labels) on the top 100, its time including the local features of the query and of the
 100 candidates (at most 210 database images: each computed once for all queries); so
-does chamfer's (blind here too, its descriptors not cached).
+do chamfer's and spatial's (blind here too, their descriptors not cached).
 """
 from __future__ import annotations
 
@@ -59,7 +59,8 @@ def main(argv=None) -> int:
                 "cvnet": {"topk": cfg.cvnet.topk, "mix": cfg.cvnet.mix, "protocol": "blind"},
                 "icfrr": dict(cfg.icfrr), "alpha_qe": dict(cfg.alpha_qe), "dba": dict(cfg.dba),
                 "csa": {**dict(cfg.csa), "weights": args.csa_weights or ""},
-                "chamfer": {**dict(cfg.chamfer), "protocol": "blind"}}
+                "chamfer": {**dict(cfg.chamfer), "protocol": "blind"},
+                "spatial": {**dict(cfg.spatial), "protocol": "blind"}}
     for name in registry.names():
         if name == "csa" and not args.csa_weights:
             print("csa: skipped (no --csa_weights)")

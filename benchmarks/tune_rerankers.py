@@ -12,7 +12,10 @@ alpha-QE, alpha-DBA and ICFRR every setting of a small grid is scored by mAP ove
 whole ranking (`sj.metrics.labelled`), and the best one of each is printed (and written
 with --json); configs/eval_demo.py holds the result. For chamfer (the top 100 re-scored by
 lamb x similarity + (1 - lamb) x the local score, on the model's 64 local descriptors
-per image, as eval.py reads them) the grid is lamb; --skip_chamfer leaves it out.
+per image, as eval.py reads them) the grid is lamb; --skip_chamfer leaves it out. For
+spatial (the top 100 sorted by the inliers of one robust fit among the mutual nearest
+neighbours of 256 local descriptors per image) the grid is the geometry and its inlier
+distance; --skip_spatial leaves it out.
 """
 from __future__ import annotations
 
@@ -71,6 +74,50 @@ def tune_chamfer(model, ts, qi, di, sim, ranks, ql, dl, base, k: int = 100, leng
     return {"mAP": best_map, "options": best}, [{"mAP": m, "options": o} for m, o in scored]
 
 
+SPATIAL_GRID = {"method": ["homography", "fundamental"], "threshold": [8.0, 16.0, 24.0]}
+
+
+def tune_spatial(model, ts, qi, di, sim, ranks, ql, dl, base, k: int = 100,
+                 length: int = 256):
+    """The spatial reranker's method and threshold on the training split: the mutual
+    nearest neighbours of each query and its top k, then every setting's fits scored."""
+    import types
+
+    import scvnet_jax as sj
+    from scvnet_jax.data.sources import Records
+    from scvnet_jax.engine import local
+    from scvnet_jax.rerank import spatial
+
+    t0 = time.perf_counter()
+    records = Records(ts)
+    images = [records.record(int(i))[0] for i in range(ts.num_examples)]
+    feats = local.describe_local(model, images, None, length, local.SCALES, dtype=np.float32)
+    kk = min(k, ranks.shape[0])
+    top = di[ranks[:kk].T]                                   # (nq, kk) rows of `feats`
+    table = np.concatenate([feats.yx, feats.desc], axis=-1).astype(np.float16)
+    settings = list(itertools.product(*SPATIAL_GRID.values()))
+    inl = np.zeros((len(settings), kk, len(qi)), np.int32)
+    for a in range(0, len(qi), 8):                  # 8 queries at a time: bounded memory
+        b = slice(a, a + 8)
+        q = types.SimpleNamespace(desc=feats.desc[qi[b]], mask=feats.mask[qi[b]],
+                                  yx=feats.yx[qi[b]])
+        for j, (method, threshold) in enumerate(settings):
+            inl[j, :, b] = spatial.inlier_counts(q, table[top[b]], feats.mask[top[b]],
+                                                 method=method, threshold=threshold).T
+    top_sim = np.take_along_axis(sim, ranks, axis=0)
+    scored = []
+    for j, (method, threshold) in enumerate(settings):
+        rr, _ = spatial.combine(ranks, top_sim, inl[j], k=kk)
+        scored.append((sj.metrics.labelled(rr, ql, dl)["mAP@all"],
+                       {"method": method, "threshold": threshold}))
+    best_map, best = max(scored, key=lambda t: t[0])
+    print(f"spatial   best {100 * best_map:6.2f} ({100 * (best_map - base):+.2f}) with "
+          f"{best} (top {kk}); " + ", ".join(
+              f"{o['method']} {o['threshold']:g}: {100 * m:.2f}" for m, o in scored)
+          + f"; {time.perf_counter() - t0:.0f} s")
+    return {"mAP": best_map, "options": best}, [{"mAP": m, "options": o} for m, o in scored]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,6 +128,9 @@ def main(argv=None) -> int:
     p.add_argument("--queries", type=int, default=2, help="query views per class")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--skip_chamfer", action="store_true", help="no chamfer lamb sweep")
+    p.add_argument("--skip_spatial", action="store_true", help="no spatial sweep")
+    p.add_argument("--skip_grids", action="store_true",
+                   help="no alpha-QE, DBA and ICFRR grids")
     args = p.parse_args(argv)
 
     import scvnet_jax as sj
@@ -101,7 +151,7 @@ def main(argv=None) -> int:
           f"{args.family} descriptors of {args.weights or 'the bundled demo model'}; "
           f"first stage mAP {100 * base:.2f}")
     out = {"first_stage": base, "best": {}, "all": {}}
-    for name, grid in GRIDS.items():
+    for name, grid in ({} if args.skip_grids else GRIDS).items():
         t0 = time.perf_counter()
         scored = []
         for values in itertools.product(*grid.values()):
@@ -115,6 +165,9 @@ def main(argv=None) -> int:
               f"{best}; {len(scored)} settings in {time.perf_counter() - t0:.0f} s")
     if not args.skip_chamfer:
         out["best"]["chamfer"], out["all"]["chamfer"] = tune_chamfer(
+            model, ts, qi, di, sim, ranks, ql, dl, base)
+    if not args.skip_spatial:
+        out["best"]["spatial"], out["all"]["spatial"] = tune_spatial(
             model, ts, qi, di, sim, ranks, ql, dl, base)
     if args.json:
         with open(args.json, "w") as f:
