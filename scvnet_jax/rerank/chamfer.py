@@ -54,19 +54,26 @@ def _scores(q, q_mask, db, db_mask, *, bits: int):
     return best.sum(-1) / n
 
 
+def checked_pairs(who: str, q, q_mask, db, db_mask) -> tuple:
+    """(q, q_mask, db, db_mask) as arrays, checked: queries (nq, Lq, D), their candidates
+    (nq, k, Ld, D), masks (nq, Lq) and (nq, k, Ld); one InputError naming `who` if not."""
+    q, db = np.asarray(q), np.asarray(db)
+    q_mask, db_mask = np.asarray(q_mask, bool), np.asarray(db_mask, bool)
+    if q.ndim != 3 or db.ndim != 4 or db.shape[0] != q.shape[0] or db.shape[3] != q.shape[2]:
+        raise InputError(f"{who}: q must be (nq, Lq, D) and db (nq, k, Ld, D), got "
+                         f"{q.shape} and {db.shape}")
+    if q_mask.shape != q.shape[:2] or db_mask.shape != db.shape[:3]:
+        raise InputError(f"{who}: masks must be {q.shape[:2]} and {db.shape[:3]}, got "
+                         f"{q_mask.shape} and {db_mask.shape}")
+    return q, q_mask, db, db_mask
+
+
 def scores(q, q_mask, db, db_mask, *, bits: int = 0, batch_size: int = 8) -> np.ndarray:
     """Chamfer scores (nq, k) float32 of queries q (nq, Lq, D) against their candidates db
     (nq, k, Ld, D) (float16/32 descriptors, any norm; or with `bits` = D their packed sign
     bits, uint8 (..., ceil(D / 8))); masks True = padding. Queries go `batch_size` at a time,
     the last batch padded: one compiled program per shape."""
-    q, db = np.asarray(q), np.asarray(db)
-    q_mask, db_mask = np.asarray(q_mask, bool), np.asarray(db_mask, bool)
-    if q.ndim != 3 or db.ndim != 4 or db.shape[0] != q.shape[0] or db.shape[3] != q.shape[2]:
-        raise InputError(f"chamfer: q must be (nq, Lq, D) and db (nq, k, Ld, D), got "
-                         f"{q.shape} and {db.shape}")
-    if q_mask.shape != q.shape[:2] or db_mask.shape != db.shape[:3]:
-        raise InputError(f"chamfer: masks must be {q.shape[:2]} and {db.shape[:3]}, got "
-                         f"{q_mask.shape} and {db_mask.shape}")
+    q, q_mask, db, db_mask = checked_pairs("chamfer", q, q_mask, db, db_mask)
     if bits and (q.dtype != np.uint8 or db.dtype != np.uint8 or q.shape[2] != -(-bits // 8)):
         raise InputError(f"chamfer: {bits} packed bits are uint8 rows of {-(-bits // 8)} bytes"
                          f", got {q.dtype} {q.shape[2]} and {db.dtype} {db.shape[3]}")
@@ -134,34 +141,15 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
     Returns {setting: (ranks (same shape as given), scores (k', nq))}: setting "" for
     protocol "blind"; "medium" and "hard" for "official" (see `ames.shortlist`)."""
     from scvnet_jax.engine import local
-    from scvnet_jax.rerank import ames
     from scvnet_jax.rerank.ames.pipeline import _image_refs
-    from scvnet_jax.rerank.ames.scoring import _check_shortlist
     query_refs = _image_refs(query_refs, "query_refs")
     db_refs = _image_refs(db_refs, "db_refs")
-    for name, v in (("k", k), ("query_len", query_len), ("db_len", db_len)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ConfigError(f"chamfer: {name} must be an integer >= 1, got {v!r}")
     if not 0 <= float(lamb) <= 1:
         raise ConfigError(f"chamfer: lamb must be in [0, 1], got {lamb!r}")
-    if protocol not in ames.PROTOCOLS:
-        raise ConfigError(f"chamfer: protocol must be one of {ames.PROTOCOLS}, got "
-                          f"{protocol!r}")
-    if protocol == "official" and gnd is None:
-        raise ConfigError("chamfer: protocol 'official' needs the ground truth; use 'blind' "
-                          "on data without labels")
-    ranks, sims = _check_shortlist(ranks, sims)
+    ranks, lists, depth, kk, union = local_shortlists(
+        "chamfer", ranks, sims, k=k, query_len=query_len, db_len=db_len, protocol=protocol,
+        gnd=gnd)
     scales = tuple(scales or local.SCALES)
-    settings = ("",) if protocol == "blind" else ames.SETTINGS
-    g = gnd["gnd"] if isinstance(gnd, Mapping) else gnd
-    depth = int(k)      # enough rows that moving junk (+ easy) out still leaves k
-    if protocol == "official":
-        depth += max((len(x.get("junk", ())) + len(x.get("easy", ())) for x in g), default=0)
-    depth = min(depth, ranks.shape[0])
-    lists = {s: ames.shortlist(ranks[:depth], sims[:depth], protocol=protocol, gnd=gnd,
-                               setting=s or "medium") for s in settings}
-    kk = min(int(k), depth)
-    union = np.unique(np.concatenate([r[:kk].reshape(-1) for r, _ in lists.values()]))
     q_feats = local.extract_local(retrieval_model, list(query_refs), detector, query_len,
                                   scales, extract_batch_size, bucket=bucket,
                                   dtype=np.float32, workers=workers, desc="chamfer queries")
@@ -170,14 +158,55 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
                                   detector=detector, topk=db_len, scales=scales, bits=bits,
                                   cache_dir=cache_dir, batch_size=extract_batch_size,
                                   bucket=bucket, workers=workers)
+    D = local.descriptor_dim(retrieval_model, detector) if bits else 0
+
+    def rescore(idx, r, v):
+        c = scores(q, q_feats.mask, db[idx], db_mask[idx], bits=D, batch_size=batch_size)
+        return combine(r, v, c.T, k=kk, lamb=float(lamb))
+    return rerank_shortlists(ranks, lists, depth, kk, union, rescore)
+
+
+def local_shortlists(who: str, ranks, sims, *, k, query_len, db_len, protocol: str, gnd):
+    """The shared start of the rerankers over local descriptors of image files (chamfer,
+    spatial): their options checked (one ConfigError naming `who`), then the shortlists
+    of `ames.shortlist` per setting ("" for protocol blind; "medium" and "hard" for
+    official, deep enough that moving junk (+ easy) out still leaves k). Returns (ranks,
+    {setting: (ranks, sims)}, depth, k' (rows re-scored), the database rows any list
+    re-scores, sorted)."""
+    from scvnet_jax.rerank import ames
+    from scvnet_jax.rerank.ames.scoring import _check_shortlist
+    for name, v in (("k", k), ("query_len", query_len), ("db_len", db_len)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ConfigError(f"{who}: {name} must be an integer >= 1, got {v!r}")
+    if protocol not in ames.PROTOCOLS:
+        raise ConfigError(f"{who}: protocol must be one of {ames.PROTOCOLS}, got "
+                          f"{protocol!r}")
+    if protocol == "official" and gnd is None:
+        raise ConfigError(f"{who}: protocol 'official' needs the ground truth; use 'blind' "
+                          "on data without labels")
+    ranks, sims = _check_shortlist(ranks, sims)
+    settings = ("",) if protocol == "blind" else ames.SETTINGS
+    g = gnd["gnd"] if isinstance(gnd, Mapping) else gnd
+    depth = int(k)
+    if protocol == "official":
+        depth += max((len(x.get("junk", ())) + len(x.get("easy", ())) for x in g), default=0)
+    depth = min(depth, ranks.shape[0])
+    lists = {s: ames.shortlist(ranks[:depth], sims[:depth], protocol=protocol, gnd=gnd,
+                               setting=s or "medium") for s in settings}
+    kk = min(int(k), depth)
+    union = np.unique(np.concatenate([r[:kk].reshape(-1) for r, _ in lists.values()]))
+    return ranks, lists, depth, kk, union
+
+
+def rerank_shortlists(ranks, lists, depth: int, kk: int, union, rescore) -> dict:
+    """{setting: (ranks re-ordered in their first `depth` rows, scores (k', nq))}:
+    rescore(idx (nq, k') rows of `union`, list ranks, list sims) -> (ranks, scores) per
+    list of `local_shortlists`."""
     where = np.full(int(ranks.max()) + 1, -1, np.int64)
     where[union] = np.arange(len(union))
-    D = local.descriptor_dim(retrieval_model, detector) if bits else 0
     out = {}
     for s, (r, v) in lists.items():
-        idx = where[r[:kk]].T                               # (nq, kk)
-        c = scores(q, q_feats.mask, db[idx], db_mask[idx], bits=D, batch_size=batch_size)
-        rr, sc = combine(r, v, c.T, k=kk, lamb=float(lamb))
+        rr, sc = rescore(where[r[:kk]].T, r, v)
         full = ranks.copy()
         full[:depth] = rr
         out[s] = (full, sc)

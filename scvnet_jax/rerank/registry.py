@@ -389,48 +389,43 @@ def _local_prepare(opts: dict) -> dict:
     return {**opts, "detector": ames_detector(opts["detector"]) or ""}
 
 
-def _chamfer(inp: Inputs, detector, k: int, lamb: float, query_len: int, db_len: int,
-             bits: bool, protocol: str, batch_size: int) -> Result:
-    from scvnet_jax.rerank import chamfer
+def _local_rerank(name: str, rerank_images, inp: Inputs, detector, protocol: str,
+                  batch_size: int, **options) -> Result:
+    """A reranker over local descriptors of image files (chamfer, spatial): its
+    `rerank_images` on the first stage's top candidates, with eval.py's/search's settings
+    (cache, extraction batch and buckets, workers)."""
     if inp.model is None or inp.query_images is None or inp.db_images is None:
-        raise ConfigError("the chamfer reranker reads local descriptors: it needs the model "
+        raise ConfigError(f"the {name} reranker reads local descriptors: it needs the model "
                           "and the query and database images")
     sim = inp.similarity()
     ranks = np.asarray(inp.ranks)
     s = dict(inp.settings)
-    out = chamfer.rerank_images(
+    out = rerank_images(
         inp.model, inp.query_images, inp.db_images, ranks,
         np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0),
-        detector=ames_detector(detector), k=k, lamb=lamb, query_len=query_len,
-        db_len=db_len, bits=bits, protocol=protocol, gnd=inp.gnd,
+        detector=ames_detector(detector), protocol=protocol, gnd=inp.gnd,
         cache_dir=s.get("cache_dir"), batch_size=batch_size,
         extract_batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
-        workers=s.get("workers", 4))
+        workers=s.get("workers", 4), **options)
     if protocol == "official":      # Easy and Medium from the medium run, as ames
         return _per_setting(out["medium"][0], out["medium"][0], out["hard"][0], protocol)
     return Result(*out[""], protocol)
+
+
+def _chamfer(inp: Inputs, detector, k: int, lamb: float, query_len: int, db_len: int,
+             bits: bool, protocol: str, batch_size: int) -> Result:
+    from scvnet_jax.rerank import chamfer
+    return _local_rerank("chamfer", chamfer.rerank_images, inp, detector, protocol,
+                         batch_size, k=k, lamb=lamb, query_len=query_len, db_len=db_len,
+                         bits=bits)
 
 
 def _spatial(inp: Inputs, detector, k: int, query_len: int, db_len: int, method: str,
              threshold: float, protocol: str, batch_size: int) -> Result:
     from scvnet_jax.rerank import spatial
-    if inp.model is None or inp.query_images is None or inp.db_images is None:
-        raise ConfigError("the spatial reranker reads local descriptors: it needs the model "
-                          "and the query and database images")
-    sim = inp.similarity()
-    ranks = np.asarray(inp.ranks)
-    s = dict(inp.settings)
-    out = spatial.rerank_images(
-        inp.model, inp.query_images, inp.db_images, ranks,
-        np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0),
-        detector=ames_detector(detector), k=k, query_len=query_len, db_len=db_len,
-        method=method, threshold=float(threshold), protocol=protocol, gnd=inp.gnd,
-        cache_dir=s.get("cache_dir"), batch_size=batch_size,
-        extract_batch_size=s.get("batch_size", 0), bucket=s.get("bucket", 64),
-        workers=s.get("workers", 4))
-    if protocol == "official":      # Easy and Medium from the medium run, as ames
-        return _per_setting(out["medium"][0], out["medium"][0], out["hard"][0], protocol)
-    return Result(*out[""], protocol)
+    return _local_rerank("spatial", spatial.rerank_images, inp, detector, protocol,
+                         batch_size, k=k, query_len=query_len, db_len=db_len, method=method,
+                         threshold=float(threshold))
 
 
 def _alpha_qe(inp: Inputs, k: int, alpha: float) -> Result:

@@ -23,13 +23,13 @@ the rest keep their order.
 from __future__ import annotations
 
 import dataclasses
-from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from scvnet_jax.errors import ConfigError, InputError
+from scvnet_jax.errors import ConfigError
+from scvnet_jax.rerank.chamfer import checked_pairs
 
 METHODS = ("homography", "fundamental")
 MIN_PAIRS = {"homography": 4, "fundamental": 8}   # fewer mutual pairs: nothing verified
@@ -109,14 +109,7 @@ def mutual_pairs(q, q_mask, db, db_mask, *, batch_size: int = 8):
     (nq, k, Ld, D) (any float dtype, any norm; masks True = padding) -> a list per query of
     a list per candidate of (query rows (m,), db rows (m,), cosines (m,)). Queries go
     `batch_size` at a time, the last batch padded: one compiled program per shape."""
-    q, db = np.asarray(q), np.asarray(db)
-    q_mask, db_mask = np.asarray(q_mask, bool), np.asarray(db_mask, bool)
-    if q.ndim != 3 or db.ndim != 4 or db.shape[0] != q.shape[0] or db.shape[3] != q.shape[2]:
-        raise InputError(f"spatial: q must be (nq, Lq, D) and db (nq, k, Ld, D), got "
-                         f"{q.shape} and {db.shape}")
-    if q_mask.shape != q.shape[:2] or db_mask.shape != db.shape[:3]:
-        raise InputError(f"spatial: masks must be {q.shape[:2]} and {db.shape[:3]}, got "
-                         f"{q_mask.shape} and {db_mask.shape}")
+    q, q_mask, db, db_mask = checked_pairs("spatial", q, q_mask, db, db_mask)
     q, db = q.astype(np.float16, copy=False), db.astype(np.float16, copy=False)
     nq = q.shape[0]
     B = max(1, min(int(batch_size), nq))
@@ -280,32 +273,14 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
     files, with the shortlists and protocols of `ames.rerank_images`: each of the top k is
     scored by its inlier count. Returns {setting: (ranks, scores (k', nq))}."""
     from scvnet_jax.engine import local
-    from scvnet_jax.rerank import ames
     from scvnet_jax.rerank.ames.pipeline import _image_refs
-    from scvnet_jax.rerank.ames.scoring import _check_shortlist
+    from scvnet_jax.rerank.chamfer import local_shortlists, rerank_shortlists
     query_refs = _image_refs(query_refs, "query_refs")
     db_refs = _image_refs(db_refs, "db_refs")
-    for name, v in (("k", k), ("query_len", query_len), ("db_len", db_len)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ConfigError(f"spatial: {name} must be an integer >= 1, got {v!r}")
     _check(method, threshold)
-    if protocol not in ames.PROTOCOLS:
-        raise ConfigError(f"spatial: protocol must be one of {ames.PROTOCOLS}, got "
-                          f"{protocol!r}")
-    if protocol == "official" and gnd is None:
-        raise ConfigError("spatial: protocol 'official' needs the ground truth; use 'blind' "
-                          "on data without labels")
-    ranks, sims = _check_shortlist(ranks, sims)
-    settings = ("",) if protocol == "blind" else ames.SETTINGS
-    g = gnd["gnd"] if isinstance(gnd, Mapping) else gnd
-    depth = int(k)
-    if protocol == "official":
-        depth += max((len(x.get("junk", ())) + len(x.get("easy", ())) for x in g), default=0)
-    depth = min(depth, ranks.shape[0])
-    lists = {s: ames.shortlist(ranks[:depth], sims[:depth], protocol=protocol, gnd=gnd,
-                               setting=s or "medium") for s in settings}
-    kk = min(int(k), depth)
-    union = np.unique(np.concatenate([r[:kk].reshape(-1) for r, _ in lists.values()]))
+    ranks, lists, depth, kk, union = local_shortlists(
+        "spatial", ranks, sims, k=k, query_len=query_len, db_len=db_len, protocol=protocol,
+        gnd=gnd)
     q_feats = local.extract_local(retrieval_model, list(query_refs), detector, int(query_len),
                                   local.SCALES, extract_batch_size, bucket=bucket,
                                   dtype=np.float32, workers=workers, desc="spatial queries")
@@ -313,18 +288,12 @@ def rerank_images(retrieval_model, query_refs, db_refs, ranks, sims, *, detector
                                   detector=detector, topk=int(db_len), cache_dir=cache_dir,
                                   batch_size=extract_batch_size, bucket=bucket,
                                   workers=workers)
-    where = np.full(int(ranks.max()) + 1, -1, np.int64)
-    where[union] = np.arange(len(union))
-    out = {}
-    for s, (r, v) in lists.items():
-        idx = where[r[:kk]].T                               # (nq, kk)
+
+    def rescore(idx, r, v):
         inl = inlier_counts(q_feats, db[idx], db_mask[idx], method=method,
                             threshold=threshold, batch_size=batch_size)
-        rr, sc = combine(r, v, inl.T, k=kk)
-        full = ranks.copy()
-        full[:depth] = rr
-        out[s] = (full, sc)
-    return out
+        return combine(r, v, inl.T, k=kk)
+    return rerank_shortlists(ranks, lists, depth, kk, union, rescore)
 
 
 def draw(c: Correspondences, query, hit, *, box=None, height: int = 480,
