@@ -504,6 +504,7 @@ def test_duplicates_table_json_and_csv(photos, tmp_path, capsys):
     assert sorted(r["group"] for r in rows) == ["1", "1", "2", "2"]
 
 
+@pytest.mark.slow   # ~15-20 s: the everyday loop stays within 4 minutes
 def test_query_explain_writes_why_each_hit_matched(photos, tmp_path, capsys, monkeypatch,
                                                    one_error_line):
     """query --explain DIR: one picture per hit (DIR/<query stem>/<rank>_<hit stem>.jpg,

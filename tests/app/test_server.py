@@ -634,6 +634,7 @@ def test_duplicates_from_rest(client, searcher):
         assert r.status_code == code and said in r.json()["error"], (params, r.text)
 
 
+@pytest.mark.slow   # ~15-20 s: the everyday loop stays within 4 minutes
 def test_why_a_hit_matched_from_rest(client, searcher, tmp_path, monkeypatch):
     """POST /api/explain: the same correspondences as rerank.spatial.explain_images, by id
     and by upload (points in the files' full-size pixels, inside both photos); an image

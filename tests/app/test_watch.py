@@ -25,6 +25,7 @@ def _until(predicate, what, timeout=180):
     pytest.fail(f"not within {timeout} s: {what}")
 
 
+@pytest.mark.slow   # ~15-20 s: the everyday loop stays within 4 minutes
 def test_a_changing_folder_is_followed_while_queries_run(tmp_path, demo_benchmark, serve):
     jpg = sorted((demo_benchmark / "demo" / "jpg").glob("*.jpg"))
     first = jpg[::len(jpg) // 10][:10]         # ten different photos
@@ -141,6 +142,7 @@ def test_changes_that_are_not_images_do_not_reindex(tmp_path):
         assert w._changed.is_set() == counts, event
 
 
+@pytest.mark.slow   # ~15-20 s: the everyday loop stays within 4 minutes
 def test_serve_watch_from_the_command_line(tmp_path, demo_benchmark, free_port):
     """`scvnet-search serve --watch` (its own process): says what it follows, re-indexes
     a photo copied in with the index's own settings and prints what it did."""
