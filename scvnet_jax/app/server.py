@@ -116,13 +116,22 @@ class Searcher:
 
     def _set(self, index) -> None:
         """Serves `index` from now on: it, its ids and its version swapped at once (one
-        tuple); its ids stay answerable after the next KEPT_VERSIONS - 1 re-indexes."""
+        tuple). Its ids stay answerable after the next KEPT_VERSIONS - 1 re-indexes, in
+        bounded memory: the versions kept share their path strings, and the oldest go
+        while they hold more than 4 paths per path of the served index (the one before
+        it is always kept)."""
         version = index_version(index)
-        self._versions[version] = list(index.paths)
+        paths = list(index.paths)
+        if self._versions:                       # one string per path, shared by versions
+            canon = {p: p for p in next(reversed(self._versions.values()))}
+            paths = [canon.get(p, p) for p in paths]
+        self._versions[version] = paths
         self._versions.move_to_end(version)
-        while len(self._versions) > KEPT_VERSIONS:
+        while len(self._versions) > 2 and (
+                len(self._versions) > KEPT_VERSIONS or
+                sum(map(len, self._versions.values())) > 4 * len(paths) + 1000):
             self._versions.popitem(last=False)
-        self._state = (index, {p: i for i, p in enumerate(index.paths)}, version)
+        self._state = (index, {p: i for i, p in enumerate(paths)}, version)
 
     @property
     def index(self):

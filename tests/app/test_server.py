@@ -352,6 +352,18 @@ def test_ids_stay_right_with_the_version_they_came_from(tmp_path):
         s.current()
     with pytest.raises(sj.errors.StaleIdsError, match="search again"):
         s.path_of(0, version=first)
+    # bounded: versions that together hold over 4 paths per served path (+ 1000) go
+    write([f"y{i}" for i in range(3000)])
+    s.current()
+    write([f"z{i}" for i in range(10)])
+    s.current()
+    assert len(s._versions) == 2          # the one before is kept, however large
+    old = next(iter(s._versions.values()))
+    assert s.path_of(2999, version=next(iter(s._versions))) == "/p/y2999.jpg"
+    write([f"z{i}" for i in range(11)])
+    s.current()
+    assert len(s._versions) == 2 and next(iter(s._versions.values())) is not old
+    assert s._versions[s.version][0] is next(iter(s._versions.values()))[0]   # shared
     c = TestClient(server.create_app(s))
     r = c.get("/api/thumb/0", params={"v": first})
     assert r.status_code == 409 and "re-indexed since the search" in r.json()["error"]
