@@ -151,10 +151,10 @@ class Searcher:
         return self.snapshot()[:2]
 
     def snapshot(self):
-        """(index, ids, version) for one request: first the index file reloaded if it changed on disk
-        since it was read (one reader loads it, then both are swapped at once; a file
-        that cannot be read, or that was built with another model, leaves the index
-        in use as it is, said in the log)."""
+        """(index, ids, version) for one request: first the index file reloaded if it
+        changed on disk since it was read (one reader loads it, then all three are swapped
+        at once; a file that cannot be read, or that was built with another model, leaves
+        the index in use as it is, said in the log)."""
         if self.index_path is None:
             return self._state
         signature = _file_signature(self.index_path)
@@ -244,11 +244,7 @@ class Searcher:
         from scvnet_jax.images import decode_image
         _check_query(data, id)
         if id is not None:
-            try:
-                path = self.path_of(id, index, v)
-            except KeyError:
-                raise InputError(f"id {id!r}: no indexed image with this id (0 to "
-                                 f"{len(index) - 1})") from None
+            path = self._indexed(id, index, v, "id")
             return path, path
         if len(data) > self.max_upload_bytes:
             raise InputError(f"{filename}: the upload is {len(data) / 2**20:.1f} MB, "
@@ -275,11 +271,7 @@ class Searcher:
         if method not in spatial.METHODS:
             raise InputError(f"method must be one of {', '.join(spatial.METHODS)}, got "
                              f"{method!r}")
-        try:
-            hit_path = self.path_of(hit, index, v)
-        except KeyError:
-            raise InputError(f"hit {hit!r}: no indexed image with this id (0 to "
-                             f"{len(index) - 1})") from None
+        hit_path = self._indexed(hit, index, v, "hit")
         if not os.path.isfile(hit_path):
             raise InputError(f"hit {hit}: the image is no longer at {shown(hit_path)}")
         box = parse_box(box) if isinstance(box, str) else box
@@ -301,6 +293,14 @@ class Searcher:
         return {"query": shown(name), "hit": {"id": hit, "path": shown(hit_path)},
                 **({"box": list(box)} if box is not None else {}), **c.as_dict(),
                 "ms": round(1000 * (time.perf_counter() - t0), 1)}
+
+    def _indexed(self, id, index, version, name: str) -> str:
+        """`path_of` for a request's parameter `name`: an unknown id is an InputError."""
+        try:
+            return self.path_of(id, index, version)
+        except KeyError:
+            raise InputError(f"{name} {id!r}: no indexed image with this id (0 to "
+                             f"{len(index) - 1})") from None
 
     def path_of(self, id, index=None, version=None) -> str:
         """The file of indexed image `id`: in the served index (or `index`), or in the
@@ -381,6 +381,13 @@ def index_version(index) -> str:
     for p in index.paths:
         h.update(p.encode("utf-8", "surrogateescape") + b"\0")
     return h.hexdigest()[:12]
+
+
+def _version_param():
+    """The query parameter `v` of the routes that take an id: the index version it is of."""
+    from fastapi import Query
+    return Query(None, description="the index version the id came from (a search's "
+                 "\"version\"): right after a re-index too")
 
 
 def _check_query(data, id) -> None:
@@ -660,6 +667,15 @@ def create_app(searcher: Searcher, token: str | None = None):
                 dupes.pop(next(iter(dupes)))
         return dupes[key][1]
 
+    async def upload(request: Request, image, one: str) -> tuple:
+        """(bytes or None, file name) of a request's query upload: one `image` field, read
+        up to one byte past the limit (the search says it is too large)."""
+        if len((await request.form()).getlist("image")) > 1:
+            raise InputError(f"several 'image' fields: send {one}")
+        if image is None:
+            return None, "upload"
+        return await image.read(searcher.max_upload_bytes + 1), image.filename or "upload"
+
     @app.post("/api/search")
     async def search(request: Request,
                      image: UploadFile | None = File(None, description="the query image"),
@@ -670,19 +686,14 @@ def create_app(searcher: Searcher, token: str | None = None):
                                            "depth re-orders (1..1000)"),
                      regions: int = Query(0, description="regions of the query to search too"),
                      box: str | None = Query(None, description="x1,y1,x2,y2: search a crop"),
-                     v: str | None = Query(None, description="the index version the id came from (a "
-                                    "search's \"version\"): right after a re-index too")):
+                     v: str | None = _version_param()):
         """Top-k hits for an uploaded image (multipart field `image`) or an indexed one
         (`id`): [{"id", "path", "score"}], best first."""
-        data = None
-        if len((await request.form()).getlist("image")) > 1:
-            raise InputError("several 'image' fields: send one image per search")
-        if image is not None:
-            data = await image.read(searcher.max_upload_bytes + 1)
+        data, filename = await upload(request, image, "one image per search")
         import anyio
         return await anyio.to_thread.run_sync(lambda: searcher.search(
-            data=data, filename=(image.filename or "upload") if image else "upload", id=id,
-            k=k, rerank=rerank, regions=regions, box=box, rerank_k=rerank_k, v=v))
+            data=data, filename=filename, id=id, k=k, rerank=rerank, regions=regions,
+            box=box, rerank_k=rerank_k, v=v))
 
     @app.post("/api/explain")
     async def explain(request: Request,
@@ -693,21 +704,15 @@ def create_app(searcher: Searcher, token: str | None = None):
                                               "crop"),
                       method: str = Query("homography", description="homography or "
                                           "fundamental"),
-                      v: str | None = Query(None, description="the index version the id came from (a "
-                                    "search's \"version\"): right after a re-index too")):
+                      v: str | None = _version_param()):
         """Why hit `hit` matched the query (an upload, multipart field `image`, or the
         indexed image `id`): the mutual nearest neighbours of their local descriptors,
         [qx, qy, hx, hy, cosine, inlier] in pixels of the upright files at full size, and
         the inliers of one robust geometric fit."""
-        data = None
-        if len((await request.form()).getlist("image")) > 1:
-            raise InputError("several 'image' fields: send one query image")
-        if image is not None:
-            data = await image.read(searcher.max_upload_bytes + 1)
+        data, filename = await upload(request, image, "one query image")
         import anyio
         return await anyio.to_thread.run_sync(lambda: searcher.explain(
-            hit=hit, data=data, filename=(image.filename or "upload") if image else "upload",
-            id=id, box=box, method=method, v=v))
+            hit=hit, data=data, filename=filename, id=id, box=box, method=method, v=v))
 
     def indexed_file(id: int, v: str | None = None):
         """(the file of indexed image `id` (of index version `v`), None) or (None, the 404
@@ -723,8 +728,7 @@ def create_app(searcher: Searcher, token: str | None = None):
         return path, None
 
     @app.get("/api/image/{id}")
-    def image_file(id: int, v: str | None = Query(None, description="the index version the id came from (a "
-                                    "search's \"version\"): right after a re-index too")):
+    def image_file(id: int, v: str | None = _version_param()):
         """An indexed image, by its id, in a format the browser shows."""
         path, missing = indexed_file(id, v)
         if missing:
@@ -739,8 +743,7 @@ def create_app(searcher: Searcher, token: str | None = None):
         return Response(enc.tobytes(), media_type="image/jpeg")
 
     @app.get("/api/original/{id}")
-    def original_file(id: int, v: str | None = Query(None, description="the index version the id came from (a "
-                                    "search's \"version\"): right after a re-index too")):
+    def original_file(id: int, v: str | None = _version_param()):
         """An indexed image's untouched file, as a download."""
         path, missing = indexed_file(id, v)
         if missing:
@@ -750,8 +753,7 @@ def create_app(searcher: Searcher, token: str | None = None):
         return FileResponse(path, filename=name)
 
     @app.get("/api/thumb/{id}")
-    def thumb_file(id: int, request: Request, v: str | None = Query(None, description="the index version the id came from (a "
-                                    "search's \"version\"): right after a re-index too")):
+    def thumb_file(id: int, request: Request, v: str | None = _version_param()):
         """An indexed image's thumbnail (upright JPEG, longest side 256 px)."""
         path, missing = indexed_file(id, v)
         if missing:
