@@ -107,7 +107,7 @@ class Watcher:
                     quiet = time.monotonic() - self._last_change
                 if quiet >= self.settle or self._stop.is_set():
                     break
-                time.sleep(min(self.settle - quiet, self.settle) + 0.01)
+                time.sleep(self.settle - quiet + 0.01)
             if self._stop.is_set():
                 return
             with self._lock:
