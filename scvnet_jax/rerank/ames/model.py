@@ -28,10 +28,13 @@ def _apply(module, method, options, variables, *args):
     return module.apply(variables, *args, method=method, **dict(options))
 
 
-def _pairs_fn(module, variables, src, src_mask, db, db_mask, db_format):
+def _pairs_fn(module, variables, src_all, mask_all, qi, db, db_mask, db_format):
+    """Logits of pairs (query qi[b], db[b]): the queries' tokens stay on the device and are
+    gathered there, not copied from the host with every batch."""
     if db_format == "local":
         db = module.apply(variables, db, method="encode_db")
-    return module.apply(variables, src, src_mask, db, db_mask, method="from_tokens")
+    return module.apply(variables, src_all[qi], mask_all[qi], db, db_mask,
+                        method="from_tokens")
 
 
 _pairs = jax.jit(_pairs_fn, static_argnames=("module", "db_format"))
@@ -238,8 +241,8 @@ class AMESReranker:
         out = np.empty(len(qi), np.float32)
         with jax.enable_x64(self.dtype == "float64"):
             variables = self._vars()
-            src_all = np.asarray(_apply(self.module, "remap", (), variables,
-                                        self._local(q_local)))
+            src_all = _apply(self.module, "remap", (), variables, self._local(q_local))
+            mask_all = jnp.asarray(q_mask)
             for s in range(0, len(qi), b):
                 q, d = _pad_rows(qi[s:s + b], b), _pad_rows(di[s:s + b], b)
                 u, inv = np.unique(d, return_inverse=True)        # sorted reads of db
@@ -251,7 +254,8 @@ class AMESReranker:
                 else:
                     rows = rows.astype(np.int8 if self.arch.binarized else np.float16)
                 m = np.asarray(db_mask[u], bool)[inv]
-                logits = _pairs(self.module, variables, src_all[q], q_mask[q], rows, m, fmt)
+                logits = _pairs(self.module, variables, src_all, mask_all, q.astype(np.int32),
+                                rows, m, fmt)
                 out[s:s + b] = np.asarray(logits)[:min(b, len(qi) - s)]
         return out.reshape(nq, n).T.copy()
 
