@@ -71,6 +71,81 @@ def official_model(path: Path, arch: dict, binarized: bool, state_dict: dict, tm
     return m.eval()
 
 
+
+def compare(size: str, variant: str, queries: int, k: int, batch: int,
+            official: str | None = None, seed: int = 0) -> dict:
+    """One row: our shortlist scoring of `queries` x top-`k` pairs of model `size` ("demo",
+    "r101") and `variant` ("fp", "dist"), timed after a compiling run, and with `official`
+    (a checkout; torch importable) the official model on the same pairs in batches of
+    `batch`, its time and the largest logit difference."""
+    import jax
+    from scvnet_jax.models.ames import AMESArch, init
+    from scvnet_jax.rerank import ames
+
+    rng = np.random.default_rng(seed)
+    s = SIZES[size]
+    binarized = variant == "dist"
+    arch = AMESArch(**{a: v for a, v in s.items() if a not in ("query_len", "db_len")},
+                    binarized=binarized)
+    model = ames.AMESReranker(arch, jax.tree.map(np.asarray, init(arch, 0)))
+    nq, n_db = queries, max(k, 200)
+    q = rng.normal(size=(nq, s["query_len"], s["local_dim"])).astype(np.float32)
+    d = rng.normal(size=(n_db, s["db_len"], s["local_dim"])).astype(np.float32)
+    qm = np.zeros(q.shape[:2], bool)
+    dm = np.zeros(d.shape[:2], bool)
+    ranks = np.stack([rng.permutation(n_db)[:k] for _ in range(nq)], axis=1)
+    store = model.db_tokens(d, dm)
+    fmt = "tokens"
+    if binarized:
+        store, fmt = ames.pack_codes(store), "packed"
+    kw = dict(db_format=fmt, batch_size=batch)
+    model.shortlist_logits(q, qm, store, dm, ranks, **kw)                     # compile
+    t0 = time.perf_counter()
+    ours = model.shortlist_logits(q, qm, store, dm, ranks, **kw)
+    t_ours = time.perf_counter() - t0
+    row = {"size": size, "variant": variant, "query_len": s["query_len"],
+           "db_len": s["db_len"], "pairs": nq * k, "k": k,
+           "ours_pairs_per_s": nq * k / t_ours, "ours_ms_per_query": 1e3 * t_ours / nq,
+           "bytes_per_db_image": ames.bytes_per_image(model, s["db_len"]),
+           "official_bytes_per_db_image": 700 * (5 + s["local_dim"]) * 4}
+    if official is None:
+        return row
+    import torch
+    with tempfile.TemporaryDirectory() as tmp:
+        om = official_model(Path(official), s, binarized, model.state_dict(), Path(tmp))
+        out = np.empty((nq, k), np.float32)
+
+        def run_official():
+            with torch.no_grad():
+                for i in range(nq):
+                    for b in range(0, k, batch):
+                        idx = ranks[b:b + batch, i]
+                        n = len(idx)
+                        src = torch.from_numpy(np.repeat(q[i:i + 1], n, 0))
+                        sm = torch.from_numpy(np.repeat(qm[i:i + 1], n, 0))
+                        out[i, b:b + n] = om(src, sm, torch.from_numpy(d[idx]),
+                                             torch.from_numpy(dm[idx])).numpy()
+        run_official()                                                        # warm-up
+        t0 = time.perf_counter()
+        run_official()
+        t_off = time.perf_counter() - t0
+    row.update(official_pairs_per_s=nq * k / t_off, official_ms_per_query=1e3 * t_off / nq,
+               ratio=t_off / t_ours, max_abs_logit_diff=float(np.abs(out.T - ours).max()))
+    return row
+
+
+def line_of(row: dict) -> str:
+    line = (f"{row['size']:5s} {row['variant']:4s} q{row['query_len']}/db{row['db_len']}: ours "
+            f"{row['ours_pairs_per_s']:8.1f} pairs/s, {row['ours_ms_per_query']:8.1f} "
+            f"ms/query (top {row['k']})")
+    if "ratio" in row:
+        line += (f"; official {row['official_pairs_per_s']:8.1f} pairs/s, "
+                 f"{row['official_ms_per_query']:8.1f} ms/query; ratio "
+                 f"{row['ratio']:.2f}x; max |logit diff| {row['max_abs_logit_diff']:.1e}")
+    return line + (f"; store {row['bytes_per_db_image']} B/db image (the official hdf5: "
+                   f"700 rows, {row['official_bytes_per_db_image']} B)")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,8 +160,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import jax
-    from scvnet_jax.models.ames import AMESArch, init
-    from scvnet_jax.rerank import ames
 
     torch = None
     if args.official:
@@ -105,71 +178,13 @@ def main(argv=None) -> int:
           f"jax {jax.__version__} on {jax.devices()[0].platform}"
           + (f"; torch {torch.__version__}, {torch.get_num_threads()} threads" if torch else ""))
 
-    rng = np.random.default_rng(0)
     rows = []
     for size in args.sizes.split(","):
-        s = SIZES[size]
         for variant in args.variants.split(","):
-            binarized = variant == "dist"
-            arch = AMESArch(**{k: v for k, v in s.items() if k not in ("query_len", "db_len")},
-                            binarized=binarized)
-            model = ames.AMESReranker(arch, jax.tree.map(np.asarray, init(arch, 0)))
-            nq, k, n_db = args.queries, args.k, max(args.k, 200)
-            q = rng.normal(size=(nq, s["query_len"], s["local_dim"])).astype(np.float32)
-            d = rng.normal(size=(n_db, s["db_len"], s["local_dim"])).astype(np.float32)
-            qm = np.zeros(q.shape[:2], bool)
-            dm = np.zeros(d.shape[:2], bool)
-            ranks = np.stack([rng.permutation(n_db)[:k] for _ in range(nq)], axis=1)
-            store = model.db_tokens(d, dm)
-            fmt = "tokens"
-            if binarized:
-                store, fmt = ames.pack_codes(store), "packed"
-            kw = dict(db_format=fmt, batch_size=args.batch)
-            model.shortlist_logits(q, qm, store, dm, ranks, **kw)             # compile
-            t0 = time.perf_counter()
-            ours = model.shortlist_logits(q, qm, store, dm, ranks, **kw)
-            t_ours = time.perf_counter() - t0
-            row = {"size": size, "variant": variant, "query_len": s["query_len"],
-                   "db_len": s["db_len"], "pairs": nq * k,
-                   "ours_pairs_per_s": nq * k / t_ours, "ours_ms_per_query": 1e3 * t_ours / nq,
-                   "bytes_per_db_image": ames.bytes_per_image(model, s["db_len"]),
-                   "official_bytes_per_db_image": 700 * (5 + s["local_dim"]) * 4}
-            if torch is not None:
-                with tempfile.TemporaryDirectory() as tmp:
-                    om = official_model(Path(args.official), s, binarized, model.state_dict(),
-                                        Path(tmp))
-                    out = np.empty((nq, k), np.float32)
-
-                    def run_official():
-                        with torch.no_grad():
-                            for i in range(nq):
-                                for b in range(0, k, args.batch):
-                                    idx = ranks[b:b + args.batch, i]
-                                    n = len(idx)
-                                    src = torch.from_numpy(np.repeat(q[i:i + 1], n, 0))
-                                    sm = torch.from_numpy(np.repeat(qm[i:i + 1], n, 0))
-                                    out[i, b:b + n] = om(src, sm, torch.from_numpy(d[idx]),
-                                                         torch.from_numpy(dm[idx])).numpy()
-                    run_official()                                            # warm-up
-                    t0 = time.perf_counter()
-                    run_official()
-                    t_off = time.perf_counter() - t0
-                row.update(official_pairs_per_s=nq * k / t_off,
-                           official_ms_per_query=1e3 * t_off / nq,
-                           ratio=t_off / t_ours,
-                           max_abs_logit_diff=float(np.abs(out.T - ours).max()))
+            row = compare(size, variant, args.queries, args.k, args.batch,
+                          args.official if torch is not None else None)
             rows.append(row)
-            line = (f"{size:5s} {variant:4s} q{s['query_len']}/db{s['db_len']}: ours "
-                    f"{row['ours_pairs_per_s']:8.1f} pairs/s, {row['ours_ms_per_query']:8.1f} "
-                    f"ms/query (top {k})")
-            if "ratio" in row:
-                line += (f"; official {row['official_pairs_per_s']:8.1f} pairs/s, "
-                         f"{row['official_ms_per_query']:8.1f} ms/query; ratio "
-                         f"{row['ratio']:.2f}x; max |logit diff| "
-                         f"{row['max_abs_logit_diff']:.1e}")
-            line += (f"; store {row['bytes_per_db_image']} B/db image (the official hdf5: 700 rows, "
-                     f"{row['official_bytes_per_db_image']} B)")
-            print(line, flush=True)
+            print(line_of(row), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -19,9 +19,19 @@ Rows (ratio = official time / our time; > 1: we are faster):
                           extract_score_with_featuremap per pair
   verify (unpadded)       the same pairs through verification_score_from_features
   superglobal rerank      MDescAug + RerankwMDA, 70 queries x 5000 x 2048 (M=400, K=9)
+  ames extract            AMES's local descriptors (R101 stage 3 at 3 OpenCV scales, the
+                          detector, the top 700 of each image; preprocessing included) of
+                          ROxford-size images, as eval.py / `scvnet-search index` extract them
+                          (exact sizes: what bucket "auto" settles on for a large collection),
+                          against the official extract_cvnet loop (batch 1, its ResNet(101),
+                          which also runs stage 4)
+  ames fp / ames dist     AMES pair scoring at the released size (1024-d descriptors, model
+                          128, 5 layers; 600 query / 50 database descriptors; the top 100 of
+                          each query in batches of 100), ours from the token store as eval.py
+                          reads it, against the official model (benchmarks/ames.py's rows)
 
 --official_cvnet: a checkout of github sungonce/CVNet; --official_superglobal: one of
-ShihaoShao-GH/SuperGlobal (its resnet imports torchvision only for a tensor resize: when
+ShihaoShao-GH/SuperGlobal; --official_ames: one of pavelsuma/ames (its resnet imports torchvision only for a tensor resize: when
 torchvision is missing a stand-in with the same arithmetic is used, bilinear without
 antialiasing). Needs torch (CPU). Rows whose official side is missing are timed for us only
 and say why. Weights are random (speed does not depend on them) unless --weights is given.
@@ -68,7 +78,7 @@ def _official(checkout: str | None, what: str, required: str):
     if importlib.util.find_spec("torch") is None:
         return None, "torch is not installed"
     for name in list(sys.modules):
-        if name.split(".")[0] in ("model", "modules", "core", "test"):
+        if name.split(".")[0] in ("model", "modules", "core", "test", "src", "extract"):
             del sys.modules[name]
     while str(root) in sys.path:
         sys.path.remove(str(root))
@@ -100,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--official_cvnet", default=None, help="a checkout of sungonce/CVNet")
     p.add_argument("--official_superglobal", default=None,
                    help="a checkout of ShihaoShao-GH/SuperGlobal")
+    p.add_argument("--official_ames", default=None, help="a checkout of pavelsuma/ames")
+    p.add_argument("--ames_queries", type=int, default=2,
+                   help="queries (top 100 each) per AMES pair-scoring row")
     p.add_argument("--weights", default=None, help="a CVNet checkpoint or model dir "
                    "(default: random R50)")
     p.add_argument("--cores", type=int, default=1, help="CPUs both sides run on (0: all)")
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
                    help="our pairs per batch (default 0: eval.py's choice for the backend)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs (the best is kept)")
     p.add_argument("--only", default=None, help="comma-separated row prefixes to run "
-                   "(global, extract, verify, superglobal)")
+                   "(global, extract, verify, superglobal, ames)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     _pin(args.cores)
@@ -307,6 +320,79 @@ def main(argv=None) -> int:
             same = float(np.mean(official_fn()[:400] == superglobal(X, Q, ranks)[:400]))
             report(row, ours, "query", 70, off, err=1.0 - same)
             print(f"{'':24s} (max |diff| here: the fraction of top-400 ranks that differ)")
+
+    # -- AMES: local-descriptor extraction and pair scoring -------------------------------
+    off_am, why_am = _official(args.official_ames, "ames", "extract/extract_cvnet.py")
+    if want("ames extract"):
+        from scvnet_jax.engine import local
+        r101 = sj.create(101)
+        det_sd = {k: rng.normal(size=shape).astype(np.float32) * 0.05
+                  for k, shape in local._expected_keys(1024).items()}
+        det_sd["bn.running_var"] = rng.uniform(0.5, 1.5, size=1024).astype(np.float32)
+        det_sd["bn.weight"] = rng.uniform(0.5, 1.0, size=1024).astype(np.float32)
+        det_sd["conv1.weight"] *= 20 * np.sqrt(2.0 / 1024)
+        detector = local.detector_from_state_dict(det_sd)
+        # exact sizes: what eval.py's bucket "auto" settles on for a collection of photos of
+        # these sizes (every size its own program once it is frequent), here compiled by
+        # the warm-up
+        ours_fn = lambda: local.describe_local(r101, images, detector, local.TOPK,  # noqa: E731
+                                               dtype=np.float32, bucket=1)
+        ours = _timed(ours_fn, args.repeats)
+        if off_am is None:
+            report("ames extract", ours, "img", len(images), why=why_am)
+        else:
+            from extract.extract_cvnet import extract_feat_res_pycls, get_local
+            from extract.spatial_attention_2d import SpatialAttention2d
+            from extract.transforms import color_norm
+            from src.models.resnet import ResNet
+            torch.Tensor.cuda = lambda self, *a, **k: self     # the official code calls .cuda()
+            res = ResNet(101, 2048).eval()
+            r_sd = {k.replace("encoder_q.", ""): torch.from_numpy(np.asarray(v))
+                    for k, v in variables_to_state_dict(jax.device_get(r101.variables)).items()}
+            missing = res.load_state_dict(r_sd, strict=False).missing_keys
+            assert not missing, f"official ResNet(101) keys not in our weights: {missing[:3]}"
+            det_t = SpatialAttention2d(1024).eval()
+            det_t.load_state_dict({k: torch.from_numpy(v) for k, v in det_sd.items()},
+                                  strict=False)
+
+            def official_fn():
+                out = []
+                with torch.no_grad():
+                    for im in images:        # extract_local_feature, DataSet.__getitem__
+                        feats, weights, scales = [], [], []
+                        for s, x in zip(local.SCALES, extract.cvnet_scales(im)):
+                            t = torch.from_numpy(color_norm(
+                                x.astype(np.float32).transpose([2, 0, 1]) / 255.0,
+                                [0.406, 0.456, 0.485], [0.225, 0.224, 0.229]))[None].float()
+                            f, w = det_t(extract_feat_res_pycls(t, res)[0])
+                            feats.append(f)
+                            weights.append(w)
+                            scales.append((torch.tensor([s]), torch.tensor([s])))
+                        top, w, *_ = get_local(feats, weights, scales, topk=local.TOPK)
+                        out.append(w.numpy())
+                return out
+            off = _timed(official_fn, max(1, args.repeats - 1))
+            got = ours_fn()
+            err = max(float(np.abs(np.sort(w)[::-1] - got.weight[i, :len(w)]).max())
+                      for i, w in enumerate(official_fn()))
+            report("ames extract", ours, "img", len(images), off, err=err)
+            print(f"{'':24s} (max |diff| here: of the 700 selected detector weights)")
+    for variant in ("fp", "dist"):
+        row = f"ames {variant}"
+        if not want(row):
+            continue
+        spec = importlib.util.spec_from_file_location(
+            "bench_ames", Path(__file__).resolve().parent / "ames.py")
+        bench_ames = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench_ames)
+        r = bench_ames.compare("r101", variant, args.ames_queries, 100, 100,
+                               None if off_am is None else str(off_am))
+        n = r["pairs"]
+        if off_am is None:
+            report(row, n / r["ours_pairs_per_s"], "pair", n, why=why_am)
+        else:
+            report(row, n / r["ours_pairs_per_s"], "pair", n, n / r["official_pairs_per_s"],
+                   err=r["max_abs_logit_diff"])
 
     if args.json:
         Path(args.json).write_text(json.dumps({"cores": args.cores, "rows": results}, indent=1))

@@ -23,7 +23,8 @@ Exact semantics of the official `AMES.forward`:
     sign (the trainable binarization's smooth surrogate);
   * masks: True = padding, applied to keys only (`key_padding_mask`); the self-attention
     mask blocks query <-> database, the cross-attention mask blocks query <-> query and
-    database <-> database; the matching token is never masked;
+    database <-> database; the matching token is never masked (here the blocked pairs are
+    not computed at all: each block of rows attends to its open keys only, `key_sets`);
   * nn.MultiheadAttention: one packed in-projection (q, k, v stacked), softmax over
     (q / sqrt(head_dim)) . k, out_proj; no dropout anywhere (the official layer has none);
   * post-norm layers (the official configuration): x = norm1(x + sa(x)), norm2(x + ca(x)),
