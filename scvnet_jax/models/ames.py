@@ -166,9 +166,8 @@ class MultiheadAttention(nn.Module):
         # heads in front: every block below is one plain batched matrix product
         q, k, v = qkv.reshape(b, n, 3, h, d // h).transpose(2, 0, 3, 1, 4)   # (B, h, N, c)
         q = q * math.sqrt(1.0 / (d // h))
-        take = lambda a, keys, axis: (jnp.concatenate(  # noqa: E731
-            [a[(slice(None),) * axis + (s,)] for s in keys], axis) if len(keys) > 1
-            else a[(slice(None),) * axis + (keys[0],)])
+        take = lambda a, keys, axis: jnp.concatenate(  # noqa: E731
+            [a[(slice(None),) * axis + (s,)] for s in keys], axis)
         outs = []
         for rows, keys in key_sets(q_len, n - 1 - q_len, kind):
             logits = jnp.einsum("bhnc,bhmc->bhnm", q[:, :, rows], take(k, keys, 2),

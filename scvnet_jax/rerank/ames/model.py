@@ -241,8 +241,12 @@ class AMESReranker:
         out = np.empty(len(qi), np.float32)
         with jax.enable_x64(self.dtype == "float64"):
             variables = self._vars()
-            src_all = _apply(self.module, "remap", (), variables, self._local(q_local))
-            mask_all = jnp.asarray(q_mask)
+            # queries padded to a power of two: the remap and the pair program compile once
+            # per bucket of query counts, not once per count
+            rows_q = 1 << (nq - 1).bit_length()
+            src_all = _apply(self.module, "remap", (), variables,
+                             _pad_rows(self._local(q_local), rows_q))
+            mask_all = jnp.asarray(_pad_rows(q_mask, rows_q))
             for s in range(0, len(qi), b):
                 q, d = _pad_rows(qi[s:s + b], b), _pad_rows(di[s:s + b], b)
                 u, inv = np.unique(d, return_inverse=True)        # sorted reads of db
