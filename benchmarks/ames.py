@@ -71,7 +71,6 @@ def official_model(path: Path, arch: dict, binarized: bool, state_dict: dict, tm
     return m.eval()
 
 
-
 def compare(size: str, variant: str, queries: int, k: int, batch: int,
             official: str | None = None, seed: int = 0) -> dict:
     """One row: our shortlist scoring of `queries` x top-`k` pairs of model `size` ("demo",

@@ -31,9 +31,9 @@ Rows (ratio = official time / our time; > 1: we are faster):
                           reads it, against the official model (benchmarks/ames.py's rows)
 
 --official_cvnet: a checkout of github sungonce/CVNet; --official_superglobal: one of
-ShihaoShao-GH/SuperGlobal; --official_ames: one of pavelsuma/ames (its resnet imports torchvision only for a tensor resize: when
+ShihaoShao-GH/SuperGlobal (its resnet imports torchvision only for a tensor resize: when
 torchvision is missing a stand-in with the same arithmetic is used, bilinear without
-antialiasing). Needs torch (CPU). Rows whose official side is missing are timed for us only
+antialiasing); --official_ames: one of pavelsuma/ames. Needs torch (CPU). Rows whose official side is missing are timed for us only
 and say why. Weights are random (speed does not depend on them) unless --weights is given.
 """
 from __future__ import annotations
@@ -368,7 +368,7 @@ def main(argv=None) -> int:
                             feats.append(f)
                             weights.append(w)
                             scales.append((torch.tensor([s]), torch.tensor([s])))
-                        top, w, *_ = get_local(feats, weights, scales, topk=local.TOPK)
+                        _, w, *_ = get_local(feats, weights, scales, topk=local.TOPK)
                         out.append(w.numpy())
                 return out
             off = _timed(official_fn, max(1, args.repeats - 1))
@@ -377,14 +377,15 @@ def main(argv=None) -> int:
                       for i, w in enumerate(official_fn()))
             report("ames extract", ours, "img", len(images), off, err=err)
             print(f"{'':24s} (max |diff| here: of the 700 selected detector weights)")
-    for variant in ("fp", "dist"):
-        row = f"ames {variant}"
-        if not want(row):
-            continue
+    if want("ames fp") or want("ames dist"):       # benchmarks/ames.py's rows
         spec = importlib.util.spec_from_file_location(
             "bench_ames", Path(__file__).resolve().parent / "ames.py")
         bench_ames = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench_ames)
+    for variant in ("fp", "dist"):
+        row = f"ames {variant}"
+        if not want(row):
+            continue
         r = bench_ames.compare("r101", variant, args.ames_queries, 100, 100,
                                None if off_am is None else str(off_am))
         n = r["pairs"]
