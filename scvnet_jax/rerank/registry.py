@@ -363,8 +363,8 @@ def _ames_prepare(opts: dict) -> dict:
 
 
 def _ames(inp: Inputs, weights, detector, k: int | None, lamb: float | None,
-          temp: float | None, query_len: int | None, db_len: int | None, protocol: str,
-          batch_size: int) -> Result:
+          temp: float | None, mix: float | None, query_len: int | None, db_len: int | None,
+          protocol: str, batch_size: int) -> Result:
     from scvnet_jax.rerank import ames
     if inp.model is None or inp.query_images is None or inp.db_images is None:
         raise ConfigError("the ames reranker reads local descriptors: it needs the model and "
@@ -376,7 +376,8 @@ def _ames(inp: Inputs, weights, detector, k: int | None, lamb: float | None,
     out = ames.rerank_images(
         model, inp.model, inp.query_images, inp.db_images, ranks,
         np.take_along_axis(np.asarray(sim, np.float32), ranks, axis=0), detector=det,
-        k=k, lamb=lamb, temp=temp, query_len=query_len, db_len=db_len, protocol=protocol,
+        k=k, lamb=lamb, temp=temp, mix=mix, query_len=query_len, db_len=db_len,
+        protocol=protocol,
         gnd=inp.gnd, cache_dir=s.get("cache_dir"),
         batch_size=batch_size, extract_batch_size=s.get("batch_size", 0),
         bucket=s.get("bucket", 64), workers=s.get("workers", 4))
@@ -537,6 +538,10 @@ for _r in (
                unset="the model's: the authors' 0.85 (binarized 0.65) for official weights"),
         Option("temp", None, float, "a number > 0", lambda v: v > 0,
                unset="the model's: the authors' 0.8 (binarized 0.2) for official weights"),
+        Option("mix", None, float, "a number in [0, 1]", lambda v: 0 <= v <= 1,
+               unset="the model's: 0 (the official scoring) unless it records one",
+               help="the chamfer score's share of the local part: lamb x sim + (1 - lamb) "
+                    "x (mix x chamfer + (1 - mix) x sigmoid(temp x logit))"),
         Option("query_len", None, int, "an integer >= 1", _at_least(1),
                unset="the model's: 600 for official weights"),
         Option("db_len", None, int, "an integer >= 1", _at_least(1),
@@ -545,7 +550,8 @@ for _r in (
         Option("batch_size", 64, int, "an integer >= 1 (pairs per call)", _at_least(1))),
         _ames, needs={"global", "images", "local", "weights", "labels"}, prepare=_ames_prepare,
         depth="k", every_hit=True,
-        score="lamb x similarity + (1 - lamb) x sigmoid(temp x AMES logit); top k"),
+        score="lamb x similarity + (1 - lamb) x sigmoid(temp x AMES logit) (with mix: "
+              "shared with chamfer); top k"),
     Reranker("chamfer", "Chamfer: the mean best cosine of the query's local descriptors "
              "among the candidate's, top k (training-free)", (
         _DETECTOR,

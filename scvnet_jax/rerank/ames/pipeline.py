@@ -32,8 +32,8 @@ def _image_refs(items, what: str) -> list:
 
 def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ranks, sims, *,
                   detector=None, k: int | None = None, lamb: float | None = None,
-                  temp: float | None = None, query_len: int | None = None,
-                  db_len: int | None = None, scales=None,
+                  temp: float | None = None, mix: float | None = None,
+                  query_len: int | None = None, db_len: int | None = None, scales=None,
                   protocol: str = "blind", gnd=None, cache_dir: str | None = None,
                   batch_size: int = 64, extract_batch_size: int = 0, bucket: int = 64,
                   workers: int = 4):
@@ -46,6 +46,13 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
     k rows of a top-K extraction are the top-k extraction's), the database's kept in the
     token store (`cache_dir`). None settings come from `settings_of(model)`.
 
+    mix > 0 (not the official scoring; what a model trained here may record, chosen on its
+    held-out classes) shares the local part of the score with the training-free chamfer
+    score of the same descriptors, and a model trained on top of chamfer
+    (`ames.chamfer_logit`, recorded in its directory) adds it to its logit (`combine`):
+    the database images' local descriptors are then kept (float16, chamfer's store) and
+    their tokens projected from them.
+
     Returns {setting: (ranks (same shape as given), scores (k', nq))}: setting "" for
     protocol "blind"; "medium" and "hard" for "official" (see `shortlist`)."""
     from scvnet_jax.engine import local
@@ -54,6 +61,10 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
     k = int(k or d["k"])
     lamb = d["lamb"] if lamb is None else float(lamb)
     temp = d["temp"] if temp is None else float(temp)
+    mix = d["mix"] if mix is None else float(mix)
+    cl = float(d["chamfer_logit"])          # the model's own (how it was trained)
+    if not 0 <= mix <= 1:
+        raise ConfigError(f"ames: mix must be in [0, 1], got {mix!r}")
     query_len = int(query_len or d["query_len"])
     db_len = int(db_len or d["db_len"])
     scales = tuple(scales or d["scales"])
@@ -83,10 +94,21 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
     q_feats = local.extract_local(retrieval_model, list(query_refs), detector, query_len, scales,
                                   extract_batch_size, bucket=bucket, dtype=np.float32,
                                   workers=workers, desc="ames queries")
-    tokens, mask = database_tokens(model, retrieval_model, [db_refs[i] for i in union],
-                                   detector=detector, topk=db_len, scales=scales,
-                                   cache_dir=cache_dir, batch_size=extract_batch_size,
-                                   bucket=bucket, workers=workers)
+    if mix > 0 or cl:           # the raw descriptors for chamfer, the tokens from them
+        from scvnet_jax.rerank import chamfer
+        from scvnet_jax.rerank.ames.model import pack_codes
+        db_local, mask = chamfer.database_locals(
+            retrieval_model, [db_refs[i] for i in union], detector=detector, topk=db_len,
+            scales=scales, cache_dir=cache_dir, batch_size=extract_batch_size, bucket=bucket,
+            workers=workers, desc="ames db")
+        tokens = model.db_tokens(np.asarray(db_local, np.float32), mask)
+        tokens = pack_codes(tokens) if model.arch.binarized else tokens
+        q16 = chamfer.codes(q_feats.desc, False)
+    else:
+        tokens, mask = database_tokens(model, retrieval_model, [db_refs[i] for i in union],
+                                       detector=detector, topk=db_len, scales=scales,
+                                       cache_dir=cache_dir, batch_size=extract_batch_size,
+                                       bucket=bucket, workers=workers)
     where = np.full(int(ranks.max()) + 1, -1, np.int64)
     where[union] = np.arange(len(union))
     fmt = "packed" if model.arch.binarized else "tokens"
@@ -95,7 +117,12 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
         logits = model.shortlist_logits(np.asarray(q_feats.desc, np.float32), q_feats.mask,
                                         tokens, mask, where[r[:kk]], db_format=fmt,
                                         batch_size=batch_size)
-        rr, scores = combine(r, v, logits, k=kk, lamb=lamb, temp=temp)
+        cham = None
+        if mix > 0 or cl:
+            idx = where[r[:kk]].T
+            cham = chamfer.scores(q16, q_feats.mask, db_local[idx], mask[idx]).T
+        rr, scores = combine(r, v, logits, k=kk, lamb=lamb, temp=temp, chamfer=cham, mix=mix,
+                             chamfer_logit=cl, chamfer_center=float(d["chamfer_center"]))
         full = ranks.copy()
         full[:depth] = rr
         out[s] = (full, scores)

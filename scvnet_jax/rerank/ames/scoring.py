@@ -52,20 +52,44 @@ def shortlist(ranks, sims, *, protocol: str = "official", gnd=None,
     return ranks, sims
 
 
-def combine(ranks, sims, logits, *, k: int = 100, lamb: float = 0.5, temp: float = 0.5):
+def combine(ranks, sims, logits, *, k: int = 100, lamb: float = 0.5, temp: float = 0.5,
+            chamfer=None, mix: float = 0.0, chamfer_logit: float = 0.0,
+            chamfer_center: float = 0.0):
     """The official scoring of a shortlist (ranks, sims (K, nq)) with the model's logits
     (>= min(k, K), nq) of its first rows: s = lamb * sims + (1 - lamb) * sigmoid(temp *
     logit) over the first k, in float32 as the official code; they are sorted by s
-    (descending), the rest unchanged -> (ranks (K, nq) int64, s sorted (min(k, K), nq))."""
+    (descending), the rest unchanged -> (ranks (K, nq) int64, s sorted (min(k, K), nq)).
+
+    Not the official scoring, for models trained here with the training-free chamfer
+    score of the same pairs (`chamfer`, shaped like logits): `chamfer_logit` a > 0 (a
+    model trained on top of chamfer, `ames.chamfer_logit` and `chamfer_center` c) makes
+    the logit logit + a x (chamfer - c); `mix` > 0 shares the local part with chamfer:
+    s = lamb * sims + (1 - lamb) * (mix * chamfer + (1 - mix) * sigmoid(temp * logit))."""
     ranks, sims = _check_shortlist(ranks, sims)
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ConfigError(f"ames: k must be an integer >= 1, got {k!r}")
+    if not 0 <= float(mix) <= 1:
+        raise ConfigError(f"ames: mix must be in [0, 1], got {mix!r}")
     k = min(int(k), ranks.shape[0])
     raw = np.asarray(logits, np.float32)
     if raw.ndim != 2 or raw.shape[1] != ranks.shape[1] or raw.shape[0] < k:
         raise InputError(f"ames: logits must be (>= {k}, {ranks.shape[1]}), got {raw.shape}")
+    c = None
+    if float(mix) > 0 or float(chamfer_logit) != 0:
+        if chamfer is None:
+            raise ConfigError("ames: mix or chamfer_logit needs the chamfer scores of the "
+                              "same pairs")
+        c = np.asarray(chamfer, np.float32)
+        if c.ndim != 2 or c.shape[1] != ranks.shape[1] or c.shape[0] < k:
+            raise InputError(f"ames: chamfer must be (>= {k}, {ranks.shape[1]}), got "
+                             f"{c.shape}")
+        c = c[:k]
+        if float(chamfer_logit) != 0:
+            raw = raw[:k] + np.float32(chamfer_logit) * (c - np.float32(chamfer_center))
     with np.errstate(over="ignore"):
         s = np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-temp) * raw[:k]))
+    if float(mix) > 0:
+        s = np.float32(mix) * c + np.float32(1 - mix) * s
     s = np.float32(lamb) * sims[:k] + np.float32(1 - lamb) * s
     order = np.argsort(-s, axis=0, kind="stable")
     out = ranks.copy()
