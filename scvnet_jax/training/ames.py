@@ -108,6 +108,8 @@ def make_train_step(cfg, arch, teacher_arch=None) -> Callable:
     tx = optim.optimizer(cfg)
     lr = optim.learning_rate(cfg)
     w = float(cfg.ames.distill_weight)
+    ca = float(cfg.ames.get("chamfer_logit", 0.0))
+    cc = float(cfg.ames.get("chamfer_center", 0.0))
     base_key = jax.random.PRNGKey(int(cfg.seed) + 4)
 
     def step(state: AMESState, batch: dict):
@@ -122,6 +124,8 @@ def make_train_step(cfg, arch, teacher_arch=None) -> Callable:
         def loss_fn(params):
             logits = net.apply({"params": params}, *args, train=True,
                                rngs={"dropout": rng}).astype(jnp.float32)
+            if ca:                  # the model learns what the chamfer score misses
+                logits = logits + ca * (batch["chamfer"] - cc)
             bce = optax.sigmoid_binary_cross_entropy(logits, y).mean()
             distill = (optax.sigmoid_binary_cross_entropy(logits, soft).mean()
                        if soft is not None else jnp.zeros(()))
@@ -159,8 +163,9 @@ class PairTransform(Records, grain.transforms.RandomMap):
     def __init__(self, ts: TrainingSet, bank_dir: str, query_len, db_len,
                  positive_fraction: float, hard_ratio, curriculum_steps: int,
                  global_batch: int, subset: str = "top", n_train: int | None = None,
-                 same_image: float = 0.0):
+                 same_image: float = 0.0, chamfer_logit: float = 0.0):
         super().__init__(ts)
+        self.chamfer_logit = float(chamfer_logit)
         self.same_image = float(same_image)
         self.n_train = int(ts.num_examples if n_train is None else n_train)
         self.bank_dir = str(bank_dir)
@@ -222,11 +227,26 @@ class PairTransform(Records, grain.transforms.RandomMap):
         q_view, d_view = views or (None, None)
         q, qm = self._side(index, self.query_len, rng, q_view)
         d, dm = self._side(other, self.db_len, rng, d_view)
-        return {"q": q, "q_mask": qm, "d": d, "d_mask": dm, "label": np.int32(target),
-                "hard": np.bool_(hard)}
+        out = {"q": q, "q_mask": qm, "d": d, "d_mask": dm, "label": np.int32(target),
+               "hard": np.bool_(hard)}
+        if self.chamfer_logit:
+            out["chamfer"] = pair_chamfer(q, qm, d, dm)
+        return out
 
     def ts_label(self, index: int) -> int:
         return int(self.bank().labels[index])
+
+
+def pair_chamfer(q, q_mask, d, d_mask) -> np.float32:
+    """The chamfer score of one pair (`rerank.chamfer.scores`' on the host): the mean over
+    the query's real rows of their best cosine among the database image's real rows."""
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    qv, dv = unit(q)[~np.asarray(q_mask)], unit(d)[~np.asarray(d_mask)]
+    if len(qv) == 0 or len(dv) == 0:
+        return np.float32(0.0)
+    return np.float32((qv @ dv.T).max(axis=1).mean())
 
 
 INITS = ("random", "matching")
@@ -300,7 +320,8 @@ def pair_dataset(ts: TrainingSet, bank_dir, cfg, *, process_index: int = 0,
     n_train = split(ts, int(a.get("holdout_classes", 0)))
     t = PairTransform(ts, bank_dir, a.query_len, a.db_len, a.positive_fraction,
                       a.hard_ratio, int(cfg.total_steps), int(cfg.batch_size),
-                      a.get("subset", "top"), n_train, float(a.get("same_image", 0.0)))
+                      a.get("subset", "top"), n_train, float(a.get("same_image", 0.0)),
+                      float(a.get("chamfer_logit", 0.0)))
     ds = (grain.MapDataset.range(n_train).shuffle(seed=cfg.seed).repeat(None)
           .map_with_index(with_position).random_map(t, seed=cfg.seed))
     return process_batches(ds, int(cfg.batch_size), process_index, process_count)
@@ -348,19 +369,25 @@ class Bank:
 
 LAMBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 TEMPS = (0.1, 0.2, 0.5, 0.8, 1.0, 2.0)
+MIXES = (0.0, 0.25, 0.5, 0.75)
 
 
-def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int) -> dict:
-    """lamb and temp chosen on the held-out classes of the training set (the authors choose
-    them on GLDv2's validation split): each held-out class's first 2 images query the rest
-    of the held-out images, the first stage ranks by the bank's global descriptors, AMES
-    scores each query's top k (every row of the bank: the database format at test time),
-    and the (lamb, temp) of the grid with the best mAP wins (lamb 1.0 = the first stage
-    alone; the first in grid order on ties). Returns {lamb, temp, mAP, first_stage,
-    queries, database}."""
+def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int,
+         mixes: tuple = (0.0,), chamfer_logit: float = 0.0,
+         chamfer_center: float = 0.0) -> dict:
+    """lamb, temp (and mix) chosen on the held-out classes of the training set (the authors
+    choose them on GLDv2's validation split): each held-out class's first 2 images query
+    the rest of the held-out images, the first stage ranks by the bank's global
+    descriptors, AMES scores each query's top k (every row of the bank: the database
+    format at test time), and the (lamb, temp, mix) of the grid with the best mAP wins
+    (lamb 1.0 = the first stage alone; the first in grid order on ties). mix > 0 shares
+    the local part with the chamfer score of the same descriptors (`rerank.ames.combine`);
+    `mixes` (0,) is the official scoring only. Returns {lamb, temp, mix, mAP, first_stage,
+    chamfer (the chamfer reranker's best mAP over LAMBS and 0 on the same split), queries,
+    database}."""
     from scvnet_jax import metrics
     from scvnet_jax.engine import search
-    from scvnet_jax.rerank import ames
+    from scvnet_jax.rerank import ames, chamfer
 
     bank = Bank(bank_dir)
     start = split(ts, holdout_classes)
@@ -379,16 +406,28 @@ def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int) -> dict:
     model = ames.AMESReranker(arch, {"params": params})
     kk = min(int(k), len(di))
     logits = model.shortlist_logits(desc[qi], mask[qi], desc[di], mask[di], ranks[:kk])
-    base = metrics.labelled(ranks, labels[qi], labels[di])["mAP@all"]
+    top = ranks[:kk].T
+    cham = chamfer.scores(desc[qi], mask[qi], desc[di][top], mask[di][top]).T
+
+    def score(r):
+        return metrics.labelled(r, labels[qi], labels[di])["mAP@all"]
+
+    base = score(ranks)
     best = None
-    for lamb in LAMBS:
-        for temp in TEMPS:
-            r, _ = ames.combine(ranks, sims, logits, k=kk, lamb=lamb, temp=temp)
-            m = metrics.labelled(r, labels[qi], labels[di])["mAP@all"]
-            if best is None or m > best[0] + 1e-12:
-                best = (m, lamb, temp)
-    return {"lamb": best[1], "temp": best[2], "mAP": best[0], "first_stage": base,
-            "queries": int(len(qi)), "database": int(len(di))}
+    for mix in mixes:
+        for lamb in LAMBS:
+            for temp in TEMPS:
+                r, _ = ames.combine(ranks, sims, logits, k=kk, lamb=lamb, temp=temp,
+                                    chamfer=cham, mix=mix, chamfer_logit=chamfer_logit,
+                                    chamfer_center=chamfer_center)
+                m = score(r)
+                if best is None or m > best[0] + 1e-12:
+                    best = (m, lamb, temp, mix)
+    cham_map = max(score(chamfer.combine(ranks, sims, cham, k=kk, lamb=lamb)[0])
+                   for lamb in (0.0,) + LAMBS)
+    return {"lamb": best[1], "temp": best[2], "mix": best[3], "mAP": best[0],
+            "first_stage": base, "chamfer": cham_map, "queries": int(len(qi)),
+            "database": int(len(di))}
 
 
 def check_config(cfg) -> None:
@@ -602,15 +641,20 @@ class Task(_Task):
         from scvnet_jax.convert import model_dir
 
         a = self.cfg.ames
-        rerank = {"lamb": float(a.lamb), "temp": float(a.temp), "k": int(a.num_rerank)}
+        rerank = {"lamb": float(a.lamb), "temp": float(a.temp), "mix": float(a.mix),
+                  "chamfer_logit": float(a.chamfer_logit),
+                  "chamfer_center": float(a.chamfer_center), "k": int(a.num_rerank)}
         tuned = None
         if int(a.holdout_classes) > 0:
             tuned = tune(self.bank(), self.arch, host(state.params), self.ts,
-                         int(a.holdout_classes), int(a.num_rerank))
-            rerank.update(lamb=tuned["lamb"], temp=tuned["temp"])
-            print(f"ames: lamb {tuned['lamb']}, temp {tuned['temp']} chosen on "
-                  f"{a.holdout_classes} held-out classes: mAP {100 * tuned['mAP']:.2f} "
-                  f"(first stage {100 * tuned['first_stage']:.2f})")
+                         int(a.holdout_classes), int(a.num_rerank),
+                         MIXES if a.tune_mix else (0.0,), float(a.chamfer_logit),
+                         float(a.chamfer_center))
+            rerank.update(lamb=tuned["lamb"], temp=tuned["temp"], mix=tuned["mix"])
+            print(f"ames: lamb {tuned['lamb']}, temp {tuned['temp']}, mix {tuned['mix']} "
+                  f"chosen on {a.holdout_classes} held-out classes: mAP "
+                  f"{100 * tuned['mAP']:.2f} (first stage {100 * tuned['first_stage']:.2f}, "
+                  f"chamfer {100 * tuned['chamfer']:.2f})")
         meta = {"trained_by": "scvnet_jax train.py, stage ames", "step": int(step),
                 "descriptors": {"model": str(a.model), "detector": str(a.detector),
                                 "query_len": int(a.query_len[1]), "db_len": int(a.db_len[1]),

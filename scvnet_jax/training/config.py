@@ -190,6 +190,11 @@ def _ames(c) -> None:
     c.ames.lamb = 0.85               # the reranker's defaults recorded in the model dir
                                      # (when holdout_classes is 0):
     c.ames.temp = 0.8                # s = lamb x global + (1 - lamb) x sigmoid(temp x logit)
+    c.ames.mix = 0.0                 # chamfer's share of the local score: s = lamb x global
+                                     # + (1 - lamb) x (mix x chamfer + (1 - mix) x sigmoid(..))
+    c.ames.tune_mix = False          # with holdout_classes: choose mix too (training.ames.MIXES)
+    c.ames.chamfer_logit = 0.0       # a > 0: the model is trained (and used) on top of the
+    c.ames.chamfer_center = 0.0      # chamfer score: logit = AMES logit + a x (chamfer - c)
     c.ames.num_rerank = 100
 
 
@@ -302,6 +307,9 @@ _RANGES = (
     ("ames.bank_bucket", "int", lambda v: v >= 1, "an integer >= 1"),
     ("ames.lamb", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     ("ames.temp", "num", lambda v: v > 0, "a number > 0"),
+    ("ames.mix", "num", lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ("ames.chamfer_logit", "num", lambda v: v >= 0, "a number >= 0"),
+    ("ames.chamfer_center", "num", lambda v: -1 <= v <= 1, "a number in [-1, 1]"),
     ("ames.bank_views", "int", lambda v: v >= 1, "an integer >= 1"),
     ("ames.view_size", "int", lambda v: v >= 16, "an integer >= 16 (pixels)"),
     ("ames.holdout_classes", "int", lambda v: v >= 0, "an integer >= 0"),
@@ -331,7 +339,8 @@ SHAPE_FIELDS = ("stage", "model.depth", "model.width", "model.reduction_dim",
                 "ames.scales", "ames.family", "ames.query_len", "ames.db_len",
                 "ames.model_dim", "ames.nhead", "ames.num_encoder_layers", "ames.dim_feedforward",
                 "ames.binarized", "ames.teacher", "ames.holdout_classes", "ames.bank_views",
-                "ames.view_size")
+                "ames.view_size", "ames.chamfer_logit",
+                "ames.chamfer_center")
 
 
 def validate(cfg) -> None:

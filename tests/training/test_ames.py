@@ -314,3 +314,47 @@ def test_stage4_config_errors(field, value, message):
     cfg.ames[field] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_config(cfg)
+
+
+def test_step_adds_the_chamfer_logit():
+    import jax
+
+    from scvnet_jax.training.ames import ames_arch, init_state, make_train_step
+    from scvnet_jax.training.config import default_config
+
+    rng = np.random.default_rng(0)
+    n = 32
+    y = (rng.random(n) < 0.5).astype(np.int32)
+    batch = {"q": rng.normal(size=(n, 6, 8)).astype(np.float32),
+             "q_mask": np.zeros((n, 6), bool),
+             "d": rng.normal(size=(n, 6, 8)).astype(np.float32),
+             "d_mask": np.zeros((n, 6), bool), "label": y, "hard": np.zeros(n, bool),
+             "chamfer": np.where(y == 1, 0.9, 0.5).astype(np.float32)}
+
+    def first_loss(a, c):
+        cfg = default_config()
+        cfg.ames.update(model_dim=16, nhead=2, num_encoder_layers=1, dim_feedforward=32,
+                        query_len=(6, 6), db_len=(6, 6), topk=6, chamfer_logit=a,
+                        chamfer_center=c)
+        cfg.optimizer.update(name="adamw", lr=1e-3, warmup_steps=5, weight_decay=0.0)
+        arch = ames_arch(cfg, 8)
+        state = init_state(cfg, arch, jax.random.PRNGKey(0))
+        _, metrics = jax.jit(make_train_step(cfg, arch))(state, batch)
+        return float(metrics["loss"]), float(metrics["accuracy"])
+
+    plain, plain_acc = first_loss(0.0, 0.0)
+    on_top, on_top_acc = first_loss(40.0, 0.7)       # logit + 40 x (+-0.2): +-8
+    assert on_top < 0.1 < plain and on_top_acc == 1.0 > plain_acc
+
+
+def test_pairs_carry_their_chamfer_score(tmp_path):
+    from scvnet_jax.training.ames import PairTransform, pair_chamfer
+    _bank(tmp_path / "bank")
+    t = PairTransform(_TS(), tmp_path / "bank", (2, 6), (2, 6), 0.5, (0.5, 0.5), 10, 4,
+                      chamfer_logit=10.0)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        p = t.random_map((i, i % 20), rng)
+        assert p["chamfer"] == pair_chamfer(p["q"], p["q_mask"], p["d"], p["d_mask"])
+    plain = PairTransform(_TS(), tmp_path / "bank", (2, 6), (2, 6), 0.5, (0.5, 0.5), 10, 4)
+    assert "chamfer" not in plain.random_map((0, 0), rng)
