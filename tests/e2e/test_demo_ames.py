@@ -58,7 +58,8 @@ def test_ames_demo_reranking_beats_its_first_stage(tmp_path, run_train, demo_tfd
     recs = [json.loads(ln) for ln in (work / "metrics.jsonl").read_text().splitlines()]
     assert np.mean([x["loss"] for x in recs[-3:]]) < np.mean([x["loss"] for x in recs[:3]])
     meta = json.loads((work / "model" / "config.json").read_text())["meta"]
-    assert meta["rerank"] == {"lamb": 0.85, "temp": 0.8, "k": 100}
+    assert meta["rerank"] == {"lamb": 0.85, "temp": 0.8, "mix": 0.0, "chamfer_logit": 0.0,
+                              "chamfer_center": 0.0, "k": 100}
     assert meta["descriptors"]["db_len"] == 64 and meta["first_stage"] == "superglobal_global"
 
     _, path = demo_eval("--pipelines", "superglobal_global,ames", "--ames_weights",
