@@ -50,6 +50,92 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def fit_chamfer_logit(bank_dir, n: int = 3000, seed: int = 0) -> tuple[float, float]:
+    """(a, c) of the logistic regression P(same landmark) = sigmoid(a x (chamfer - c)) over
+    n pairs of the bank's training classes drawn as training draws them (half positives,
+    half of those two views of one image; negatives hard with probability 0.5)."""
+    from scvnet_jax.training.ames import Bank, pair_chamfer
+    bank = Bank(bank_dir)
+    lab = np.asarray(bank.labels)
+    n_train = len(bank.hard)
+    rng = np.random.default_rng(seed)
+    x, y = [], []
+
+    def side(i, view):
+        d, length = bank.get(i, view)
+        return d, np.arange(len(d)) >= length
+    for _ in range(n):
+        i = int(rng.integers(0, n_train))
+        r = rng.random()
+        vq = vd = 0
+        if r < 0.25:
+            j, (vq, vd), t = i, rng.choice(bank.views, 2, replace=False), 1
+        elif r < 0.5:
+            same = np.flatnonzero((lab[:n_train] == lab[i]) & (np.arange(n_train) != i))
+            j, t = int(rng.choice(same)), 1
+        else:
+            row = np.asarray(bank.hard[i])
+            row = row[row >= 0]
+            other = np.flatnonzero(lab[:n_train] != lab[i])
+            j, t = int(rng.choice(row if r < 0.75 and len(row) else other)), 0
+        x.append(pair_chamfer(*side(i, int(vq)), *side(j, int(vd))))
+        y.append(t)
+    A = np.c_[np.asarray(x, np.float64), np.ones(len(x))]
+    y = np.asarray(y, np.float64)
+    w = np.zeros(2)
+    for _ in range(50):                             # Newton's method
+        p = 1 / (1 + np.exp(-A @ w))
+        H = (A * (p * (1 - p))[:, None]).T @ A + 1e-6 * np.eye(2)
+        w -= np.linalg.solve(H, A.T @ (p - y))
+    return float(w[0]), float(-w[1] / w[0])
+
+
+def demo_pairs(model) -> None:
+    """The mean per-query pair AUC on the demo benchmark (positives easy + hard against
+    the rest, junk left out, every database image scored) of the first stage's
+    similarity, chamfer and the model's logit (with its chamfer term, if any)."""
+    import pickle
+
+    import scvnet_jax as sj
+    from scvnet_jax.data import demo
+    from scvnet_jax.engine import extract, local
+    from scvnet_jax.evaluation.config import default_cache_dir
+    from scvnet_jax.images import ImageRef
+    from scvnet_jax.rerank import ames, chamfer
+
+    root = Path(default_cache_dir()) / "demo_benchmark"
+    demo.build_benchmark(root)
+    g = pickle.loads((root / "demo" / "gnd_demo.pkl").read_bytes())
+    db = [ImageRef(str(root / "demo" / "jpg" / f"{n}.jpg")) for n in g["imlist"]]
+    qs = [ImageRef(str(root / "demo" / "jpg" / f"{n}.jpg"), tuple(x["bbx"]))
+          for n, x in zip(g["qimlist"], g["gnd"])]
+    retrieval = sj.load(sj.demo_model_path())
+    st = ames.settings_of(model)
+    q = local.extract_local(retrieval, qs, None, st["query_len"], dtype=np.float32)
+    d = local.extract_local(retrieval, db, None, st["db_len"], dtype=np.float32)
+    d16 = np.asarray(d.desc, np.float16).astype(np.float32)
+    spec = extract.spec_of("superglobal")
+    X = extract.extract(retrieval, db, spec)
+    Q = extract.extract(retrieval, qs, spec)
+    sim = np.asarray(X, np.float32) @ np.asarray(Q, np.float32).T
+    ranks = np.tile(np.arange(len(db))[:, None], (1, len(qs)))
+    logit = model.shortlist_logits(q.desc, q.mask, d16, d.mask, ranks)
+    cham = chamfer.scores(q.desc, q.mask, d16[ranks.T], d.mask[ranks.T]).T
+    if st["chamfer_logit"]:
+        logit = logit + np.float32(st["chamfer_logit"]) * (cham - np.float32(
+            st["chamfer_center"]))
+    out = {}
+    for name, s in (("first stage", sim), ("chamfer", cham), ("AMES logit", logit)):
+        vals = []
+        for i, x in enumerate(g["gnd"]):
+            pos = np.asarray(list(x["easy"]) + list(x["hard"]), int)
+            neg = np.setdiff1d(np.arange(len(db)), np.concatenate([pos, x["junk"]]))
+            vals.append(auc(s[pos, i], s[neg, i]))
+        out[name] = float(np.mean(vals))
+    print("pair AUC on the demo benchmark (per query, easy + hard against the rest): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in out.items()))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +144,11 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="the AMES model dir (default: WORKDIR/model)")
     p.add_argument("--k", type=int, default=100, help="images re-scored per query")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--fit", action="store_true",
+                   help="print the logistic fit of the pair label on chamfer over 3000 "
+                        "training pairs of the bank (ames.chamfer_logit, chamfer_center)")
+    p.add_argument("--demo_pairs", action="store_true",
+                   help="also the pair AUC on the demo benchmark (for a final model only)")
     args = p.parse_args(argv)
 
     from scvnet_jax import metrics
@@ -71,8 +162,17 @@ def main(argv=None) -> int:
     bank_dir = work / "ames_bank"
     if not (bank_dir / "done.json").exists():
         raise InputError(f"{bank_dir}: no complete AMES bank (train.py's ames stage writes it)")
+    if args.fit:
+        a, c = fit_chamfer_logit(bank_dir)
+        print(f"logistic fit on the training pairs: chamfer_logit {a:.1f}, chamfer_center "
+              f"{c:.3f}")
+        return 0
     model = ames.load(model_dir)
+    if args.demo_pairs:
+        demo_pairs(model)
     held = int(json.loads((bank_dir / "key.json").read_text()).get("holdout_classes", 0))
+    if held < 1 and args.demo_pairs:
+        return 0
     if held < 1:
         raise InputError(f"{bank_dir}/key.json: holdout_classes = {held}; this needs a run "
                          "trained with --config.ames.holdout_classes >= 1")

@@ -358,3 +358,27 @@ def test_pairs_carry_their_chamfer_score(tmp_path):
         assert p["chamfer"] == pair_chamfer(p["q"], p["q_mask"], p["d"], p["d_mask"])
     plain = PairTransform(_TS(), tmp_path / "bank", (2, 6), (2, 6), 0.5, (0.5, 0.5), 10, 4)
     assert "chamfer" not in plain.random_map((0, 0), rng)
+
+
+def test_tune_chooses_lamb_temp_and_mix_on_the_held_out_classes(tmp_path):
+    """`tune` on a bank's last 2 classes: a setting of its grid, never below the first
+    stage (lamb 1 is in the grid), chamfer's best reported on the same split, and with
+    mixes (0,) the official scoring only."""
+    import jax
+
+    from scvnet_jax.training.ames import MIXES, ames_arch, init_state, tune
+    from scvnet_jax.training.config import default_config
+
+    _bank(tmp_path / "bank", topk=6, dim=8)
+    rng = np.random.default_rng(0)
+    g = rng.normal(size=(20, 4)).astype(np.float32)
+    np.save(tmp_path / "bank" / "global.npy", g / np.linalg.norm(g, axis=1, keepdims=True))
+    cfg = default_config()
+    cfg.ames.update(model_dim=16, nhead=2, num_encoder_layers=1, dim_feedforward=32)
+    arch = ames_arch(cfg, 8)
+    params = jax.tree.map(np.asarray, init_state(cfg, arch, jax.random.PRNGKey(0)).params)
+    out = tune(tmp_path / "bank", arch, params, _TS(), 2, 100, MIXES, 5.0, 0.5)
+    assert (out["queries"], out["database"]) == (4, 4)
+    assert out["mix"] in MIXES and out["mAP"] >= out["first_stage"] - 1e-12
+    assert out["chamfer"] >= out["first_stage"] - 1e-12
+    assert tune(tmp_path / "bank", arch, params, _TS(), 2, 100)["mix"] == 0.0
