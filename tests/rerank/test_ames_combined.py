@@ -84,7 +84,8 @@ def test_training_pair_chamfer_is_the_rerankers():
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_rerank_images_combines_with_chamfer_of_the_same_descriptors(tmp_path, tiny_model):
+def test_rerank_images_combines_with_chamfer_of_the_same_descriptors(tmp_path, tiny_model,
+                                                                     monkeypatch):
     """A model that records chamfer_logit (trained on top of chamfer) and a mix: the
     shortlist is sorted by `combine` of the model's logits and the chamfer scores of the
     same pairs (the query's query_len and each candidate's db_len descriptors, as chamfer
@@ -96,12 +97,10 @@ def test_rerank_images_combines_with_chamfer_of_the_same_descriptors(tmp_path, t
     from scvnet_jax.models.ames import AMESArch, init
 
     rng = np.random.default_rng(0)
-    paths = []
-    for i in range(6):
-        im = rng.integers(0, 255, (int(rng.integers(60, 110)), int(rng.integers(60, 110)), 3),
-                          dtype=np.uint8)
-        paths.append(str(tmp_path / f"im{i}.png"))
-        cv2.imwrite(paths[-1], im)
+    paths = [str(tmp_path / f"im{i}.png") for i in range(6)]
+    for p in paths:                                     # random images of 60-110 px sides
+        h, w = rng.integers(60, 110, 2)
+        cv2.imwrite(p, rng.integers(0, 255, (int(h), int(w), 3), dtype=np.uint8))
     queries, db = [ImageRef(paths[0]), ImageRef(paths[1])], [ImageRef(p) for p in paths[2:]]
     ranks = np.stack([rng.permutation(4), rng.permutation(4)], axis=1)
     sims = np.sort(rng.uniform(0.2, 0.9, (4, 2)).astype(np.float32), axis=0)[::-1].copy()
@@ -123,17 +122,9 @@ def test_rerank_images_combines_with_chamfer_of_the_same_descriptors(tmp_path, t
                         chamfer_logit=8.0, chamfer_center=0.7)
     np.testing.assert_array_equal(got[0], want[0])
     np.testing.assert_allclose(got[1], want[1], atol=2e-6)
-    calls = []
-    real = local.extract_local
-
-    def counting(model_, refs, *a, **kw_):
-        calls.append(len(refs))
-        return real(model_, refs, *a, **kw_)
-
-    local.extract_local = counting
-    try:
-        again = ames.rerank_images(model, tiny_model, queries, db, ranks, sims, **kw)[""]
-    finally:
-        local.extract_local = real
-    assert calls == [len(queries)]
+    calls, real = [], local.extract_local
+    monkeypatch.setattr(local, "extract_local", lambda m, refs, *a, **k: (
+        calls.append(len(refs)) or real(m, refs, *a, **k)))
+    again = ames.rerank_images(model, tiny_model, queries, db, ranks, sims, **kw)[""]
+    assert calls == [len(queries)]                      # the database from the cache
     np.testing.assert_array_equal(again[0], got[0])
