@@ -56,7 +56,7 @@ def test_ames_configs_validate():
     they must turn it off (the own-photos tutorial's CSA run failed on that)."""
     from scvnet_jax.training import ames, config
     for name, variants in (("demo", ("", "tiny")), ("demo_rerank", ("", "tiny")),
-                           ("csa_demo", ("", "tiny")), ("ames_demo", ("", "tiny")),
+                           ("csa_demo", ("", "tiny")), ("ames_demo", ("", "tiny", "on_chamfer")),
                            ("ames_r101", ("", "dist"))):
         mod = importlib.import_module(f"scvnet_jax.configs.{name}")
         for v in variants:
@@ -67,3 +67,5 @@ def test_ames_configs_validate():
                 ames.check_config(cfg)
     assert importlib.import_module("scvnet_jax.configs.ames_r101").get_config(
         "dist").ames.binarized
+    on = importlib.import_module("scvnet_jax.configs.ames_demo").get_config("on_chamfer")
+    assert on.ames.chamfer_logit > 0 and (on.ames.lamb, on.ames.temp) == (0.85, 0.8)
