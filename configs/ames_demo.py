@@ -85,8 +85,8 @@ TINY = {"total_steps": 8, "batch_size": 8, "checkpoint_every_steps": 4, "log_eve
 # c = 0.836: a logistic fit of the pair label on chamfer over 3000 training pairs;
 # `benchmarks/ames_learned.py --fit` on this config's bank gives 8.4 / 0.844). lamb and
 # temp stay the recipe's. On the demo benchmark (blind, top 100) seeds 0 / 1 / 2 give
-# Medium 61.30 / 60.23 / RES_S2M, 2.3 to 3.3 points over the recipe above and 4 to 5 points
-# below the chamfer reranker alone (65.28): on the demo, use chamfer. The experiments
+# Medium 61.30 / 60.23 / 61.51, 2.3 to 2.7 points over the recipe above and 3.8 to 5.1
+# points below the chamfer reranker alone (65.28): on the demo, use chamfer. The experiments
 # behind this are in docs/results.md, "AMES against chamfer".
 ON_CHAMFER = {"ames.chamfer_logit": 10.4, "ames.chamfer_center": 0.836}
 
