@@ -359,14 +359,13 @@ def settings_of(model: AMESReranker) -> dict:
     """What `rerank_images` uses unless told otherwise: lamb, temp, mix (the chamfer share
     of the local score: 0, the official scoring, unless the model records one),
     chamfer_logit and chamfer_center (a model trained on top of chamfer: logit + a x
-    (chamfer - c)), k,
-    query_len and db_len (local descriptors per query / database image), scales, detector
-    ('' = none), backbone ('' = the caller's), from the model directory's meta for models
-    we trained (the upper ends of their training ranges), else the authors' settings."""
+    (chamfer - c)), k, query_len and db_len (local descriptors per query / database
+    image), scales, detector ('' = none), backbone ('' = the caller's), from the model
+    directory's meta for models we trained (the upper ends of their training ranges), else
+    the authors' settings."""
     from scvnet_jax.engine.local import SCALES
     out = {**OFFICIAL_DEFAULTS[bool(model.arch.binarized)], "mix": 0.0, "chamfer_logit": 0.0,
-           "chamfer_center": 0.0,
-           "k": OFFICIAL_K,
+           "chamfer_center": 0.0, "k": OFFICIAL_K,
            "query_len": OFFICIAL_QUERY_LEN, "db_len": OFFICIAL_DB_LEN,
            "scales": tuple(SCALES), "detector": None, "backbone": ""}
     meta = getattr(model, "meta", None) or {}
