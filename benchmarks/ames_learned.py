@@ -121,9 +121,7 @@ def demo_pairs(model) -> None:
     ranks = np.tile(np.arange(len(db))[:, None], (1, len(qs)))
     logit = model.shortlist_logits(q.desc, q.mask, d16, d.mask, ranks)
     cham = chamfer.scores(q.desc, q.mask, d16[ranks.T], d.mask[ranks.T]).T
-    if st["chamfer_logit"]:
-        logit = logit + np.float32(st["chamfer_logit"]) * (cham - np.float32(
-            st["chamfer_center"]))
+    logit = ames.with_chamfer(logit, cham, st["chamfer_logit"], st["chamfer_center"])
     out = {}
     for name, s in (("first stage", sim), ("chamfer", cham), ("AMES logit", logit)):
         vals = []
@@ -152,10 +150,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from scvnet_jax import metrics
-    from scvnet_jax.engine import search
     from scvnet_jax.errors import InputError
     from scvnet_jax.rerank import ames, chamfer
-    from scvnet_jax.training.ames import Bank
+    from scvnet_jax.training.ames import heldout_split
 
     work = Path(args.workdir).expanduser()
     model_dir = Path(args.model).expanduser() if args.model else work / "model"
@@ -176,33 +173,24 @@ def main(argv=None) -> int:
     if held < 1:
         raise InputError(f"{bank_dir}/key.json: holdout_classes = {held}; this needs a run "
                          "trained with --config.ames.holdout_classes >= 1")
-    bank = Bank(bank_dir)
-    labels_all = np.asarray(bank.labels)
+    labels_all = np.load(bank_dir / "labels.npy")
     offsets = np.r_[0, np.flatnonzero(np.diff(labels_all)) + 1, len(labels_all)]
-    start = int(offsets[len(offsets) - 1 - held])
-    idx = np.arange(start, len(labels_all))
-    labels = labels_all[idx]
-    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
-    qi = np.sort(np.concatenate([f + np.arange(2) for f in first]))
-    di = np.setdiff1d(np.arange(len(idx)), qi)
-    glob = np.load(bank_dir / "global.npy")
-    sim, ranks = search.rank(glob[idx[di]], glob[idx[qi]])
-    sims = np.take_along_axis(sim, ranks, axis=0)
-    views = [[bank.get(int(i), v) for v in range(bank.views)] for i in idx]
+    h = heldout_split(bank_dir, int(offsets[len(offsets) - 1 - held]))
+    bank, idx, labels, qi, di = h.bank, h.idx, h.labels, h.qi, h.di
+    ranks, sims, desc, mask = h.ranks, h.sims, h.desc, h.mask
 
     def stack(view):
-        d = np.stack([vs[view][0].astype(np.float32) for vs in views])
-        m = np.arange(d.shape[1])[None, :] >= np.array([vs[view][1] for vs in views])[:, None]
-        return d, m
+        vs = [bank.get(int(i), view) for i in idx]
+        d = np.stack([v.astype(np.float32) for v, _ in vs])
+        return d, np.arange(d.shape[1])[None, :] >= np.array([n for _, n in vs])[:, None]
 
-    desc, mask = stack(0)
     kk = min(args.k, len(di))
     top = ranks[:kk]                                                 # (kk, nq)
     logit = model.shortlist_logits(desc[qi], mask[qi], desc[di], mask[di], top)
     cham = chamfer.scores(desc[qi], mask[qi], desc[di][top.T], mask[di][top.T]).T
     st = ames.settings_of(model)        # a model trained on top of chamfer: its logit
     ca, cc = st["chamfer_logit"], st["chamfer_center"]
-    logit = logit + np.float32(ca) * (cham - np.float32(cc)) if ca else logit
+    logit = ames.with_chamfer(logit, cham, ca, cc)
     ql, dl = labels[qi], labels[di]
     rel = dl[top] == ql[None, :]
 
@@ -270,7 +258,7 @@ def main(argv=None) -> int:
                    for a, t, _ in pairs])
     lg = model.similarity(qd, qm, dd, dm)
     ch = chamfer.scores(qd, qm, dd[:, None], dm[:, None])[:, 0]
-    lg = lg + np.float32(ca) * (ch - np.float32(cc)) if ca else lg
+    lg = ames.with_chamfer(lg, ch, ca, cc)
     kind = np.array([k for _, _, k in pairs])
     neg = kind == "other landmark"
     loss_rows = []

@@ -367,6 +367,30 @@ class Bank:
         return self._chunks[0]
 
 
+def heldout_split(bank_dir, start: int):
+    """The held-out images of a bank (rows start..): each class's first 2 images query the
+    rest. Returns a namespace: bank, idx (bank rows), labels, qi / di (rows of idx: queries,
+    database), ranks and sims (K, nq) of the first stage (the bank's global descriptors),
+    desc / mask (len(idx), topk, D) float32 local descriptors of view 0 (True = padding)."""
+    import types
+
+    from scvnet_jax.engine import search
+    bank = Bank(bank_dir)
+    idx = np.arange(int(start), len(bank.labels))
+    labels = np.asarray(bank.labels)[idx]
+    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
+    qi = np.sort(np.concatenate([f + np.arange(2) for f in first]))
+    di = np.setdiff1d(np.arange(len(idx)), qi)
+    glob = np.load(Path(bank_dir) / "global.npy")
+    sim, ranks = search.rank(glob[idx[di]], glob[idx[qi]])
+    local = [bank.get(int(i)) for i in idx]
+    desc = np.stack([d.astype(np.float32) for d, _ in local])
+    mask = np.arange(desc.shape[1])[None, :] >= np.array([n for _, n in local])[:, None]
+    return types.SimpleNamespace(bank=bank, idx=idx, labels=labels, qi=qi, di=di,
+                                 ranks=ranks, sims=np.take_along_axis(sim, ranks, axis=0),
+                                 desc=desc, mask=mask)
+
+
 LAMBS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 1.0)
 TEMPS = (0.1, 0.2, 0.5, 0.8, 1.0, 2.0)
 MIXES = (0.0, 0.25, 0.5, 0.75)
@@ -386,23 +410,11 @@ def tune(bank_dir, arch, params, ts, holdout_classes: int, k: int,
     chamfer (the chamfer reranker's best mAP over LAMBS and 0 on the same split), queries,
     database}."""
     from scvnet_jax import metrics
-    from scvnet_jax.engine import search
     from scvnet_jax.rerank import ames, chamfer
 
-    bank = Bank(bank_dir)
-    start = split(ts, holdout_classes)
-    idx = np.arange(start, ts.num_examples)
-    labels = np.asarray(bank.labels)[idx]
-    first = np.r_[0, np.flatnonzero(np.diff(labels)) + 1]
-    qi = np.sort(np.concatenate([f + np.arange(2) for f in first]))
-    di = np.setdiff1d(np.arange(len(idx)), qi)
-    glob = np.load(Path(bank_dir) / "global.npy")
-    X, Q = glob[idx[di]], glob[idx[qi]]
-    sim, ranks = search.rank(X, Q)
-    sims = np.take_along_axis(sim, ranks, axis=0)
-    local = [bank.get(int(i)) for i in idx]
-    desc = np.stack([d.astype(np.float32) for d, _ in local])
-    mask = np.arange(desc.shape[1])[None, :] >= np.array([n for _, n in local])[:, None]
+    h = heldout_split(bank_dir, split(ts, holdout_classes))
+    labels, qi, di, sims, ranks, desc, mask = (h.labels, h.qi, h.di, h.sims, h.ranks, h.desc,
+                                               h.mask)
     model = ames.AMESReranker(arch, {"params": params})
     kk = min(int(k), len(di))
     logits = model.shortlist_logits(desc[qi], mask[qi], desc[di], mask[di], ranks[:kk])

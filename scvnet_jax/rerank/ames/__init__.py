@@ -39,7 +39,7 @@ from scvnet_jax.rerank.ames.model import (DB_FORMATS, DESCRIPTOR_COLUMN, DTYPES,
                                           split_features, unpack_codes)
 from scvnet_jax.rerank.ames.pipeline import rerank_images
 from scvnet_jax.rerank.ames.scoring import (PROTOCOLS, SETTINGS, combine, rerank, shortlist,
-                                            shortlist_map)
+                                            shortlist_map, with_chamfer)
 from scvnet_jax.rerank.ames.store import (TokenStore, bytes_per_image, database_tokens,
                                           stored_local_rows)
 
@@ -61,4 +61,5 @@ __all__ = ["AMES", "AMESReranker", "DB_FORMATS", "DESCRIPTOR_COLUMN", "DTYPES", 
            "PROTOCOLS", "SETTINGS", "TokenStore", "database_tokens", "rerank_images", "settings_of",
            "stored_local_rows",
            "bytes_per_image", "combine", "from_state_dict", "infer_arch", "load", "pack_codes",
-           "rerank", "shortlist", "shortlist_map", "split_features", "unpack_codes"]
+           "rerank", "shortlist", "shortlist_map", "split_features", "unpack_codes",
+           "with_chamfer"]

@@ -103,7 +103,6 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
             workers=workers, desc="ames db")
         tokens = model.db_tokens(np.asarray(db_local, np.float32), mask)
         tokens = pack_codes(tokens) if model.arch.binarized else tokens
-        q16 = chamfer.codes(q_feats.desc, False)
     else:
         tokens, mask = database_tokens(model, retrieval_model, [db_refs[i] for i in union],
                                        detector=detector, topk=db_len, scales=scales,
@@ -120,7 +119,7 @@ def rerank_images(model: AMESReranker, retrieval_model, query_refs, db_refs, ran
         cham = None
         if mix > 0 or cl:
             idx = where[r[:kk]].T
-            cham = chamfer.scores(q16, q_feats.mask, db_local[idx], mask[idx]).T
+            cham = chamfer.scores(q_feats.desc, q_feats.mask, db_local[idx], mask[idx]).T
         rr, scores = combine(r, v, logits, k=kk, lamb=lamb, temp=temp, chamfer=cham, mix=mix,
                              chamfer_logit=cl, chamfer_center=float(d["chamfer_center"]))
         full = ranks.copy()

@@ -52,6 +52,15 @@ def shortlist(ranks, sims, *, protocol: str = "official", gnd=None,
     return ranks, sims
 
 
+def with_chamfer(logits, chamfer, chamfer_logit: float, chamfer_center: float):
+    """The logit of a model trained on top of chamfer (`ames.chamfer_logit` a,
+    `chamfer_center` c): logits + a x (chamfer - c), float32; a = 0: logits as given."""
+    if not float(chamfer_logit):
+        return logits
+    return (np.asarray(logits, np.float32) + np.float32(chamfer_logit)
+            * (np.asarray(chamfer, np.float32) - np.float32(chamfer_center)))
+
+
 def combine(ranks, sims, logits, *, k: int = 100, lamb: float = 0.5, temp: float = 0.5,
             chamfer=None, mix: float = 0.0, chamfer_logit: float = 0.0,
             chamfer_center: float = 0.0):
@@ -84,8 +93,7 @@ def combine(ranks, sims, logits, *, k: int = 100, lamb: float = 0.5, temp: float
             raise InputError(f"ames: chamfer must be (>= {k}, {ranks.shape[1]}), got "
                              f"{c.shape}")
         c = c[:k]
-        if float(chamfer_logit) != 0:
-            raw = raw[:k] + np.float32(chamfer_logit) * (c - np.float32(chamfer_center))
+        raw = with_chamfer(raw[:k], c, chamfer_logit, chamfer_center)
     with np.errstate(over="ignore"):
         s = np.float32(1.0) / (np.float32(1.0) + np.exp(np.float32(-temp) * raw[:k]))
     if float(mix) > 0:
