@@ -149,7 +149,7 @@ def main(argv=None) -> int:
                    help="also the pair AUC on the demo benchmark (for a final model only)")
     args = p.parse_args(argv)
 
-    from scvnet_jax import metrics
+    from scvnet_jax import files, metrics
     from scvnet_jax.errors import InputError
     from scvnet_jax.rerank import ames, chamfer
     from scvnet_jax.training.ames import heldout_split
@@ -157,6 +157,8 @@ def main(argv=None) -> int:
     work = Path(args.workdir).expanduser()
     model_dir = Path(args.model).expanduser() if args.model else work / "model"
     bank_dir = work / "ames_bank"
+    if args.k < 1:
+        raise InputError(f"--k {args.k}: expected an integer >= 1 (images re-scored)")
     if not (bank_dir / "done.json").exists():
         raise InputError(f"{bank_dir}: no complete AMES bank (train.py's ames stage writes it)")
     if args.fit:
@@ -164,15 +166,15 @@ def main(argv=None) -> int:
         print(f"logistic fit on the training pairs: chamfer_logit {a:.1f}, chamfer_center "
               f"{c:.3f}")
         return 0
+    held = int(json.loads((bank_dir / "key.json").read_text()).get("holdout_classes", 0))
+    if held < 1 and not args.demo_pairs:
+        raise InputError(f"{bank_dir}/key.json: holdout_classes = {held}; this needs a run "
+                         "trained with --config.ames.holdout_classes >= 1 (or --demo_pairs)")
     model = ames.load(model_dir)
     if args.demo_pairs:
         demo_pairs(model)
-    held = int(json.loads((bank_dir / "key.json").read_text()).get("holdout_classes", 0))
-    if held < 1 and args.demo_pairs:
-        return 0
     if held < 1:
-        raise InputError(f"{bank_dir}/key.json: holdout_classes = {held}; this needs a run "
-                         "trained with --config.ames.holdout_classes >= 1")
+        return 0
     labels_all = np.load(bank_dir / "labels.npy")
     offsets = np.r_[0, np.flatnonzero(np.diff(labels_all)) + 1, len(labels_all)]
     h = heldout_split(bank_dir, int(offsets[len(offsets) - 1 - held]))
@@ -275,11 +277,12 @@ def main(argv=None) -> int:
         print(f"{k:28s} {row['n']:5d} {row['ames_auc']:8.3f} {row['chamfer_auc']:11.3f} "
               f"{row['ames_logit']:10.2f} {row['chamfer']:7.3f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"heldout_classes": held, "queries": len(qi),
+        files.atomic_write_text(Path(args.json), json.dumps({"heldout_classes": held, "queries": len(qi),
                                                "database": len(di), "k": kk, "rows": rows,
                                                "pair_kinds": loss_rows}, indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from scvnet_jax.cli import run
+    sys.exit(run(main))               # a ScvnetError: one `error:` line, exit status 2
