@@ -474,6 +474,9 @@ def check_config(cfg) -> None:
         raise ConfigError(f"config.ames.same_image = {a.same_image} needs two views of each "
                           f"image in the bank (config.ames.bank_views >= 2, got "
                           f"{a.bank_views})")
+    if bool(a.get("tune_mix", False)) and int(a.holdout_classes) < 1:
+        raise ConfigError("config.ames.tune_mix = True chooses mix on held-out classes: it "
+                          "needs config.ames.holdout_classes >= 1 (got 0)")
     s = tuple(a.scales)
     if not s or not all(float(x) > 0 for x in s):
         raise ConfigError(f"config.ames.scales = {s}: expected positive scale factors")

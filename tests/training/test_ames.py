@@ -303,6 +303,8 @@ def test_stage4_needs_a_retrieval_model(run_train, tmp_path, demo_tfds, one_erro
     ("init", "pca", "config.ames.init = 'pca': expected one of ('random', 'matching')"),
     ("same_image", 1.5, "config.ames.same_image = 1.5: expected a probability"),
     ("same_image", 0.5, "needs two views of each image in the bank"),
+    ("tune_mix", True, "config.ames.tune_mix = True chooses mix on held-out classes: it "
+                       "needs config.ames.holdout_classes >= 1"),
 ])
 def test_stage4_config_errors(field, value, message):
     from scvnet_jax.errors import ConfigError
