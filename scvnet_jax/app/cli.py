@@ -8,6 +8,7 @@
     scvnet-search serve --index my.index [--host 127.0.0.1] [--port 8000]  # page + REST API
                         [--watch]                  # re-indexes as the folder changes
     scvnet-search duplicates --index my.index --threshold 0.995 [--json | --csv]
+    scvnet-search convert my.index my.folder   # larger than memory: IVF-PQ, lists on disk
     SCVNET_SEARCH_TOKEN=SECRET scvnet-search serve --index my.index --host 0.0.0.0
 
 (`python -m scvnet_jax.app ...` is the same.) Without --weights the bundled demo model is
@@ -200,6 +201,27 @@ def parser() -> argparse.ArgumentParser:
     out.add_argument("--csv", action="store_true",
                      help="CSV: group,id,path,best,weakest_link,identical (one row per photo)")
     _backend_flags(dp)
+    cv = sub.add_parser("convert", help="an index file as a folder larger than memory",
+                        description="Write the index file INDEX as the folder OUT: float16 "
+                        "descriptors in memory-mapped shards, an IVF-PQ faiss index over them "
+                        "with its lists on disk (trained on a sample, filled shard by shard), "
+                        "the paths on disk. query, serve and duplicates open it (--index OUT) "
+                        "without reading it whole; each query's top --shortlist from IVF-PQ "
+                        "is re-scored exactly from the stored vectors. Needs the faiss extra.")
+    cv.add_argument("index", help="an index file written by `scvnet-search index`")
+    cv.add_argument("out", help="the index folder to write (a new name, or an index folder "
+                                "to replace)")
+    cv.add_argument("--nlist", type=_positive, default=None,
+                    help="inverted lists (default ~4 sqrt(N))")
+    cv.add_argument("--pca", type=_nonnegative, default=None,
+                    help="dimensions after a PCA before IVF-PQ (default 256 when the "
+                         "descriptors have more and there are 1024+ of them; 0: none)")
+    cv.add_argument("--m", type=_positive, default=None,
+                    help="PQ sub-vectors, dividing the (PCA) dimension (default 32)")
+    cv.add_argument("--nprobe", type=_positive, default=None,
+                    help="lists searched per query (default 32)")
+    cv.add_argument("--shard_rows", type=_positive, default=None,
+                    help="vectors per descriptor shard (default 262144)")
     sv = sub.add_parser("serve", help="the web page and REST API over an index",
                         description="Serve the search page and the REST API (GET /api/health, "
                         "POST /api/search, GET /api/image/{id}, GET /api/duplicates, docs at "
@@ -332,6 +354,29 @@ def index_command(args) -> int:
     print(f"wrote {shown(args.index)}: {len(index)} x {index.descriptors.shape[1]} "
           f"{index.descriptors.dtype} ({index.family}), {size / 2**20:.1f} MB; search "
           f"{_backend_text(index)}")
+    return 0
+
+
+def convert_command(args) -> int:
+    from scvnet_jax import search
+    from scvnet_jax.engine import ondisk
+
+    src = Path(args.index).expanduser()
+    if src.is_dir():
+        raise InputError(f"{args.index}: is already an index folder")
+    index = search.Index.load(src)
+    ondisk.check_layout(index.descriptors.shape, pca=args.pca, m=args.m)
+    layout = {k: v for k, v in (("nlist", args.nlist), ("pca", args.pca), ("m", args.m),
+                                ("nprobe", args.nprobe)) if v is not None}
+    t0 = time.perf_counter()
+    out = index.save_folder(args.out, layout=layout, progress=True,
+                            **({"shard_rows": args.shard_rows} if args.shard_rows else {}))
+    opened = search.Index.load(out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {shown(str(out))}: {len(opened)} x {opened.descriptors.shape[1]} float16 in "
+          f"{len(opened.descriptors.files)} shards, {size / 2**20:.1f} MB, in "
+          f"{time.perf_counter() - t0:.1f} s; search {_backend_text(opened)} "
+          f"({', '.join(f'{k} {v}' for k, v in opened.backend.layout.items())})")
     return 0
 
 
@@ -702,5 +747,6 @@ def main(argv=None) -> int:
             argv[i - 1:i + 1] = [f"--box={argv[i]}"]        # glued, it reaches the box check
     args = parser().parse_args(argv)
     commands = {"index": index_command, "query": query_command,
-                "duplicates": duplicates_command, "serve": serve_command}
+                "duplicates": duplicates_command, "serve": serve_command,
+                "convert": convert_command}
     return cli.run(lambda: commands[args.command](args))
