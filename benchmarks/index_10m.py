@@ -2,7 +2,7 @@
 latency and recall@10 of the on-disk IVF-PQ index (`scvnet_jax.engine.ondisk`).
 
     python benchmarks/index_10m.py --out /data/index10m [--n 10000000] [--dim 2048]
-        [--nlist 4096] [--nprobe 32] [--shortlist 100] [--queries 1000]
+        [--nlist 4096] [--nprobe 64] [--shortlist 100] [--queries 1000]
         [--exact_queries 100] [--json results.json]
 
 The vectors: --n clustered synthetic unit vectors of --dim dimensions (float16 on disk:
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--shard_rows", type=int, default=1 << 18)
     p.add_argument("--nlist", type=int, default=4096)
-    p.add_argument("--nprobe", type=int, default=32)
+    p.add_argument("--nprobe", type=int, default=64)
     p.add_argument("--pca", type=int, default=None)
     p.add_argument("--m", type=int, default=None)
     p.add_argument("--train_size", type=int, default=163840)

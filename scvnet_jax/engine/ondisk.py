@@ -137,12 +137,50 @@ class Rows:
         out = np.empty(rows.shape + (self.dim,), np.float16)
         flat, dst = rows.reshape(-1), out.reshape(-1, self.dim)
         shard = np.searchsorted(self.starts, flat, side="right") - 1
+        if 1 < len(flat) <= PARALLEL_ROWS:      # a shortlist: its reads in flight together
+            self._pread(flat - self.starts[shard], shard, dst)
+            return out
         for s in np.unique(shard):
             sel = np.nonzero(shard == s)[0]
             local = flat[sel] - self.starts[s]
             order = np.argsort(local, kind="stable")     # sequential reads within a shard
             dst[sel[order]] = self._maps[s][local[order]]
         return out
+
+
+    def _pread(self, local, shard, dst) -> None:
+        """Rows read with `os.pread` from READ_THREADS threads at once: a shortlist's rows
+        are scattered over the shards, so on a cold page cache each is a disk read, and a
+        disk serves many in flight about as fast as one (measured at 10 M: see the docs)."""
+        if not hasattr(self, "_fds"):
+            self._fds = [os.open(f, os.O_RDONLY) for f in self.files]
+        size = self.dim * 2
+
+        def read(j):
+            s = int(shard[j])
+            at = self._maps[s].offset + int(local[j]) * size
+            return j, os.pread(self._fds[s], size, at)
+        for j, data in _read_pool().map(read, range(len(local))):
+            dst[j] = np.frombuffer(data, np.float16)
+
+    def __del__(self, _close=os.close):
+        for fd in getattr(self, "_fds", ()):
+            try:
+                _close(fd)
+            except OSError:
+                pass
+
+
+PARALLEL_ROWS = 4096          # row reads up to this many go through `Rows._pread`
+READ_THREADS = 32
+_POOL: list = []
+
+
+def _read_pool():
+    if not _POOL:
+        from concurrent.futures import ThreadPoolExecutor
+        _POOL.append(ThreadPoolExecutor(READ_THREADS, thread_name_prefix="ondisk-read"))
+    return _POOL[0]
 
 
 class ShardWriter:
@@ -198,10 +236,8 @@ class ShardWriter:
         path = self._name(len(self.files))
         tmp = path.with_name(f".{path.name}.tmp")
         try:
-            m = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=out.shape)
-            m[:] = out
-            m.flush()
-            del m
+            with open(tmp, "wb") as f:
+                np.save(f, np.ascontiguousarray(out), allow_pickle=False)
             os.replace(tmp, path)
         except OSError as e:
             if tmp.exists():
@@ -220,13 +256,14 @@ def default_layout(n: int, dim: int) -> dict:
     """The IVF-PQ settings used unless given, from the index's size: a PCA to 256
     dimensions (when D > 256 and there are enough vectors to estimate it), ~4 sqrt(N) lists
     (at least 39 training vectors each), 32 sub-vectors of 8 bits (fewer bits below 256
-    vectors), 32 lists probed."""
+    vectors), 64 lists probed (at 10 M, `benchmarks/index_10m.py`: recall@10 0.955 after
+    re-scoring a shortlist of 100, against 0.92 with 32, for ~1 ms more per query)."""
     pca = 256 if dim > 256 and n >= 4 * 256 else 0
     d = pca or dim
     nlist = max(1, min(n // 39, int(4 * math.sqrt(n))))
     m = next(m for m in (32, 16, 8, 4, 2, 1) if d % m == 0)
     nbits = max(1, min(8, int(math.log2(max(n, 2)))))
-    return {"pca": pca, "nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(32, nlist)}
+    return {"pca": pca, "nlist": nlist, "m": m, "nbits": nbits, "nprobe": min(64, nlist)}
 
 
 def check_layout(shape, **given) -> dict:
