@@ -709,11 +709,63 @@ def _read_or_reason(path: str):
         return str(e)
 
 
+def _extract_chunk(model, idx, paths, digests, key, parts, spec, dtype, batch_size,
+                   bucket, on_error, pool, bar, say_skipped: bool = True,
+                   part: str | None = None):
+    """One chunk of new images (rows `idx` of `paths`): read, described, saved as a part
+    of `parts` (so a killed run keeps it). Returns (rows described, [(row, reason)]
+    skipped, their descriptors or None, the (row, reason) that stops the run under
+    on_error="raise" or None). `part`: the part's file name (default: a new one)."""
+    images, good, skipped = [], [], []
+    for i, im in zip(idx, pool.map(_read_or_reason, [paths[i] for i in idx])):
+        if isinstance(im, str):
+            if on_error == "raise":
+                return good, skipped, None, (i, im)
+            skipped.append((i, im))
+            if say_skipped:
+                bar.write(f"skipped: {im}", file=sys.stderr)
+            bar.update(1)
+        else:
+            images.append(im)
+            good.append(i)
+    if not images:
+        return good, skipped, None, None
+    D = extract.describe_images(model, images, spec, batch_size, bucket, bar).astype(dtype)
+    try:
+        files.atomic_save_npz(parts / (part or f"chunk_{uuid.uuid4().hex}.npz"),
+                              model=np.array(key),
+                              descriptors=D,
+                              digests=np.array([digests[i] for i in good], dtype=str))
+    except OSError:     # OutputError (e.g. the disk filled): no empty folder left
+        if parts.is_dir() and not any(parts.iterdir()):
+            parts.rmdir()
+        raise
+    return good, skipped, D, None
+
+
+def _extract_chunks(model, chunks, *args):
+    """_extract_chunk for each chunk in turn, as they finish (stops at an error)."""
+    for idx in chunks:
+        out = _extract_chunk(model, idx, *args)
+        yield out
+        if out[3] is not None:
+            return
+
+
+def _ray_chunks(address, chunks, paths, digests, key, parts, family, dtype, weights,
+                batch_size, bucket, on_error, actors, bar):
+    from scvnet_jax import ray_extract
+    return ray_extract.extract_chunks(address, chunks, paths, digests, key, parts, family,
+                                      dtype, weights, batch_size, bucket, on_error, actors,
+                                      bar)
+
+
 def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                  weights: str = "", dtype: str = "float16", on_error: str = "skip",
                  rebuild: bool = False, backend: str = "auto", faiss_kind: str = "hnsw",
                  chunk_size: int = 64, batch_size: int = 0, bucket: int = 64,
-                 workers: int = 4) -> tuple[Index, dict]:
+                 workers: int = 4, ray: str | None = None,
+                 ray_actors: int | None = None) -> tuple[Index, dict]:
     """Brings the index file `path` up to date with every image under `folder` and returns
     it with counts: a rerun extracts only new or changed files (by content digest, so a
     renamed or copied photo is not extracted again) and drops deleted ones.
@@ -742,7 +794,20 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
     skipped files, errors (the first one raised on every process) and descriptors are
     gathered; process 0 alone writes the index and removes the parts, the others then load
     it. All return the same index and stats (counts over all processes); the progress bar
-    shows process 0's work."""
+    shows process 0's work.
+
+    ray: the address of a Ray cluster ("auto", "HOST:PORT", "ray://..."): the new images'
+    chunks are extracted by a Ray Data job instead, a model per actor (`ray_extract`;
+    `ray_actors` of them, default one per GPU or per node), its parts written to
+    `<path>.parts/`, which every worker must see; the rest (digests, the index) as above."""
+    if ray is not None and mesh.process_count() > 1:
+        raise InputError("ray: extraction runs either on Ray or on jax.distributed "
+                         "processes, not both")
+    if ray_actors is not None:
+        ray_actors = _positive_int(ray_actors, "ray_actors")
+    if ray is not None:
+        from scvnet_jax import ray_extract
+        ray_extract.check_address(ray)
     if on_error not in ON_ERROR:
         raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
     if family not in FAMILIES:
@@ -796,40 +861,23 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
         skipped, error, rows, new = [], None, [], []   # skipped: (file index, reason)
         with tqdm(total=total, desc=f"index {os.fspath(folder)}", unit="img",
                   dynamic_ncols=True, mininterval=2.0, disable=pid != 0 or not total) as bar:
-            for start in mine:
-                idx = todo[start:start + chunk_size]
-                images, good = [], []
-                for i, im in zip(idx, pool.map(_read_or_reason, [paths[i] for i in idx])):
-                    if isinstance(im, str):
-                        if on_error == "raise":
-                            if nproc == 1:
-                                raise InputError(im)
-                            error = (i, im)     # raised after the gather, on every process
-                            break
-                        skipped.append((i, im))
-                        if pid == 0:
-                            bar.write(f"skipped: {im}", file=sys.stderr)
-                        bar.update(1)
-                    else:
-                        images.append(im)
-                        good.append(i)
-                if error is not None:
+            chunks = [todo[start:start + chunk_size] for start in mine]
+            done = (_extract_chunks(model, chunks, paths, digests, key, parts, spec, dtype,
+                                    batch_size, bucket, on_error, pool, bar, pid == 0)
+                    if ray is None else _ray_chunks(ray, chunks, paths, digests, key, parts,
+                                                    family, dtype, weights, batch_size,
+                                                    bucket, on_error, ray_actors, bar))
+            for good, bad, D, err in done:
+                skipped += bad
+                if err is not None:
+                    if nproc == 1:
+                        raise InputError(err[1])
+                    error = err         # raised after the gather, on every process
                     break
-                if not images:
-                    continue
-                D = extract.describe_images(model, images, spec, batch_size, bucket, bar)
-                D = D.astype(dtype)
-                try:
-                    files.atomic_save_npz(parts / f"chunk_{uuid.uuid4().hex}.npz",
-                                          model=np.array(key), descriptors=D, digests=np.array(
-                                              [digests[i] for i in good], dtype=str))
-                except OSError:     # OutputError (e.g. the disk filled): no empty folder left
-                    if parts.is_dir() and not any(parts.iterdir()):
-                        parts.rmdir()
-                    raise
-                known.update(zip([digests[i] for i in good], D))
-                rows += good
-                new.append(D)
+                if D is not None:
+                    known.update(zip([digests[i] for i in good], D))
+                    rows += good
+                    new.append(D)
     if nproc > 1:
         skipped, rows, D = _gathered_work(skipped, error, rows, new,
                                           model.arch.reduction_dim, dtype)

@@ -132,6 +132,14 @@ def parser() -> argparse.ArgumentParser:
                     help="the faiss index (default hnsw)")
     ix.add_argument("--chunk_size", type=_positive, default=64,
                     help="new images per saved chunk: a killed run resumes from the last")
+    ix.add_argument("--ray", default=None, metavar="ADDRESS",
+                    help="extract the new images as a Ray Data job on this Ray cluster "
+                         "(auto, HOST:PORT or ray://HOST:PORT): a model per actor, the "
+                         "folder and the index's .parts/ on a filesystem every worker sees "
+                         "(the ray extra)")
+    ix.add_argument("--ray_actors", type=_positive, default=None, metavar="N",
+                    help="with --ray: actors (default one per GPU of the cluster, or one "
+                         "per node without GPUs)")
     ix.add_argument("--distributed", action="store_true",
                     help="call jax.distributed.initialize() first: one process per host, "
                          "the same command on each, the folder and index on a filesystem "
@@ -219,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
     cv.add_argument("--m", type=_positive, default=None,
                     help="PQ sub-vectors, dividing the (PCA) dimension (default 32)")
     cv.add_argument("--nprobe", type=_positive, default=None,
-                    help="lists searched per query (default 32)")
+                    help="lists searched per query (default 64)")
     cv.add_argument("--shard_rows", type=_positive, default=None,
                     help="vectors per descriptor shard (default 262144)")
     sv = sub.add_parser("serve", help="the web page and REST API over an index",
@@ -331,6 +339,8 @@ def index_command(args) -> int:
         raise InputError(f"{args.folder}: not a folder")
     if Path(args.index).expanduser().is_dir():
         raise InputError(f"--index {args.index}: is a folder; the index is a file")
+    if args.ray and args.distributed:
+        raise InputError("--ray and --distributed: extraction runs on one of them, not both")
     weights = _weights_path(args.weights)
     images.set_max_side(search.recorded_max_side(Path(args.index).expanduser())
                         if args.max_side is None else args.max_side)
@@ -342,7 +352,7 @@ def index_command(args) -> int:
         model, folder, args.index, args.family, weights=weights, dtype=args.dtype,
         on_error=args.on_error, rebuild=args.rebuild, backend=args.backend,
         faiss_kind=args.faiss_kind, chunk_size=args.chunk_size, batch_size=args.batch_size,
-        bucket=args.bucket, workers=args.workers)
+        bucket=args.bucket, workers=args.workers, ray=args.ray, ray_actors=args.ray_actors)
     if mesh.process_index() != 0:
         return 0
     rate = (f", {stats['images_per_second']:.2f} img/s"
@@ -373,8 +383,9 @@ def convert_command(args) -> int:
                             **({"shard_rows": args.shard_rows} if args.shard_rows else {}))
     opened = search.Index.load(out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    print(f"wrote {shown(str(out))}: {len(opened)} x {opened.descriptors.shape[1]} float16 in "
-          f"{len(opened.descriptors.files)} shards, {size / 2**20:.1f} MB, in "
+    shards = len(opened.descriptors.files)
+    print(f"wrote {shown(args.out)}: {len(opened)} x {opened.descriptors.shape[1]} float16 in "
+          f"{shards} shard{'s' if shards != 1 else ''}, {size / 2**20:.1f} MB, in "
           f"{time.perf_counter() - t0:.1f} s; search {_backend_text(opened)} "
           f"({', '.join(f'{k} {v}' for k, v in opened.backend.layout.items())})")
     return 0
@@ -616,6 +627,10 @@ def serve_command(args) -> int:
     from scvnet_jax.rerank import registry
 
     token = _token(args)                                # before the model loads
+    if args.watch and Path(args.index).expanduser().is_dir():
+        raise InputError(f"--watch: {args.index} is an index folder, which is not updated "
+                         "in place; serve the index file with --watch (and convert it again "
+                         "when it has grown)")
     sock = _listening_socket(args.host, args.port)
     if args.max_image_pixels:
         set_max_pixels(args.max_image_pixels)

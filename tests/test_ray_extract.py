@@ -1,0 +1,126 @@
+"""index --ray: extraction as a Ray Data job on a local Ray cluster started here (a head and
+a worker node on localhost): the one-process path's descriptors, unreadable files skipped
+and listed, and a job killed mid-way whose rerun extracts only the rest and ends identical."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import scvnet_jax as sj
+from scvnet_jax.app.cli import main
+
+pytestmark = pytest.mark.slow       # a Ray cluster: ~15 s to start
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(free_port, tmp_path_factory):
+    """The address of a Ray cluster of two nodes on localhost (1 CPU each), stopped after."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tmp_path_factory.mktemp("ray")
+    common = ["--num-cpus", "1", "--disable-usage-stats"]
+    subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard",
+                    "false", "--temp-dir", str(temp), *common], check=True, env=env,
+                   capture_output=True)
+    try:
+        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", *common],
+                       check=True, env=env, capture_output=True)
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory, demo_benchmark):
+    out = tmp_path_factory.mktemp("photos")
+    for p in sorted((demo_benchmark / "demo" / "jpg").glob("*.jpg"))[:16]:
+        shutil.copy(p, out / p.name)
+    (out / "broken.jpg").write_bytes(b"not a photo")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(photos, tmp_path_factory, tiny_model_dir):
+    """The one-process index of the photos."""
+    ref = tmp_path_factory.mktemp("ref") / "ref.index"
+    assert main(["index", str(photos), "--index", str(ref), "--weights", str(tiny_model_dir),
+                 "--chunk_size", "3"]) == 0
+    return sj.search.Index.load(ref)
+
+
+@pytest.fixture(scope="module")
+def demo_reference(photos, tmp_path_factory):
+    """The one-process index of the photos with the demo model."""
+    ref = tmp_path_factory.mktemp("ref") / "demo.index"
+    assert main(["index", str(photos), "--index", str(ref), "--chunk_size", "1"]) == 0
+    return sj.search.Index.load(ref)
+
+
+def test_ray_gives_the_one_process_index(ray_cluster, photos, reference, tiny_model_dir,
+                                         tmp_path, capsys):
+    index = tmp_path / "ray.index"
+    assert main(["index", str(photos), "--index", str(index), "--weights", str(tiny_model_dir),
+                 "--chunk_size", "3", "--ray", ray_cluster]) == 0
+    captured = capsys.readouterr()
+    assert "16 images (0 reused, 16 extracted, 0 removed, 1 skipped)" in captured.out
+    assert f"skipped: {photos / 'broken.jpg'}: cannot read the image" in captured.err
+    got = sj.search.Index.load(index)
+    assert got.paths == reference.paths and got.digests == reference.digests
+    assert got.skipped == reference.skipped and len(got.skipped) == 1
+    np.testing.assert_array_equal(got.descriptors, reference.descriptors)
+    assert not (tmp_path / "ray.index.parts").exists()
+
+
+def test_a_killed_job_resumes_and_ends_identical(ray_cluster, photos, demo_reference,
+                                                 tmp_path, repo):
+    """SIGKILL of the driver once two chunks are saved (the demo model, a chunk per photo,
+    so that the job lasts seconds); the same command again extracts only the rest."""
+    index = tmp_path / "i.index"
+    cmd = [sys.executable, "-m", "scvnet_jax.app", "index", str(photos), "--index",
+           str(index), "--chunk_size", "1", "--ray", ray_cluster]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    with open(tmp_path / "log", "w") as log:     # not a pipe: Ray's processes may hold it
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    parts = tmp_path / "i.index.parts"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(parts.glob("chunk_*.npz"))) < 2:
+        assert proc.poll() is None, (tmp_path / "log").read_text()
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not index.exists()
+    time.sleep(2)               # the job's actors go with their driver
+    done = sum(len(np.load(p)["digests"]) for p in parts.glob("chunk_*.npz"))
+    assert 2 <= done < 16, "the kill did not land mid-way"
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"({done} reused, {16 - done} extracted, 0 removed, 1 skipped)" in again.stdout
+    got = sj.search.Index.load(index)
+    assert got.paths == demo_reference.paths and got.digests == demo_reference.digests
+    np.testing.assert_array_equal(got.descriptors, demo_reference.descriptors)
+    assert not parts.exists()
+
+
+def test_bad_ray_input_is_one_line(photos, tmp_path, capsys, free_port):
+    for argv, message in (
+            (["--ray", f"127.0.0.1:{free_port()}"], "cannot connect to the Ray cluster"),
+            (["--ray", "localhost:notaport"], "cannot connect to the Ray cluster"),
+            (["--ray", "auto", "--distributed"], "--ray and --distributed: extraction runs "
+                                                 "on one of them, not both"),
+            (["--ray", "auto", "--ray_actors", "0"], "argument --ray_actors")):
+        try:
+            code = main(["index", str(photos), "--index", str(tmp_path / "x.index"), *argv])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("error:") == 1, err
+        assert not (tmp_path / "x.index").exists()
