@@ -5,11 +5,15 @@ The new images of an index update, in chunks of `chunk_size`, go through a Ray D
 `map_batches` stage whose callable class (`ChunkExtractor`) loads and compiles the model
 once per actor and runs the engine's own chunk step (`search._extract_chunk`: read,
 padded size-bucket batches over the actor's devices, the chunk saved as a part of
-`<index>.parts/`, a file the driver and every worker see). The driver gathers the parts
-as chunks finish and writes the index as the one-process path does; a killed job leaves its
+`<index>.parts/`, a folder the driver and every worker see; each part holds its files'
+digests, the model key and the descriptors). The driver gathers the parts as chunks
+finish, keeps `<index>.parts/ray_manifest.json` (the job's chunks done so far and the files
+skipped) and writes the index as the one-process path does; a killed job leaves its
 finished parts, which the next run reuses (content-keyed: by each file's digest and the
 model key), so only what is missing is extracted again. Unreadable files are skipped and
-listed (or stop the run under on_error="raise").
+listed (or stop the run under on_error="raise"). The descriptors are the one-process
+path's: bit for bit with an integer `bucket`; with "auto" to float rounding (an actor
+picks padded shapes from what it compiled before, as any process does).
 
 Actors: one per GPU of the cluster (each with num_gpus=1), or without GPUs one per node
 (each takes a node's CPUs); `actors` sets the count. Each actor runs with
@@ -100,12 +104,9 @@ def extract_chunks(address: str, chunks, paths, digests, key, parts, family, dty
                    batch_size, bucket, on_error, actors, bar):
     """Yields (rows described, skipped, descriptors, error) per chunk as the Ray job
     finishes them (the order of `_extract_chunks`' answers, not necessarily of `chunks`)."""
-    from scvnet_jax import images
+    from scvnet_jax import files, images, search
     if not chunks:
         return
-    if not weights:
-        raise InputError("--ray: the actors load the model from its weights; give "
-                         "weights= (a path or 'demo')")
     if weights != "demo":
         weights = str(Path(weights).expanduser().resolve())
     ray = _ray()
@@ -143,10 +144,15 @@ def extract_chunks(address: str, chunks, paths, digests, key, parts, family, dty
                 weights=weights, family=family, dtype=dtype, key=key, parts=str(parts),
                 max_side=images.max_side(), batch_size=batch_size, bucket=bucket,
                 on_error=on_error), **remote)
+        manifest = {"model": key, "chunks": len(chunks), "done": [], "skipped": []}
         try:
             for row in ds.iter_rows():
                 r = json.loads(str(row["result"]))
                 skipped = [(int(i), str(why)) for i, why in r["skipped"]]
+                manifest["done"].append({"part": r["part"], "images": len(r["good"])})
+                manifest["skipped"] += [paths[i] for i, _ in skipped]
+                files.atomic_write_text(Path(parts) / search.RAY_MANIFEST,
+                                        json.dumps(manifest, indent=1))
                 for _, why in skipped:
                     bar.write(f"skipped: {why}", file=sys.stderr)
                 bar.update(len(r["good"]) + len(skipped))

@@ -48,6 +48,7 @@ FAMILIES = tuple(extract.FAMILIES)
 FORMAT = "scvnet_jax.search.index/2"
 FORMATS = ("scvnet_jax.search.index/1", FORMAT)     # /1: no digests, model key or weights
 FOLDER_FORMAT = "scvnet_jax.search.index-folder/1"   # Index.save_folder: larger than memory
+RAY_MANIFEST = "ray_manifest.json"   # in <index>.parts/: a Ray job's chunks so far
 DTYPES = ("float16", "float32")
 
 
@@ -841,6 +842,9 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
         known.update(zip(old.digests, old.descriptors))
     if old is not None and old.model == key:
         weights = weights or old.weights
+    if ray is not None and not weights:       # before any digest is read
+        raise InputError("ray: the actors load the model from its weights; give weights= "
+                         "(the path the model was loaded from, or 'demo')")
     parts = path.with_name(path.name + ".parts")
     for part in [] if rebuild else sorted(parts.glob("chunk_*.npz")):
         try:
@@ -905,8 +909,8 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                                              recall_at_10=old.recall_at_10)
                          if same else index.with_backend("faiss", kind=faiss_kind))
             index.save(path)
-            for part in parts.glob("chunk_*.npz"):    # ours: written above or by a killed run
-                part.unlink()
+            for part in [*parts.glob("chunk_*.npz"), *parts.glob(RAY_MANIFEST)]:   # ours:
+                part.unlink()                       # written above or by a killed run
             if parts.is_dir() and not any(parts.iterdir()):
                 parts.rmdir()
         except (InputError, OSError) as e:

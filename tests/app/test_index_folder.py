@@ -88,7 +88,9 @@ def test_bad_input_is_one_line(searcher, folder, tmp_path, capsys):
              "m 5: must divide the dimension it splits (256)"),
             (["convert", src, str(tmp_path / "o"), "--pca", "300"],
              "pca 300: at most the descriptors' dimension 256"),
-            (["convert", str(folder), str(tmp_path / "o")], "is already an index folder")):
+            (["convert", str(folder), str(tmp_path / "o")], "is already an index folder"),
+            (["serve", "--index", str(folder), "--watch"],
+             "is an index folder, which is not updated in place")):
         assert _exit_code(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
