@@ -256,7 +256,11 @@ class Index:
             ondisk.read_manifest(folder, FOLDER_FORMAT)      # ours to replace
         if len(self) == 0:
             raise InputError("an empty index is not written as a folder")
-        tmp = files.staging_dir(folder)
+        try:
+            tmp = files.staging_dir(folder)
+        except OSError as e:
+            raise OutputError(f"{folder}: cannot write the index folder there "
+                              f"({e.strerror or e})") from None
         try:
             writer = ondisk.ShardWriter(tmp, self.descriptors.shape[1], shard_rows)
             for a in range(0, len(self), shard_rows):

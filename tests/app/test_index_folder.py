@@ -89,6 +89,8 @@ def test_bad_input_is_one_line(searcher, folder, tmp_path, capsys):
             (["convert", src, str(tmp_path / "o"), "--pca", "300"],
              "pca 300: at most the descriptors' dimension 256"),
             (["convert", str(folder), str(tmp_path / "o")], "is already an index folder"),
+            (["convert", src, str(tmp_path / "mine" / "notes.txt" / "o")],
+             "cannot write the index folder there"),
             (["serve", "--index", str(folder), "--watch"],
              "is an index folder, which is not updated in place")):
         assert _exit_code(argv) == 2
