@@ -45,15 +45,27 @@ def ray_cluster(free_port, tmp_path_factory):
                            env=env, timeout=120)
         return int(r.stdout.split()[-1]) if r.returncode == 0 and r.stdout.split() else 0
 
+    def ports() -> list:
+        """Every port of a node chosen free (Ray's fixed defaults, e.g. the dashboard
+        agent's 52365, would collide between two nodes on one machine)."""
+        return [arg for flag in ("--node-manager-port", "--object-manager-port",
+                                 "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                 "--metrics-export-port", "--runtime-env-agent-port")
+                for arg in (flag, str(free_port()))]
+
     def start() -> str:
-        if state.get("address"):            # a node died: everything of it goes first
+        if state.get("started"):            # a node died: everything of it goes first
             subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        state["started"] = True
         port = free_port()
-        subprocess.run([ray_bin, "start", "--head", "--port", str(port),
-                        "--include-dashboard", "false", "--temp-dir", str(temp), *common],
-                       check=True, env=env, capture_output=True)
-        subprocess.run([ray_bin, "start", "--address", f"127.0.0.1:{port}", *common],
-                       check=True, env=env, capture_output=True)
+        for cmd in ([ray_bin, "start", "--head", "--port", str(port), "--include-dashboard",
+                     "false", "--ray-client-server-port", str(free_port()), "--temp-dir",
+                     str(temp), *common, *ports()],
+                    [ray_bin, "start", "--address", f"127.0.0.1:{port}", *common, *ports()]):
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            state["log"] = r.stdout[-2000:] + r.stderr[-2000:]
+            if r.returncode:
+                return ""
         return f"127.0.0.1:{port}"
 
     def ensure() -> str:
@@ -61,7 +73,8 @@ def ray_cluster(free_port, tmp_path_factory):
             if state.get("address") and alive(state["address"]) == 2:
                 return state["address"]
             state["address"] = start()
-        assert alive(state["address"]) == 2, "a two-node Ray cluster did not stay up"
+        assert state["address"] and alive(state["address"]) == 2, (
+            "a two-node Ray cluster did not stay up: " + state.get("log", ""))
         return state["address"]
     try:
         yield ensure
