@@ -131,6 +131,7 @@ def _peak_rss() -> int:
 def search(args) -> dict:
     """In its own process: open the index, search the queries one at a time."""
     from scvnet_jax.engine import ondisk
+    from scvnet_jax.engine.backends import overlap_at
     out = Path(args.out)
     t0 = time.perf_counter()
     files = sorted((out / ondisk.SHARD_DIR).glob("shard-*.npy"))
@@ -158,7 +159,7 @@ def search(args) -> dict:
             re_ids.append(rid[0, :10])
 
     def recall(got):
-        return float(np.mean([len(set(w) & set(g)) / 10 for w, g in zip(exact, got)]))
+        return overlap_at(exact, got, 10)
 
     def pct(v, p):
         return round(float(np.percentile(v, p)), 2)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -285,7 +286,6 @@ class Index:
             files.replace_dir(tmp, folder)
         finally:
             if tmp.exists():
-                import shutil
                 shutil.rmtree(tmp, ignore_errors=True)
         return folder
 
@@ -757,14 +757,6 @@ def _extract_chunks(model, chunks, *args):
             return
 
 
-def _ray_chunks(address, chunks, paths, digests, key, parts, family, dtype, weights,
-                batch_size, bucket, on_error, actors, bar):
-    from scvnet_jax import ray_extract
-    return ray_extract.extract_chunks(address, chunks, paths, digests, key, parts, family,
-                                      dtype, weights, batch_size, bucket, on_error, actors,
-                                      bar)
-
-
 def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                  weights: str = "", dtype: str = "float16", on_error: str = "skip",
                  rebuild: bool = False, backend: str = "auto", faiss_kind: str = "hnsw",
@@ -810,8 +802,8 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
                          "processes, not both")
     if ray_actors is not None:
         ray_actors = _positive_int(ray_actors, "ray_actors")
+    from scvnet_jax import ray_extract      # (imports Ray only when a job runs)
     if ray is not None:
-        from scvnet_jax import ray_extract
         ray_extract.check_address(ray)
     if on_error not in ON_ERROR:
         raise InputError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -872,9 +864,9 @@ def update_index(model: RetrievalModel, folder, path, family: str = "cvnet", *,
             chunks = [todo[start:start + chunk_size] for start in mine]
             done = (_extract_chunks(model, chunks, paths, digests, key, parts, spec, dtype,
                                     batch_size, bucket, on_error, pool, bar, pid == 0)
-                    if ray is None else _ray_chunks(ray, chunks, paths, digests, key, parts,
-                                                    family, dtype, weights, batch_size,
-                                                    bucket, on_error, ray_actors, bar))
+                    if ray is None else ray_extract.extract_chunks(
+                        ray, chunks, paths, digests, key, parts, family, dtype, weights,
+                        batch_size, bucket, on_error, ray_actors, bar))
             for good, bad, D, err in done:
                 skipped += bad
                 if err is not None:

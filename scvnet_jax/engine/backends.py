@@ -165,7 +165,13 @@ def recall_at(backend, X: np.ndarray, k: int = 10, sample: int = 200, seed: int 
     k = min(k, len(X))
     _, want = Exact(X).search(X[rows], k)
     _, got = backend.search(X[rows], k)
-    return float(np.mean([len(set(w) & set(g)) / k for w, g in zip(want, got)]))
+    return overlap_at(want, got, k)
+
+
+def overlap_at(want, got, k: int) -> float:
+    """The mean fraction of each row of `want` (the exact top k ids) found in the same row
+    of `got`: recall@k."""
+    return float(np.mean([len(set(w[:k]) & set(g[:k])) / k for w, g in zip(want, got)]))
 
 
 def _import(module: str, extra: str):

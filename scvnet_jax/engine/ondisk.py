@@ -449,7 +449,8 @@ def recall_at(backend, rows, Q, k: int = 10, shortlist: int = 100, exact=None) -
     k = min(k, len(rows))
     want = exact_topk(rows, Q, k)[1] if exact is None else np.asarray(exact)[:, :k]
     got = rescored(backend, rows, Q, k, shortlist)[1][:, :k]
-    return float(np.mean([len(set(w) & set(g)) / k for w, g in zip(want, got)]))
+    from scvnet_jax.engine.backends import overlap_at
+    return overlap_at(want, got, k)
 
 
 class Strings:
