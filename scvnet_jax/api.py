@@ -174,6 +174,19 @@ class RetrievalModel:
                           rgem=rgem, sgem=sgem, relup=relup, gemp=gemp,
                           official_quirk=official_quirk)
 
+    def superglobal_single_scale(self, images, rgem: bool = True, gemp: bool = True,
+                                 relup: bool = True, official_quirk: bool = True,
+                                 valid=None) -> jax.Array:
+        """One scale of `superglobal_descriptor`: the descriptor of images already resized
+        to that scale (`ops.resize_bilinear_host` with `ops.scaled_size`) -> (B,
+        reduction_dim), not normalised. Combining the scales (S-GeM: the maximum of the
+        L2-normalised ones; else their mean) gives `superglobal_descriptor`; the engine
+        runs the scales as separate items, so programs are shared between the scales of
+        images of different sizes."""
+        return self._call("superglobal_single_scale", _images(images),
+                          arrays=_valid(valid, images), rgem=rgem, gemp=gemp, relup=relup,
+                          official_quirk=official_quirk)
+
 
 def enable_compilation_cache(cache_dir: str | None = None) -> None:
     """Keeps every compiled program on disk, in `<cache_dir>/xla` (by default the package's

@@ -62,14 +62,16 @@ def batch_rows(count: int, batch_size: int, devices: int = 1) -> int:
 AUTO = "auto"
 # What compiling one more program costs, in the units of CPU_BUDGET (pixels, feature
 # cells, correlation cells) of work it would save: a size is padded into a larger shape
-# while the padding costs less. On a 2-core CPU a program compiles in ~10-20 s, the time
-# of ~8 M pixels through the backbone or ~30 M correlation cells of CVNet rerank pairs
-# (benchmarks/buckets.py, README, Evaluating); an accelerator computes ~100x faster but
-# compiles as slowly.
+# while the padding costs less. On a 2-core CPU one backbone program of the demo model
+# (width 16) compiles in ~2.2-2.6 CPU s, the time of ~8-11 M of its pixels, and a CVNet
+# rerank pair program in ~2.2 CPU s, ~22 M correlation cells (benchmarks/buckets.py,
+# docs/evaluation.md); an accelerator computes ~100x faster but compiles as slowly.
+# "images" is for a backbone of width 16; `image_compile_cost` scales it to others.
 AUTO_COMPILE_COST = {"cpu": {"images": 1 << 23, "features": 1 << 15, "pairs": 1 << 25},
                      "accelerator": {"images": 1 << 28, "features": 1 << 20, "pairs": 1 << 30}}
+AUTO_WIDTH = 16
 AUTO_MAX_SIZES = 64   # distinct sizes clustered exactly (more: sizes are first rounded up)
-_auto_seen: dict = {}  # (what, ndim) -> shapes already used with AUTO by this process
+_auto_seen: dict = {}  # (what, program, ndim) -> shapes already used with AUTO by this process
 
 
 def parse_bucket(text) -> int | str:
@@ -92,13 +94,23 @@ def _compile_cost(what: str) -> int:
     return AUTO_COMPILE_COST["cpu" if jax.default_backend() == "cpu" else "accelerator"][what]
 
 
+def image_compile_cost(width: int) -> int:
+    """`AUTO_COMPILE_COST`'s "images" for a ResNet backbone of `width` (first-stage
+    channels): a pixel's work grows about as width^1.5 relative to a program's compile
+    time (measured on 2 cores, one SuperGlobal scale at 300x420-640x480: width 16 compiles
+    in the time of 8-11 M pixels, width 64 in that of 1.2-1.3 M)."""
+    return max(1, int(_compile_cost("images") * (AUTO_WIDTH / max(1, int(width))) ** 1.5))
+
+
 def auto_shapes(sizes, what: str = "images", compile_cost: int | None = None,
-                seen=None) -> dict:
+                seen=None, program: str = "") -> dict:
     """{size: padded shape} for `sizes` (tuples of ints, e.g. (h, w), or (hq, wq, hk, wk)
     for rerank pairs; repeats count): greedy agglomerative merging of sizes into shapes
     (each the elementwise max of its members) while a merge lowers
     `compile_cost` x (new shapes) + sum over items of prod(shape). Shapes in `seen` (default:
-    those this process used for `what`, which it then extends) cost no compilation."""
+    those this process used for `what` and `program`, which it then extends; programs that
+    differ, such as CVNet-Global's and SuperGlobal's, each compile their own) cost no
+    compilation."""
     counts: dict = {}
     for s in sizes:
         s = tuple(int(v) for v in s)
@@ -110,7 +122,7 @@ def auto_shapes(sizes, what: str = "images", compile_cost: int | None = None,
         compile_cost = _compile_cost(what)
     track = seen is None
     if track:
-        seen = _auto_seen.setdefault((what, ndim), set())
+        seen = _auto_seen.setdefault((what, program, ndim), set())
     seen = set(seen)
     # too many distinct sizes: round them up to multiples of q first (still exact)
     q, keys = 1, dict.fromkeys(counts, None)
@@ -162,7 +174,7 @@ def auto_shapes(sizes, what: str = "images", compile_cost: int | None = None,
         groups = [g for t, g in enumerate(groups) if t not in (i, j)] + [[merged, n]]
     shapes = sorted({g[0] for g in groups}, key=area)
     if track:
-        _auto_seen[(what, ndim)].update(shapes)
+        _auto_seen[(what, program, ndim)].update(shapes)
     # every size goes to the smallest chosen shape that holds it
     return {s: min((t for t in shapes if fits(s, t)), key=area) for s in counts}
 
@@ -182,16 +194,18 @@ class PaddedBatch:
 
 
 def padded_batches(items: Sequence, batch_size: int, multiple: int | str, devices: int = 1,
-                   what: str = "images") -> Iterator[PaddedBatch]:
+                   what: str = "images", program: str = "",
+                   compile_cost: int | None = None) -> Iterator[PaddedBatch]:
     """Groups (id, HWC array) pairs by bucket (first-seen order; `multiple` AUTO: the
-    shapes `auto_shapes` chooses for these items) into padded batches of
-    `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`),
+    shapes `auto_shapes` chooses for these items, `program` and `compile_cost`) into padded
+    batches of `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`),
     over `devices` devices; a bucket with fewer items gets fewer rows (`batch_rows`). All
     batches of a bucket have the same rows, so each bucket compiles one program."""
     groups: dict[tuple[int, int], list] = {}
     items = list(items)
     if multiple == AUTO:
-        chosen = auto_shapes([arr.shape[:2] for _, arr in items], what)
+        chosen = auto_shapes([arr.shape[:2] for _, arr in items], what, compile_cost,
+                             program=program)
         shape_of = lambda h, w: chosen[(h, w)]  # noqa: E731
     else:
         shape_of = lambda h, w: bucket_hw(h, w, multiple)  # noqa: E731

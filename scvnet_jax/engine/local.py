@@ -346,7 +346,9 @@ def _describe(model: RetrievalModel, images: Sequence[np.ndarray], detector, top
     else:
         # uint8 values are padded as float32 and normalised here, per batch: the same bits
         # as normalising each image; the padding's values do not matter (the stem masks it)
-        batches = batching.padded_batches(items, batch_size, bucket, model.num_devices)
+        batches = batching.padded_batches(
+            items, batch_size, bucket, model.num_devices, program="local_features",
+            compile_cost=batching.image_compile_cost(model.arch.width))
 
     def dispatch(batch):
         feats = model.local_features(normalize(batch.images), batch.valid)

@@ -90,6 +90,24 @@ def resize_bilinear(x: jax.Array, size: Sequence[int], align_corners: bool,
     return x
 
 
+def resize_bilinear_host(x: np.ndarray, size: Sequence[int],
+                         align_corners: bool = False) -> np.ndarray:
+    """`resize_bilinear` of one (H, W, ...) host array to `size` (h, w), in NumPy: the same
+    taps and float32 arithmetic (x[i0] * w0 + x[i1] * w1, H then W) on the host, so each
+    scale of an image can be its own item of a padded batch."""
+    out = np.asarray(x, np.float32)
+    for axis, n in enumerate(size):
+        n_in = out.shape[axis]
+        if n_in == int(n):
+            continue
+        i0, i1, w0, w1 = _linear_taps(n_in, int(n), align_corners)
+        shape = [1] * out.ndim
+        shape[axis] = int(n)
+        out = (np.take(out, i0, axis=axis) * w0.astype(np.float32).reshape(shape)
+               + np.take(out, i1, axis=axis) * w1.astype(np.float32).reshape(shape))
+    return out
+
+
 def norm(x: jax.Array, axis: int = -1, keepdims: bool = False) -> jax.Array:
     """||x||_2 along `axis` with PyTorch's gradient at 0 (zero, where sqrt's is infinite and
     gives NaN): all-zero vectors occur in training (Hide-and-Seek, padding). The value is

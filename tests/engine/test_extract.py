@@ -137,3 +137,25 @@ def test_two_processes_equal_one(one_device, tmp_path, images, tiny_model_dir,
     assert len(stats[0]) == 1 and stats[0] == stats[1], stats
     assert json.loads(stats[0][0][len("stats "):])["extracted"] == 14
     assert index.is_file() and not (tmp_path / "photos.index.parts").exists()
+
+
+def test_superglobal_scales_as_items_equal_the_model(tiny_model):
+    """The engine's SuperGlobal (each scale resized on the host and padded as its own item,
+    auto shapes) gives each image's `superglobal_descriptor` computed alone, normalised,
+    with S-GeM and without it."""
+    from tqdm import tqdm
+
+    from scvnet_jax.data import batching
+    from scvnet_jax.engine import extract
+    from scvnet_jax.images import normalize
+
+    rng = np.random.default_rng(3)
+    images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+              for h, w in [(61, 90), (96, 64), (75, 75), (40, 110)]]
+    for sgem in (True, False):
+        spec = extract.SuperGlobal(sgem=sgem)
+        with tqdm(disable=True) as bar:
+            got = extract.describe_images(tiny_model, images, spec, 0, batching.AUTO, bar)
+        for im, g in zip(images, got):
+            d = np.asarray(tiny_model.superglobal_descriptor(normalize(im)[None], sgem=sgem))[0]
+            np.testing.assert_allclose(g, d / np.linalg.norm(d), rtol=0, atol=2e-6)

@@ -34,6 +34,18 @@ def test_norm_has_a_zero_gradient_at_zero():
     np.testing.assert_allclose(g, [[0.0, 0.0], [0.6, 0.8]])
 
 
+@pytest.mark.parametrize("size", [(37, 300), (300, 37), (23, 23), (460, 12)])
+def test_host_resize_is_the_device_resize(size):
+    """`resize_bilinear_host` (the engine's per-scale SuperGlobal inputs) gives what the
+    model's own resize gives: short axes by matrix product, long ones (> MATMUL_MAX) by
+    gathers, up and down, one axis unchanged."""
+    x = np.random.default_rng(0).normal(size=(300, 23, 3)).astype(np.float32)
+    want = np.asarray(ops.resize_bilinear(jnp.asarray(x[None]), size, False))[0]
+    got = ops.resize_bilinear_host(x, size)
+    assert got.shape == want.shape == (*size, 3) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+
 def test_arch_is_checked_and_hashable():
     a = Arch(depth=101, width=16)
     assert a.asdict() == dict(depth=101, width=16, reduction_dim=2048, corr_dim=256)
