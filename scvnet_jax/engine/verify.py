@@ -2,7 +2,8 @@
 
 Local features are computed at scale 1 (as the official test), and from them the verifier's
 per-image half (`corr_features`: the three compressed, normalised scales), once per query
-and once per database image (the official code recomputes both for every pair); pairs are
+and once per database image (the official code recomputes both for every pair; a database
+image that is also a query, uncropped, reuses the query's); pairs are
 then scored (correlation + CVLearner) in batches grouped by feature size, padded up to
 multiples of `feature_bucket` cells, so one compilation serves many pair sizes, and split
 over the devices like extraction. With
@@ -54,13 +55,20 @@ def verification_scores(model: RetrievalModel, query_refs: Sequence[ImageRef],
         bar.update(len(wanted) - len(todo))
         queries = sorted({q for c in key_chunks for d in c for q in by_key[d]})
         def features(refs):
+            if not refs:
+                return []
             local = local_features(model, read_all(pool, refs, max_side or None), batch_size,
                                    bucket)
             return corr_features(model, local, batch_size, feature_bucket)
 
         qfeat = dict(zip(queries, features([query_refs[q] for q in queries])))
+        # a key that is one of these queries' images (same file, no crop box: a folder
+        # set's leave-one-out queries) reuses its features
+        as_query = {query_refs[q]: q for q in queries if query_refs[q].bbx is None}
         for chunk in key_chunks:
-            kfeat = dict(zip(chunk, features([db_refs[d] for d in chunk])))
+            kfeat = {d: qfeat[as_query[db_refs[d]]] for d in chunk if db_refs[d] in as_query}
+            rest = [d for d in chunk if d not in kfeat]
+            kfeat.update(zip(rest, features([db_refs[d] for d in rest])))
             pairs = [((d, q), qfeat[q], kfeat[d]) for d in chunk for q in by_key[d]]
             new = score_pairs(model, pairs, batch_size, feature_bucket, bar)
             rows = np.array([(d, q, s) for (d, q), s in new.items()], np.float64).reshape(-1, 3)

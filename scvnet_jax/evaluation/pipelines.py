@@ -103,16 +103,27 @@ class Context:
         if family not in self._desc:
             spec = (extract.CVNetGlobal(tuple(self.cfg.cvnet.scales)) if family == "cvnet" else
                     extract.SuperGlobal(**dict(self.cfg.superglobal.descriptor)))
-            out = []
-            for split, refs in (("db", self.db_refs), ("query", self.query_refs)):
+            def run(split, refs):
                 cache = self.cache(f"{family}-{split}", {
                     "spec": repr(spec), "images": refs_fingerprint(refs)}, self.cfg.chunk_size,
                     BACKBONE)
-                out.append(extract.extract(
+                return extract.extract(
                     self.model, refs, spec, batch_size=self.cfg.batch_size,
                     bucket=self.cfg.bucket, cache=cache, workers=self.cfg.workers,
-                    desc=f"{family} {split}"))
-            self._desc[family] = tuple(out)
+                    desc=f"{family} {split}")
+
+            X = run("db", self.db_refs)
+            # a query that is a database image (same file, no crop box: a folder set's
+            # leave-one-out queries) has that image's descriptor; the rest are extracted
+            in_db = {r: i for i, r in enumerate(self.db_refs) if r.bbx is None}
+            rows = [in_db.get(r) for r in self.query_refs]
+            rest = [q for q, d in enumerate(rows) if d is None]
+            Q = np.zeros((len(self.query_refs), X.shape[1]), X.dtype)
+            Q[[q for q, d in enumerate(rows) if d is not None]] = X[[d for d in rows
+                                                                     if d is not None]]
+            if rest:
+                Q[rest] = run("query", [self.query_refs[q] for q in rest])
+            self._desc[family] = (X, Q)
         return self._desc[family]
 
     def global_search(self, family: str):

@@ -449,3 +449,30 @@ def test_distractors_extend_the_database(tmp_path, weights, eval_main, shared):
     for r in reranked.values():
         np.testing.assert_array_equal(r[depth:], ranks[depth:])
         assert all(set(r[:depth, q]) == set(ranks[:depth, q]) for q in range(2))
+
+
+def test_queries_that_are_database_images_are_not_extracted_again(tiny_model, demo_benchmark,
+                                                                  monkeypatch):
+    """A folder set's queries are its database images (leave-one-out): their descriptors
+    are the database rows, not a second extraction; a cropped query is still its own."""
+    from scvnet_jax.engine import extract
+    from scvnet_jax.evaluation import config, pipelines
+    from scvnet_jax.images import ImageRef
+
+    jpgs = sorted((demo_benchmark / "demo" / "jpg").glob("*.jpg"))[:5]
+    db = [ImageRef(str(p)) for p in jpgs]
+    queries = [ImageRef(str(jpgs[3])), ImageRef(str(jpgs[1]), (10.0, 10.0, 90.0, 80.0)), db[0]]
+    cfg = config.default_config()
+    cfg.cache_dir = ""
+    seen, real = [], extract.extract
+    monkeypatch.setattr(extract, "extract", lambda m, refs, *a, **k: seen.append(
+        list(refs)) or real(m, refs, *a, **k))
+    ctx = pipelines.Context(cfg, tiny_model, None, db, queries, {})
+    for family in ("cvnet", "superglobal"):
+        seen.clear()
+        X, Q = ctx.descriptors(family)
+        assert seen == [db, [queries[1]]], family
+        np.testing.assert_array_equal(Q[[0, 2]], X[[3, 0]])
+        assert not np.allclose(Q[1], X[1], atol=1e-3)    # the crop: another descriptor
+        spec = extract.spec_of(family)
+        np.testing.assert_allclose(Q[1], real(tiny_model, [queries[1]], spec)[0], atol=2e-6)
