@@ -64,10 +64,11 @@ AUTO = "auto"
 # cells, correlation cells) of work it would save: a size is padded into a larger shape
 # while the padding costs less. On a 2-core CPU one backbone program of the demo model
 # (width 16) compiles in ~2.2-2.6 CPU s, the time of ~8-11 M of its pixels, and a CVNet
-# rerank pair program in ~2.2 CPU s, ~22 M correlation cells (benchmarks/buckets.py,
-# docs/evaluation.md); an accelerator computes ~100x faster but compiles as slowly.
+# rerank pair program in ~1.8-2.1 CPU s, ~17-19 M correlation cells (scoring the mixed
+# photos of benchmarks/buckets.py: 1 << 23, 24, 25 took 81, 70, 74 CPU s; docs/evaluation.md);
+# an accelerator computes ~100x faster but compiles as slowly.
 # "images" is for a backbone of width 16; `image_compile_cost` scales it to others.
-AUTO_COMPILE_COST = {"cpu": {"images": 1 << 23, "features": 1 << 15, "pairs": 1 << 25},
+AUTO_COMPILE_COST = {"cpu": {"images": 1 << 23, "features": 1 << 15, "pairs": 1 << 24},
                      "accelerator": {"images": 1 << 28, "features": 1 << 20, "pairs": 1 << 30}}
 AUTO_WIDTH = 16
 AUTO_MAX_SIZES = 64   # distinct sizes clustered exactly (more: sizes are first rounded up)
