@@ -199,9 +199,10 @@ def padded_batches(items: Sequence, batch_size: int, multiple: int | str, device
                    compile_cost: int | None = None) -> Iterator[PaddedBatch]:
     """Groups (id, HWC array) pairs by bucket (first-seen order; `multiple` AUTO: the
     shapes `auto_shapes` chooses for these items, `program` and `compile_cost`) into padded
-    batches of `batch_size` rows per device (0: auto for the bucket's size, see `default_batch_size`),
-    over `devices` devices; a bucket with fewer items gets fewer rows (`batch_rows`). All
-    batches of a bucket have the same rows, so each bucket compiles one program."""
+    batches of `batch_size` rows per device (0: auto for the bucket's size, see
+    `default_batch_size`), over `devices` devices; a bucket with fewer items gets fewer
+    rows (`batch_rows`). All batches of a bucket have the same rows, so each bucket
+    compiles one program."""
     groups: dict[tuple[int, int], list] = {}
     items = list(items)
     if multiple == AUTO:
