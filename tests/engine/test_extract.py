@@ -139,6 +139,7 @@ def test_two_processes_equal_one(one_device, tmp_path, images, tiny_model_dir,
     assert index.is_file() and not (tmp_path / "photos.index.parts").exists()
 
 
+@pytest.mark.slow   # ~40 s cold: SuperGlobal's three-backbone programs per image for the reference
 def test_superglobal_scales_as_items_equal_the_model(tiny_model):
     """The engine's SuperGlobal (each scale resized on the host and padded as its own item,
     auto shapes) gives each image's `superglobal_descriptor` computed alone, normalised,
