@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,10 @@ def ray_cluster(free_port, tmp_path_factory):
     worker's tests used most of the machine's memory); stopped after the module."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    temp = tmp_path_factory.mktemp("ray")
+    # Ray puts Unix sockets under its temp dir, and an AF_UNIX path has at most 107 bytes:
+    # under pytest's /tmp/pytest-of-root/pytest-NN/popen-gwN/ray0/session_<date>/sockets/
+    # the plasma store's socket exceeds it (CI's node starts failed on this). A short one:
+    temp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     common = ["--num-cpus", "1", "--object-store-memory", str(200 << 20),
               "--disable-usage-stats"]
     state = {}
@@ -80,6 +84,7 @@ def ray_cluster(free_port, tmp_path_factory):
         yield ensure
     finally:
         subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
