@@ -91,10 +91,8 @@ class SuperGlobal:
                                               relup=self.relup, valid=batch.valid)
 
     def combine(self, parts: Sequence[np.ndarray]) -> np.ndarray:
-        parts = np.stack(parts).astype(np.float32)
         if self.sgem:
-            norms = np.maximum(np.linalg.norm(parts, axis=1, keepdims=True), 1e-12)
-            return _unit(np.max(parts / norms, axis=0))
+            return _unit(np.max([_unit(p) for p in parts], axis=0))
         return _unit(np.mean(parts, axis=0))
 
 
